@@ -1,0 +1,8 @@
+"""Inference engines behind one interface; see ``engines.base.Engine``."""
+
+from .base import Engine, EngineConfig, EngineInfo, EngineLoad, GenerationOutput, ScoreResult
+from .params import SamplingParams
+from .registry import create_engine, engine_names
+
+__all__ = ["Engine", "EngineConfig", "EngineInfo", "EngineLoad", "GenerationOutput", "ScoreResult",
+           "SamplingParams", "create_engine", "engine_names"]

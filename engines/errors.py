@@ -1,0 +1,28 @@
+"""Errors an engine raises; the server turns each into one gRPC status (server/errors.py).
+
+Engines never import grpc: these classes carry the meaning, the server picks the code.
+"""
+
+
+class EngineError(Exception):
+    """Base class: anything an engine raises on purpose."""
+
+
+class InvalidRequest(EngineError):
+    """The request cannot be served as asked (bad prompt or sampling values)."""
+
+
+class QueueFull(EngineError):
+    """Every slot is busy and the waiting queue is at its bound."""
+
+
+class EngineUnavailable(EngineError):
+    """The engine is not loaded yet, is shutting down, or has failed for good."""
+
+
+class EngineOutOfMemory(EngineError):
+    """The device ran out of memory for this request; the engine itself keeps serving."""
+
+
+class Unsupported(EngineError):
+    """This engine does not offer the operation at all."""

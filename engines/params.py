@@ -1,0 +1,92 @@
+"""Sampling parameters: one frozen dataclass, validated in one place.
+
+Range checks that need no model live in ``__post_init__``; the checks that need the
+model's context length and vocabulary live in ``check_against_model``.  Every message
+names the field and the limit, because it reaches the client verbatim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .errors import InvalidRequest
+
+DEFAULT_MAX_NEW_TOKENS = 128
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_TEMPERATURE = 100.0
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        # Tolerate a list from callers; the frozen object itself holds a tuple.
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if self.max_new_tokens < 1:
+            raise InvalidRequest(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        _check_finite("temperature", self.temperature)
+        if not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+            raise InvalidRequest(
+                f"temperature must be between 0 (greedy) and {MAX_TEMPERATURE:g}, got {self.temperature:g}"
+            )
+        _check_finite("top_p", self.top_p)
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p:g}")
+        if self.top_k < 0:
+            raise InvalidRequest(f"top_k must be 0 (off) or positive, got {self.top_k}")
+        _check_finite("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0.0:
+            raise InvalidRequest(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty:g}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequest(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
+        for text in self.stop:
+            if not text:
+                raise InvalidRequest("stop strings must not be empty")
+            if len(text) > MAX_STOP_STRING_CHARS:
+                raise InvalidRequest(
+                    f"each stop string is at most {MAX_STOP_STRING_CHARS} characters, got one of {len(text)}"
+                )
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise InvalidRequest(f"seed must be in [0, 2^63), got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def check_against_model(params: SamplingParams, prompt_tokens: int, max_context: int, vocab_size: int) -> None:
+    """Reject what this model cannot do: prompts or completions past its context."""
+    if prompt_tokens == 0:
+        raise InvalidRequest("prompt must not be empty")
+    if prompt_tokens >= max_context:
+        raise InvalidRequest(
+            f"prompt is {prompt_tokens} tokens but the model's context is {max_context} tokens; "
+            "shorten the prompt"
+        )
+    if prompt_tokens + params.max_new_tokens > max_context:
+        raise InvalidRequest(
+            f"max_new_tokens={params.max_new_tokens} with a {prompt_tokens}-token prompt exceeds the "
+            f"model's context of {max_context} tokens; ask for at most {max_context - prompt_tokens}"
+        )
+    if params.top_k > vocab_size:
+        raise InvalidRequest(f"top_k must be at most the vocabulary size {vocab_size}, got {params.top_k}")
+
+
+def check_prompt_text(prompt: str) -> None:
+    if not prompt or not prompt.strip():
+        raise InvalidRequest("prompt must not be empty or whitespace only")
+
+
+def _check_finite(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise InvalidRequest(f"{name} must be a finite number, got {value}")

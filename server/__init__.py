@@ -1,0 +1,1 @@
+"""The gRPC side of yayi-serve: servicer, app wiring, CLI, metrics."""

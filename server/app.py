@@ -1,0 +1,110 @@
+"""Wiring: the gRPC server with health and reflection, the engine, metrics, signals.
+
+Start-up order matters to probes: the port is bound and health answers NOT_SERVING
+first, the model loads, and only then does health turn SERVING.  On SIGTERM or SIGINT
+the order reverses: NOT_SERVING, no new work, in-flight calls get the grace period,
+the engine shuts down, exit 0.  A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from engines.base import EngineConfig
+from engines.registry import create_engine
+
+from .config import ServerConfig
+from .metrics import ServerMetrics
+from .servicer import InferenceServicer
+from .wire import SERVICE_NAME, pb_grpc
+
+log = logging.getLogger("yayi-serve")
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class StartupError(RuntimeError):
+    """A failure a person fixes by changing the command line or the machine: no traceback needed."""
+
+
+async def serve(config: ServerConfig, announce=print) -> int:
+    engine = create_engine(config.engine, EngineConfig(
+        model=config.model, dtype=config.dtype, device=config.device,
+        max_concurrency=config.max_concurrency, max_queue=config.max_queue,
+    ))
+    metrics = ServerMetrics(engine=config.engine, model=config.model)
+    servicer = InferenceServicer(engine, metrics)
+    health = HealthServicer()
+
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", config.max_receive_bytes),
+        ("grpc.so_reuseport", 0),  # two servers must never share a port by accident
+    ])
+    pb_grpc.add_InferenceServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection([SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME], server)
+    await _set_health(health, NOT_SERVING)
+
+    try:
+        port = server.add_insecure_port(f"{config.host}:{config.port}")
+    except RuntimeError as exc:
+        raise StartupError(f"cannot bind gRPC to {config.host}:{config.port} ({exc}); is the port in use?") from None
+    await server.start()
+    metrics_port = metrics.serve(config.metrics_host, config.metrics_port) if config.metrics_port is not None else None
+    announce(f"yayi-serve: grpc listening on {config.host}:{port}" + (
+        f", metrics on http://{config.metrics_host}:{metrics_port}/metrics" if metrics_port is not None else ""))
+
+    stop = asyncio.Event()
+    _install_signal_handlers(stop)
+    try:
+        loading = asyncio.ensure_future(engine.start())
+        await asyncio.wait([loading, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if not loading.done():
+            loading.cancel()
+            return 0
+        loading.result()
+        info = engine.info()
+        metrics.set_engine_info(info)
+        metrics.watch_load(engine.load)
+        servicer.accepting = True
+        await _set_health(health, SERVING)
+        announce(f"yayi-serve: ready: engine={info.engine} model={info.model} device={info.device} "
+                 f"dtype={info.dtype} attention={info.attention} use_cache={info.use_cache}")
+        await stop.wait()
+        announce(f"yayi-serve: draining (grace {config.grace_period_s:g}s)")
+        servicer.accepting = False
+        await health.enter_graceful_shutdown()
+        await server.stop(config.grace_period_s)
+        return 0
+    finally:
+        await server.stop(0)
+        await engine.shutdown()
+        metrics.stop()
+
+
+async def _set_health(health: HealthServicer, status) -> None:
+    await health.set("", status)
+    await health.set(SERVICE_NAME, status)
+
+
+def _install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            print("yayi-serve: second signal, exiting now", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)

@@ -1,0 +1,116 @@
+"""Every Prometheus metric the server exports is defined here, and only here.
+
+Engines report plain facts (tokens, timestamps, load); this module turns them into
+series with the ``engine`` and ``model`` labels that dashboards group by.  Per-request
+timing is recorded in the streaming loop through a ``RequestRecorder``, so unary and
+streaming calls are measured the same way and time to first token is real.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+from engines.base import EngineInfo, EngineLoad
+
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_QUEUE_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60)
+
+
+class ServerMetrics:
+    def __init__(self, engine: str, model: str, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.labels = {"engine": engine, "model": model}
+        base = ["engine", "model"]
+        r = self.registry
+        self._requests = Counter("yayi_requests", "Finished requests by gRPC status", [*base, "status"], registry=r)
+        self._prompt_tokens = Counter("yayi_prompt_tokens", "Prompt tokens processed", base, registry=r)
+        self._generation_tokens = Counter("yayi_generation_tokens", "Tokens generated", base, registry=r)
+        self._ttft = Histogram("yayi_time_to_first_token_seconds", "Request arrival to first token", base,
+                               buckets=_TTFT_BUCKETS, registry=r)
+        self._itl = Histogram("yayi_inter_token_latency_seconds", "Gap between successive tokens", base,
+                              buckets=_ITL_BUCKETS, registry=r)
+        self._duration = Histogram("yayi_request_duration_seconds", "Request arrival to last token", base,
+                                   buckets=_DURATION_BUCKETS, registry=r)
+        self._queue = Histogram("yayi_request_queue_seconds", "Request arrival to start of work", base,
+                                buckets=_QUEUE_BUCKETS, registry=r)
+        self._running = Gauge("yayi_requests_running", "Requests being generated now", base, registry=r)
+        self._waiting = Gauge("yayi_requests_waiting", "Requests waiting for a slot now", base, registry=r)
+        self._engine_info = Info("yayi_engine", "What is really running", base, registry=r)
+        self._http = None
+
+    def watch_load(self, load: Callable[[], EngineLoad]) -> None:
+        # Read at scrape time, so the gauges are never stale and cost nothing between scrapes.
+        self._running.labels(**self.labels).set_function(lambda: load().running)
+        self._waiting.labels(**self.labels).set_function(lambda: load().waiting)
+
+    def set_engine_info(self, info: EngineInfo) -> None:
+        self._engine_info.labels(**self.labels).info({
+            "dtype": info.dtype, "device": info.device, "attention": info.attention,
+            "use_cache": str(info.use_cache).lower(),
+        })
+
+    def recorder(self) -> RequestRecorder:
+        return RequestRecorder(self)
+
+    def count_request(self, status: str) -> None:
+        self._requests.labels(**self.labels, status=status).inc()
+
+    def serve(self, host: str, port: int) -> int:
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self._http.server_port
+
+    def stop(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+
+
+class RequestRecorder:
+    """Timing of one request, fed from the streaming loop as outputs arrive."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self._m = metrics
+        self.arrived = time.monotonic()
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self._prompt_counted = False
+
+    def on_output(self, started_at: float | None, prompt_tokens: int, new_tokens: int) -> None:
+        now = time.monotonic()
+        labels = self._m.labels
+        if started_at is not None:
+            self._m._queue.labels(**labels).observe(max(0.0, started_at - self.arrived))
+        if not self._prompt_counted:
+            self._m._prompt_tokens.labels(**labels).inc(prompt_tokens)
+            self._prompt_counted = True
+        if new_tokens == 0:
+            return
+        self._m._generation_tokens.labels(**labels).inc(new_tokens)
+        if self.first_token_at is None:
+            self.first_token_at = now
+            self._m._ttft.labels(**labels).observe(now - self.arrived)
+        else:
+            # Several tokens in one output (batched engines) share the gap evenly.
+            gap = (now - self.last_token_at) / new_tokens
+            itl = self._m._itl.labels(**labels)
+            for _ in range(new_tokens):
+                itl.observe(gap)
+        self.last_token_at = now
+
+    def finish(self, status: str) -> None:
+        end = self.last_token_at or time.monotonic()
+        self._m._duration.labels(**self._m.labels).observe(end - self.arrived)
+        self._m.count_request(status)
+
+    @property
+    def ttft_ms(self) -> float:
+        return 0.0 if self.first_token_at is None else (self.first_token_at - self.arrived) * 1000
+
+    @property
+    def e2e_ms(self) -> float:
+        return ((self.last_token_at or time.monotonic()) - self.arrived) * 1000

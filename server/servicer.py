@@ -1,0 +1,131 @@
+"""The Inference service: wire messages in, engine calls, wire messages out.
+
+It knows the Engine interface and nothing of any engine's insides.  Every call goes
+through ``_guard``, which maps exceptions to status codes (via server/errors.py) and
+counts the request's final status once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+
+import grpc
+
+from engines.base import Engine
+from engines.errors import EngineUnavailable, InvalidRequest
+
+from . import convert
+from .errors import status_for
+from .metrics import RequestRecorder, ServerMetrics
+from .wire import pb, pb_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_ID_CHARS = 256
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(self, engine: Engine, metrics: ServerMetrics) -> None:
+        self._engine = engine
+        self._metrics = metrics
+        self._live_request_ids: set[str] = set()
+        self.accepting = False  # false while loading and once draining
+
+    # ---- RPCs -------------------------------------------------------------------------
+
+    async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+        recorder = self._metrics.recorder()
+        async with self._guard(context, recorder), self._claim_request_id(request.request_id) as request_id:
+            text_parts: list[str] = []
+            token_ids: list[int] = []
+            last = None
+            async for output in self._outputs(request, request_id, recorder):
+                text_parts.append(output.text)
+                token_ids.extend(output.token_ids)
+                last = output
+            return pb.GenerateResponse(
+                request_id=request_id, text="".join(text_parts), token_ids=token_ids,
+                finish_reason=last.finish_reason, usage=_usage(last),
+                ttft_ms=recorder.ttft_ms, e2e_ms=recorder.e2e_ms,
+            )
+
+    async def GenerateStream(self, request: pb.GenerateRequest, context):
+        recorder = self._metrics.recorder()
+        async with self._guard(context, recorder), self._claim_request_id(request.request_id) as request_id:
+            held_ids: list[int] = []
+            async for output in self._outputs(request, request_id, recorder):
+                held_ids.extend(output.token_ids)
+                # One chunk per new piece of text: tokens whose text is held back ride along later.
+                if not output.text and output.finish_reason is None:
+                    continue
+                chunk = pb.GenerateChunk(request_id=request_id, text=output.text, token_ids=held_ids)
+                if output.finish_reason is not None:
+                    chunk.finish_reason = output.finish_reason
+                    chunk.usage.CopyFrom(_usage(output))
+                held_ids = []
+                yield chunk
+
+    async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
+        async with self._guard(context, None):
+            self._require_accepting()
+            return convert.score_response(await self._engine.score(request.text))
+
+    async def GetModelInfo(self, request: pb.ModelInfoRequest, context) -> pb.ModelInfo:
+        async with self._guard(context, None):
+            self._require_accepting()
+            return convert.model_info(self._engine.info())
+
+    # ---- shared plumbing --------------------------------------------------------------
+
+    async def _outputs(self, request: pb.GenerateRequest, request_id: str, recorder: RequestRecorder):
+        self._require_accepting()
+        params = convert.sampling_params(request.params)
+        async for output in self._engine.generate(request.prompt, params, request_id,
+                                                  use_chat_template=request.use_chat_template):
+            recorder.on_output(output.started_at, output.prompt_tokens, len(output.token_ids))
+            yield output
+
+    def _require_accepting(self) -> None:
+        if not self.accepting:
+            raise EngineUnavailable("server is not accepting work (model loading or shutting down); "
+                                    "retry when health reports SERVING")
+
+    @contextlib.asynccontextmanager
+    async def _claim_request_id(self, given: str):
+        if len(given) > MAX_REQUEST_ID_CHARS:
+            raise InvalidRequest(f"request_id is at most {MAX_REQUEST_ID_CHARS} characters, got {len(given)}")
+        request_id = given or uuid.uuid4().hex
+        if request_id in self._live_request_ids:
+            raise InvalidRequest(f"request_id {request_id!r} is already used by a request in flight; "
+                                 "use a unique id or leave it empty")
+        self._live_request_ids.add(request_id)
+        try:
+            yield request_id
+        finally:
+            self._live_request_ids.discard(request_id)
+
+    @contextlib.asynccontextmanager
+    async def _guard(self, context, recorder: RequestRecorder | None):
+        status = grpc.StatusCode.OK
+        try:
+            yield
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client went away or its deadline passed; grpc has already ended the call.
+            expired = context.time_remaining() is not None and context.time_remaining() <= 0
+            status = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            status, message = status_for(exc)
+            await context.abort(status, message)
+        finally:
+            if recorder is not None:
+                recorder.finish(status.name)
+
+
+def _usage(output) -> pb.Usage:
+    return pb.Usage(prompt_tokens=output.prompt_tokens, completion_tokens=output.completion_tokens)
