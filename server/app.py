@@ -82,9 +82,12 @@ async def serve(config: ServerConfig, announce=print) -> int:
                  f"dtype={info.dtype} attention={info.attention} use_cache={info.use_cache}")
         await stop.wait()
         announce(f"yayi-serve: draining (grace {config.grace_period_s:g}s)")
-        servicer.accepting = False
         await health.enter_graceful_shutdown()
-        await server.stop(config.grace_period_s)
+        # Our own drain rather than server.stop(grace): during it, new calls get a clear
+        # UNAVAILABLE from the servicer instead of grpc's bare CANCELLED.
+        drained = await servicer.drain(config.grace_period_s)
+        announce("yayi-serve: drained, exiting" if drained else
+                 f"yayi-serve: grace period over, cancelling {servicer.in_flight} calls")
         return 0
     finally:
         await server.stop(0)

@@ -33,6 +33,15 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._metrics = metrics
         self._live_request_ids: set[str] = set()
         self.accepting = False  # false while loading and once draining
+        self.in_flight = 0
+
+    async def drain(self, grace_s: float) -> bool:
+        """Refuses new work and waits for calls in flight; true if all ended within the grace period."""
+        self.accepting = False
+        deadline = asyncio.get_running_loop().time() + grace_s
+        while self.in_flight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        return self.in_flight == 0
 
     # ---- RPCs -------------------------------------------------------------------------
 
@@ -110,6 +119,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     @contextlib.asynccontextmanager
     async def _guard(self, context, recorder: RequestRecorder | None):
         status = grpc.StatusCode.OK
+        self.in_flight += 1
         try:
             yield
         except (asyncio.CancelledError, GeneratorExit):
@@ -123,6 +133,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             status, message = status_for(exc)
             await context.abort(status, message)
         finally:
+            self.in_flight -= 1
             if recorder is not None:
                 recorder.finish(status.name)
 

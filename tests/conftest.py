@@ -1,0 +1,25 @@
+import pytest
+
+from tests.serverproc import ServerProcess
+
+LOG_PROMPTS = [
+    "Hey, are you conscious? Can you talk to me?",
+    "I feel so bad today, what should I do?",
+    "I've won an award today, I'm in a good mood",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_server():
+    """hf-kv on tiny-llama, one request at a time, a queue of two: shared by the end-to-end tests."""
+    server = ServerProcess("--engine", "hf-kv", "--model", "tiny-llama", "--max-concurrency", "1",
+                           "--max-queue", "2").wait_ready()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def smol_server():
+    server = ServerProcess("--engine", "hf-kv", "--model", "smollm2-135m").wait_ready()
+    yield server
+    server.stop()

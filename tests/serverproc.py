@@ -1,0 +1,95 @@
+"""A real ``yayi-serve`` process on free ports, and a real gRPC client for it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from server.wire import pb, pb_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+_LISTENING = re.compile(r"grpc listening on [^:]+:(\d+)(?:, metrics on http://[^:]+:(\d+)/metrics)?")
+
+
+class ServerProcess:
+    def __init__(self, *args: str, ready_timeout: float = 240.0, env: dict | None = None) -> None:
+        command = [sys.executable, "-m", "server.cli", "--port", "0", "--metrics-port", "0",
+                   "--host", "127.0.0.1", *args]
+        self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True, env={**os.environ, **(env or {})})
+        self.lines: list[str] = []
+        self._line_seen = threading.Condition()
+        threading.Thread(target=self._pump, daemon=True).start()
+        match = self.wait_for_line(_LISTENING, ready_timeout)
+        self.port = int(match.group(1))
+        self.metrics_port = int(match.group(2)) if match.group(2) else None
+        self.address = f"127.0.0.1:{self.port}"
+        self.channel = grpc.insecure_channel(self.address)
+        self.stub = pb_grpc.InferenceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def _pump(self) -> None:
+        for line in self.process.stdout:
+            with self._line_seen:
+                self.lines.append(line.rstrip("\n"))
+                self._line_seen.notify_all()
+        with self._line_seen:
+            self._line_seen.notify_all()
+
+    def wait_for_line(self, pattern: re.Pattern | str, timeout: float) -> re.Match:
+        pattern = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._line_seen:
+            while True:
+                for line in self.lines[seen:]:
+                    if match := pattern.search(line):
+                        return match
+                seen = len(self.lines)
+                if self.process.poll() is not None and seen == len(self.lines):
+                    raise RuntimeError(f"server exited ({self.process.returncode}):\n" + "\n".join(self.lines[-40:]))
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"no line matching {pattern.pattern!r}:\n" + "\n".join(self.lines[-40:]))
+                self._line_seen.wait(min(remaining, 1.0))
+
+    def wait_ready(self, timeout: float = 240.0) -> "ServerProcess":
+        self.wait_for_line("yayi-serve: ready", timeout)
+        return self
+
+    def health_status(self, service: str = "") -> int:
+        return self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+    def generate(self, prompt: str, timeout: float = 60, **params) -> pb.GenerateResponse:
+        return self.stub.Generate(request(prompt, **params), timeout=timeout)
+
+    def stream(self, prompt: str, timeout: float = 60, **params):
+        return self.stub.GenerateStream(request(prompt, **params), timeout=timeout)
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.process.send_signal(signum)
+
+    def stop(self) -> int:
+        self.channel.close()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def request(prompt: str, request_id: str = "", use_chat_template: bool = False, **params) -> pb.GenerateRequest:
+    return pb.GenerateRequest(prompt=prompt, request_id=request_id, use_chat_template=use_chat_template,
+                              params=pb.SamplingParams(**params))

@@ -1,0 +1,203 @@
+"""A real yayi-serve process on a real port, called by a real gRPC client."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.wire import SERVICE_NAME, pb
+from tests.conftest import LOG_PROMPTS
+from tests.serverproc import ROOT, ServerProcess, request
+
+
+def scrape(server: ServerProcess) -> dict[tuple, float]:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body) for s in family.samples}
+
+
+def metric(server: ServerProcess, name: str, **labels) -> float:
+    wanted = set(labels.items())
+    return sum(v for (n, l), v in scrape(server).items() if n == name and wanted <= set(l))
+
+
+def test_unary_generate(tiny_server):
+    response = tiny_server.generate(LOG_PROMPTS[0], max_new_tokens=16, ignore_eos=True)
+    assert response.finish_reason == "length"
+    assert len(response.token_ids) == response.usage.completion_tokens == 16
+    assert response.usage.prompt_tokens > 0
+    assert response.request_id, "the server makes a request_id when none is given"
+    assert 0 < response.ttft_ms <= response.e2e_ms
+    echoed = tiny_server.generate("hi", request_id="my-id-1", max_new_tokens=2)
+    assert echoed.request_id == "my-id-1"
+
+
+def test_stream_chunks_arrive_while_generating_and_match_unary(tiny_server):
+    params = dict(max_new_tokens=400, ignore_eos=True)
+    stream = tiny_server.stream(LOG_PROMPTS[1], **params)
+    first = next(stream)
+    running_during = metric(tiny_server, "yayi_requests_running")
+    chunks = [first, *stream]
+    assert running_during == 1, "the first chunk must arrive while the model is still generating"
+    assert all(c.finish_reason == "" for c in chunks[:-1]) and chunks[-1].finish_reason == "length"
+    assert chunks[-1].usage.completion_tokens == 400
+    assert sum(len(c.token_ids) for c in chunks) == 400
+    unary = tiny_server.generate(LOG_PROMPTS[1], **params)
+    assert "".join(c.text for c in chunks) == unary.text
+    assert [t for c in chunks for t in c.token_ids] == list(unary.token_ids)
+
+
+def test_health_reflection_and_model_info(tiny_server):
+    assert tiny_server.health_status() == health_pb2.HealthCheckResponse.SERVING
+    assert tiny_server.health_status(SERVICE_NAME) == health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(tiny_server.channel)
+    answer = next(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    services = {s.name for s in answer.list_services_response.service}
+    assert {"yayi.serving.v1.Inference", "grpc.health.v1.Health"} <= services
+    info = tiny_server.stub.GetModelInfo(pb.ModelInfoRequest(), timeout=5)
+    assert (info.engine, info.model, info.device, info.dtype) == ("hf-kv", "tiny-llama", "cpu", "float32")
+    assert info.use_cache and info.max_context == 1024 and info.vocab_size == 49152
+    assert info.attention.startswith("eager") and info.max_queue == 2
+
+
+@pytest.fixture(scope="module")
+def eager_server():
+    server = ServerProcess("--engine", "hf-eager", "--model", "tiny-llama").wait_ready()
+    yield server
+    server.stop()
+
+
+def test_score_is_finite_and_equal_without_and_with_cache(tiny_server, eager_server):
+    text = "I've won an award today, I'm in a good mood"
+    cached = tiny_server.stub.Score(pb.ScoreRequest(text=text), timeout=30)
+    eager = eager_server.stub.Score(pb.ScoreRequest(text=text), timeout=30)
+    assert 1 < cached.perplexity < 1e6 and cached.token_count > 5
+    assert cached.total_logprob == pytest.approx(eager.total_logprob, rel=1e-5)
+    greedy = dict(max_new_tokens=20, ignore_eos=True)
+    assert tiny_server.generate(text, **greedy).token_ids == eager_server.generate(text, **greedy).token_ids
+
+
+def test_cancel_mid_stream_stops_generation_and_frees_the_slot(tiny_server):
+    cancelled_before = metric(tiny_server, "yayi_requests_total", status="CANCELLED")
+    stream = tiny_server.stream("Tell me everything", max_new_tokens=900, ignore_eos=True)
+    next(stream), next(stream)
+    stream.cancel()
+    deadline = time.monotonic() + 5
+    while metric(tiny_server, "yayi_requests_running") != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(tiny_server, "yayi_requests_running") == 0
+    tokens_after_cancel = metric(tiny_server, "yayi_generation_tokens_total")
+    time.sleep(0.5)
+    assert metric(tiny_server, "yayi_generation_tokens_total") == tokens_after_cancel, "work went on after cancel"
+    assert metric(tiny_server, "yayi_requests_total", status="CANCELLED") == cancelled_before + 1
+    assert tiny_server.generate("next", max_new_tokens=3, timeout=5).usage.completion_tokens == 3
+
+
+@pytest.mark.parametrize("prompt, params, field", [
+    ("", {}, "prompt"),
+    ("  \t\n ", {}, "prompt"),
+    ("word " * 1200, {}, "prompt is"),
+    ("hi", dict(temperature=-1.0), "temperature"),
+    ("hi", dict(temperature=float("nan")), "temperature"),
+    ("hi", dict(top_p=0.0), "top_p"),
+    ("hi", dict(top_p=1.5), "top_p"),
+    ("hi", dict(max_new_tokens=0), "max_new_tokens"),
+    ("hi", dict(max_new_tokens=5000), "max_new_tokens"),
+    ("hi", dict(repetition_penalty=0.0), "repetition_penalty"),
+    ("hi", dict(stop=[""]), "stop"),
+])
+@pytest.mark.parametrize("call", ["unary", "stream"])
+def test_bad_input_is_invalid_argument_naming_the_field(tiny_server, prompt, params, field, call):
+    with pytest.raises(grpc.RpcError) as error:
+        if call == "unary":
+            tiny_server.generate(prompt, **params)
+        else:
+            list(tiny_server.stream(prompt, **params))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in error.value.details()
+    assert tiny_server.generate("still serving?", max_new_tokens=2).usage.completion_tokens == 2
+
+
+def test_queue_full_is_resource_exhausted_at_once(tiny_server):
+    # One running, two waiting (--max-queue 2): the fourth call is refused without waiting.
+    long = dict(max_new_tokens=900, ignore_eos=True)
+    streams = [tiny_server.stream("busy", **long) for _ in range(3)]
+    next(streams[0])
+    deadline = time.monotonic() + 10
+    while metric(tiny_server, "yayi_requests_waiting") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as error:
+        tiny_server.generate("one too many", max_new_tokens=2, timeout=30)
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "queue bound 2" in error.value.details()
+    assert time.monotonic() - started < 5, "refusal must not wait for a slot"
+    for stream in streams:
+        stream.cancel()
+    deadline = time.monotonic() + 10
+    while metric(tiny_server, "yayi_requests_waiting") + metric(tiny_server, "yayi_requests_running") > 0 \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert tiny_server.generate("free again", max_new_tokens=2, timeout=10).usage.completion_tokens == 2
+
+
+def test_duplicate_live_request_id_is_refused(tiny_server):
+    stream = tiny_server.stream("long", request_id="dup", max_new_tokens=900, ignore_eos=True)
+    next(stream)
+    with pytest.raises(grpc.RpcError) as error:
+        tiny_server.generate("again", request_id="dup", max_new_tokens=2)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "dup" in error.value.details()
+    stream.cancel()
+
+
+def test_deadline_shorter_than_generation(tiny_server):
+    with pytest.raises(grpc.RpcError) as error:
+        tiny_server.generate("slow", max_new_tokens=900, ignore_eos=True, timeout=0.3)
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 5
+    while metric(tiny_server, "yayi_requests_running") != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(tiny_server, "yayi_requests_running") == 0
+
+
+def test_sigterm_drains_in_flight_then_exits_zero():
+    server = ServerProcess("--engine", "hf-kv", "--model", "tiny-llama", "--grace-period", "30").wait_ready()
+    stream = server.stream("finish me", max_new_tokens=300, ignore_eos=True)
+    chunks = [next(stream)]
+    server.signal(signal.SIGTERM)
+    server.wait_for_line("draining", 10)
+    with pytest.raises(grpc.RpcError) as refused:
+        server.generate("too late", max_new_tokens=2, timeout=5)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    chunks.extend(stream)
+    assert chunks[-1].finish_reason == "length" and chunks[-1].usage.completion_tokens == 300
+    assert server.process.wait(30) == 0
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--model", "no-such-model"], 1, "neither a built-in"),
+    (["--engine", "no-such-engine"], 2, "invalid choice: 'no-such-engine'"),
+])
+def test_bad_startup_arguments_exit_with_a_message(args, code, message):
+    run = subprocess.run([sys.executable, "-m", "server.cli", "--port", "0", "--metrics-port", "-1", *args],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == code
+    assert message in run.stderr
+    assert "Traceback" not in run.stderr + run.stdout
+
+
+def test_console_script_is_installed():
+    script = shutil.which("yayi-serve") or str(ROOT / ".venv" / "bin" / "yayi-serve")
+    run = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and "--engine" in run.stdout and "hf-flash" in run.stdout

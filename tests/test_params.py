@@ -1,0 +1,45 @@
+import math
+
+import pytest
+
+from engines.errors import InvalidRequest
+from engines.params import SamplingParams, check_against_model
+
+
+@pytest.mark.parametrize("fields, field_named", [
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(temperature=-0.1), "temperature"),
+    (dict(temperature=math.nan), "temperature"),
+    (dict(temperature=math.inf), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=-0.5), "top_p"),
+    (dict(top_p=1.01), "top_p"),
+    (dict(top_p=math.nan), "top_p"),
+    (dict(top_k=-1), "top_k"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(repetition_penalty=-1.0), "repetition_penalty"),
+    (dict(stop=("",)), "stop"),
+    (dict(stop=tuple(f"s{i}" for i in range(1000))), "stop"),
+    (dict(stop=("x" * 10_000,)), "stop"),
+])
+def test_out_of_range_values_name_the_field(fields, field_named):
+    with pytest.raises(InvalidRequest, match=field_named):
+        SamplingParams(**fields)
+
+
+def test_defaults_are_greedy_and_valid():
+    params = SamplingParams()
+    assert params.greedy and params.max_new_tokens == 128 and params.stop == ()
+
+
+def test_frozen():
+    with pytest.raises(AttributeError):
+        SamplingParams().temperature = 1.0  # type: ignore[misc]
+
+
+def test_context_checks_give_the_numbers():
+    with pytest.raises(InvalidRequest, match="prompt is 100 tokens but the model's context is 100"):
+        check_against_model(SamplingParams(max_new_tokens=1), 100, 100, 1000)
+    with pytest.raises(InvalidRequest, match="ask for at most 10"):
+        check_against_model(SamplingParams(max_new_tokens=11), 90, 100, 1000)
+    check_against_model(SamplingParams(max_new_tokens=10), 90, 100, 1000)

@@ -1,0 +1,54 @@
+"""Streaming text stays valid UTF-8 and stop strings never leak, with the real SmolLM2 tokenizer."""
+
+import pytest
+
+from engines.text import IncrementalDetokenizer, StopStringFilter
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from engines.models import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model("tiny-llama"))
+
+
+@pytest.mark.parametrize("text", [
+    "你好，世界！今天天气很好。",
+    "Party time 🎉🎉 with family 👨‍👩‍👧 and ✨sparkles✨",
+    "Mixed: English, 中文, Ελληνικά, العربية, and emoji 🚀.",
+    "  leading spaces and\nnew lines\n\n",
+])
+def test_chunks_are_whole_characters_and_join_to_the_text(tokenizer, text):
+    ids = tokenizer(text).input_ids
+    multi_token_chars = any(len(tokenizer.decode([i])) and "\ufffd" in tokenizer.decode([i]) for i in ids)
+    detok = IncrementalDetokenizer(lambda t: tokenizer.decode(t, skip_special_tokens=True))
+    chunks = [detok.push(i) for i in ids] + [detok.flush()]
+    for chunk in chunks:
+        assert "\ufffd" not in chunk
+        chunk.encode("utf-8")  # raises on a lone surrogate
+    assert "".join(chunks) == tokenizer.decode(ids, skip_special_tokens=True) == text
+    if any("\u4e00" <= ch <= "\u9fff" or ord(ch) > 0xFFFF for ch in text):
+        assert multi_token_chars, "the case must split a character across tokens to test anything"
+
+
+def test_stop_filter_holds_back_a_possible_stop_and_cuts_at_it():
+    stops = StopStringFilter(["###", "END"])
+    assert stops.push("hello #") == ("hello ", False)
+    assert stops.push("#") == ("", False)
+    assert stops.push(" not a stop") == ("## not a stop", False)
+    assert stops.push(" E") == (" ", False)
+    assert stops.push("NDING") == ("", True)
+
+
+def test_stop_filter_earliest_stop_wins_and_flush_returns_the_rest():
+    stops = StopStringFilter(["b", "abc"])
+    assert stops.push("xxab") == ("xxa", True)
+    tail = StopStringFilter(["<|end|>"])
+    assert tail.push("done <|en") == ("done ", False)
+    assert tail.flush() == "<|en"
+
+
+def test_no_stops_passes_through():
+    assert StopStringFilter([]).push("anything") == ("anything", False)
