@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import logging
 import threading
 import time
@@ -62,9 +63,11 @@ class HFEngine(Engine):
     # ---- life cycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        await asyncio.to_thread(self._load)
+        # Loading, probing and decoding share the worker threads: torch's OpenMP pool then
+        # belongs to the threads that use it, rather than a team per passing thread.
+        self._executor = ThreadPoolExecutor(self.config.max_concurrency, thread_name_prefix=f"{self.engine_name}-worker")
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
         self._admission = Admission(self.config.max_concurrency, self.config.max_queue)
-        self._executor = ThreadPoolExecutor(self.config.max_concurrency, thread_name_prefix=f"{self.engine_name}-decode")
         self._ready = True
 
     def _load(self) -> None:
@@ -83,6 +86,8 @@ class HFEngine(Engine):
         self._max_context = int(getattr(model_config, "max_position_embeddings", 0) or 2048)
         self._vocab_size = int(model_config.vocab_size)
         self._eos_ids = _eos_token_ids(self.model, self.tokenizer)
+        accepts_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        self._keep_last = {"logits_to_keep": 1} if accepts_keep else {}
         self._attention = self._probe_attention()
         log.info("%s on %s: %s %s, attention kernel %s, use_cache=%s", self.engine_name, self._device,
                  self.config.model, str(self._dtype).removeprefix("torch."), self._attention, self.use_cache)
@@ -92,7 +97,7 @@ class HFEngine(Engine):
 
         def two_steps():
             with torch.inference_mode(), self._kernel():
-                self._next_logits(ids, ids, self._new_cache(), first_step=True)
+                self._next_logits(ids, ids, self._new_cache())
 
         try:
             return hf_attention.observed_kernel(two_steps)
@@ -215,7 +220,7 @@ class HFEngine(Engine):
                 job.emit(GenerationOutput(text="", token_ids=(), prompt_tokens=len(job.prompt_ids),
                                           completion_tokens=step, finish_reason="cancelled"))
                 return
-            logits = self._next_logits(step_input, sequence, cache, first_step=step == 0)
+            logits = self._next_logits(step_input, sequence, cache)
             token = choose_next_token(logits, sequence[0], params, generator)
             token_tensor = torch.tensor([[token]], device=self._device)
             sequence = torch.cat([sequence, token_tensor], dim=1)
@@ -243,11 +248,14 @@ class HFEngine(Engine):
 
         return DynamicCache(config=self.model.config)
 
-    def _next_logits(self, step_input: torch.Tensor, sequence: torch.Tensor, cache, first_step: bool) -> torch.Tensor:
+    def _next_logits(self, step_input: torch.Tensor, sequence: torch.Tensor, cache) -> torch.Tensor:
+        # logits_to_keep=1: only the last position's vocabulary projection is needed, as in
+        # transformers' own generate(); without it use_cache=False would also pay for the
+        # projection of every earlier position, which is not what the cache comparison is about.
         if self.use_cache:
-            out = self.model(input_ids=step_input, past_key_values=cache, use_cache=True)
+            out = self.model(input_ids=step_input, past_key_values=cache, use_cache=True, **self._keep_last)
         else:
-            out = self.model(input_ids=sequence, use_cache=False)
+            out = self.model(input_ids=sequence, use_cache=False, **self._keep_last)
         return out.logits[0, -1].float()
 
     def _score_ids(self, ids: list[int]) -> ScoreResult:

@@ -23,6 +23,7 @@ from engines.base import EngineConfig
 from engines.registry import create_engine
 
 from .config import ServerConfig
+from .device_sampler import DeviceSampler, make_probe
 from .metrics import ServerMetrics
 from .servicer import InferenceServicer
 from .wire import SERVICE_NAME, pb_grpc
@@ -66,6 +67,7 @@ async def serve(config: ServerConfig, announce=print) -> int:
 
     stop = asyncio.Event()
     _install_signal_handlers(stop)
+    sampler = None
     try:
         loading = asyncio.ensure_future(engine.start())
         await asyncio.wait([loading, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
@@ -76,6 +78,9 @@ async def serve(config: ServerConfig, announce=print) -> int:
         info = engine.info()
         metrics.set_engine_info(info)
         metrics.watch_load(engine.load)
+        if config.metrics_port is not None:
+            sampler = DeviceSampler(make_probe(info.device), metrics.record_device, config.device_sample_period_s)
+            sampler.start()
         servicer.accepting = True
         await _set_health(health, SERVING)
         announce(f"yayi-serve: ready: engine={info.engine} model={info.model} device={info.device} "
@@ -92,6 +97,8 @@ async def serve(config: ServerConfig, announce=print) -> int:
     finally:
         await server.stop(0)
         await engine.shutdown()
+        if sampler is not None:
+            sampler.stop()
         metrics.stop()
 
 

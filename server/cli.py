@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds in-flight requests get to finish on SIGTERM (default %(default)s)")
     parser.add_argument("--max-receive-mb", type=float, default=DEFAULTS.max_receive_bytes / 2**20,
                         help="largest request accepted, in MiB (default %(default)g)")
+    parser.add_argument("--device-sample-period", type=float, default=DEFAULTS.device_sample_period_s,
+                        help="seconds between device memory/utilisation/power readings (default %(default)s)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
@@ -56,7 +58,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         engine=args.engine, model=args.model, host=args.host, port=args.port, metrics_host=args.metrics_host,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port, dtype=args.dtype, device=args.device,
         max_concurrency=args.max_concurrency, max_queue=args.max_queue, grace_period_s=args.grace_period,
-        max_receive_bytes=int(args.max_receive_mb * 2**20),
+        max_receive_bytes=int(args.max_receive_mb * 2**20), device_sample_period_s=args.device_sample_period,
     )
 
 

@@ -19,3 +19,4 @@ class ServerConfig:
     max_queue: int = 64
     grace_period_s: float = 30.0
     max_receive_bytes: int = 4 * 1024 * 1024
+    device_sample_period_s: float = 1.0

@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from engines.base import EngineInfo, EngineLoad
 
+from .device_sampler import DeviceReading
+
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -41,6 +43,21 @@ class ServerMetrics:
         self._running = Gauge("yayi_requests_running", "Requests being generated now", base, registry=r)
         self._waiting = Gauge("yayi_requests_waiting", "Requests waiting for a slot now", base, registry=r)
         self._engine_info = Info("yayi_engine", "What is really running", base, registry=r)
+        device = [*base, "device"]
+        self._memory_used = Gauge("yayi_device_memory_used_bytes",
+                                  "GPU memory in use (NVML), or on CPU the server's resident memory", device, registry=r)
+        self._memory_peak = Gauge("yayi_device_memory_peak_bytes", "Peak of yayi_device_memory_used_bytes since start",
+                                  device, registry=r)
+        self._utilization = Gauge("yayi_device_utilization_ratio",
+                                  "0..1: GPU busy (NVML), or the server's CPU share of the machine", device, registry=r)
+        self._power = Gauge("yayi_device_power_watts", "Device power (NVML, or CPU package power from RAPL)",
+                            device, registry=r)
+        self._energy = Counter("yayi_energy_joules", "Device energy used since start", device, registry=r)
+        self._torch_allocated = Gauge("yayi_torch_memory_allocated_bytes", "torch's CUDA allocator: allocated now",
+                                      device, registry=r)
+        self._torch_peak = Gauge("yayi_torch_memory_peak_allocated_bytes", "torch's CUDA allocator: peak allocated",
+                                 device, registry=r)
+        self._peak_seen: dict[str, float] = {}
         self._http = None
 
     def watch_load(self, load: Callable[[], EngineLoad]) -> None:
@@ -53,6 +70,22 @@ class ServerMetrics:
             "dtype": info.dtype, "device": info.device, "attention": info.attention,
             "use_cache": str(info.use_cache).lower(),
         })
+
+    def record_device(self, reading: DeviceReading) -> None:
+        """Sets the device series; a figure that is None stays absent rather than reading 0."""
+        labels = {**self.labels, "device": reading.device}
+        if reading.memory_used_bytes is not None:
+            self._memory_used.labels(**labels).set(reading.memory_used_bytes)
+            peak = max(self._peak_seen.get(reading.device, 0.0), reading.memory_used_bytes)
+            self._peak_seen[reading.device] = peak
+            self._memory_peak.labels(**labels).set(peak)
+        for gauge, value in ((self._utilization, reading.utilization_ratio), (self._power, reading.power_watts),
+                             (self._torch_allocated, reading.torch_allocated_bytes),
+                             (self._torch_peak, reading.torch_peak_allocated_bytes)):
+            if value is not None:
+                gauge.labels(**labels).set(value)
+        if reading.energy_joules is not None:
+            self._energy.labels(**labels).inc(max(0.0, reading.energy_joules))
 
     def recorder(self) -> RequestRecorder:
         return RequestRecorder(self)

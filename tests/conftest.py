@@ -1,6 +1,6 @@
 import pytest
 
-from tests.serverproc import ServerProcess
+from loadtest.server_process import ServerProcess
 
 LOG_PROMPTS = [
     "Hey, are you conscious? Can you talk to me?",

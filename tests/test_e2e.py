@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.wire import SERVICE_NAME, pb
 from tests.conftest import LOG_PROMPTS
-from tests.serverproc import ROOT, ServerProcess, request
+from loadtest.server_process import ROOT, ServerProcess, request
 
 
 def scrape(server: ServerProcess) -> dict[tuple, float]:

@@ -1,4 +1,8 @@
-"""A real ``yayi-serve`` process on free ports, and a real gRPC client for it."""
+"""A real ``yayi-serve`` process on free ports, and a real gRPC client for it.
+
+Used by the tests, the benchmarks and the comparison driver: each starts servers side by
+side on port 0 and reads the ports back from the start-up line.
+"""
 
 from __future__ import annotations
 
@@ -65,6 +69,14 @@ class ServerProcess:
     def wait_ready(self, timeout: float = 240.0) -> "ServerProcess":
         self.wait_for_line("yayi-serve: ready", timeout)
         return self
+
+    def peak_rss_bytes(self) -> int:
+        """The server process's resident-memory high-water mark (Linux VmHWM)."""
+        with open(f"/proc/{self.process.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("VmHWM not found in /proc status")
 
     def health_status(self, service: str = "") -> int:
         return self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status

