@@ -37,11 +37,15 @@ class IncrementalDetokenizer:
         return ""
 
     def flush(self) -> str:
-        """At the end of generation: whatever is still held, even if incomplete."""
+        """At the end of generation: what is still held, less a character left unfinished.
+
+        Generation can stop (length, stop, cancel) between the tokens of one character;
+        its bytes decode to U+FFFD, which would reach the client as noise, so they are dropped.
+        """
         prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
         new_text = self._decode(self._ids[self._prefix_offset:])
         self._prefix_offset = self._read_offset = len(self._ids)
-        return new_text[len(prefix_text):]
+        return new_text[len(prefix_text):].rstrip(REPLACEMENT_CHAR)
 
 
 class StopStringFilter:

@@ -33,6 +33,14 @@ def test_chunks_are_whole_characters_and_join_to_the_text(tokenizer, text):
         assert multi_token_chars, "the case must split a character across tokens to test anything"
 
 
+def test_character_unfinished_at_the_end_is_dropped_not_sent_as_replacement(tokenizer):
+    ids = tokenizer("ok 你").input_ids
+    assert "\ufffd" in tokenizer.decode(ids[-1:]), "the last character must span several tokens"
+    detok = IncrementalDetokenizer(lambda t: tokenizer.decode(t, skip_special_tokens=True))
+    sent = "".join(detok.push(i) for i in ids[:-1]) + detok.flush()
+    assert sent == "ok "
+
+
 def test_stop_filter_holds_back_a_possible_stop_and_cuts_at_it():
     stops = StopStringFilter(["###", "END"])
     assert stops.push("hello #") == ("hello ", False)
