@@ -16,7 +16,7 @@ BENCH_ARGS ?=
 
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv model serve test protos bench clean
+.PHONY: venv model serve test protos bench clean prometheus
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,8 +35,14 @@ model: venv
 serve: model
 	$(BIN)/yayi-serve --engine $(ENGINE) --model $(MODEL) --port $(PORT) --metrics-port $(METRICS_PORT) $(SERVE_ARGS)
 
-test: venv
+test: venv prometheus
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The dashboard tests run a real Prometheus: Debian's package, installed when missing (needs root or sudo).
+prometheus:
+	@command -v prometheus >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus >/dev/null; }
 
 protos: venv
 	$(BIN)/python -m server.codegen
