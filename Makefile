@@ -16,7 +16,7 @@ BENCH_ARGS ?=
 
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv model serve test protos bench clean prometheus
+.PHONY: venv model serve test protos bench bench-metrics clean prometheus
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,9 @@ protos: venv
 
 bench: venv
 	$(BIN)/python -m bench.engine_speed --model $(MODEL) $(BENCH_ARGS)
+
+bench-metrics: venv
+	$(BIN)/python -m bench.metrics_overhead --model $(MODEL) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) reports .pytest_cache
