@@ -51,10 +51,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             text_parts: list[str] = []
             token_ids: list[int] = []
             last = None
-            async for output in self._outputs(request, request_id, recorder):
-                text_parts.append(output.text)
-                token_ids.extend(output.token_ids)
-                last = output
+            outputs = self._outputs(request, request_id, recorder)
+            async with contextlib.aclosing(outputs):
+                async for output in outputs:
+                    text_parts.append(output.text)
+                    token_ids.extend(output.token_ids)
+                    last = output
             return pb.GenerateResponse(
                 request_id=request_id, text="".join(text_parts), token_ids=token_ids,
                 finish_reason=last.finish_reason, usage=_usage(last),
@@ -65,17 +67,19 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         recorder = self._metrics.recorder()
         async with self._guard(context, recorder), self._claim_request_id(request.request_id) as request_id:
             held_ids: list[int] = []
-            async for output in self._outputs(request, request_id, recorder):
-                held_ids.extend(output.token_ids)
-                # One chunk per new piece of text: tokens whose text is held back ride along later.
-                if not output.text and output.finish_reason is None:
-                    continue
-                chunk = pb.GenerateChunk(request_id=request_id, text=output.text, token_ids=held_ids)
-                if output.finish_reason is not None:
-                    chunk.finish_reason = output.finish_reason
-                    chunk.usage.CopyFrom(_usage(output))
-                held_ids = []
-                yield chunk
+            outputs = self._outputs(request, request_id, recorder)
+            async with contextlib.aclosing(outputs):
+                async for output in outputs:
+                    held_ids.extend(output.token_ids)
+                    # One chunk per new piece of text: tokens whose text is held back ride along later.
+                    if not output.text and output.finish_reason is None:
+                        continue
+                    chunk = pb.GenerateChunk(request_id=request_id, text=output.text, token_ids=held_ids)
+                    if output.finish_reason is not None:
+                        chunk.finish_reason = output.finish_reason
+                        chunk.usage.CopyFrom(_usage(output))
+                    held_ids = []
+                    yield chunk
 
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         async with self._guard(context, None):
@@ -92,10 +96,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def _outputs(self, request: pb.GenerateRequest, request_id: str, recorder: RequestRecorder):
         self._require_accepting()
         params = convert.sampling_params(request.params)
-        async for output in self._engine.generate(request.prompt, params, request_id,
-                                                  use_chat_template=request.use_chat_template):
-            recorder.on_output(output.started_at, output.prompt_tokens, len(output.token_ids))
-            yield output
+        # aclosing: when the call ends early the engine's generator is closed right here,
+        # which is what stops the model's work, rather than whenever it is garbage collected.
+        generation = self._engine.generate(request.prompt, params, request_id,
+                                           use_chat_template=request.use_chat_template)
+        async with contextlib.aclosing(generation):
+            async for output in generation:
+                recorder.on_output(output.started_at, output.prompt_tokens, len(output.token_ids))
+                yield output
 
     def _require_accepting(self) -> None:
         if not self.accepting:
