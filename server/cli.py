@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="weights dtype; auto is float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--device", default=DEFAULTS.device, help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--max-concurrency", type=int, default=DEFAULTS.max_concurrency,
-                        help="requests generated at once (default %(default)s)")
+                        help="requests generated at once (default: 1 for hf-*, vLLM's max_num_seqs for vllm)")
     parser.add_argument("--max-queue", type=int, default=DEFAULTS.max_queue,
                         help="requests that may wait for a slot; beyond it RESOURCE_EXHAUSTED (default %(default)s)")
     parser.add_argument("--grace-period", type=float, default=DEFAULTS.grace_period_s,
@@ -44,14 +44,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest request accepted, in MiB (default %(default)g)")
     parser.add_argument("--device-sample-period", type=float, default=DEFAULTS.device_sample_period_s,
                         help="seconds between device memory/utilisation/power readings (default %(default)s)")
+    vllm = parser.add_argument_group("vllm engine")
+    vllm.add_argument("--max-model-len", type=int, help="context length vLLM serves (default 2048)")
+    vllm.add_argument("--kv-cache-gb", type=float, help="CPU: KV-cache space in GiB (VLLM_CPU_KVCACHE_SPACE, default 1)")
+    vllm.add_argument("--gpu-memory-utilization", type=float, help="CUDA: share of GPU memory vLLM may take (default 0.9)")
+    vllm.add_argument("--enforce-eager", choices=["auto", "true", "false"], default="auto",
+                      help="skip torch.compile and CUDA graphs (auto: true on CPU, false on CUDA)")
+    vllm.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per model replica (vLLM)")
+    vllm.add_argument("--pipeline-parallel-size", type=int, default=1,
+                      help="pipeline stages, across nodes with Ray (vLLM)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    for name in ("max_concurrency",):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"yayi-serve: error: --{name.replace('_', '-')} must be at least 1")
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        raise SystemExit("yayi-serve: error: --max-concurrency must be at least 1")
     if args.max_queue < 0:
         raise SystemExit("yayi-serve: error: --max-queue must be 0 or more")
     return ServerConfig(
@@ -59,6 +67,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         metrics_port=None if args.metrics_port < 0 else args.metrics_port, dtype=args.dtype, device=args.device,
         max_concurrency=args.max_concurrency, max_queue=args.max_queue, grace_period_s=args.grace_period,
         max_receive_bytes=int(args.max_receive_mb * 2**20), device_sample_period_s=args.device_sample_period,
+        max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager={"auto": None, "true": True, "false": False}[args.enforce_eager],
+        tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
     )
 
 

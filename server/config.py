@@ -15,8 +15,21 @@ class ServerConfig:
     metrics_port: int | None = 9400  # None: no metrics endpoint
     dtype: str = "auto"
     device: str = "auto"
-    max_concurrency: int = 1
+    max_concurrency: int | None = None  # None: the engine's default (1 for hf-*, vLLM's own for vllm)
     max_queue: int = 64
     grace_period_s: float = 30.0
     max_receive_bytes: int = 4 * 1024 * 1024
     device_sample_period_s: float = 1.0
+    # vLLM options; other engines ignore them.
+    max_model_len: int | None = None
+    kv_cache_gb: float | None = None
+    gpu_memory_utilization: float | None = None
+    enforce_eager: bool | None = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+
+    def engine_extra(self) -> dict:
+        return {"max_model_len": self.max_model_len, "kv_cache_gb": self.kv_cache_gb,
+                "gpu_memory_utilization": self.gpu_memory_utilization, "enforce_eager": self.enforce_eager,
+                "tensor_parallel_size": self.tensor_parallel_size,
+                "pipeline_parallel_size": self.pipeline_parallel_size}

@@ -1,0 +1,261 @@
+"""vLLM's asynchronous engine (V1 ``AsyncLLM``) behind the Engine interface.
+
+vLLM batches continuously, pages its KV cache and runs the model in child processes;
+this module only translates: our SamplingParams to vLLM's, vLLM's delta outputs to
+GenerationOutput, prompt logprobs to a score.  Closing the generator (client cancel,
+disconnect, deadline) closes vLLM's own generator, which aborts the request inside the
+engine core.  Options come from ``EngineConfig.extra`` (the command line's vLLM flags).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator
+
+import vllm  # noqa: F401  (imported first so a missing install is reported as such)
+from vllm import SamplingParams as VllmSamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.inputs import TokensPrompt
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+from .admission import Admission
+from .base import Engine, EngineConfig, EngineInfo, EngineLoad, GenerationOutput, ScoreResult
+from .errors import EngineUnavailable, InvalidRequest
+from .models import resolve_model
+from .params import SamplingParams, check_against_model, check_prompt_text
+from .prompts import encode_prompt
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KV_CACHE_GB = 1.0
+DEFAULT_MAX_MODEL_LEN = 2048
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class _SchedulerView(StatLoggerBase):
+    """Keeps the scheduler's latest running/waiting split; vLLM calls it after engine steps."""
+
+    latest: tuple[int, int] = (0, 0)
+
+    def __init__(self, vllm_config, engine_index: int = 0) -> None:
+        pass
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+        if scheduler_stats is not None:
+            type(self).latest = (scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs)
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+
+class VLLMEngine(Engine):
+    engine_name = "vllm"
+
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        self._llm: AsyncLLM | None = None
+        self._closing = False
+
+    # ---- life cycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        extra = self.config.extra
+        self._path = await asyncio.to_thread(resolve_model, self.config.model)
+        self._device = "cuda" if self._wants_cuda() else "cpu"
+        self._dtype = self.config.dtype if self.config.dtype != "auto" else ("bfloat16" if self._device == "cuda"
+                                                                             else "float32")
+        self.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self._path)
+        model_config = await asyncio.to_thread(AutoConfig.from_pretrained, self._path)
+        model_limit = getattr(model_config, "max_position_embeddings", None) or DEFAULT_MAX_MODEL_LEN
+        self._max_model_len = int(extra.get("max_model_len") or min(DEFAULT_MAX_MODEL_LEN, model_limit))
+        self._kv_cache_gb = float(extra.get("kv_cache_gb") or DEFAULT_KV_CACHE_GB)
+        if self._device == "cpu":
+            self._check_kv_fits(model_config)
+            # vLLM's CPU backend sizes its KV cache from this variable (GiB), read in the engine process.
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{self._kv_cache_gb:g}"
+        enforce_eager = extra.get("enforce_eager")
+        if enforce_eager is None:
+            # torch.compile of even a 135M model takes minutes on a small CPU; on GPUs it pays off.
+            enforce_eager = self._device == "cpu"
+        args = AsyncEngineArgs(
+            model=str(self._path), tokenizer=str(self._path), dtype=self._dtype, max_model_len=self._max_model_len,
+            enforce_eager=enforce_eager, max_num_seqs=self.config.max_concurrency, seed=0,
+            tensor_parallel_size=int(extra.get("tensor_parallel_size") or 1),
+            pipeline_parallel_size=int(extra.get("pipeline_parallel_size") or 1),
+            gpu_memory_utilization=float(extra.get("gpu_memory_utilization") or 0.9),
+            disable_log_stats=False,
+        )
+        # Lets collective_rpc carry the small function that asks the workers for their attention
+        # backend. The channel is local IPC between this process and its own children only.
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        try:
+            self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_SchedulerView])
+        except Exception as exc:
+            raise EngineUnavailable(f"vLLM engine failed to start ({type(exc).__name__}: {exc}); the lines "
+                                    "above from EngineCore say why") from exc
+        vllm_config = self._llm.vllm_config
+        cache = vllm_config.cache_config
+        self._kv_cache_tokens = int((cache.num_gpu_blocks or 0) * cache.block_size)
+        self._max_num_seqs = vllm_config.scheduler_config.max_num_seqs
+        self._vocab_size = int(model_config.vocab_size)
+        self._admission = Admission(self._max_num_seqs, self.config.max_queue)
+        self._attention = await self._attention_backend()
+        log.info("vllm on %s: %s %s, attention %s, KV cache %d tokens, up to %d sequences at once",
+                 self._device, self.config.model, self._dtype, self._attention, self._kv_cache_tokens,
+                 self._max_num_seqs)
+
+    def _wants_cuda(self) -> bool:
+        if self.config.device != "auto":
+            return self.config.device.startswith("cuda")
+        from vllm.platforms import current_platform
+
+        return current_platform.is_cuda()
+
+    def _check_kv_fits(self, model_config) -> None:
+        """Says what vLLM would only say deep in a child process's traceback."""
+        heads = model_config.num_attention_heads
+        kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+        head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+        per_token = 2 * model_config.num_hidden_layers * kv_heads * head_dim * _DTYPE_BYTES.get(self._dtype, 4)
+        needed_gb = per_token * self._max_model_len / 2**30
+        if needed_gb > self._kv_cache_gb:
+            fits = int(self._kv_cache_gb * 2**30 // per_token)
+            raise EngineUnavailable(
+                f"--max-model-len {self._max_model_len} needs {needed_gb:.2f} GiB of KV cache for one sequence but "
+                f"--kv-cache-gb is {self._kv_cache_gb:g}; raise --kv-cache-gb or use --max-model-len {fits} or less")
+
+    async def _attention_backend(self) -> str:
+        def backend_names(worker) -> list[str]:
+            names = set()
+            for module in worker.model_runner.model.modules():
+                backend = getattr(module, "attn_backend", None)
+                if backend is not None:
+                    names.add(backend.get_name())
+            return sorted(names)
+
+        try:
+            per_worker = await self._llm.collective_rpc(backend_names)
+            return "vllm paged attention: " + ", ".join(sorted({n for names in per_worker for n in names}))
+        except Exception as exc:  # a diagnostic, not worth failing start-up over
+            log.warning("could not ask vLLM's workers for their attention backend: %s", exc)
+            return "vllm paged attention (backend not reported)"
+
+    async def shutdown(self) -> None:
+        self._closing = True
+        if self._llm is not None:
+            await asyncio.to_thread(self._llm.shutdown)
+            self._llm = None
+
+    # ---- what the server asks ---------------------------------------------------------
+
+    def info(self) -> EngineInfo:
+        self._require_ready()
+        return EngineInfo(
+            engine=self.engine_name, model=self.config.model, dtype=self._dtype, device=self._device,
+            attention=self._attention, use_cache=True, max_context=self._max_model_len,
+            vocab_size=self._vocab_size, max_concurrent_requests=self._max_num_seqs, max_queue=self.config.max_queue,
+            model_path=str(self._path), kv_cache_tokens=self._kv_cache_tokens,
+            kv_cache_bytes=int(self._kv_cache_gb * 2**30) if self._device == "cpu" else 0,
+        )
+
+    def load(self) -> EngineLoad:
+        if self._llm is None:
+            return EngineLoad(running=0, waiting=0)
+        # The frontend's count is exact at once (an abort drops it immediately); the scheduler's
+        # split arrives with its next step, so it only apportions that count.
+        unfinished = self._llm.get_num_unfinished_requests()
+        waiting = min(_SchedulerView.latest[1], unfinished)
+        return EngineLoad(running=unfinished - waiting, waiting=waiting)
+
+    async def generate(self, prompt: str, params: SamplingParams, request_id: str,
+                       use_chat_template: bool = False) -> AsyncIterator[GenerationOutput]:
+        self._require_ready()
+        check_prompt_text(prompt)
+        prompt_ids = await asyncio.to_thread(encode_prompt, self.tokenizer, prompt, use_chat_template,
+                                             self.config.model)
+        check_against_model(params, len(prompt_ids), self._max_model_len, self._vocab_size)
+        async with self._admission.slot():
+            self._require_ready()
+            stream = self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), _to_vllm(params), request_id)
+            completion = 0
+            first = True
+            async with contextlib.aclosing(stream), _engine_death_as_unavailable():
+                async for output in stream:
+                    sequence = output.outputs[0]
+                    completion += len(sequence.token_ids)
+                    finish = _finish_reason(sequence) if output.finished else None
+                    text = sequence.text.rstrip("\ufffd") if finish else sequence.text
+                    yield GenerationOutput(
+                        text=text, token_ids=tuple(sequence.token_ids), prompt_tokens=len(prompt_ids),
+                        completion_tokens=completion, finish_reason=finish,
+                        started_at=_scheduled_at(output) if first else None)
+                    first = False
+
+    async def score(self, text: str) -> ScoreResult:
+        self._require_ready()
+        check_prompt_text(text)
+        ids = await asyncio.to_thread(lambda: self.tokenizer(text).input_ids)
+        if len(ids) < 2:
+            raise InvalidRequest("text must be at least 2 tokens long to be scored")
+        if len(ids) >= self._max_model_len:
+            raise InvalidRequest(f"text is {len(ids)} tokens but the model's context is {self._max_model_len}; "
+                                 "score it in parts")
+        params = VllmSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0,
+                                    output_kind=RequestOutputKind.FINAL_ONLY)
+        async with self._admission.slot(), _engine_death_as_unavailable():
+            final = None
+            async for output in self._llm.generate(TokensPrompt(prompt_token_ids=ids), params, f"score-{uuid.uuid4().hex}"):
+                final = output
+        # Entry i holds the logprob of prompt token i given the ones before it; the first has none.
+        total = sum(final.prompt_logprobs[i][token].logprob for i, token in enumerate(ids) if i > 0)
+        return ScoreResult(total_logprob=float(total), token_count=len(ids) - 1)
+
+    def _require_ready(self) -> None:
+        if self._closing:
+            raise EngineUnavailable("engine is shutting down")
+        if self._llm is None:
+            raise EngineUnavailable("engine is still loading the model; retry when health reports SERVING")
+        if self._llm.errored:
+            raise EngineUnavailable(f"the vLLM engine has died ({self._llm.dead_error}); restart the server")
+
+
+@contextlib.asynccontextmanager
+async def _engine_death_as_unavailable():
+    try:
+        yield
+    except EngineDeadError as exc:
+        raise EngineUnavailable(f"the vLLM engine process died ({exc}); restart the server") from exc
+
+
+def _to_vllm(params: SamplingParams) -> VllmSamplingParams:
+    return VllmSamplingParams(
+        max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+        repetition_penalty=params.repetition_penalty, stop=list(params.stop) or None, seed=params.seed,
+        ignore_eos=params.ignore_eos, output_kind=RequestOutputKind.DELTA, skip_special_tokens=True,
+        include_stop_str_in_output=False,
+    )
+
+
+def _finish_reason(sequence) -> str:
+    # vLLM says "stop" both for EOS and for a stop string; stop_reason tells them apart.
+    if sequence.finish_reason == "stop":
+        return "stop" if isinstance(sequence.stop_reason, str) else "eos"
+    if sequence.finish_reason == "abort":
+        return "cancelled"
+    return sequence.finish_reason or "length"
+
+
+def _scheduled_at(output) -> float | None:
+    # Engine-core timestamps are time.monotonic() in another process: the same clock on Linux.
+    stats = getattr(output, "metrics", None)
+    scheduled = getattr(stats, "scheduled_ts", 0.0)
+    return scheduled or None
