@@ -18,7 +18,7 @@ BENCH_ARGS ?=
 
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv model serve test protos bench bench-metrics clean prometheus
+.PHONY: venv model serve test protos bench bench-vllm bench-metrics clean prometheus
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,9 @@ protos: venv
 
 bench: venv
 	$(BIN)/python -m bench.engine_speed --model $(MODEL) $(BENCH_ARGS)
+
+bench-vllm: venv
+	$(BIN)/python -m bench.vllm_concurrency --model $(MODEL) $(BENCH_ARGS)
 
 bench-metrics: venv
 	$(BIN)/python -m bench.metrics_overhead --model $(MODEL) $(BENCH_ARGS)
