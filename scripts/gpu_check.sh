@@ -6,6 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu_carry/wheels/*.whl
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-export YAYI_MODEL_CACHE="$PWD/.gpu_carry/models" PYTHONUNBUFFERED=1
+export YAYI_MODEL_CACHE=/tmp/yayi-gpu/cache PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,power.draw,utilization.gpu --format=csv
 exec timeout 470 python3 scripts/gpu_check.py
