@@ -27,7 +27,7 @@ from .admission import Admission
 from .base import Engine, EngineConfig, EngineInfo, EngineLoad, GenerationOutput, ScoreResult
 from .errors import EngineOutOfMemory, EngineUnavailable, InvalidRequest
 from .models import resolve_model
-from .params import SamplingParams, check_against_model, check_prompt_text
+from .params import SamplingParams, check_against_model, check_prompt_text, check_score_length
 from .prompts import encode_prompt
 from .sampling import choose_next_token, make_generator
 from .text import IncrementalDetokenizer, StopStringFilter
@@ -175,12 +175,7 @@ class HFEngine(Engine):
         self._require_ready()
         check_prompt_text(text)
         ids = await asyncio.to_thread(lambda: self.tokenizer(text).input_ids)
-        if len(ids) < 2:
-            raise InvalidRequest("text must be at least 2 tokens long to be scored")
-        if len(ids) > self._max_context:
-            raise InvalidRequest(
-                f"text is {len(ids)} tokens but the model's context is {self._max_context}; score it in parts"
-            )
+        check_score_length(len(ids), self._max_context)
         async with self._admission.slot():
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._executor, self._score_ids, ids)

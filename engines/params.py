@@ -82,6 +82,14 @@ def check_against_model(params: SamplingParams, prompt_tokens: int, max_context:
         raise InvalidRequest(f"top_k must be at most the vocabulary size {vocab_size}, got {params.top_k}")
 
 
+def check_score_length(token_count: int, max_context: int) -> None:
+    if token_count < 2:
+        raise InvalidRequest("text must be at least 2 tokens long to be scored")
+    if token_count > max_context:
+        raise InvalidRequest(f"text is {token_count} tokens but the model's context is {max_context}; "
+                             "score it in parts")
+
+
 def check_prompt_text(prompt: str) -> None:
     if not prompt or not prompt.strip():
         raise InvalidRequest("prompt must not be empty or whitespace only")

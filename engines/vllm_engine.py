@@ -27,9 +27,9 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 
 from .admission import Admission
 from .base import Engine, EngineConfig, EngineInfo, EngineLoad, GenerationOutput, ScoreResult
-from .errors import EngineUnavailable, InvalidRequest
+from .errors import EngineUnavailable
 from .models import resolve_model
-from .params import SamplingParams, check_against_model, check_prompt_text
+from .params import SamplingParams, check_against_model, check_prompt_text, check_score_length
 from .prompts import encode_prompt
 
 log = logging.getLogger(__name__)
@@ -204,11 +204,8 @@ class VLLMEngine(Engine):
         self._require_ready()
         check_prompt_text(text)
         ids = await asyncio.to_thread(lambda: self.tokenizer(text).input_ids)
-        if len(ids) < 2:
-            raise InvalidRequest("text must be at least 2 tokens long to be scored")
-        if len(ids) >= self._max_model_len:
-            raise InvalidRequest(f"text is {len(ids)} tokens but the model's context is {self._max_model_len}; "
-                                 "score it in parts")
+        # One position is kept free: vLLM must generate a token even when only scoring.
+        check_score_length(len(ids), self._max_model_len - 1)
         params = VllmSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0,
                                     output_kind=RequestOutputKind.FINAL_ONLY)
         async with self._admission.slot(), _engine_death_as_unavailable():

@@ -1,6 +1,7 @@
 import pytest
 
 from loadtest.server_process import ServerProcess
+from tests.loop_thread import LoopThread
 
 LOG_PROMPTS = [
     "Hey, are you conscious? Can you talk to me?",
@@ -23,3 +24,11 @@ def smol_server():
     server = ServerProcess("--engine", "hf-kv", "--model", "smollm2-135m").wait_ready()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def loop():
+    """An event loop on its own thread, shared by a module's in-process engine tests."""
+    thread = LoopThread()
+    yield thread
+    thread.close()

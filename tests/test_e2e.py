@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 
@@ -18,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.wire import SERVICE_NAME, pb
 from tests.conftest import LOG_PROMPTS
-from loadtest.server_process import ROOT, ServerProcess, request
+from loadtest.server_process import ROOT, ServerProcess
 
 
 def scrape(server: ServerProcess) -> dict[tuple, float]:

@@ -9,17 +9,9 @@ import pytest
 from engines import EngineConfig, SamplingParams, create_engine
 from engines.errors import InvalidRequest, QueueFull
 from tests.conftest import LOG_PROMPTS
-from tests.loop_thread import LoopThread
 
 ENGINES = ["hf-eager", "hf-kv", "hf-flash"]
 MODELS = ["tiny-llama", "tiny-bloom"]
-
-
-@pytest.fixture(scope="module")
-def loop():
-    thread = LoopThread()
-    yield thread
-    thread.close()
 
 
 @pytest.fixture(scope="module")

@@ -15,19 +15,11 @@ from engines.errors import InvalidRequest, QueueFull
 from loadtest.server_process import ROOT, ServerProcess
 from server.wire import pb
 from tests.conftest import LOG_PROMPTS
-from tests.loop_thread import LoopThread
 from tests.test_e2e import metric
 
 pytest.importorskip("vllm", reason="vllm is installed by `make venv`; this skip only shows where it is not")
 
 RUNNING, QUEUE = 4, 2
-
-
-@pytest.fixture(scope="module")
-def loop():
-    thread = LoopThread()
-    yield thread
-    thread.close()
 
 
 @pytest.fixture(scope="module")
