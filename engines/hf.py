@@ -79,10 +79,10 @@ class HFEngine(Engine):
         self._device = _resolve_device(self.config.device)
         self._dtype = _resolve_dtype(self.config.dtype, self._device)
         self.tokenizer = AutoTokenizer.from_pretrained(self._path)
-        model_class = AutoModelForCausalLM
         supports_sdpa = _model_supports_sdpa(self._path)
         self._implementation = hf_attention.requested_implementation(self.flash, self._device, supports_sdpa)
-        self.model = model_class.from_pretrained(self._path, dtype=self._dtype, attn_implementation=self._implementation)
+        self.model = AutoModelForCausalLM.from_pretrained(self._path, dtype=self._dtype,
+                                                          attn_implementation=self._implementation)
         self.model.to(self._device).eval()
         model_config = self.model.config
         self._max_context = int(getattr(model_config, "max_position_embeddings", 0) or 2048)
