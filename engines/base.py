@@ -102,5 +102,14 @@ class Engine(abc.ABC):
     def load(self) -> EngineLoad:
         return EngineLoad(running=0, waiting=0)
 
+    @property
+    def healthy(self) -> bool:
+        """False once the engine cannot serve again without a restart (a dead device or engine process).
+
+        The server then reports NOT_SERVING, so an orchestrator restarts it; a failure of one
+        request (a bug, an out-of-memory) leaves the engine healthy.
+        """
+        return True
+
     async def shutdown(self) -> None:
         return None

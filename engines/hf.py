@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import inspect
 import logging
 import threading
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import hf_attention
+from . import faults, hf_attention
 from .admission import Admission
 from .base import Engine, EngineConfig, EngineInfo, EngineLoad, GenerationOutput, ScoreResult
 from .errors import EngineOutOfMemory, EngineUnavailable, InvalidRequest
@@ -44,6 +45,7 @@ class _Job:
     params: SamplingParams
     emit: Callable[[object], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
+    fault: faults.Fault | None = None  # test-only, see engines/faults.py
 
 
 class HFEngine(Engine):
@@ -60,6 +62,8 @@ class HFEngine(Engine):
         self._admission: Admission | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._live_jobs: set[_Job] = set()
+        self._failure: str | None = None  # set once the device cannot be trusted any more
+        self.out_of_memory_count = 0
 
     # ---- life cycle -------------------------------------------------------------------
 
@@ -150,7 +154,8 @@ class HFEngine(Engine):
         async with self._admission.slot():
             self._require_ready()
             started_at = time.monotonic()
-            job = _Job(prompt_ids, params, emit=lambda item: _put_threadsafe(loop, outputs, item))
+            job = _Job(prompt_ids, params, emit=lambda item: _put_threadsafe(loop, outputs, item),
+                       fault=faults.for_prompt(prompt))
             self._live_jobs.add(job)
             worker = loop.run_in_executor(self._executor, self._decode, job)
             try:
@@ -176,22 +181,48 @@ class HFEngine(Engine):
         check_prompt_text(text)
         ids = await asyncio.to_thread(lambda: self.tokenizer(text).input_ids)
         check_score_length(len(ids), self._max_context)
+        out_of_memory = None
         async with self._admission.slot():
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, self._score_ids, ids)
+            try:
+                return await loop.run_in_executor(self._executor, self._score_ids, ids)
+            except torch.OutOfMemoryError as exc:
+                out_of_memory = f"device out of memory while scoring: {exc}".splitlines()[0]
+        # Outside the except clause, as in _decode: the exception no longer pins the activations.
+        self.out_of_memory_count += 1
+        _free_device_cache(self._device)
+        raise EngineOutOfMemory(out_of_memory)
 
     # ---- worker-thread side -----------------------------------------------------------
 
+    @property
+    def healthy(self) -> bool:
+        return self._failure is None
+
     def _decode(self, job: _Job) -> None:
+        out_of_memory = None
         try:
             with torch.inference_mode(), self._kernel():
                 self._decode_steps(job)
         except torch.OutOfMemoryError as exc:
-            _free_device_cache(self._device)
-            job.emit(EngineOutOfMemory(f"device out of memory while generating: {exc}".splitlines()[0]))
+            out_of_memory = f"device out of memory while generating: {exc}".splitlines()[0]
+        except torch.AcceleratorError as exc:
+            # A CUDA error (illegal address, device-side assert) poisons the whole context: every
+            # later kernel fails too, so the engine says it is done rather than fail each request.
+            self._failure = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+            log.error("device failed, engine stops serving: %s", self._failure)
+            job.emit(EngineUnavailable(f"the device failed ({self._failure}); restart the server"))
         except BaseException as exc:  # handed to the consumer, which raises it in its own task
             log.exception("decode step failed")
             job.emit(exc)
+        if out_of_memory is not None:
+            # Freed only here, once the except clause has dropped the exception: its traceback held
+            # the step's frames and with them this request's KV cache and activations.
+            self.out_of_memory_count += 1
+            _free_device_cache(self._device)
+            log.warning("%s (out-of-memory events so far: %d); cache freed, serving on",
+                        out_of_memory, self.out_of_memory_count)
+            job.emit(EngineOutOfMemory(out_of_memory))
 
     def _decode_steps(self, job: _Job) -> None:
         params = job.params
@@ -203,6 +234,8 @@ class HFEngine(Engine):
         detokenizer = IncrementalDetokenizer(self._decode_text)
         stops = StopStringFilter(params.stop)
         for step in range(params.max_new_tokens):
+            if job.fault is not None and step == job.fault.step:
+                self._inject(job.fault)
             if job.cancelled.is_set():
                 # Seen only if the consumer is still there, i.e. the engine is shutting down.
                 job.emit(GenerationOutput(text="", token_ids=(), prompt_tokens=len(job.prompt_ids),
@@ -228,6 +261,20 @@ class HFEngine(Engine):
                                       completion_tokens=step + 1, finish_reason=finish))
             if finish is not None:
                 return
+
+    def _inject(self, fault: faults.Fault) -> None:
+        """Raises what the real failure of this kind raises here (test-only, engines/faults.py)."""
+        if fault.kind == "error":
+            raise faults.InjectedFault(f"injected engine fault ({fault.marker})")
+        if fault.kind == "fatal":
+            raise torch.AcceleratorError(f"CUDA error: an illegal memory access was encountered (injected, {fault.marker})")
+        if self._device.type == "cuda":
+            # A real out-of-memory: fill the device until its allocator refuses, so the check
+            # that the memory comes back is a check of the real thing.
+            blocks = []
+            while True:
+                blocks.append(torch.empty(2**30, dtype=torch.uint8, device=self._device))
+        raise torch.OutOfMemoryError(f"CPU out of memory (injected, {fault.marker})")
 
     def _new_cache(self):
         if not self.use_cache:
@@ -257,6 +304,8 @@ class HFEngine(Engine):
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _require_ready(self) -> None:
+        if self._failure is not None:
+            raise EngineUnavailable(f"the engine failed and cannot recover ({self._failure}); restart the server")
         if self._closing:
             raise EngineUnavailable("engine is shutting down")
         if not self._ready:
@@ -320,5 +369,8 @@ def _eos_token_ids(model, tokenizer) -> frozenset[int]:
 
 
 def _free_device_cache(device: torch.device) -> None:
+    # Tensors caught in reference cycles would otherwise wait for the next collection and keep
+    # their device blocks; an out-of-memory is rare enough to pay for a full collection.
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -25,6 +25,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
 
+from . import faults
 from .admission import Admission
 from .base import Engine, EngineConfig, EngineInfo, EngineLoad, GenerationOutput, ScoreResult
 from .errors import EngineUnavailable
@@ -167,6 +168,10 @@ class VLLMEngine(Engine):
             kv_cache_bytes=int(self._kv_cache_gb * 2**30) if self._device == "cpu" else 0,
         )
 
+    @property
+    def healthy(self) -> bool:
+        return self._llm is None or not self._llm.errored
+
     def load(self) -> EngineLoad:
         if self._llm is None:
             return EngineLoad(running=0, waiting=0)
@@ -188,8 +193,13 @@ class VLLMEngine(Engine):
             stream = self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), _to_vllm(params), request_id)
             completion = 0
             first = True
+            fault = faults.for_prompt(prompt)
             async with contextlib.aclosing(stream), _engine_death_as_unavailable():
                 async for output in stream:
+                    if fault is not None and fault.kind == "error" and completion >= fault.step:
+                        # Test-only (engines/faults.py): vLLM's step runs in another process, so the
+                        # fault is raised here; leaving the loop aborts the request inside vLLM.
+                        raise faults.InjectedFault(f"injected engine fault ({fault.marker})")
                     sequence = output.outputs[0]
                     completion += len(sequence.token_ids)
                     finish = _finish_reason(sequence) if output.finished else None

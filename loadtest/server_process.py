@@ -1,7 +1,8 @@
 """A real ``yayi-serve`` process on free ports, and a real gRPC client for it.
 
 Used by the tests, the benchmarks and the comparison driver: each starts servers side by
-side on port 0 and reads the ports back from the start-up line.
+side on port 0 and reads the ports back from the start-up line.  A server with TLS or
+token auth is reached by passing ``credentials`` (from ``tls_credentials``) and ``token``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ _LISTENING = re.compile(r"grpc listening on [^:]+:(\d+)(?:, metrics on http://[^
 
 
 class ServerProcess:
-    def __init__(self, *args: str, ready_timeout: float = 240.0, env: dict | None = None) -> None:
+    def __init__(self, *args: str, ready_timeout: float = 240.0, env: dict | None = None,
+                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None) -> None:
         command = [sys.executable, "-m", "server.cli", "--port", "0", "--metrics-port", "0",
                    "--host", "127.0.0.1", *args]
         self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -37,9 +39,16 @@ class ServerProcess:
         self.port = int(match.group(1))
         self.metrics_port = int(match.group(2)) if match.group(2) else None
         self.address = f"127.0.0.1:{self.port}"
-        self.channel = grpc.insecure_channel(self.address)
+        self.credentials = credentials
+        self.token = token
+        self.channel = self.open_channel()
         self.stub = pb_grpc.InferenceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def open_channel(self, credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
+                     options: list | None = None) -> grpc.Channel:
+        """A new connection (its own HTTP/2 streams), by default with this server's credentials and token."""
+        return open_channel(self.address, credentials or self.credentials, token or self.token, options)
 
     def _pump(self) -> None:
         for line in self.process.stdout:
@@ -100,6 +109,24 @@ class ServerProcess:
                 self.process.kill()
                 self.process.wait()
         return self.process.returncode
+
+
+def open_channel(address: str, credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
+                 options: list | None = None) -> grpc.Channel:
+    """Plaintext, TLS (``credentials``), and either with ``authorization: Bearer <token>`` on every call."""
+    if token is not None:
+        # gRPC sends call credentials only over a protected channel; over plaintext, local
+        # credentials vouch for a loopback connection instead (and refuse any other).
+        transport = credentials or grpc.local_channel_credentials(grpc.LocalConnectionType.LOCAL_TCP)
+        credentials = grpc.composite_channel_credentials(transport, grpc.access_token_call_credentials(token))
+    if credentials is None:
+        return grpc.insecure_channel(address, options=options)
+    return grpc.secure_channel(address, credentials, options=options)
+
+
+def tls_credentials(ca: bytes, client_cert: bytes | None = None, client_key: bytes | None = None):
+    """Trust ``ca`` for the server's certificate; a client certificate and key for mutual TLS."""
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=client_key, certificate_chain=client_cert)
 
 
 def request(prompt: str, request_id: str = "", use_chat_template: bool = False, **params) -> pb.GenerateRequest:

@@ -22,16 +22,19 @@ from grpc_reflection.v1alpha import reflection
 from engines.base import EngineConfig
 from engines.registry import create_engine
 
+from .auth import TokenAuthInterceptor
 from .config import ServerConfig
 from .device_sampler import DeviceSampler, make_probe
 from .metrics import ServerMetrics
 from .servicer import InferenceServicer
+from .tls import TLSConfigError, server_credentials
 from .wire import SERVICE_NAME, pb_grpc
 
 log = logging.getLogger("yayi-serve")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+ENGINE_POLL_S = 1.0
 
 
 class StartupError(RuntimeError):
@@ -47,8 +50,10 @@ async def serve(config: ServerConfig, announce=print) -> int:
     servicer = InferenceServicer(engine, metrics)
     health = HealthServicer()
 
-    server = grpc.aio.server(options=[
+    interceptors = [TokenAuthInterceptor(config.auth_token, metrics.count_request)] if config.auth_token else []
+    server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", config.max_receive_bytes),
+        ("grpc.max_concurrent_streams", config.max_concurrent_streams),
         ("grpc.so_reuseport", 0),  # two servers must never share a port by accident
     ])
     pb_grpc.add_InferenceServicer_to_server(servicer, server)
@@ -56,14 +61,24 @@ async def serve(config: ServerConfig, announce=print) -> int:
     reflection.enable_server_reflection([SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME], server)
     await _set_health(health, NOT_SERVING)
 
+    address = f"{config.host}:{config.port}"
     try:
-        port = server.add_insecure_port(f"{config.host}:{config.port}")
+        if config.tls_cert:
+            port = server.add_secure_port(address, server_credentials(config.tls_cert, config.tls_key,
+                                                                       config.tls_client_ca))
+        else:
+            port = server.add_insecure_port(address)
+    except TLSConfigError as exc:
+        raise StartupError(str(exc)) from None
     except RuntimeError as exc:
         raise StartupError(f"cannot bind gRPC to {config.host}:{config.port} ({exc}); is the port in use?") from None
     await server.start()
     metrics_port = metrics.serve(config.metrics_host, config.metrics_port) if config.metrics_port is not None else None
+    if config.auth_token and not config.tls_cert and config.host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("token auth without TLS on %s: the token crosses the network in plaintext", config.host)
     announce(f"yayi-serve: grpc listening on {config.host}:{port}" + (
         f", metrics on http://{config.metrics_host}:{metrics_port}/metrics" if metrics_port is not None else ""))
+    announce(f"yayi-serve: security: {_describe_security(config)}")
 
     stop = asyncio.Event()
     _install_signal_handlers(stop)
@@ -83,9 +98,11 @@ async def serve(config: ServerConfig, announce=print) -> int:
             sampler.start()
         servicer.accepting = True
         await _set_health(health, SERVING)
+        engine_watch = asyncio.ensure_future(_watch_engine(engine, health, servicer))
         announce(f"yayi-serve: ready: engine={info.engine} model={info.model} device={info.device} "
                  f"dtype={info.dtype} attention={info.attention} use_cache={info.use_cache}")
         await stop.wait()
+        engine_watch.cancel()
         announce(f"yayi-serve: draining (grace {config.grace_period_s:g}s)")
         await health.enter_graceful_shutdown()
         # Our own drain rather than server.stop(grace): during it, new calls get a clear
@@ -100,6 +117,34 @@ async def serve(config: ServerConfig, announce=print) -> int:
         if sampler is not None:
             sampler.stop()
         metrics.stop()
+
+
+def _describe_security(config: ServerConfig) -> str:
+    transport = ("TLS with client certificates" if config.tls_client_ca else "TLS") if config.tls_cert else "plaintext"
+    return transport + (", token auth" if config.auth_token else ", no auth")
+
+
+async def _watch_engine(engine, health: HealthServicer, servicer: InferenceServicer) -> None:
+    """Turns health NOT_SERVING for good once the engine says it cannot recover.
+
+    The servicer reports a request whose failure left the engine unhealthy before that
+    request's error leaves, so a client that then asks health already reads NOT_SERVING; the
+    poll catches what no request saw (a vLLM engine process that died while idle).  The
+    server stays up so probes and logs can say why, and later calls get UNAVAILABLE with it.
+    """
+    reported = False
+
+    async def engine_failed() -> None:
+        nonlocal reported
+        if not reported:
+            reported = True
+            log.error("engine cannot recover: health is NOT_SERVING; restart the server")
+            await _set_health(health, NOT_SERVING)
+
+    servicer.on_engine_failure = engine_failed
+    while engine.healthy:
+        await asyncio.sleep(ENGINE_POLL_S)
+    await engine_failed()
 
 
 async def _set_health(health: HealthServicer, status) -> None:

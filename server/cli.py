@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
+from pathlib import Path
 
 from engines.registry import EngineNotInstalled, UnknownEngine, engine_names
 from engines.errors import EngineError
@@ -15,6 +17,7 @@ from .app import StartupError, serve
 from .config import ServerConfig
 
 DEFAULTS = ServerConfig()
+TOKEN_ENV = "YAYI_AUTH_TOKEN"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,8 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds in-flight requests get to finish on SIGTERM (default %(default)s)")
     parser.add_argument("--max-receive-mb", type=float, default=DEFAULTS.max_receive_bytes / 2**20,
                         help="largest request accepted, in MiB (default %(default)g)")
+    parser.add_argument("--max-concurrent-streams", type=int, default=DEFAULTS.max_concurrent_streams,
+                        help="calls one client connection may have open at once (default %(default)s)")
     parser.add_argument("--device-sample-period", type=float, default=DEFAULTS.device_sample_period_s,
                         help="seconds between device memory/utilisation/power readings (default %(default)s)")
+    security = parser.add_argument_group("security")
+    security.add_argument("--tls-cert", help="PEM server certificate (chain): serve TLS instead of plaintext")
+    security.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    security.add_argument("--tls-client-ca", help="PEM CA: clients must present a certificate it signed (mutual TLS)")
+    security.add_argument("--auth-token-file",
+                          help=f"file holding the bearer token every call but health must send as 'authorization: "
+                               f"Bearer <token>' (or set {TOKEN_ENV}; never on the command line, where ps shows it)")
     vllm = parser.add_argument_group("vllm engine")
     vllm.add_argument("--max-model-len", type=int, help="context length vLLM serves (default 2048)")
     vllm.add_argument("--kv-cache-gb", type=float, help="CPU: KV-cache space in GiB (VLLM_CPU_KVCACHE_SPACE, default 1)")
@@ -62,16 +74,43 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise SystemExit("yayi-serve: error: --max-concurrency must be at least 1")
     if args.max_queue < 0:
         raise SystemExit("yayi-serve: error: --max-queue must be 0 or more")
+    if args.max_concurrent_streams < 1:
+        raise SystemExit("yayi-serve: error: --max-concurrent-streams must be at least 1")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("yayi-serve: error: --tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        raise SystemExit("yayi-serve: error: --tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
     return ServerConfig(
         engine=args.engine, model=args.model, host=args.host, port=args.port, metrics_host=args.metrics_host,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port, dtype=args.dtype, device=args.device,
         max_concurrency=args.max_concurrency, max_queue=args.max_queue, grace_period_s=args.grace_period,
         max_receive_bytes=int(args.max_receive_mb * 2**20), device_sample_period_s=args.device_sample_period,
+        max_concurrent_streams=args.max_concurrent_streams, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca, auth_token=_auth_token(args.auth_token_file),
         max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager={"auto": None, "true": True, "false": False}[args.enforce_eager],
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
     )
+
+
+def _auth_token(path: str | None) -> str | None:
+    if path is None:
+        token = os.environ.get(TOKEN_ENV)
+        source = TOKEN_ENV
+    else:
+        try:
+            token = Path(path).read_text()
+        except OSError as exc:
+            raise SystemExit(f"yayi-serve: error: --auth-token-file {path}: {exc.strerror}") from None
+        source = f"--auth-token-file {path}"
+    if token is None:
+        return None
+    token = token.strip()
+    # Header values are printable ASCII without spaces; anything else could never be sent back.
+    if not token or not all(33 <= ord(c) <= 126 for c in token):
+        raise SystemExit(f"yayi-serve: error: {source}: the token must be non-empty printable ASCII without spaces")
+    return token
 
 
 def main(argv: list[str] | None = None) -> int:

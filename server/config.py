@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,11 @@ class ServerConfig:
     max_queue: int = 64
     grace_period_s: float = 30.0
     max_receive_bytes: int = 4 * 1024 * 1024
+    max_concurrent_streams: int = 256  # per connection: far above any load test here, bounds one greedy client
+    tls_cert: str | None = None  # PEM paths; cert and key together turn TLS on
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # mutual TLS: clients must present a certificate signed by this CA
+    auth_token: str | None = field(default=None, repr=False)  # a secret: kept out of any printed config
     device_sample_period_s: float = 1.0
     # vLLM options; other engines ignore them.
     max_model_len: int | None = None

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 
 import grpc
 
@@ -34,6 +35,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._live_request_ids: set[str] = set()
         self.accepting = False  # false while loading and once draining
         self.in_flight = 0
+        # Called when a request's failure left the engine unable to serve again (app.py turns
+        # health NOT_SERVING); the engine's own errors tell each later caller why.
+        self.on_engine_failure: Callable[[], Awaitable[None]] | None = None
 
     async def drain(self, grace_s: float) -> bool:
         """Refuses new work and waits for calls in flight; true if all ended within the grace period."""
@@ -139,6 +143,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             if isinstance(exc, grpc.aio.AbortError):
                 raise
             status, message = status_for(exc)
+            if not self._engine.healthy and self.on_engine_failure is not None:
+                await self.on_engine_failure()
             await context.abort(status, message)
         finally:
             self.in_flight -= 1
