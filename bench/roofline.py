@@ -241,8 +241,9 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def probe_this_machine(seconds: float = 3.0, dtype=None, copy_mib: int = 256, gemm_n: int = 2048) -> Device:
-    """Measured copy bandwidth and GEMM FLOP/s (best of repeats) of torch's default device here: the CPU.
+def probe_this_machine(seconds: float = 3.0, dtype=None, copy_mib: int = 256, gemm_n: int = 2048,
+                       device: str = "cpu") -> Device:
+    """Measured copy bandwidth and GEMM FLOP/s (best of repeats) of this machine's CPU or a CUDA device.
 
     Best rather than median, because a roofline is a ceiling and the machine is shared:
     other work only ever makes a run slower.  Half of ``seconds`` goes to each probe.
@@ -251,37 +252,45 @@ def probe_this_machine(seconds: float = 3.0, dtype=None, copy_mib: int = 256, ge
     import torch
 
     dtype = dtype or torch.float32
-    budget = seconds / 2
-    # Far larger than any cache, so the copy measures DRAM: read + write of the buffer each time.
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+
+    def timed(fn) -> tuple[float, int]:
+        fn()
+        best, runs, end = float("inf"), 0, time.perf_counter() + seconds / 2
+        while time.perf_counter() < end or runs < 2:
+            if cuda:
+                torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - started)
+            runs += 1
+        return best, runs
+
+    # Far larger than any cache, so the copy measures DRAM/HBM: read + write of the buffer each time.
     elements = copy_mib * 2**20 // torch.empty((), dtype=dtype).element_size()
-    src = torch.ones(elements, dtype=dtype)
+    src = torch.ones(elements, dtype=dtype, device=device)
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    best_copy, copies, end = float("inf"), 0, time.perf_counter() + budget
-    while time.perf_counter() < end or copies < 2:
-        started = time.perf_counter()
-        dst.copy_(src)
-        best_copy = min(best_copy, time.perf_counter() - started)
-        copies += 1
+    best_copy, copies = timed(lambda: dst.copy_(src))
     bandwidth = 2 * src.numel() * src.element_size() / best_copy
     del src, dst
-
-    a = torch.randn(gemm_n, gemm_n).to(dtype)
-    b = torch.randn(gemm_n, gemm_n).to(dtype)
-    torch.mm(a, b)
-    best_gemm, gemms, end = float("inf"), 0, time.perf_counter() + budget
-    while time.perf_counter() < end or gemms < 2:
-        started = time.perf_counter()
-        torch.mm(a, b)
-        best_gemm = min(best_gemm, time.perf_counter() - started)
-        gemms += 1
+    a = torch.randn(gemm_n, gemm_n, device=device).to(dtype)
+    b = torch.randn(gemm_n, gemm_n, device=device).to(dtype)
+    best_gemm, gemms = timed(lambda: torch.mm(a, b))
     flops = 2 * gemm_n**3 / best_gemm
     dtype_name = str(dtype).removeprefix("torch.")
+    if cuda:
+        props = torch.cuda.get_device_properties(device)
+        name, memory = f"this machine ({props.name}, {dtype_name})", float(props.total_memory)
+    else:
+        name = f"this machine ({cpu_name()}, {torch.get_num_threads()} threads, {dtype_name})"
+        memory = float(psutil.virtual_memory().total)
     return Device(
-        name=f"this machine ({cpu_name()}, {torch.get_num_threads()} threads, {dtype_name})",
-        peak_flops=flops, bandwidth=bandwidth, memory_bytes=float(psutil.virtual_memory().total),
+        name=name, peak_flops=flops, bandwidth=bandwidth, memory_bytes=memory,
         source=(f"probe_this_machine: best of {copies} copies of {copy_mib} MiB (read + write counted) and "
-                f"best of {gemms} {gemm_n}x{gemm_n} {dtype_name} GEMMs, torch {torch.__version__}"),
+                f"best of {gemms} {gemm_n}x{gemm_n} {dtype_name} GEMMs on {device.type}, torch {torch.__version__}"),
     )
 
 
