@@ -18,7 +18,8 @@ BENCH_ARGS ?=
 
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv model serve test protos bench bench-vllm bench-metrics clean prometheus
+.PHONY: venv model serve test protos bench bench-vllm bench-metrics clean prometheus \
+	bench-attention bench-length roofline rope-alibi eval-checkpoints
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -63,6 +64,23 @@ bench-vllm: venv
 
 bench-metrics: venv
 	$(BIN)/python -m bench.metrics_overhead --model $(MODEL) $(BENCH_ARGS)
+
+# The offline experiments (bench/, docs/experiments/): each writes reports/<name>-<time>/ (--out moves it).
+bench-attention: venv
+	$(BIN)/python -m bench.attention_kernels $(BENCH_ARGS)
+
+bench-length: venv model
+	$(BIN)/python -m bench.cache_vs_length --model $(MODEL) $(BENCH_ARGS)
+
+roofline: venv
+	$(BIN)/python -m bench.roofline_measure $(BENCH_ARGS)
+
+rope-alibi: venv
+	$(BIN)/python -m bench.rope_vs_alibi $(BENCH_ARGS)
+
+# make eval-checkpoints CHECKPOINTS=path/to/run TEXT=file.txt [BENCH_ARGS="--via score"]
+eval-checkpoints: venv
+	$(BIN)/python -m bench.checkpoint_eval $(CHECKPOINTS) --text $(TEXT) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) reports .pytest_cache
