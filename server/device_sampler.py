@@ -34,9 +34,10 @@ class DeviceReading:
 
 
 class CpuProbe:
-    def __init__(self) -> None:
+    def __init__(self, pid: int | None = None) -> None:
         self.label = "cpu"
-        self._process = psutil.Process(os.getpid())
+        # Another pid lets the comparison driver watch a server that is not ours (vLLM's own).
+        self._process = psutil.Process(pid or os.getpid())
         self._cpu_count = psutil.cpu_count() or 1
         self._cpu_times: dict[int, float] = {}
         self._last_time = time.monotonic()

@@ -1,0 +1,272 @@
+"""``yayi-compare``: the inference log's speed table as one command.
+
+For each engine: start a server, wait for SERVING, warm up, record the idle row (the log's
+"空载"), run headless Locust at each concurrency while watching the server's metrics, stop
+the server.  Optionally the same load against vLLM's own OpenAI-compatible server, beside
+our vllm rows.  Writes reports/<timestamp>/ (see loadtest/report.py); every figure in it
+comes from a raw file kept under raw/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from loadtest.locust_run import LoadSpec, run_locust
+from loadtest.report import write_report
+from loadtest.roofline_column import RooflineColumn
+from loadtest.server_process import ROOT
+from loadtest.targets import OpenAIServerTarget, Reading, YayiTarget
+
+# Rough start-up times on a 2-core CPU, only for the "time left" estimate.
+START_ESTIMATE_S = {"vllm": 150.0, "vllm-openai": 150.0}
+DEFAULT_START_ESTIMATE_S = 20.0
+STEP_OVERHEAD_S = 8.0
+
+
+def parse_duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600}
+    text = text.strip().lower()
+    try:
+        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (examples: 60s, 2m, 45)") from None
+
+
+def parse_users(text: str) -> list[int]:
+    try:
+        users = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--users takes numbers separated by commas, got {text!r}") from None
+    if not users or min(users) < 1:
+        raise argparse.ArgumentTypeError("--users needs at least one concurrency, each 1 or more")
+    return users
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="yayi-compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--engines", default="hf-eager,hf-kv,hf-flash,vllm", help="comma-separated engines")
+    parser.add_argument("--model", default="smollm2-135m", help="built-in model name or local folder")
+    parser.add_argument("--users", type=parse_users, default=[1, 4, 16], help="concurrencies, e.g. 1,4,16")
+    parser.add_argument("--duration", type=parse_duration, default=60.0, help="load per step, e.g. 60s")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--prompts-file", default="", help="one prompt per line (default: the log's speed prompts)")
+    parser.add_argument("--chat-template", action="store_true", help="wrap prompts in the model's chat template")
+    parser.add_argument("--dtype", default="auto", help="hf engines' dtype (auto: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--vllm-dtype", default="bfloat16", help="dtype of the vllm engine and of vLLM's own server")
+    parser.add_argument("--kv-cache-gb", type=float, default=1.0, help="vLLM's CPU KV cache (both vLLM servers)")
+    parser.add_argument("--max-model-len", type=int, default=2048, help="context vLLM serves (both vLLM servers)")
+    parser.add_argument("--baseline", choices=["auto", "vllm-openai", "none"], default="auto",
+                        help="also load vLLM's own OpenAI server (auto: when vllm is among the engines and installed)")
+    parser.add_argument("--server-args", default="", help="extra yayi-serve arguments for every engine, one string")
+    parser.add_argument("--idle-seconds", type=float, default=5.0, help="how long the idle row is watched")
+    parser.add_argument("--sample-period", type=float, default=1.0, help="seconds between device readings")
+    parser.add_argument("--stop-timeout", type=float, default=0.0,
+                        help="seconds requests in flight at the end of a step may finish (0: cut them)")
+    parser.add_argument("--processes", type=int, default=1, help="Locust processes (for loads one process cannot drive)")
+    parser.add_argument("--start-timeout", type=float, default=900.0, help="seconds a server may take to load")
+    parser.add_argument("--probe-seconds", type=float, default=3.0,
+                        help="length of the CPU roofline probe per dtype; 0 skips it (no %% of bound on CPU)")
+    parser.add_argument("--out", default="", help="report folder (default reports/<timestamp>)")
+    return parser
+
+
+class Progress:
+    """Which engine, which step, about how long is left: the driver runs for many minutes."""
+
+    def __init__(self, plan: list[tuple[str, int]], duration_s: float, idle_s: float) -> None:
+        self.plan, self.duration_s, self.idle_s = plan, duration_s, idle_s
+        self.done = 0
+
+    def remaining_s(self) -> float:
+        left = 0.0
+        for label, users in self.plan[self.done:]:
+            if users == 0:
+                left += START_ESTIMATE_S.get(label, DEFAULT_START_ESTIMATE_S) + self.idle_s
+            else:
+                left += self.duration_s + STEP_OVERHEAD_S
+        return left
+
+    def step(self, label: str, what: str) -> None:
+        minutes = self.remaining_s() / 60
+        stamp = dt.datetime.now().strftime("%H:%M:%S")
+        print(f"[{stamp}] step {min(self.done + 1, len(self.plan))}/{len(self.plan)} · {label} · {what} · "
+              f"about {minutes:.0f} min left", file=sys.stderr, flush=True)
+
+    def skip(self, label: str) -> None:
+        self.done = max(self.done, max(i for i, (name, _) in enumerate(self.plan) if name == label) + 1)
+
+
+def make_targets(args, engines: list[str], model_path: str, raw: Path) -> list:
+    queue = max(64, 2 * max(args.users))
+    common = shlex.split(args.server_args)
+    targets = []
+    for engine in engines:
+        dtype = args.vllm_dtype if engine == "vllm" else args.dtype
+        extra = ["--dtype", dtype, *common]
+        if engine == "vllm":
+            extra += ["--kv-cache-gb", f"{args.kv_cache_gb:g}", "--max-model-len", str(args.max_model_len)]
+        targets.append(YayiTarget(engine, args.model, extra, queue, args.sample_period))
+    if want_baseline(args.baseline, engines):
+        targets.append(OpenAIServerTarget(model_path, served_name=args.model, dtype=args.vllm_dtype,
+                                          kv_cache_gb=args.kv_cache_gb, max_model_len=args.max_model_len,
+                                          extra_args=[], log_path=raw / "vllm-openai_server.log",
+                                          sample_period=args.sample_period))
+    return targets
+
+
+def want_baseline(choice: str, engines: list[str]) -> bool:
+    if choice == "none":
+        return False
+    if choice == "vllm-openai":
+        return True
+    import importlib.util
+    return "vllm" in engines and importlib.util.find_spec("vllm") is not None
+
+
+def reading_fields(reading: Reading) -> dict:
+    gpu = reading.device.startswith("cuda")
+    return {
+        "mem_mb": reading.memory_peak_bytes / 2**20 if reading.memory_peak_bytes is not None else None,
+        "util_pct": reading.utilization_mean * 100 if reading.utilization_mean is not None else None,
+        "util_source": "GPU" if gpu else "CPU",
+        "power_w": reading.power_mean_w,
+        "power_source": ("NVML" if gpu else "RAPL") if reading.power_mean_w is not None else (
+            "no NVML power" if gpu else "no RAPL"),
+        "energy_j": reading.energy_j,
+    }
+
+
+def base_row(model: str, target, info: dict) -> dict:
+    return {"model": model, "engine": target.label, "use_cache": info.get("use_cache"),
+            "dtype": info.get("dtype", ""), "device": info.get("device", ""), "attention": info.get("attention", "")}
+
+
+def load_row(row: dict, users: int, summary: dict, reading: Reading, raw_prefix: Path, out: Path) -> dict:
+    tokens = summary["output_tokens"]
+    row.update(reading_fields(reading))
+    row.update({
+        "users": users, "speed_tokens_per_s": summary["output_tokens_per_s"],
+        "requests_per_s": summary["requests_per_s"], "per_user_tokens_per_s": summary["per_user_tokens_per_s"],
+        **{key: summary[key] for key in ("ttft_p50_ms", "ttft_p95_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p95_ms",
+                                         "e2e_p50_ms", "e2e_p95_ms", "e2e_p99_ms", "requests_ok", "requests_cut",
+                                         "duration_s", "failures_by_status")},
+        "errors": summary["requests_failed"], "client_tokens": tokens, "server_tokens": reading.server_tokens,
+        "j_per_token": reading.energy_j / tokens if reading.energy_j is not None and tokens else None,
+        "raw": str(raw_prefix.relative_to(out)),
+    })
+    notes = [row["attention"]] if row.get("attention") else []
+    if row.get("dtype"):
+        notes.append(row["dtype"])
+    if summary["requests_cut"]:
+        notes.append(f"{summary['requests_cut']} cut at the end")
+    if summary["failures_by_status"]:
+        notes.append(f"failures {summary['failures_by_status']}")
+    if reading.server_tokens is not None and reading.server_tokens != tokens:
+        notes.append(f"server counted {reading.server_tokens:.0f} tokens, client {tokens}")
+    row["notes"] = "; ".join(notes)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    engines = [name.strip() for name in args.engines.split(",") if name.strip()]
+    started = dt.datetime.now()
+    out = Path(args.out) if args.out else ROOT / "reports" / started.strftime("%Y%m%d-%H%M%S")
+    raw = out / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    from engines.models import resolve_model
+    model_path = str(resolve_model(args.model))
+
+    targets = make_targets(args, engines, model_path, raw)
+    plan = [(t.label, users) for t in targets for users in [0, *args.users]]
+    progress = Progress(plan, args.duration, args.idle_seconds)
+    roofline = RooflineColumn(model_path, context=16 + args.max_new_tokens // 2)
+    if args.probe_seconds > 0:
+        progress.step("roofline", "probing this machine's bandwidth and FLOP/s")
+        roofline.probe({args.vllm_dtype, args.dtype, "float32"} - {"auto"}, args.probe_seconds)
+
+    load = dict(max_new_tokens=args.max_new_tokens, prompts_file=args.prompts_file, chat_template=args.chat_template,
+                stop_timeout_s=args.stop_timeout, processes=args.processes)
+    rows, failures = [], []
+    for target in targets:
+        progress.step(target.label, "starting the server")
+        info = {}
+        try:
+            info = target.start(args.start_timeout)
+            target.warm_up()
+            with target.watch(raw / f"{target.label}_idle") as watch:
+                time.sleep(args.idle_seconds)
+            rows.append({**base_row(args.model, target, info), "users": 0, **reading_fields(watch.reading),
+                         "notes": "idle (空载): loaded, no requests", "raw": f"raw/{target.label}_idle"})
+            progress.done += 1
+            for users in args.users:
+                progress.step(target.label, f"{users} users for {args.duration:g} s")
+                prefix = raw / f"{target.label}_u{users}"
+                extra = ["--served-model", args.model] if isinstance(target, OpenAIServerTarget) else []
+                with target.watch(prefix) as watch:
+                    summary = run_locust(target.locustfile, target.host, LoadSpec(users, args.duration, **load),
+                                         prefix, extra)
+                row = load_row(base_row(args.model, target, info), users, summary, watch.reading, prefix, out)
+                roofline.fill(row)
+                rows.append(row)
+                progress.done += 1
+        except Exception as exc:  # one engine's failure must not cost the others their rows
+            reason = str(exc).strip().splitlines()
+            detail = reason[0] if reason else type(exc).__name__
+            why = next((line for line in reversed(reason) if "error" in line.lower()), detail)
+            failures.append(f"{target.label}: {why}")
+            rows.append({**base_row(args.model, target, info), "users": 0, "failed": True,
+                         "notes": f"did not run: {why}"})
+            (raw / f"{target.label}_failure.txt").write_text(f"{exc}\n\n{target.startup_output()}")
+            progress.skip(target.label)
+            print(f"  {target.label} failed: {why}", file=sys.stderr, flush=True)
+        finally:
+            target.stop()
+
+    context = {
+        "model": args.model, "model_path": model_path,
+        "command": "yayi-compare " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "started": started.isoformat(timespec="seconds"), "finished": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine_description(), "users": args.users, "duration_s": args.duration,
+        "max_new_tokens": args.max_new_tokens, "failures": failures, "roofline": roofline.describe(),
+        "column_notes": column_notes(args),
+    }
+    paths = write_report(out, rows, context)
+    print(f"report: {paths[0]}", flush=True)
+    return 0 if not failures else 1
+
+
+def column_notes(args) -> list[str]:
+    return [
+        f"Load: each user sends the prompts in turn, greedy, exactly {args.max_new_tokens} new tokens (ignore_eos), "
+        f"no pause between requests, for {args.duration:g} s per step; Users is the concurrency.",
+        "Speed: output tokens over the step (first request sent to last token received), all users together; "
+        "tokens of requests cut by the end of the step count, their latencies do not.",
+        "Mem: peak of the server's memory during the step: on CPU the resident memory of the server process "
+        "and its children (vLLM's engine runs in children), on CUDA the GPU memory NVML reports.",
+        "GPU-UTL: on CPU the server's CPU time as a share of all cores of the machine (`CPU n%`), mean over the step.",
+        "Pwr_usg: mean NVML power on CUDA, RAPL package power on CPU where readable, else n/a; J/token from the "
+        "energy counter over the step.",
+        "TTFT, ITL and E2E percentiles are measured by the Locust client per request (raw/*_tokens.csv).",
+        "% of bound: Speed over the decode roofline bound for this model on this device at batch = Users "
+        "(engines that do not batch are still measured against the batched bound).",
+        "vllm-openai: vLLM's own OpenAI-compatible server, same prompts and load through streaming /v1/completions.",
+    ]
+
+
+def machine_description() -> str:
+    import psutil
+    from bench.roofline import cpu_name
+    return (f"{cpu_name()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
+            f"{platform.system()} {platform.release()}, Python {platform.python_version()}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Real Locust against a real server, and the comparison driver end to end on tiny-llama."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from loadtest.locust_run import LoadSpec, locust_command, run_locust
+from loadtest.report import table_cells
+from loadtest.scrape import fetch, parse, total
+from loadtest.server_process import ROOT
+from loadtest.token_stats import CUT, OK, RequestSample, percentile, read_summary_csv, summarize
+
+SPEED = ROOT / "loadtest" / "speed.py"
+
+
+def generated_tokens(server) -> float:
+    # The labelled counter appears at its first increment.
+    return total(parse(fetch(f"http://127.0.0.1:{server.metrics_port}/metrics")), "yayi_generation_tokens_total") or 0.0
+
+
+def locust_stats(prefix) -> dict[str, dict]:
+    with open(f"{prefix}_stats.csv", newline="") as handle:
+        return {row["Name"]: row for row in csv.DictReader(handle)}
+
+
+def test_percentile_and_summary_from_samples():
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert percentile([1.0, 2.0], 100) == 2.0 and math.isnan(percentile([], 50))
+    samples = [
+        RequestSample(started=100.0, duration_s=2.0, tokens=10, ttft_s=0.5, itl_s=[0.1] * 9),
+        RequestSample(started=101.0, duration_s=3.0, tokens=20, ttft_s=1.0, itl_s=[0.2] * 19),
+        RequestSample(started=102.0, duration_s=0.1, tokens=0, status="INVALID_ARGUMENT"),
+        RequestSample(started=103.0, duration_s=1.0, tokens=4, status=CUT, ttft_s=0.2),
+    ]
+    summary = summarize(samples, users=2)
+    assert summary["output_tokens"] == 34 and summary["duration_s"] == 4.0  # 100.0 to 104.0
+    assert summary["output_tokens_per_s"] == pytest.approx(34 / 4)
+    assert summary["requests_ok"] == 2 and summary["requests_cut"] == 1
+    assert summary["failures_by_status"] == "INVALID_ARGUMENT=1"
+    assert summary["ttft_p50_ms"] == pytest.approx(750)  # the cut request's TTFT is left out
+    assert summary["per_user_tokens_per_s"] == pytest.approx((10 / 2 + 20 / 3) / 2)
+    assert summary["e2e_p99_ms"] == pytest.approx(2990)
+    assert all(s.status in (OK, CUT, "INVALID_ARGUMENT") for s in samples)
+
+
+def test_headless_locust_against_a_real_server(tiny_server, tmp_path):
+    prefix = tmp_path / "run"
+    before = generated_tokens(tiny_server)
+    summary = run_locust(SPEED, tiny_server.address, LoadSpec(users=2, duration_s=4, max_new_tokens=12,
+                                                            stop_timeout_s=30), prefix)
+    assert summary["requests_ok"] > 0 and summary["requests_failed"] == 0 and summary["requests_cut"] == 0
+    assert summary["output_tokens_per_s"] > 0 and summary["ttft_p50_ms"] > 0 and summary["itl_p50_ms"] > 0
+    # ignore_eos: every request streamed exactly max_new_tokens token ids.
+    assert summary["output_tokens"] == 12 * summary["requests_ok"]
+    # With a stop timeout nobody is cut, so the client saw every token the server counted.
+    assert generated_tokens(tiny_server) - before == summary["output_tokens"]
+    stats = locust_stats(prefix)
+    # Locust writes its own CSV before the stop timeout's stragglers finish, so it may hold fewer.
+    assert 0 < int(stats["GenerateStream"]["Request Count"]) <= summary["requests_ok"]
+    assert int(stats["GenerateStream"]["Failure Count"]) == 0
+    assert int(stats["GenerateStream TTFT"]["Request Count"]) == int(stats["GenerateStream"]["Request Count"])
+    for name in ("failures", "exceptions", "stats_history"):
+        assert (tmp_path / f"run_{name}.csv").exists()
+
+
+def test_failures_are_counted_with_the_status_code(tiny_server, tmp_path):
+    too_long = tmp_path / "prompts.txt"
+    too_long.write_text("word " * 5000 + "\n")  # far past tiny-llama's 1024-token context
+    prefix = tmp_path / "fail"
+    summary = run_locust(SPEED, tiny_server.address,
+                         LoadSpec(users=1, duration_s=3, prompts_file=str(too_long)), prefix)
+    assert summary["requests_ok"] == 0 and summary["requests_failed"] > 0
+    assert summary["failures_by_status"] == f"INVALID_ARGUMENT={summary['requests_failed']}"
+    with open(f"{prefix}_failures.csv", newline="") as handle:
+        failures = list(csv.DictReader(handle))
+    assert failures and failures[0]["Name"] == "GenerateStream [INVALID_ARGUMENT]"
+    assert "context" in failures[0]["Error"]
+    assert tiny_server.generate("still serving", max_new_tokens=2).usage.completion_tokens == 2
+
+
+def test_distributed_mode_gathers_every_workers_samples(tiny_server, tmp_path):
+    prefix = tmp_path / "dist"
+    load = LoadSpec(users=2, duration_s=5, max_new_tokens=8, stop_timeout_s=30, processes=2)
+    before = generated_tokens(tiny_server)
+    completed = subprocess.run(locust_command(SPEED, tiny_server.address, load, prefix), capture_output=True,
+                               text=True, timeout=120)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
+    assert "worker" in completed.stderr.lower()  # it really ran as a master with workers
+    summary = read_summary_csv(f"{prefix}_tokens.csv")
+    assert summary["requests_ok"] > 0
+    # The master's summary holds what both workers' users received, no more, no less.
+    assert generated_tokens(tiny_server) - before == summary["output_tokens"] == 8 * summary["requests_ok"]
+
+
+def test_report_cells_say_what_a_cpu_measures():
+    row = {"model": "m", "engine": "hf-kv", "users": 4, "speed_tokens_per_s": 12.34, "mem_mb": 900.4,
+           "util_pct": 48.2, "util_source": "CPU", "use_cache": True, "power_w": None, "power_source": "no RAPL",
+           "notes": "", "requests_per_s": 0.1, "ttft_p50_ms": 1, "ttft_p95_ms": 2, "itl_p50_ms": 3,
+           "e2e_p95_ms": 4, "errors": 0, "j_per_token": None, "pct_of_bound": 12.5}
+    cells = table_cells(row)
+    assert cells[:7] == ["m", "hf-kv", "12.3", "900", "CPU 48%", "TRUE", "n/a (no RAPL)"]
+    assert cells[-1] == "12.5%" and cells[-2] == "n/a"
+    gpu = table_cells({**row, "util_source": "GPU", "power_w": 250.0, "power_source": "NVML"})
+    assert gpu[4:7] == ["48", "TRUE", "250.0"]
+
+
+def test_compare_driver_writes_a_complete_report(tmp_path):
+    out = tmp_path / "report"
+    command = [sys.executable, "-m", "loadtest.compare", "--engines", "hf-kv,hf-eager,no-such-engine",
+               "--model", "tiny-llama", "--users", "2", "--duration", "4s", "--max-new-tokens", "16",
+               "--idle-seconds", "1", "--stop-timeout", "30", "--probe-seconds", "0.4", "--out", str(out)]
+    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    # An engine that cannot start makes the exit status 1, but the others still have their rows.
+    assert completed.returncode == 1, completed.stderr[-3000:]
+    assert "step 2/" in completed.stderr and "hf-eager" in completed.stderr and "min left" in completed.stderr
+    for name in ("speed.md", "speed.csv", "speed.json", "tokens_per_s.png", "ttft_p95.png", "memory.png"):
+        assert (out / name).stat().st_size > 0, name
+    rows = json.loads((out / "speed.json").read_text())["rows"]
+    assert [(r["engine"], r["users"]) for r in rows] == [
+        ("hf-kv", 0), ("hf-kv", 2), ("hf-eager", 0), ("hf-eager", 2), ("no-such-engine", 0)]
+    assert "invalid choice" in rows[-1]["notes"] and rows[-1]["failed"]
+    for row in rows[1], rows[3]:
+        assert row["speed_tokens_per_s"] > 0 and row["errors"] == 0 and row["requests_ok"] > 0
+        # Every token the client counted is one the server's own counter counted.
+        assert row["client_tokens"] == row["server_tokens"] == 16 * row["requests_ok"]
+        assert row["mem_mb"] > 100 and 0 < row["util_pct"] <= 100 and 0 < row["pct_of_bound"] < 100
+        assert (out / f"{row['raw']}_stats.csv").exists() and (out / f"{row['raw']}_metrics_after.txt").exists()
+    assert rows[0]["use_cache"] is True and rows[2]["use_cache"] is False
+    with open(out / "speed.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == len(rows)
+    table = (out / "speed.md").read_text()
+    assert "| Model | Engine | Speed (tokens/s) | Mem (MB) | GPU-UTL (%) | use_cache | Pwr_usg (W) | Notes |" in table
+    assert "idle (空载)" in table and "GB/s" in table
