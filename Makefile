@@ -15,10 +15,15 @@ METRICS_PORT ?= 9400
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+# make compare: the inference log's table for every engine at every concurrency (reports/<timestamp>/).
+COMPARE_ENGINES ?= hf-eager,hf-kv,hf-flash,vllm
+COMPARE_USERS ?= 1,4,16
+COMPARE_DURATION ?= 60s
+COMPARE_ARGS ?=
 
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv model serve test protos bench bench-vllm bench-metrics clean prometheus \
+.PHONY: venv model serve test compare protos bench bench-vllm bench-metrics clean prometheus \
 	bench-attention bench-length roofline rope-alibi eval-checkpoints
 
 $(STAMP): pyproject.toml Makefile
@@ -52,6 +57,10 @@ prometheus:
 	@command -v prometheus >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus >/dev/null; }
+
+compare: model
+	$(BIN)/yayi-compare --engines $(COMPARE_ENGINES) --model $(MODEL) --users $(COMPARE_USERS) \
+	  --duration $(COMPARE_DURATION) $(COMPARE_ARGS)
 
 protos: venv
 	$(BIN)/python -m server.codegen
