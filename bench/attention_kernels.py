@@ -53,6 +53,7 @@ def eager_attention(q, k, v):
     return scores.masked_fill(mask, float("-inf")).softmax(-1) @ v
 
 
+@torch.no_grad()
 def reference_attention(q, k, v):
     """float64, one head at a time so a 16k sequence does not need its whole score tensor at once."""
     out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
@@ -129,7 +130,8 @@ def measure(implementation: str, cell: Cell, device: torch.device, warmup: int, 
     generator = torch.Generator(device="cpu").manual_seed(cell.seq * 1000 + cell.head_dim)
     shape = (cell.batch, cell.heads, cell.seq, cell.head_dim)
     base = [torch.randn(shape, generator=generator) for _ in range(3)]
-    q, k, v = (t.to(device=device, dtype=dtype).requires_grad_(backward) for t in base)
+    # clone: .to() may return the very tensor, and the reference must not join the autograd graph
+    q, k, v = (t.to(device=device, dtype=dtype).clone().requires_grad_(backward) for t in base)
     try:
         call = make_call(implementation)
         out = _run(call, q, k, v, backward)

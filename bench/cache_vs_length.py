@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from .memory import peak_bytes, tensor_bytes
+from .memory import peak_bytes, peak_bytes_with_cache
 from .report import Report, line_plot, pyplot
 
 ENGINES = ("hf-eager", "hf-kv", "hf-flash")
@@ -72,8 +72,7 @@ def step_memory(engine, ids: list[int]) -> int:
             return peak_bytes(lambda: engine._next_logits(tokens, tokens, None), engine._device)
         cache = engine._new_cache()
         engine.model(input_ids=tokens[:, :-1], past_key_values=cache, use_cache=True, **engine._keep_last)
-        held = tensor_bytes(cache.layers)
-        return held + peak_bytes(lambda: engine._next_logits(tokens[:, -1:], tokens, cache), engine._device)
+        return peak_bytes_with_cache(cache, lambda: engine._next_logits(tokens[:, -1:], tokens, cache), engine._device)
 
 
 def growth_exponent(lengths: list[int], seconds: list[float]) -> float:

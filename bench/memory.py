@@ -54,3 +54,23 @@ def tensor_bytes(*objects) -> int:
     for obj in objects:
         visit(obj)
     return total
+
+
+def peak_bytes_with_cache(cache, fn, device: torch.device | str = "cpu") -> int:
+    """Peak bytes of ``fn()`` (a decode step) counting the KV cache it holds and grows.
+
+    On a CPU the profiler cannot see blocks allocated before it started being freed, so a
+    step that replaces each layer's cache by a longer copy would look like it adds a whole
+    second cache.  The cache is therefore copied inside the measurement first: its bytes
+    are counted once, and the old blocks' release is seen.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return tensor_bytes(cache.layers) + peak_bytes(fn, device)
+
+    def run():
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
+        fn()
+
+    return peak_bytes(run, device)

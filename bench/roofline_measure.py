@@ -22,7 +22,7 @@ import time
 import torch
 
 from . import roofline as rl
-from .memory import peak_bytes
+from .memory import peak_bytes, peak_bytes_with_cache
 from .report import Report, pyplot
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -89,7 +89,8 @@ def measure_decode(model, device, batch: int, context: int, steps: int) -> tuple
                           logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
         _sync(device)
         elapsed = time.perf_counter() - started
-        memory = peak_bytes(lambda: model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1), device)
+        memory = peak_bytes_with_cache(
+            cache, lambda: model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1), device)
     return batch * steps / elapsed, memory
 
 

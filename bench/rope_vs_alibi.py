@@ -12,8 +12,8 @@
    number of tokens at every length.
 
 The Hugging Face ``Trainer`` saves ``checkpoint-*`` folders (tokenizer included) and a
-``trainer_state.json`` under ``<out>/checkpoints/<arch>/``: the input of
-``bench.checkpoint_eval``.
+``trainer_state.json`` under ``<out>/checkpoints/<arch>/`` (``--checkpoints-dir``), with
+the held-out text beside them as ``heldout.txt``: the input of ``bench.checkpoint_eval``.
 """
 
 from __future__ import annotations
@@ -190,15 +190,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--max-minutes", type=float, default=6.0, help="per model; training stops early past it")
+    parser.add_argument("--max-minutes", type=float, default=8.0, help="per model; training stops early past it")
     parser.add_argument("--saves", type=int, default=6, help="checkpoints saved per training run")
     parser.add_argument("--train-bytes", type=int, default=3_000_000)
     parser.add_argument("--eval-tokens", type=int, default=65_536)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--checkpoints-dir", help="where the training runs go (default <out>/checkpoints); "
+                        "the held-out text is written there too, as heldout.txt")
     parser.add_argument("--out", help="report folder (default reports/rope-vs-alibi-<time>)")
     args = parser.parse_args(argv)
     from tqdm import tqdm
@@ -230,6 +232,9 @@ def main(argv: list[str] | None = None) -> None:
     train_text, eval_text = corpus(args.train_bytes, args.eval_tokens * 2)
     train_ids = torch.tensor(tokenizer(train_text).input_ids)
     eval_ids = torch.tensor(tokenizer(eval_text).input_ids)
+    checkpoints = Path(args.checkpoints_dir) if args.checkpoints_dir else report.dir / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    (checkpoints / "heldout.txt").write_text(eval_text)
     factors = _ints(args.factors)
     max_positions = max(factors) * args.train_length * 2
     eval_tokens = min(args.eval_tokens, len(eval_ids) // (max(factors) * args.train_length) * max(factors) * args.train_length)
@@ -241,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         params = sum(p.numel() for p in model.parameters())
         print(f"# training {arch} ({POSITIONS[arch]}), {params} parameters, length {args.train_length}, "
               f"{args.steps} steps of {args.batch}", flush=True)
-        folder = report.dir / "checkpoints" / arch
+        folder = checkpoints / arch
         result, seconds = train(model, tokenizer, train_ids, folder, length=args.train_length, steps=args.steps,
                                 batch=args.batch, lr=args.lr, seed=args.seed, saves=args.saves,
                                 max_seconds=args.max_minutes * 60)
