@@ -225,7 +225,6 @@ def plot(report: Report, output_rows: list[dict], prompt_rows: list[dict], curve
     ax.set_xlabel("output token")
     ax.set_ylabel("step time (ms)")
     ax.set_title("each step: grows with the length without a cache")
-    ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     line_plot(axes[2], output_rows, "output_tokens", "step_peak_mib", "engine", logx=True, logy=True,
