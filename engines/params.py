@@ -15,7 +15,13 @@ from .errors import InvalidRequest
 DEFAULT_MAX_NEW_TOKENS = 128
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
-MAX_TEMPERATURE = 100.0
+# vLLM refuses temperatures above 2 (as OpenAI's API does): one limit for every engine.
+MAX_TEMPERATURE = 2.0
+# Below this a temperature is greedy, as in vLLM: dividing logits by less overflows float32.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+# Dividing logits by a penalty far below 1 overflows to infinity and the sampler gets NaN.
+MIN_REPETITION_PENALTY = 0.01
+MAX_REPETITION_PENALTY = 100.0
 
 
 @dataclass(frozen=True)
@@ -45,8 +51,9 @@ class SamplingParams:
         if self.top_k < 0:
             raise InvalidRequest(f"top_k must be 0 (off) or positive, got {self.top_k}")
         _check_finite("repetition_penalty", self.repetition_penalty)
-        if self.repetition_penalty <= 0.0:
-            raise InvalidRequest(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty:g}")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise InvalidRequest(f"repetition_penalty must be between {MIN_REPETITION_PENALTY:g} and "
+                                 f"{MAX_REPETITION_PENALTY:g} (1 = off), got {self.repetition_penalty:g}")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise InvalidRequest(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
         for text in self.stop:
@@ -61,7 +68,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 def check_against_model(params: SamplingParams, prompt_tokens: int, max_context: int, vocab_size: int) -> None:

@@ -28,7 +28,7 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 from . import faults
 from .admission import Admission
 from .base import Engine, EngineConfig, EngineInfo, EngineLoad, GenerationOutput, ScoreResult
-from .errors import EngineUnavailable
+from .errors import EngineUnavailable, InvalidRequest
 from .models import resolve_model
 from .params import SamplingParams, check_against_model, check_prompt_text, check_score_length
 from .prompts import encode_prompt
@@ -188,9 +188,10 @@ class VLLMEngine(Engine):
         prompt_ids = await asyncio.to_thread(encode_prompt, self.tokenizer, prompt, use_chat_template,
                                              self.config.model)
         check_against_model(params, len(prompt_ids), self._max_model_len, self._vocab_size)
+        vllm_params = _to_vllm(params)
         async with self._admission.slot():
             self._require_ready()
-            stream = self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), _to_vllm(params), request_id)
+            stream = self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), vllm_params, request_id)
             completion = 0
             first = True
             fault = faults.for_prompt(prompt)
@@ -244,6 +245,15 @@ async def _engine_death_as_unavailable():
 
 
 def _to_vllm(params: SamplingParams) -> VllmSamplingParams:
+    try:
+        return _vllm_params(params)
+    except Exception as exc:
+        # Our checks mirror vLLM's, but a vLLM release may add its own: the client's mistake
+        # must still read as one (INVALID_ARGUMENT), not as a server bug.
+        raise InvalidRequest(f"vLLM refused the sampling parameters: {exc}") from exc
+
+
+def _vllm_params(params: SamplingParams) -> VllmSamplingParams:
     return VllmSamplingParams(
         max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
         repetition_penalty=params.repetition_penalty, stop=list(params.stop) or None, seed=params.seed,

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.wire import SERVICE_NAME, pb
 from tests.conftest import LOG_PROMPTS
-from loadtest.server_process import ROOT, ServerProcess
+from loadtest.server_process import ROOT, ServerProcess, request
 
 
 def scrape(server: ServerProcess) -> dict[tuple, float]:
@@ -103,29 +103,72 @@ def test_cancel_mid_stream_stops_generation_and_frees_the_slot(tiny_server):
     assert tiny_server.generate("next", max_new_tokens=3, timeout=5).usage.completion_tokens == 3
 
 
-@pytest.mark.parametrize("prompt, params, field", [
-    ("", {}, "prompt"),
-    ("  \t\n ", {}, "prompt"),
-    ("word " * 1200, {}, "prompt is"),
-    ("hi", dict(temperature=-1.0), "temperature"),
-    ("hi", dict(temperature=float("nan")), "temperature"),
-    ("hi", dict(top_p=0.0), "top_p"),
-    ("hi", dict(top_p=1.5), "top_p"),
-    ("hi", dict(max_new_tokens=0), "max_new_tokens"),
-    ("hi", dict(max_new_tokens=5000), "max_new_tokens"),
-    ("hi", dict(repetition_penalty=0.0), "repetition_penalty"),
-    ("hi", dict(stop=[""]), "stop"),
+@pytest.mark.parametrize("prompt, params, field, limit", [
+    ("", {}, "prompt", "empty"),
+    ("  \t\n ", {}, "prompt", "whitespace"),
+    ("word " * 1200, {}, "prompt is", "context is 1024 tokens"),
+    ("hi", dict(temperature=-1.0), "temperature", "between 0"),
+    ("hi", dict(temperature=float("nan")), "temperature", "finite"),
+    ("hi", dict(temperature=float("inf")), "temperature", "finite"),
+    ("hi", dict(temperature=2.5), "temperature", "between 0 (greedy) and 2"),
+    ("hi", dict(top_p=0.0), "top_p", "(0, 1]"),
+    ("hi", dict(top_p=-0.5), "top_p", "(0, 1]"),
+    ("hi", dict(top_p=1.5), "top_p", "(0, 1]"),
+    ("hi", dict(top_k=49153), "top_k", "vocabulary size 49152"),
+    ("hi", dict(max_new_tokens=0), "max_new_tokens", "at least 1"),
+    ("hi", dict(max_new_tokens=5000), "max_new_tokens", "context of 1024"),
+    ("hi", dict(repetition_penalty=0.0), "repetition_penalty", "between 0.01 and 100"),
+    ("hi", dict(repetition_penalty=-1.0), "repetition_penalty", "between 0.01 and 100"),
+    ("hi", dict(repetition_penalty=1e-30), "repetition_penalty", "between 0.01 and 100"),
+    ("hi", dict(stop=[""]), "stop", "empty"),
+    ("hi", dict(stop=[f"s{i}" for i in range(1000)]), "stop", "at most 16"),
+    ("hi", dict(stop=["word " * 1200]), "stop", "at most 256 characters"),  # longer than the context, too
+    ("hi", dict(seed=2**63), "seed", "2^63"),
 ])
 @pytest.mark.parametrize("call", ["unary", "stream"])
-def test_bad_input_is_invalid_argument_naming_the_field(tiny_server, prompt, params, field, call):
+def test_bad_input_is_invalid_argument_naming_the_field(tiny_server, prompt, params, field, limit, call):
+    invalid_before = metric(tiny_server, "yayi_requests_total", status="INVALID_ARGUMENT")
     with pytest.raises(grpc.RpcError) as error:
         if call == "unary":
             tiny_server.generate(prompt, **params)
         else:
             list(tiny_server.stream(prompt, **params))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert field in error.value.details()
+    assert field in error.value.details() and limit in error.value.details()
+    assert metric(tiny_server, "yayi_requests_total", status="INVALID_ARGUMENT") == invalid_before + 1
+    assert metric(tiny_server, "yayi_requests_running") + metric(tiny_server, "yayi_requests_waiting") == 0
     assert tiny_server.generate("still serving?", max_new_tokens=2).usage.completion_tokens == 2
+
+
+def test_prompt_past_the_receive_limit_is_refused_before_it_is_read(tiny_server):
+    with pytest.raises(grpc.RpcError) as error:
+        tiny_server.generate("x" * 10 * 2**20, max_new_tokens=2)
+    # grpc itself refuses it (--max-receive-mb, default 4): the message gives both sizes.
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in error.value.details() and str(4 * 2**20) in error.value.details()
+    assert tiny_server.generate("still serving?", max_new_tokens=2).usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize("prompt", ["请用中文回答：今天天气怎么样？", "🚀🌞👍🏽 emoji only 🎉", "Mixed: English, 中文, Ελληνικά, "
+                                    "العربية, हिन्दी and 😀, all in one"])
+def test_non_latin_prompts_stream_valid_utf8_chunks(tiny_server, prompt):
+    # Sampling on a random-weight model picks byte-level tokens freely: many characters get
+    # split across tokens, which is where a chunk could carry half a character.
+    params = dict(max_new_tokens=60, ignore_eos=True, temperature=1.0, seed=7)
+    chunks = [pb.GenerateChunk.FromString(raw) for raw in raw_stream(tiny_server, request(prompt, **params))]
+    for chunk in chunks:
+        chunk.text.encode("utf-8")  # no lone surrogates; FromString already refused bad UTF-8
+    assert chunks[-1].usage.completion_tokens == 60
+    unary = tiny_server.generate(prompt, **params)
+    assert "".join(c.text for c in chunks) == unary.text
+    assert any(len(c.token_ids) > 1 for c in chunks), "no character was held back: the case was not exercised"
+
+
+def raw_stream(server: ServerProcess, message: pb.GenerateRequest, timeout: float = 60):
+    """The stream's chunks as the bytes on the wire, before any client-side decoding."""
+    call = server.channel.unary_stream(f"/{SERVICE_NAME}/GenerateStream",
+                                       request_serializer=pb.GenerateRequest.SerializeToString)
+    return list(call(message, timeout=timeout))
 
 
 def test_queue_full_is_resource_exhausted_at_once(tiny_server):
@@ -161,6 +204,7 @@ def test_duplicate_live_request_id_is_refused(tiny_server):
 
 
 def test_deadline_shorter_than_generation(tiny_server):
+    expired_before = metric(tiny_server, "yayi_requests_total", status="DEADLINE_EXCEEDED")
     with pytest.raises(grpc.RpcError) as error:
         tiny_server.generate("slow", max_new_tokens=900, ignore_eos=True, timeout=0.3)
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -168,6 +212,10 @@ def test_deadline_shorter_than_generation(tiny_server):
     while metric(tiny_server, "yayi_requests_running") != 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert metric(tiny_server, "yayi_requests_running") == 0
+    tokens_after = metric(tiny_server, "yayi_generation_tokens_total")
+    time.sleep(0.5)
+    assert metric(tiny_server, "yayi_generation_tokens_total") == tokens_after, "work went on past the deadline"
+    assert metric(tiny_server, "yayi_requests_total", status="DEADLINE_EXCEEDED") == expired_before + 1
 
 
 def test_sigterm_drains_in_flight_then_exits_zero():
@@ -176,12 +224,28 @@ def test_sigterm_drains_in_flight_then_exits_zero():
     chunks = [next(stream)]
     server.signal(signal.SIGTERM)
     server.wait_for_line("draining", 10)
+    assert server.health_status() == health_pb2.HealthCheckResponse.NOT_SERVING
     with pytest.raises(grpc.RpcError) as refused:
         server.generate("too late", max_new_tokens=2, timeout=5)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     chunks.extend(stream)
     assert chunks[-1].finish_reason == "length" and chunks[-1].usage.completion_tokens == 300
     assert server.process.wait(30) == 0
+
+
+def test_second_signal_exits_at_once():
+    server = ServerProcess("--engine", "hf-kv", "--model", "tiny-llama", "--metrics-port", "-1",
+                           "--grace-period", "60").wait_ready()
+    stream = server.stream("never finished", max_new_tokens=900, ignore_eos=True)
+    next(stream)
+    server.signal(signal.SIGTERM)
+    server.wait_for_line("draining", 10)
+    started = time.monotonic()
+    server.signal(signal.SIGTERM)
+    assert server.process.wait(10) == 128 + signal.SIGTERM
+    assert time.monotonic() - started < 5, "the second signal must not wait for the grace period"
+    with pytest.raises(grpc.RpcError):
+        list(stream)
 
 
 @pytest.mark.parametrize("args, code, message", [

@@ -11,6 +11,7 @@ from engines.params import SamplingParams, check_against_model
     (dict(temperature=-0.1), "temperature"),
     (dict(temperature=math.nan), "temperature"),
     (dict(temperature=math.inf), "temperature"),
+    (dict(temperature=2.01), "temperature"),
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=-0.5), "top_p"),
     (dict(top_p=1.01), "top_p"),
@@ -18,6 +19,8 @@ from engines.params import SamplingParams, check_against_model
     (dict(top_k=-1), "top_k"),
     (dict(repetition_penalty=0.0), "repetition_penalty"),
     (dict(repetition_penalty=-1.0), "repetition_penalty"),
+    (dict(repetition_penalty=1e-30), "repetition_penalty"),
+    (dict(repetition_penalty=1e30), "repetition_penalty"),
     (dict(stop=("",)), "stop"),
     (dict(stop=tuple(f"s{i}" for i in range(1000))), "stop"),
     (dict(stop=("x" * 10_000,)), "stop"),
@@ -30,6 +33,11 @@ def test_out_of_range_values_name_the_field(fields, field_named):
 def test_defaults_are_greedy_and_valid():
     params = SamplingParams()
     assert params.greedy and params.max_new_tokens == 128 and params.stop == ()
+
+
+def test_vanishing_temperature_is_greedy():
+    # As in vLLM: logits divided by 1e-40 overflow, and sampling from them gave INTERNAL (found by test_fuzz).
+    assert SamplingParams(temperature=1e-40).greedy and not SamplingParams(temperature=1e-4).greedy
 
 
 def test_frozen():
