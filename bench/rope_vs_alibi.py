@@ -172,7 +172,8 @@ def speed_row(name: str, model, context: int, repeats: int) -> dict:
         cache.crop(-1)  # back to context - 1 tokens, so every timed step sees the same context
     step_peak = peak_bytes(step)
     return {"model": name, "positions": POSITIONS.get(model.config.model_type, model.config.model_type),
-            "params": sum(p.numel() for p in model.parameters()), "context": context,
+            "params": sum(p.numel() for p in model.parameters()), "attention": model.config._attn_implementation,
+            "context": context,
             "prefill_tok_s": context / prefill, "decode_step_ms": 1000 * sorted(step_times)[len(step_times) // 2],
             "prefill_peak_mib": peak_bytes(forward) / 2**20, "decode_peak_mib": step_peak / 2**20}
 
