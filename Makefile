@@ -74,6 +74,11 @@ bench-vllm: venv
 bench-metrics: venv
 	$(BIN)/python -m bench.metrics_overhead --model $(MODEL) $(BENCH_ARGS)
 
+# Thousands of mixed requests (cancels, deadlines, bad input, faults) on hf-kv and vllm, tiny-llama.
+.PHONY: soak
+soak: venv
+	$(BIN)/python -m bench.soak $(BENCH_ARGS)
+
 # The offline experiments (bench/, docs/experiments/): each writes reports/<name>-<time>/ (--out moves it).
 bench-attention: venv
 	$(BIN)/python -m bench.attention_kernels $(BENCH_ARGS)
