@@ -13,6 +13,7 @@ import argparse
 import datetime as dt
 import os
 import platform
+import re
 import shlex
 import sys
 import time
@@ -28,6 +29,8 @@ from loadtest.targets import OpenAIServerTarget, Reading, YayiTarget
 START_ESTIMATE_S = {"vllm": 150.0, "vllm-openai": 150.0}
 DEFAULT_START_ESTIMATE_S = 20.0
 STEP_OVERHEAD_S = 8.0
+# The line of a failed start-up that says why: "yayi-serve: error: ...", "Value error, ...".
+ERROR_LINE = re.compile(r"\b(?:[Ee]rror|Exception)\b[:,]")
 
 
 def parse_duration(text: str) -> float:
@@ -51,7 +54,8 @@ def parse_users(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="yayi-compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--engines", default="hf-eager,hf-kv,hf-flash,vllm", help="comma-separated engines")
+    parser.add_argument("--engines", default="hf-eager,hf-kv,hf-flash,vllm",
+                        help="comma-separated engines; empty with --baseline vllm-openai loads only vLLM's own server")
     parser.add_argument("--model", default="smollm2-135m", help="built-in model name or local folder")
     parser.add_argument("--users", type=parse_users, default=[1, 4, 16], help="concurrencies, e.g. 1,4,16")
     parser.add_argument("--duration", type=parse_duration, default=60.0, help="load per step, e.g. 60s")
@@ -61,10 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="auto", help="hf engines' dtype (auto: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--vllm-dtype", default="bfloat16", help="dtype of the vllm engine and of vLLM's own server")
     parser.add_argument("--kv-cache-gb", type=float, default=1.0, help="vLLM's CPU KV cache (both vLLM servers)")
-    parser.add_argument("--max-model-len", type=int, default=2048, help="context vLLM serves (both vLLM servers)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="context both vLLM servers serve (default: the model's, at most 2048, as our engine)")
     parser.add_argument("--baseline", choices=["auto", "vllm-openai", "none"], default="auto",
                         help="also load vLLM's own OpenAI server (auto: when vllm is among the engines and installed)")
     parser.add_argument("--server-args", default="", help="extra yayi-serve arguments for every engine, one string")
+    parser.add_argument("--baseline-args", default="", help="extra arguments for vLLM's own server, one string")
     parser.add_argument("--idle-seconds", type=float, default=5.0, help="how long the idle row is watched")
     parser.add_argument("--sample-period", type=float, default=1.0, help="seconds between device readings")
     parser.add_argument("--stop-timeout", type=float, default=0.0,
@@ -111,14 +117,23 @@ def make_targets(args, engines: list[str], model_path: str, raw: Path) -> list:
         dtype = args.vllm_dtype if engine == "vllm" else args.dtype
         extra = ["--dtype", dtype, *common]
         if engine == "vllm":
-            extra += ["--kv-cache-gb", f"{args.kv_cache_gb:g}", "--max-model-len", str(args.max_model_len)]
+            extra += ["--kv-cache-gb", f"{args.kv_cache_gb:g}", "--max-model-len", str(max_model_len(args, model_path))]
         targets.append(YayiTarget(engine, args.model, extra, queue, args.sample_period))
     if want_baseline(args.baseline, engines):
         targets.append(OpenAIServerTarget(model_path, served_name=args.model, dtype=args.vllm_dtype,
-                                          kv_cache_gb=args.kv_cache_gb, max_model_len=args.max_model_len,
-                                          extra_args=[], log_path=raw / "vllm-openai_server.log",
+                                          kv_cache_gb=args.kv_cache_gb, max_model_len=max_model_len(args, model_path),
+                                          extra_args=shlex.split(args.baseline_args),
+                                          log_path=raw / "vllm-openai_server.log",
                                           sample_period=args.sample_period))
     return targets
+
+
+def max_model_len(args, model_path: str) -> int:
+    if args.max_model_len:
+        return args.max_model_len
+    import json
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    return min(2048, config.get("max_position_embeddings") or 2048)
 
 
 def want_baseline(choice: str, engines: list[str]) -> bool:
@@ -220,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # one engine's failure must not cost the others their rows
             reason = str(exc).strip().splitlines()
             detail = reason[0] if reason else type(exc).__name__
-            why = next((line for line in reversed(reason) if "error" in line.lower()), detail)
+            why = next((line.strip() for line in reversed(reason) if ERROR_LINE.search(line)), detail)
             failures.append(f"{target.label}: {why}")
             rows.append({**base_row(args.model, target, info), "users": 0, "failed": True,
                          "notes": f"did not run: {why}"})

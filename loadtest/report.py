@@ -115,7 +115,8 @@ def write_plots(out: Path, rows: list[dict]) -> list[Path]:
         if key == "ttft_p95_ms":
             axes.set_yscale("log")
         axes.grid(True, alpha=0.3)
-        axes.legend()
+        if axes.lines:
+            axes.legend()
         axes.set_title(f"{label} against concurrency")
         figure.tight_layout()
         figure.savefig(out / name, dpi=110)

@@ -137,3 +137,21 @@ def test_compare_driver_writes_a_complete_report(tmp_path):
     table = (out / "speed.md").read_text()
     assert "| Model | Engine | Speed (tokens/s) | Mem (MB) | GPU-UTL (%) | use_cache | Pwr_usg (W) | Notes |" in table
     assert "idle (空载)" in table and "GB/s" in table
+
+
+def test_vllm_openai_baseline_is_measured_the_same_way(tmp_path):
+    pytest.importorskip("vllm", reason="vllm is installed by `make venv`; this skip only shows where it is not")
+    out = tmp_path / "baseline"
+    command = [sys.executable, "-m", "loadtest.compare", "--engines", "", "--baseline", "vllm-openai",
+               "--baseline-args=--enforce-eager", "--model", "tiny-llama", "--users", "2", "--duration", "4s",
+               "--max-new-tokens", "16", "--idle-seconds", "1", "--stop-timeout", "30", "--probe-seconds", "0",
+               "--out", str(out)]
+    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rows = json.loads((out / "speed.json").read_text())["rows"]
+    assert [(r["engine"], r["users"]) for r in rows] == [("vllm-openai", 0), ("vllm-openai", 2)]
+    loaded = rows[1]
+    assert loaded["errors"] == 0 and loaded["requests_ok"] > 0 and loaded["speed_tokens_per_s"] > 0
+    # Token counts from the continuous usage statistics agree with vLLM's own counter.
+    assert loaded["client_tokens"] == loaded["server_tokens"] == 16 * loaded["requests_ok"]
+    assert loaded["mem_mb"] > 100 and loaded["ttft_p50_ms"] > 0

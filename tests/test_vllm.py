@@ -24,7 +24,9 @@ RUNNING, QUEUE = 4, 2
 
 @pytest.fixture(scope="module")
 def vllm_engine(loop):
-    engine = create_engine("vllm", EngineConfig(model="smollm2-135m", max_concurrency=RUNNING, max_queue=QUEUE))
+    # Eager here for a quicker start; vllm_server below runs the compiled default.
+    engine = create_engine("vllm", EngineConfig(model="smollm2-135m", max_concurrency=RUNNING, max_queue=QUEUE,
+                                                extra={"enforce_eager": True}))
     loop.run(engine.start(), timeout=600)
     yield engine
     loop.run(engine.shutdown())
