@@ -83,10 +83,9 @@ class VLLMEngine(Engine):
             self._check_kv_fits(model_config)
             # vLLM's CPU backend sizes its KV cache from this variable (GiB), read in the engine process.
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{self._kv_cache_gb:g}"
-        enforce_eager = extra.get("enforce_eager")
-        if enforce_eager is None:
-            # torch.compile of even a 135M model takes minutes on a small CPU; on GPUs it pays off.
-            enforce_eager = self._device == "cpu"
+        # vLLM's own default: compiled. On a 2-core CPU that costs about a minute more at start-up
+        # (less once ~/.cache/vllm holds the graph) and gives SmolLM2-135M about 40 % more tokens/s.
+        enforce_eager = bool(extra.get("enforce_eager") or False)
         args = AsyncEngineArgs(
             model=str(self._path), tokenizer=str(self._path), dtype=self._dtype, max_model_len=self._max_model_len,
             enforce_eager=enforce_eager, max_num_seqs=self.config.max_concurrency, seed=0,

@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     vllm.add_argument("--kv-cache-gb", type=float, help="CPU: KV-cache space in GiB (VLLM_CPU_KVCACHE_SPACE, default 1)")
     vllm.add_argument("--gpu-memory-utilization", type=float, help="CUDA: share of GPU memory vLLM may take (default 0.9)")
     vllm.add_argument("--enforce-eager", choices=["auto", "true", "false"], default="auto",
-                      help="skip torch.compile and CUDA graphs (auto: true on CPU, false on CUDA)")
+                      help="skip torch.compile and CUDA graphs: faster start, slower decoding "
+                           "(auto: vLLM's default, compiled)")
     vllm.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per model replica (vLLM)")
     vllm.add_argument("--pipeline-parallel-size", type=int, default=1,
                       help="pipeline stages, across nodes with Ray (vLLM)")
