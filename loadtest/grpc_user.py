@@ -9,8 +9,6 @@ serving-benchmark summary (see token_stats).
 
 from __future__ import annotations
 
-import time
-
 import grpc
 import grpc.experimental.gevent as grpc_gevent
 from gevent import GreenletExit
@@ -18,13 +16,13 @@ from locust import User
 
 from server.wire import pb, pb_grpc
 
+from .stream_clock import StreamClock, fire_failure, fire_success
 from .token_stats import CUT, RequestSample
 
 grpc_gevent.init_gevent()
 
 REQUEST_TYPE = "grpc"
 STREAM_NAME = "GenerateStream"
-TTFT_NAME = "GenerateStream TTFT"
 
 
 def grpc_target(host: str) -> str:
@@ -47,49 +45,27 @@ class StreamingGrpcUser(User):
         self.channel.close()
 
     def generate_stream(self, request: pb.GenerateRequest, timeout: float | None = None) -> RequestSample:
-        events = self.environment.events
-        started_wall = time.time()
-        started = last = time.perf_counter()
-        sample = RequestSample(started=started_wall, duration_s=0.0, tokens=0)
+        clock = StreamClock()
         call = self.stub.GenerateStream(request, timeout=timeout)
         try:
             for chunk in call:
-                now = time.perf_counter()
-                count = len(chunk.token_ids)
-                if count:
-                    if sample.ttft_s is None:
-                        sample.ttft_s = now - started
-                    else:
-                        # A chunk may carry several tokens (held back to finish a character or
-                        # rule out a stop string): spread its gap over them, as vLLM's bench does.
-                        sample.itl_s.extend([(now - last) / count] * count)
-                    sample.tokens += count
-                    last = now
+                clock.tokens(len(chunk.token_ids))
                 if chunk.HasField("usage"):
-                    sample.completion_tokens = chunk.usage.completion_tokens
+                    clock.sample.completion_tokens = chunk.usage.completion_tokens
         except grpc.RpcError as error:
-            sample.duration_s = time.perf_counter() - started
-            sample.status = error.code().name
-            events.request.fire(
-                request_type=REQUEST_TYPE, name=f"{STREAM_NAME} [{sample.status}]",
-                response_time=sample.duration_s * 1000, response_length=sample.tokens,
-                exception=RuntimeError(f"{sample.status}: {error.details()}"), context={})
+            sample = clock.finish(error.code().name)
+            fire_failure(self.environment.events, REQUEST_TYPE, STREAM_NAME, sample,
+                         RuntimeError(f"{sample.status}: {error.details()}"))
             self.record(sample)
             return sample
         except GreenletExit:
             # The load test is stopping: free the server's slot rather than leave it generating.
             call.cancel()
-            sample.duration_s = time.perf_counter() - started
-            sample.status = CUT
-            self.record(sample)
+            self.record(clock.finish(CUT))
             raise
-        sample.duration_s = time.perf_counter() - started
+        sample = clock.finish()
         self.record(sample)
-        if sample.ttft_s is not None:
-            events.request.fire(request_type=REQUEST_TYPE, name=TTFT_NAME, response_time=sample.ttft_s * 1000,
-                                response_length=0, exception=None, context={})
-        events.request.fire(request_type=REQUEST_TYPE, name=STREAM_NAME, response_time=sample.duration_s * 1000,
-                            response_length=sample.completion_tokens or sample.tokens, exception=None, context={})
+        fire_success(self.environment.events, REQUEST_TYPE, STREAM_NAME, sample)
         return sample
 
     def record(self, sample: RequestSample) -> None:

@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import itertools
 import json
-import time
 
-import requests
 from gevent import GreenletExit
-from locust import User, constant, events, task
+from locust import User, constant, events, task  # before requests: locust monkey-patches ssl for gevent
+import requests  # noqa: E402
 
 from loadtest.prompts import load_prompts
 from loadtest.sample_collector import install
+from loadtest.stream_clock import StreamClock, fire_failure, fire_success
 from loadtest.token_stats import CUT, RequestSample
 
 REQUEST_TYPE = "http"
 STREAM_NAME = "completions stream"
-TTFT_NAME = "completions stream TTFT"
 
 
 def _arguments(group) -> None:
@@ -63,47 +62,33 @@ class OpenAISpeedUser(User):
         self.stream(self.host.rstrip("/") + path, body)
 
     def stream(self, url: str, body: dict) -> RequestSample:
-        events = self.environment.events
-        started = last = time.perf_counter()
-        sample = RequestSample(started=time.time(), duration_s=0.0, tokens=0)
+        clock = StreamClock()
         try:
             with self.session.post(url, json=body, stream=True, timeout=self.timeout) as response:
                 if response.status_code != 200:
-                    sample.status = f"HTTP_{response.status_code}"
-                    raise RuntimeError(f"{sample.status}: {response.text[:300]}")
-                for line in response.iter_lines():
-                    if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                        continue
-                    usage = json.loads(line[6:]).get("usage") or {}
-                    count = (usage.get("completion_tokens") or 0) - sample.tokens
-                    if count <= 0:
-                        continue
-                    now = time.perf_counter()
-                    if sample.ttft_s is None:
-                        sample.ttft_s = now - started
-                    else:
-                        sample.itl_s.extend([(now - last) / count] * count)
-                    sample.tokens += count
-                    last = now
-            sample.completion_tokens = sample.tokens
+                    raise HttpStatus(response.status_code, response.text[:300])
+                # chunk_size=None: hand over each line as it arrives (the default waits for 512 bytes).
+                for line in response.iter_lines(chunk_size=None):
+                    if line.startswith(b"data: ") and line != b"data: [DONE]":
+                        usage = json.loads(line[6:]).get("usage") or {}
+                        clock.tokens((usage.get("completion_tokens") or 0) - clock.sample.tokens)
+            clock.sample.completion_tokens = clock.sample.tokens
         except GreenletExit:
-            sample.duration_s = time.perf_counter() - started
-            sample.status = CUT
-            collector.add(sample)
+            collector.add(clock.finish(CUT))
             raise
-        except (requests.RequestException, RuntimeError, ValueError) as error:
-            sample.duration_s = time.perf_counter() - started
-            sample.status = sample.status if sample.status.startswith("HTTP_") else type(error).__name__
-            events.request.fire(request_type=REQUEST_TYPE, name=f"{STREAM_NAME} [{sample.status}]",
-                                response_time=sample.duration_s * 1000, response_length=sample.tokens,
-                                exception=error, context={})
+        except (requests.RequestException, HttpStatus, ValueError) as error:
+            status = f"HTTP_{error.status}" if isinstance(error, HttpStatus) else type(error).__name__
+            sample = clock.finish(status)
+            fire_failure(self.environment.events, REQUEST_TYPE, STREAM_NAME, sample, error)
             collector.add(sample)
             return sample
-        sample.duration_s = time.perf_counter() - started
+        sample = clock.finish()
         collector.add(sample)
-        if sample.ttft_s is not None:
-            events.request.fire(request_type=REQUEST_TYPE, name=TTFT_NAME, response_time=sample.ttft_s * 1000,
-                                response_length=0, exception=None, context={})
-        events.request.fire(request_type=REQUEST_TYPE, name=STREAM_NAME, response_time=sample.duration_s * 1000,
-                            response_length=sample.tokens, exception=None, context={})
+        fire_success(self.environment.events, REQUEST_TYPE, STREAM_NAME, sample)
         return sample
+
+
+class HttpStatus(Exception):
+    def __init__(self, status: int, body: str) -> None:
+        super().__init__(f"HTTP {status}: {body}")
+        self.status = status
