@@ -163,3 +163,35 @@ def test_unrecoverable_engine_fault_turns_health_not_serving(fault_server):
     assert fault_server.process.poll() is None, "the server stays up so probes and logs can say why"
     fault_server.signal(signal.SIGTERM)
     assert fault_server.process.wait(30) == 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _cuda(), reason="CUDA only: the real device running out of memory")
+def test_real_cuda_out_of_memory_hands_the_memory_back(loop, monkeypatch):
+    """The oom fault on CUDA fills the device until its allocator refuses (engines/hf.py)."""
+    import torch
+
+    monkeypatch.setenv(faults.ENV_VAR, "oom:FAULT-OOM@2")
+    engine = create_engine("hf-kv", EngineConfig(model="tiny-llama", device="cuda"))
+    loop.run(engine.start())
+
+    async def generate(prompt):
+        return [o async for o in engine.generate(prompt, SamplingParams(max_new_tokens=20), "r")]
+
+    try:
+        torch.cuda.synchronize()
+        reserved_before = torch.cuda.memory_reserved()
+        with pytest.raises(EngineOutOfMemory, match="out of memory"):
+            loop.run(generate("FAULT-OOM on the device"))
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_reserved() <= reserved_before + 2**26
+        free, total = torch.cuda.mem_get_info()
+        assert free > total / 2, "the device memory was not handed back"
+        assert loop.run(generate("fine"))[-1].completion_tokens == 20
+    finally:
+        loop.run(engine.shutdown())
