@@ -138,6 +138,10 @@ class HFEngine(Engine):
             model_path=str(self._path),
         )
 
+    @property
+    def healthy(self) -> bool:
+        return self._failure is None
+
     def load(self) -> EngineLoad:
         if self._admission is None:
             return EngineLoad(running=0, waiting=0)
@@ -194,10 +198,6 @@ class HFEngine(Engine):
         raise EngineOutOfMemory(out_of_memory)
 
     # ---- worker-thread side -----------------------------------------------------------
-
-    @property
-    def healthy(self) -> bool:
-        return self._failure is None
 
     def _decode(self, job: _Job) -> None:
         out_of_memory = None
