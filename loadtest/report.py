@@ -83,6 +83,15 @@ def markdown_report(rows: list[dict], context: dict, plots: list[Path]) -> str:
              f"Run {context['started']} to {context['finished']} on {context['machine']}.", "",
              markdown_table(rows), ""]
     lines += ["## What the columns hold", ""] + [f"- {note}" for note in context["column_notes"]] + [""]
+    versus = baseline_comparison(rows)
+    if versus:
+        lines += ["## Our vllm engine against vLLM's own OpenAI server", "",
+                  "Same prompts, same load, same client; ratios of yayi-serve's vllm rows to vllm-openai's.", "",
+                  "| Users | tokens/s vllm | tokens/s vllm-openai | ratio | TTFT p50 vllm (ms) | "
+                  "TTFT p50 vllm-openai (ms) |", "|---|---|---|---|---|---|"]
+        lines += [f"| {v['users']} | {v['ours']:.1f} | {v['theirs']:.1f} | {v['ratio']:.2f} | "
+                  f"{v['ttft_ours']:.0f} | {v['ttft_theirs']:.0f} |" for v in versus]
+        lines.append("")
     if context.get("roofline"):
         lines += ["## Roofline bound", ""] + [f"- {line}" for line in context["roofline"]] + [""]
     if context.get("failures"):
@@ -139,3 +148,28 @@ def write_plots(out: Path, rows: list[dict]) -> list[Path]:
     plt.close(figure)
     paths.append(out / "memory.png")
     return paths
+
+
+def baseline_comparison(rows: list[dict]) -> list[dict]:
+    def loaded(engine: str) -> dict[int, dict]:
+        return {r["users"]: r for r in rows if r["engine"] == engine and r["users"] > 0
+                and r.get("speed_tokens_per_s")}
+    ours, theirs = loaded("vllm"), loaded("vllm-openai")
+    return [{"users": users, "ours": ours[users]["speed_tokens_per_s"], "theirs": theirs[users]["speed_tokens_per_s"],
+             "ratio": ours[users]["speed_tokens_per_s"] / theirs[users]["speed_tokens_per_s"],
+             "ttft_ours": ours[users]["ttft_p50_ms"], "ttft_theirs": theirs[users]["ttft_p50_ms"]}
+            for users in sorted(ours.keys() & theirs.keys())]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Re-render a report folder from its speed.json (after a change to this module)."""
+    import sys
+    folder = Path((argv or sys.argv[1:])[0])
+    data = json.loads((folder / "speed.json").read_text())
+    write_report(folder, data["rows"], data["context"])
+    print(folder / "speed.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

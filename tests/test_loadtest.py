@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from loadtest.locust_run import LoadSpec, locust_command, run_locust
-from loadtest.report import table_cells
+from loadtest.report import baseline_comparison, table_cells
 from loadtest.scrape import fetch, parse, total
 from loadtest.server_process import ROOT
 from loadtest.token_stats import CUT, OK, RequestSample, percentile, read_summary_csv, summarize
@@ -155,3 +155,13 @@ def test_vllm_openai_baseline_is_measured_the_same_way(tmp_path):
     # Token counts from the continuous usage statistics agree with vLLM's own counter.
     assert loaded["client_tokens"] == loaded["server_tokens"] == 16 * loaded["requests_ok"]
     assert loaded["mem_mb"] > 100 and loaded["ttft_p50_ms"] > 0
+
+
+def test_vllm_rows_are_set_beside_vllms_own_server():
+    def row(engine, users, speed, ttft):
+        return {"engine": engine, "users": users, "speed_tokens_per_s": speed, "ttft_p50_ms": ttft}
+    rows = [row("vllm", 0, None, None), row("vllm", 1, 30.0, 50.0), row("vllm", 4, 120.0, 80.0),
+            row("vllm-openai", 1, 25.0, 60.0), row("vllm-openai", 4, 150.0, 70.0), row("hf-kv", 1, 18.0, 90.0)]
+    versus = baseline_comparison(rows)
+    assert [(v["users"], round(v["ratio"], 2), v["ttft_ours"], v["ttft_theirs"]) for v in versus] == [
+        (1, 1.2, 50.0, 60.0), (4, 0.8, 80.0, 70.0)]
