@@ -33,16 +33,28 @@ def grpc_target(host: str) -> str:
     return host
 
 
+_channels: dict[str, grpc.Channel] = {}
+
+
+def _shared_channel(target: str) -> grpc.Channel:
+    """One HTTP/2 connection per Locust process, multiplexing every user's streams.
+
+    With a channel per user, grpc's gevent mode stalled here: sixteen users streaming from a
+    server that runs one request at a time received no token at all for a whole minute while
+    the server generated hundreds (tests/test_loadtest.py keeps that case).  One channel is
+    also what a real client does.
+    """
+    if target not in _channels:
+        _channels[target] = grpc.insecure_channel(target)
+    return _channels[target]
+
+
 class StreamingGrpcUser(User):
     abstract = True
 
     def __init__(self, environment) -> None:
         super().__init__(environment)
-        self.channel = grpc.insecure_channel(grpc_target(self.host or ""))
-        self.stub = pb_grpc.InferenceStub(self.channel)
-
-    def on_stop(self) -> None:
-        self.channel.close()
+        self.stub = pb_grpc.InferenceStub(_shared_channel(grpc_target(self.host or "")))
 
     def generate_stream(self, request: pb.GenerateRequest, timeout: float | None = None) -> RequestSample:
         clock = StreamClock()
