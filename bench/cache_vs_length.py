@@ -9,7 +9,8 @@ with a cache a step costs about the same at every length and a generation grows
 linearly.  The growth exponent is fitted on the upper half of the lengths.
 
 Memory is the peak tensor memory of the step that produces the L-th token, the KV cache
-it holds included (the weights are not counted): see ``bench/memory.py``.
+it holds included (the weights are not counted): see ``bench/memory.py``; against prompt
+length also the prefill's, the first step over the whole prompt.
 
 The prompt-length sweep feeds prompts of P tokens (text from the Python standard
 library's source) and generates ``--prompt-new-tokens`` tokens from each.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import time
 
 import torch
@@ -73,6 +75,30 @@ def step_memory(engine, ids: list[int]) -> int:
         cache = engine._new_cache()
         engine.model(input_ids=tokens[:, :-1], past_key_values=cache, use_cache=True, **engine._keep_last)
         return peak_bytes_with_cache(cache, lambda: engine._next_logits(tokens[:, -1:], tokens, cache), engine._device)
+
+
+def step_times(times: list[float]) -> list[float]:
+    """Seconds of each step from the arrival times (the first step includes the prefill)."""
+    return [times[0]] + [b - a for a, b in zip(times, times[1:])]
+
+
+def step_slope_ms(steps: list[float]) -> float:
+    """How much a step slows per token of length (ms): medians of the first and last quarter of the
+    steps (prefill excluded), so a burst of other work on the machine does not tilt it."""
+    steps = steps[1:]
+    if len(steps) < 8:
+        return float("nan")
+    quarter = len(steps) // 4
+    early, late = statistics.median(steps[:quarter]), statistics.median(steps[-quarter:])
+    return 1000 * (late - early) / (len(steps) - quarter)
+
+
+def prefill_memory(engine, ids: list[int]) -> int:
+    """Peak bytes of the first step over the whole prompt, the cache it fills included."""
+    tokens = torch.tensor([ids], device=engine._device)
+    with torch.inference_mode(), engine._kernel():
+        cache = engine._new_cache()
+        return peak_bytes(lambda: engine._next_logits(tokens, tokens, cache), engine._device)
 
 
 def growth_exponent(lengths: list[int], seconds: list[float]) -> float:
@@ -148,8 +174,10 @@ def main(argv: list[str] | None = None) -> None:
         with tqdm(total=max(lengths), desc=f"{name}: generating {max(lengths)} tokens", unit="tok") as bar:
             times = token_times(engine, prompt_ids, max(lengths), bar)
         curves[name] = times
+        steps = step_times(times)
         for n in tqdm(lengths, desc=f"{name}: step memory", unit="point"):
-            step_ms = (times[n - 1] - times[n - 2]) * 1000 if n >= 2 else times[0] * 1000
+            # the median of the last few steps: a shared machine's stray burst moves one step, not the median
+            step_ms = 1000 * statistics.median(steps[max(0, n - 9):n])
             memory = step_memory(engine, prompt_ids + [0] * (n - 1))
             row = {"engine": name, "prompt_tokens": len(prompt_ids), "output_tokens": n,
                    "seconds": times[n - 1], "tokens_per_s": n / times[n - 1], "last_step_ms": step_ms,
@@ -160,14 +188,22 @@ def main(argv: list[str] | None = None) -> None:
     for name, times in curves.items():
         lengths = [r["output_tokens"] for r in output_rows if r["engine"] == name]
         exponent = growth_exponent(lengths, [times[n - 1] for n in lengths])
+        slope = step_slope_ms(step_times(times))
         for r in output_rows:
             if r["engine"] == name:
                 r["growth_exponent"] = exponent
+                r["step_ms_per_token"] = slope
+    report.table("steps", [{"engine": name, "token": i + 1, "seconds": t, "step_ms": 1000 * s}
+                           for name, times in curves.items()
+                           for i, (t, s) in enumerate(zip(times, step_times(times)))],
+                 title="Every step (arrival time of each token)")
+    report.sections.pop()  # thousands of rows: CSV and JSON only, not the page
     report.table("output_length", output_rows,
                  ["engine", "prompt_tokens", "output_tokens", "seconds", "tokens_per_s", "last_step_ms",
-                  "step_peak_mib", "growth_exponent"],
-                 headers={"tokens_per_s": "tokens/s", "last_step_ms": "last step (ms)",
-                          "step_peak_mib": "step peak (MiB)", "growth_exponent": "time ~ length^k, k"},
+                  "step_peak_mib", "growth_exponent", "step_ms_per_token"],
+                 headers={"tokens_per_s": "tokens/s", "last_step_ms": "step at L (ms, median of 9)",
+                          "step_peak_mib": "step peak (MiB)", "growth_exponent": "time ~ length^k, k",
+                          "step_ms_per_token": "step growth (ms per token)"},
                  title=f"Against output length (the log's first prompt, {len(prompt_ids)} tokens)",
                  note=f"hf-eager stops at {args.eager_max_output} output tokens (--eager-max-output).")
 
@@ -178,19 +214,21 @@ def main(argv: list[str] | None = None) -> None:
             ids = corpus_ids[:p]
             times = token_times(engine, ids, args.prompt_new_tokens)
             memory = step_memory(engine, ids + [0] * (args.prompt_new_tokens - 1))
+            first_memory = prefill_memory(engine, ids)
             row = {"engine": name, "prompt_tokens": p, "output_tokens": args.prompt_new_tokens,
                    "first_token_ms": times[0] * 1000, "seconds": times[-1],
                    "tokens_per_s": args.prompt_new_tokens / times[-1],
                    "decode_tokens_per_s": (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan"),
-                   "step_peak_mib": memory / 2**20}
+                   "prefill_peak_mib": first_memory / 2**20, "step_peak_mib": memory / 2**20}
             prompt_rows.append(row)
             print(f"  {name:9} prompt {p:5d}  first token {row['first_token_ms']:8.1f} ms  "
                   f"{row['tokens_per_s']:7.2f} tok/s  peak {row['step_peak_mib']:7.1f} MiB", flush=True)
     report.table("prompt_length", prompt_rows,
                  ["engine", "prompt_tokens", "output_tokens", "first_token_ms", "tokens_per_s",
-                  "decode_tokens_per_s", "step_peak_mib"],
+                  "decode_tokens_per_s", "prefill_peak_mib", "step_peak_mib"],
                  headers={"first_token_ms": "first token (ms)", "tokens_per_s": "tokens/s (incl. prefill)",
-                          "decode_tokens_per_s": "tokens/s after the first", "step_peak_mib": "last step peak (MiB)"},
+                          "decode_tokens_per_s": "tokens/s after the first",
+                          "prefill_peak_mib": "prefill peak (MiB)", "step_peak_mib": "last step peak (MiB)"},
                  title=f"Against prompt length ({args.prompt_new_tokens} new tokens each)")
     plot(report, output_rows, prompt_rows, curves)
     print(f"\nreport: {report.markdown_path}")
@@ -220,7 +258,7 @@ def plot(report: Report, output_rows: list[dict], prompt_rows: list[dict], curve
     ax.legend(fontsize="small")
     ax = axes[1]
     for name, times in curves.items():
-        steps = [times[0]] + [b - a for a, b in zip(times, times[1:])]
+        steps = step_times(times)
         ax.plot(range(1, len(steps) + 1), [s * 1000 for s in steps], label=name, lw=0.8)
     ax.set_xlabel("output token")
     ax.set_ylabel("step time (ms)")
@@ -235,8 +273,8 @@ def plot(report: Report, output_rows: list[dict], prompt_rows: list[dict], curve
               xlabel="prompt tokens", ylabel="time to first token (ms)", title="prefill")
     line_plot(axes[1], prompt_rows, "prompt_tokens", "decode_tokens_per_s", "engine", logx=True, logy=True,
               xlabel="prompt tokens", ylabel="tokens/s after the first", title="decode speed against prompt length")
-    line_plot(axes[2], prompt_rows, "prompt_tokens", "step_peak_mib", "engine", logx=True, logy=True,
-              xlabel="prompt tokens", ylabel="peak tensor memory of the last step (MiB)", title="memory")
+    line_plot(axes[2], prompt_rows, "prompt_tokens", "prefill_peak_mib", "engine", logx=True, logy=True,
+              xlabel="prompt tokens", ylabel="peak tensor memory of the prefill (MiB)", title="memory")
     report.figure("prompt_length", fig, "Against prompt length")
 
 

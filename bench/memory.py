@@ -2,8 +2,8 @@
 
 A CPU has no allocator statistics like ``torch.cuda.max_memory_allocated``, and the
 process's resident size hides what the allocator reuses, so on a CPU the profiler's
-allocation events (every tensor a kernel allocates or frees, scratch buffers included)
-are replayed in order and their running total's high-water mark taken.
+allocation events (every block a kernel allocates or frees, scratch buffers included,
+with its address) are replayed in order and their running total's high-water mark taken.
 """
 
 from __future__ import annotations
@@ -25,10 +25,23 @@ def peak_bytes(fn, device: torch.device | str = "cpu") -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    events = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if type(node.extra_fields).__name__ == "_ExtraFields_Allocation":
+            events.append((node.start_time_ns, node.extra_fields.ptr, node.extra_fields.alloc_size))
+        stack.extend(node.children)
+    # Only blocks allocated inside the measurement count, and only their own release: a block
+    # from before may come back with a stale size (the allocator reuses addresses) or none.
+    sizes: dict[int, int] = {}
     live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
+    for _, ptr, size in sorted(events, key=lambda event: event[0]):
+        if size > 0:
+            sizes[ptr] = size
+            live += size
+        elif ptr in sizes:
+            live -= sizes.pop(ptr)
         peak = max(peak, live)
     return peak
 
@@ -59,10 +72,9 @@ def tensor_bytes(*objects) -> int:
 def peak_bytes_with_cache(cache, fn, device: torch.device | str = "cpu") -> int:
     """Peak bytes of ``fn()`` (a decode step) counting the KV cache it holds and grows.
 
-    On a CPU the profiler cannot see blocks allocated before it started being freed, so a
-    step that replaces each layer's cache by a longer copy would look like it adds a whole
-    second cache.  The cache is therefore copied inside the measurement first: its bytes
-    are counted once, and the old blocks' release is seen.
+    On a CPU only blocks allocated inside the measurement are counted (see ``peak_bytes``),
+    so the cache, built before it, is copied inside it first: its bytes are then counted
+    once, and the copies' release as the step grows them is seen.
     """
     device = torch.device(device)
     if device.type == "cuda":

@@ -63,6 +63,11 @@ def test_growth_exponent():
     lengths = [32, 64, 128, 256, 512]
     assert cache_vs_length.growth_exponent(lengths, [n * n * 1e-5 for n in lengths]) == pytest.approx(2.0)
     assert cache_vs_length.growth_exponent(lengths, [n * 1e-3 for n in lengths]) == pytest.approx(1.0)
+    # 2 ms more per step per token of length, and a burst of other work that must not tilt it
+    steps = [1.0] + [0.1 + 0.002 * i for i in range(100)]
+    steps[90] = 5.0
+    assert cache_vs_length.step_slope_ms(steps) == pytest.approx(2.0, rel=0.05)
+    assert cache_vs_length.step_slope_ms([1.0] + [0.05] * 100) == 0
 
 
 def test_cache_vs_length(tmp_path):
@@ -76,14 +81,17 @@ def test_cache_vs_length(tmp_path):
     assert [r["output_tokens"] for r in by_engine["hf-kv"]] == [8, 16, 32]
     for r in out:
         assert r["tokens_per_s"] > 0 and r["seconds"] > 0 and r["step_peak_mib"] > 0
-        assert math.isfinite(r["growth_exponent"])
+        assert math.isfinite(r["growth_exponent"]) and math.isfinite(r["step_ms_per_token"])
+    steps = rows(tmp_path, "steps")
+    assert len(steps) == 16 + 32 + 32 and all(s["step_ms"] > 0 for s in steps)
     # the cache is counted: a cached step at 32 tokens holds more than one at 8
     kv = by_engine["hf-kv"]
     assert kv[-1]["step_peak_mib"] > kv[0]["step_peak_mib"]
     engines = {r["engine"]: r for r in rows(tmp_path, "engines")}
     assert engines["hf-eager"]["use_cache"] is False and engines["hf-kv"]["use_cache"] is True
     assert "sdpa-flash" in engines["hf-flash"]["attention kernel"]
-    assert len(rows(tmp_path, "prompt_length")) == 6
+    prompts = rows(tmp_path, "prompt_length")
+    assert len(prompts) == 6 and all(r["prefill_peak_mib"] > 0 for r in prompts)
 
 
 def test_token_speed(tmp_path):
