@@ -63,6 +63,9 @@ class SoakResult:
     gauges_end: tuple[float, float] = (-1.0, -1.0)
     seconds: float = 0.0
 
+    def statuses_agree(self) -> bool:
+        return all(self.server_by_status.get(k, 0) == v for k, v in self.by_status.items())
+
     @property
     def growth(self) -> float:
         return (self.rss_end - self.rss_warm) / self.rss_warm
@@ -203,6 +206,8 @@ def report(result: SoakResult, max_growth: float) -> str:
         f"({result.requests / max(result.seconds, 1e-9):.1f}/s)",
         "  client saw by status: " + ", ".join(f"{k} {v}" for k, v in sorted(result.by_status.items())),
         "  server counted:       " + ", ".join(f"{k} {v:g}" for k, v in sorted(result.server_by_status.items())),
+        "  server and client agree on every status" if result.statuses_agree() else
+        "  server and client disagree on some statuses (a deadline counted as a cancel or the reverse)",
         f"  unexpected outcomes:  {len(result.unexpected)}" + (f" {result.unexpected[:5]}" if result.unexpected else ""),
         f"  RSS (server and its children): start {mib(result.rss_start)}, after warm-up {mib(result.rss_warm)}, "
         f"end {mib(result.rss_end)}; growth after warm-up {result.growth:+.2%} (bound {max_growth:.0%})",

@@ -26,6 +26,7 @@ from .wire import pb, pb_grpc
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_ID_CHARS = 256
+DEADLINE_SLACK_S = 0.25
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -136,7 +137,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             yield
         except (asyncio.CancelledError, GeneratorExit):
             # The client went away or its deadline passed; grpc has already ended the call.
-            expired = context.time_remaining() is not None and context.time_remaining() <= 0
+            # A client stops at its own deadline, which is a little earlier than the server's copy
+            # (set when the call's headers were read): a cancel that close to the end is the deadline.
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= DEADLINE_SLACK_S
             status = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:
