@@ -216,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             info = target.start(args.start_timeout)
             target.warm_up()
+            # The utilisation gauge covers the last sample period: let the warm-up leave it first.
+            time.sleep(2 * args.sample_period + 0.5)
             with target.watch(raw / f"{target.label}_idle") as watch:
                 time.sleep(args.idle_seconds)
             rows.append({**base_row(args.model, target, info), "users": 0, **reading_fields(watch.reading),
