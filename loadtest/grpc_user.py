@@ -9,6 +9,8 @@ serving-benchmark summary (see token_stats).
 
 from __future__ import annotations
 
+import itertools
+
 import grpc
 import grpc.experimental.gevent as grpc_gevent
 from gevent import GreenletExit
@@ -33,10 +35,11 @@ def grpc_target(host: str) -> str:
     return host
 
 
-_channels: dict[str, grpc.Channel] = {}
+_channels: dict[tuple[str, int], grpc.Channel] = {}
+_user_numbers = itertools.count()
 
 
-def _shared_channel(target: str) -> grpc.Channel:
+def _shared_channel(target: str, index: int = 0) -> grpc.Channel:
     """One HTTP/2 connection per Locust process, multiplexing every user's streams.
 
     With a channel per user, grpc's gevent mode stalled here: sixteen users streaming from a
@@ -44,9 +47,10 @@ def _shared_channel(target: str) -> grpc.Channel:
     the server generated hundreds (tests/test_loadtest.py keeps that case).  One channel is
     also what a real client does.
     """
-    if target not in _channels:
-        _channels[target] = grpc.insecure_channel(target)
-    return _channels[target]
+    if (target, index) not in _channels:
+        # Distinct options make distinct connections; equal ones would share a subchannel.
+        _channels[target, index] = grpc.insecure_channel(target, options=[("yayi.channel_index", index)])
+    return _channels[target, index]
 
 
 class StreamingGrpcUser(User):
@@ -54,7 +58,9 @@ class StreamingGrpcUser(User):
 
     def __init__(self, environment) -> None:
         super().__init__(environment)
-        self.stub = pb_grpc.InferenceStub(_shared_channel(grpc_target(self.host or "")))
+        options = environment.parsed_options
+        channels = max(1, getattr(options, "grpc_channels", 1) or 1) if options else 1
+        self.stub = pb_grpc.InferenceStub(_shared_channel(grpc_target(self.host or ""), next(_user_numbers) % channels))
 
     def generate_stream(self, request: pb.GenerateRequest, timeout: float | None = None) -> RequestSample:
         clock = StreamClock()

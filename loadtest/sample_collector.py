@@ -30,6 +30,8 @@ def add_load_arguments(parser) -> None:
     group.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     group.add_argument("--chat-template", type=flag, default=False,
                        help="wrap each prompt in the model's chat template (default false)")
+    group.add_argument("--grpc-channels", type=int, default=1,
+                       help="gRPC connections per Locust process, users spread over them (default 1)")
     group.add_argument("--request-timeout", type=float, default=600.0, help="deadline per request, seconds")
     group.add_argument("--summary-csv", default="",
                        help="where to write the summary (default PREFIX_tokens.csv when --csv PREFIX is given)")
