@@ -7,28 +7,22 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from server.wire import SERVICE_NAME, pb
 from tests.conftest import LOG_PROMPTS
+from loadtest import scrape
 from loadtest.server_process import ROOT, ServerProcess, request
 
 
-def scrape(server: ServerProcess) -> dict[tuple, float]:
-    body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(body) for s in family.samples}
-
-
 def metric(server: ServerProcess, name: str, **labels) -> float:
-    wanted = set(labels.items())
-    return sum(v for (n, l), v in scrape(server).items() if n == name and wanted <= set(l))
+    """Sum of the matching series; 0 before a labelled counter's first increment."""
+    return scrape.total(scrape.parse(scrape.fetch(f"http://127.0.0.1:{server.metrics_port}/metrics")),
+                        name, **labels) or 0.0
 
 
 def test_unary_generate(tiny_server):

@@ -12,16 +12,15 @@ import pytest
 
 from loadtest.locust_run import LoadSpec, locust_command, run_locust
 from loadtest.report import baseline_comparison, table_cells
-from loadtest.scrape import fetch, parse, total
 from loadtest.server_process import ROOT, ServerProcess
 from loadtest.token_stats import CUT, OK, RequestSample, percentile, read_summary_csv, summarize
+from tests.test_e2e import metric
 
 SPEED = ROOT / "loadtest" / "speed.py"
 
 
 def generated_tokens(server) -> float:
-    # The labelled counter appears at its first increment.
-    return total(parse(fetch(f"http://127.0.0.1:{server.metrics_port}/metrics")), "yayi_generation_tokens_total") or 0.0
+    return metric(server, "yayi_generation_tokens_total")
 
 
 def locust_stats(prefix) -> dict[str, dict]:
