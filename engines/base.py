@@ -4,17 +4,28 @@ The server drives an engine only through this module: it never sees tensors, cac
 or threads.  ``generate`` is an async generator; when its consumer stops iterating
 (client cancel, disconnect, deadline) the generator is closed, and the engine must stop
 the model's work for that request right there, not at the end of the completion.
+
+The request path is written once, here: readiness, prompt checks, tokenization, the
+context check, the admission slot.  An engine supplies only what is its own: ``start``,
+``info``, ``_stream`` (generate from token ids) and, if it can, ``_score_ids``.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
+import dataclasses
 import math
+import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
-from .errors import Unsupported
-from .params import SamplingParams
+from .admission import Admission
+from .errors import EngineUnavailable, Unsupported
+from .options import NoOptions
+from .params import SamplingParams, check_against_model, check_prompt_text, check_score_length
+from .prompts import PromptTokenizer
 
 
 @dataclass(frozen=True)
@@ -26,7 +37,8 @@ class EngineConfig:
     device: str = "auto"
     max_concurrency: int | None = None  # None: the engine's own default
     max_queue: int = 64
-    extra: dict = field(default_factory=dict)
+    options: object | None = None  # an instance of the engine's Options; None: its defaults
+    test_faults: tuple = ()  # engines/faults.py: set only by tests, with --allow-test-faults
 
 
 @dataclass(frozen=True)
@@ -78,29 +90,110 @@ class EngineInfo:
 class EngineLoad:
     running: int
     waiting: int
+    kv_cache_usage: float | None = None  # 0..1, engines with a paged KV cache only
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """A request that passed every check: what ``_stream`` generates from."""
+
+    request_id: str
+    prompt: str  # the text as sent, kept for logs and test-only fault markers (engines/faults.py)
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
 
 
 class Engine(abc.ABC):
-    """A backend. ``start`` loads the model; everything else needs it started."""
+    """A backend. ``start`` loads the model and ends with ``_open(...)``; everything else needs it started."""
+
+    name: ClassVar[str] = "engine"
+    Options: ClassVar[type] = NoOptions
+    # Top-level packages the engine needs beyond torch and transformers; the registry checks
+    # them before start so a missing one is reported as what to install, not as a traceback.
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        self.options = config.options if config.options is not None else self.Options()
+        if not isinstance(self.options, self.Options):
+            raise TypeError(f"engine {self.name} takes {self.Options.__name__}, got {type(self.options).__name__}")
+        self._prompts: PromptTokenizer | None = None
+        self._admission: Admission | None = None
+        self._max_context = 0
+        self._vocab_size = 0
+        self._closing = False
+        self._failure: str | None = None  # set once the engine cannot serve again
+
+    # ---- what each engine supplies ---------------------------------------------------
 
     @abc.abstractmethod
     async def start(self) -> None: ...
 
     @abc.abstractmethod
-    def generate(self, prompt: str, params: SamplingParams, request_id: str,
-                 use_chat_template: bool = False) -> AsyncIterator[GenerationOutput]: ...
-
-    @abc.abstractmethod
     def info(self) -> EngineInfo: ...
 
+    @abc.abstractmethod
+    def _stream(self, request: EngineRequest) -> AsyncIterator[GenerationOutput]:
+        """Generates one admitted request; closing the iterator must stop its work at once."""
+
+    async def _score_ids(self, ids: list[int]) -> ScoreResult:
+        raise Unsupported(f"engine {self.name} cannot score texts")
+
+    def _check_params(self, params: SamplingParams) -> None:
+        """Refuses what this engine cannot do, before the request takes a slot (default: all is fine)."""
+
+    def _score_context(self) -> int:
+        """The longest text, in tokens, that ``_score_ids`` takes."""
+        return self._max_context
+
+    def _open(self, tokenizer, max_context: int, vocab_size: int, admission: Admission) -> None:
+        """Called by ``start`` once the model is loaded: from here on requests are served."""
+        self._prompts = PromptTokenizer(tokenizer, max_context, self.config.model)
+        self._max_context = max_context
+        self._vocab_size = vocab_size
+        self._admission = admission
+
+    @property
+    def tokenizer(self):
+        """The tokenizer requests are encoded with (after start)."""
+        self._require_ready()
+        return self._prompts.tokenizer
+
+    # ---- the request path, the same for every engine ---------------------------------
+
+    async def generate(self, prompt: str, params: SamplingParams, request_id: str,
+                       use_chat_template: bool = False) -> AsyncIterator[GenerationOutput]:
+        self._require_ready()
+        check_prompt_text(prompt)
+        prompt_ids = await self._prompts.encode(prompt, use_chat_template)
+        check_against_model(params, len(prompt_ids), self._max_context, self._vocab_size)
+        self._check_params(params)
+        async with self._admission.slot():
+            self._require_ready()
+            started_at = time.monotonic()
+            request = EngineRequest(request_id, prompt, tuple(prompt_ids), params)
+            async with contextlib.aclosing(self._stream(request)) as stream:
+                async for output in stream:
+                    if started_at is not None:
+                        # The engine's own start time (a batching engine's scheduling time) wins.
+                        if output.started_at is None:
+                            output = dataclasses.replace(output, started_at=started_at)
+                        started_at = None
+                    yield output
+
     async def score(self, text: str) -> ScoreResult:
-        raise Unsupported(f"engine {self.config.model!r} on {type(self).__name__} cannot score texts")
+        self._require_ready()
+        check_prompt_text(text)
+        ids = await self._prompts.encode_text(text, limit=self._score_context())
+        check_score_length(len(ids), self._score_context())
+        async with self._admission.slot():
+            self._require_ready()
+            return await self._score_ids(ids)
 
     def load(self) -> EngineLoad:
-        return EngineLoad(running=0, waiting=0)
+        if self._admission is None:
+            return EngineLoad(running=0, waiting=0)
+        return EngineLoad(running=self._admission.running, waiting=self._admission.waiting)
 
     @property
     def healthy(self) -> bool:
@@ -109,7 +202,16 @@ class Engine(abc.ABC):
         The server then reports NOT_SERVING, so an orchestrator restarts it; a failure of one
         request (a bug, an out-of-memory) leaves the engine healthy.
         """
-        return True
+        return self._failure is None
 
     async def shutdown(self) -> None:
-        return None
+        self._closing = True
+
+    def _require_ready(self) -> None:
+        if self._failure is not None:
+            raise EngineUnavailable(f"the engine failed and cannot recover ({self._failure}); restart the server")
+        if self._closing:
+            raise EngineUnavailable("engine is shutting down")
+        if self._admission is None:
+            raise EngineUnavailable("engine is still loading the model; retry when health reports SERVING")
+

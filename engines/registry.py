@@ -1,13 +1,16 @@
 """Engine names to classes, imported only when asked for.
 
-``hf-*`` must start where vLLM is not installed, so nothing here imports a backend
-at module load.  Adding an engine is one module and one line in ``ENGINES``.
+``hf-*`` must start where vLLM is not installed, so nothing here imports a backend at
+module load, and an engine module imports its backend only inside its methods.  Adding
+an engine is one module (its class, with its ``Options``) and one line in ``ENGINES``.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
+from . import faults
 from .base import Engine, EngineConfig
 
 ENGINES: dict[str, str] = {
@@ -17,7 +20,7 @@ ENGINES: dict[str, str] = {
     "vllm": "engines.vllm_engine:VLLMEngine",
 }
 
-# What to install when a backend's import fails, keyed by the missing top-level module.
+# What to install when a backend is missing, keyed by the missing top-level module.
 INSTALL_HINTS: dict[str, str] = {
     "torch": "the Hugging Face engines need torch and transformers: run `make venv` or `pip install -e '.[hf]'`",
     "transformers": "the Hugging Face engines need transformers: run `make venv` or `pip install -e '.[hf]'`",
@@ -39,6 +42,7 @@ def engine_names() -> list[str]:
 
 
 def engine_class(name: str) -> type[Engine]:
+    """The class, imported now; its backend packages are only checked, not imported."""
     try:
         target = ENGINES[name]
     except KeyError:
@@ -47,11 +51,24 @@ def engine_class(name: str) -> type[Engine]:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        missing = (exc.name or "").split(".")[0]
-        hint = INSTALL_HINTS.get(missing, f"install the Python package {missing!r}")
-        raise EngineNotInstalled(f"engine {name!r} cannot load: {hint}") from exc
+        raise EngineNotInstalled(f"engine {name!r} cannot load: {_hint(exc.name)}") from exc
     return getattr(module, class_name)
 
 
+def check_installed(name: str) -> None:
+    for package in engine_class(name).requires:
+        if importlib.util.find_spec(package) is None:
+            raise EngineNotInstalled(f"engine {name!r} cannot load: {_hint(package)}")
+
+
 def create_engine(name: str, config: EngineConfig) -> Engine:
-    return engine_class(name)(config)
+    check_installed(name)
+    cls = engine_class(name)
+    if config.test_faults:
+        cls = faults.injecting(cls, config.test_faults)
+    return cls(config)
+
+
+def _hint(module: str | None) -> str:
+    missing = (module or "").split(".")[0]
+    return INSTALL_HINTS.get(missing, f"install the Python package {missing!r}")

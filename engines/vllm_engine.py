@@ -4,7 +4,10 @@ vLLM batches continuously, pages its KV cache and runs the model in child proces
 this module only translates: our SamplingParams to vLLM's, vLLM's delta outputs to
 GenerationOutput, prompt logprobs to a score.  Closing the generator (client cancel,
 disconnect, deadline) closes vLLM's own generator, which aborts the request inside the
-engine core.  Options come from ``EngineConfig.extra`` (the command line's vLLM flags).
+engine core.  Its options (``VLLMOptions``) become the command line's vLLM flags.
+
+vLLM is imported only inside the engine's methods: the command line reads this module for
+its options, and must work, quickly, where vLLM is not installed.
 """
 
 from __future__ import annotations
@@ -14,91 +17,109 @@ import contextlib
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
-import vllm  # noqa: F401  (imported first so a missing install is reported as such)
-from vllm import SamplingParams as VllmSamplingParams
-from vllm.engine.arg_utils import AsyncEngineArgs
-from vllm.inputs import TokensPrompt
-from vllm.sampling_params import RequestOutputKind
-from vllm.v1.engine.async_llm import AsyncLLM
-from vllm.v1.engine.exceptions import EngineDeadError
-from vllm.v1.metrics.loggers import StatLoggerBase
-
-from . import faults
 from .admission import Admission
-from .base import Engine, EngineConfig, EngineInfo, EngineLoad, GenerationOutput, ScoreResult
+from .base import Engine, EngineInfo, EngineLoad, EngineRequest, GenerationOutput, ScoreResult
 from .errors import EngineUnavailable, InvalidRequest
 from .models import resolve_model
-from .params import SamplingParams, check_against_model, check_prompt_text, check_score_length
-from .prompts import encode_prompt
+from .options import option
+from .params import SamplingParams
 
 log = logging.getLogger(__name__)
 
-DEFAULT_KV_CACHE_GB = 1.0
-DEFAULT_MAX_MODEL_LEN = 2048
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# vLLM serves up to the model's own context; past this the KV cache of one sequence would
+# not fit the default CPU cache space (1 GiB) for the models here.
+MAX_MODEL_LEN_CAP = 2048
 
 
-class _SchedulerView(StatLoggerBase):
-    """Keeps the scheduler's latest running/waiting split; vLLM calls it after engine steps."""
+@dataclass(frozen=True)
+class VLLMOptions:
+    max_model_len: int | None = option(None, f"context length vLLM serves (default: the model's, at most "
+                                             f"{MAX_MODEL_LEN_CAP})")
+    kv_cache_gb: float = option(1.0, "CPU: KV-cache space in GiB (VLLM_CPU_KVCACHE_SPACE)")
+    gpu_memory_utilization: float = option(0.9, "CUDA: share of GPU memory vLLM may take")
+    # vLLM's own default: compiled. On a 2-core CPU SmolLM2-135M then starts in about 2 min
+    # instead of 46 s and streams 26-41 % more tokens/s (README, --enforce-eager).
+    enforce_eager: bool | None = option(None, "skip torch.compile and CUDA graphs: faster start, slower "
+                                              "decoding (auto: vLLM's default, compiled)")
+    tensor_parallel_size: int = option(1, "GPUs per model replica")
+    pipeline_parallel_size: int = option(1, "pipeline stages, across nodes with Ray")
 
-    latest: tuple[int, int] = (0, 0)
+    def max_model_len_for(self, model_limit: int | None) -> int:
+        """The context served: the flag, else the model's own capped at MAX_MODEL_LEN_CAP."""
+        return self.max_model_len or min(MAX_MODEL_LEN_CAP, model_limit or MAX_MODEL_LEN_CAP)
 
-    def __init__(self, vllm_config, engine_index: int = 0) -> None:
-        pass
 
-    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
-        if scheduler_stats is not None:
-            type(self).latest = (scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs)
+def _scheduler_view_class():
+    """A stat logger that keeps the scheduler's latest running/waiting split and KV-cache usage.
 
-    def log_engine_initialized(self) -> None:
-        pass
+    Made on first use: vLLM is imported only when the engine starts, so the command line and
+    the hf-* engines never pay for it.
+    """
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class SchedulerView(StatLoggerBase):
+        latest: tuple[int, int] = (0, 0)
+        kv_cache_usage: float = 0.0
+
+        def __init__(self, vllm_config, engine_index: int = 0) -> None:
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+            if scheduler_stats is not None:
+                cls = type(self)
+                cls.latest = (scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs)
+                cls.kv_cache_usage = float(getattr(scheduler_stats, "kv_cache_usage", 0.0) or 0.0)
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return SchedulerView
 
 
 class VLLMEngine(Engine):
-    engine_name = "vllm"
+    name = "vllm"
+    Options = VLLMOptions
+    requires = ("vllm",)
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config) -> None:
         super().__init__(config)
-        self._llm: AsyncLLM | None = None
-        self._closing = False
+        self._llm = None
+        self._view = None
 
     # ---- life cycle -------------------------------------------------------------------
 
     async def start(self) -> None:
         from transformers import AutoConfig, AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
 
-        extra = self.config.extra
+        options: VLLMOptions = self.options
         self._path = await asyncio.to_thread(resolve_model, self.config.model)
         self._device = "cuda" if self._wants_cuda() else "cpu"
         self._dtype = self.config.dtype if self.config.dtype != "auto" else ("bfloat16" if self._device == "cuda"
                                                                              else "float32")
-        self.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self._path)
+        tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self._path)
         model_config = await asyncio.to_thread(AutoConfig.from_pretrained, self._path)
-        model_limit = getattr(model_config, "max_position_embeddings", None) or DEFAULT_MAX_MODEL_LEN
-        self._max_model_len = int(extra.get("max_model_len") or min(DEFAULT_MAX_MODEL_LEN, model_limit))
-        self._kv_cache_gb = float(extra.get("kv_cache_gb") or DEFAULT_KV_CACHE_GB)
+        self._max_model_len = options.max_model_len_for(getattr(model_config, "max_position_embeddings", None))
         if self._device == "cpu":
             self._check_kv_fits(model_config)
             # vLLM's CPU backend sizes its KV cache from this variable (GiB), read in the engine process.
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{self._kv_cache_gb:g}"
-        # vLLM's own default: compiled. On a 2-core CPU SmolLM2-135M then starts in about 2 min
-        # instead of 46 s and streams 26-41 % more tokens/s (README, --enforce-eager).
-        enforce_eager = bool(extra.get("enforce_eager") or False)
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{options.kv_cache_gb:g}"
         args = AsyncEngineArgs(
             model=str(self._path), tokenizer=str(self._path), dtype=self._dtype, max_model_len=self._max_model_len,
-            enforce_eager=enforce_eager, max_num_seqs=self.config.max_concurrency, seed=0,
-            tensor_parallel_size=int(extra.get("tensor_parallel_size") or 1),
-            pipeline_parallel_size=int(extra.get("pipeline_parallel_size") or 1),
-            gpu_memory_utilization=float(extra.get("gpu_memory_utilization") or 0.9),
-            disable_log_stats=False,
+            enforce_eager=bool(options.enforce_eager), max_num_seqs=self.config.max_concurrency, seed=0,
+            tensor_parallel_size=options.tensor_parallel_size, pipeline_parallel_size=options.pipeline_parallel_size,
+            gpu_memory_utilization=options.gpu_memory_utilization, disable_log_stats=False,
         )
         # Lets collective_rpc carry the small function that asks the workers for their attention
         # backend. The channel is local IPC between this process and its own children only.
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        self._view = _scheduler_view_class()
         try:
-            self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_SchedulerView])
+            self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[self._view])
         except Exception as exc:
             raise EngineUnavailable(f"vLLM engine failed to start ({type(exc).__name__}: {exc}); the lines "
                                     "above from EngineCore say why") from exc
@@ -106,12 +127,12 @@ class VLLMEngine(Engine):
         cache = vllm_config.cache_config
         self._kv_cache_tokens = int((cache.num_gpu_blocks or 0) * cache.block_size)
         self._max_num_seqs = vllm_config.scheduler_config.max_num_seqs
-        self._vocab_size = int(model_config.vocab_size)
-        self._admission = Admission(self._max_num_seqs, self.config.max_queue)
         self._attention = await self._attention_backend()
         log.info("vllm on %s: %s %s, attention %s, KV cache %d tokens, up to %d sequences at once",
                  self._device, self.config.model, self._dtype, self._attention, self._kv_cache_tokens,
                  self._max_num_seqs)
+        self._open(tokenizer, self._max_model_len, int(model_config.vocab_size),
+                   Admission(self._max_num_seqs, self.config.max_queue))
 
     def _wants_cuda(self) -> bool:
         if self.config.device != "auto":
@@ -127,11 +148,12 @@ class VLLMEngine(Engine):
         head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
         per_token = 2 * model_config.num_hidden_layers * kv_heads * head_dim * _DTYPE_BYTES.get(self._dtype, 4)
         needed_gb = per_token * self._max_model_len / 2**30
-        if needed_gb > self._kv_cache_gb:
-            fits = int(self._kv_cache_gb * 2**30 // per_token)
+        kv_cache_gb = self.options.kv_cache_gb
+        if needed_gb > kv_cache_gb:
+            fits = int(kv_cache_gb * 2**30 // per_token)
             raise EngineUnavailable(
                 f"--max-model-len {self._max_model_len} needs {needed_gb:.2f} GiB of KV cache for one sequence but "
-                f"--kv-cache-gb is {self._kv_cache_gb:g}; raise --kv-cache-gb or use --max-model-len {fits} or less")
+                f"--kv-cache-gb is {kv_cache_gb:g}; raise --kv-cache-gb or use --max-model-len {fits} or less")
 
     async def _attention_backend(self) -> str:
         def backend_names(worker) -> list[str]:
@@ -150,7 +172,7 @@ class VLLMEngine(Engine):
             return "vllm paged attention (backend not reported)"
 
     async def shutdown(self) -> None:
-        self._closing = True
+        await super().shutdown()
         if self._llm is not None:
             await asyncio.to_thread(self._llm.shutdown)
             self._llm = None
@@ -160,11 +182,11 @@ class VLLMEngine(Engine):
     def info(self) -> EngineInfo:
         self._require_ready()
         return EngineInfo(
-            engine=self.engine_name, model=self.config.model, dtype=self._dtype, device=self._device,
+            engine=self.name, model=self.config.model, dtype=self._dtype, device=self._device,
             attention=self._attention, use_cache=True, max_context=self._max_model_len,
             vocab_size=self._vocab_size, max_concurrent_requests=self._max_num_seqs, max_queue=self.config.max_queue,
             model_path=str(self._path), kv_cache_tokens=self._kv_cache_tokens,
-            kv_cache_bytes=int(self._kv_cache_gb * 2**30) if self._device == "cpu" else 0,
+            kv_cache_bytes=int(self.options.kv_cache_gb * 2**30) if self._device == "cpu" else 0,
         )
 
     @property
@@ -177,73 +199,70 @@ class VLLMEngine(Engine):
         # The frontend's count is exact at once (an abort drops it immediately); the scheduler's
         # split arrives with its next step, so it only apportions that count.
         unfinished = self._llm.get_num_unfinished_requests()
-        waiting = min(_SchedulerView.latest[1], unfinished)
-        return EngineLoad(running=unfinished - waiting, waiting=waiting)
+        waiting = min(self._view.latest[1], unfinished)
+        # An idle engine holds no blocks, whatever the last step reported.
+        usage = self._view.kv_cache_usage if unfinished else 0.0
+        return EngineLoad(running=unfinished - waiting, waiting=waiting, kv_cache_usage=usage)
 
-    async def generate(self, prompt: str, params: SamplingParams, request_id: str,
-                       use_chat_template: bool = False) -> AsyncIterator[GenerationOutput]:
-        self._require_ready()
-        check_prompt_text(prompt)
-        prompt_ids = await asyncio.to_thread(encode_prompt, self.tokenizer, prompt, use_chat_template,
-                                             self.config.model)
-        check_against_model(params, len(prompt_ids), self._max_model_len, self._vocab_size)
-        vllm_params = _to_vllm(params)
-        async with self._admission.slot():
-            self._require_ready()
-            stream = self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), vllm_params, request_id)
-            completion = 0
-            first = True
-            fault = faults.for_prompt(prompt)
-            async with contextlib.aclosing(stream), _engine_death_as_unavailable():
-                async for output in stream:
-                    if fault is not None and fault.kind == "error" and completion >= fault.step:
-                        # Test-only (engines/faults.py): vLLM's step runs in another process, so the
-                        # fault is raised here; leaving the loop aborts the request inside vLLM.
-                        raise faults.InjectedFault(f"injected engine fault ({fault.marker})")
-                    sequence = output.outputs[0]
-                    completion += len(sequence.token_ids)
-                    finish = _finish_reason(sequence) if output.finished else None
-                    text = sequence.text.rstrip("\ufffd") if finish else sequence.text
-                    yield GenerationOutput(
-                        text=text, token_ids=tuple(sequence.token_ids), prompt_tokens=len(prompt_ids),
-                        completion_tokens=completion, finish_reason=finish,
-                        started_at=_scheduled_at(output) if first else None)
-                    first = False
+    def _check_params(self, params: SamplingParams) -> None:
+        _to_vllm(params)
 
-    async def score(self, text: str) -> ScoreResult:
-        self._require_ready()
-        check_prompt_text(text)
-        ids = await asyncio.to_thread(lambda: self.tokenizer(text).input_ids)
+    def _score_context(self) -> int:
         # One position is kept free: vLLM must generate a token even when only scoring.
-        check_score_length(len(ids), self._max_model_len - 1)
+        return self._max_model_len - 1
+
+    async def _stream(self, request: EngineRequest):
+        from vllm.inputs import TokensPrompt
+
+        stream = self._llm.generate(TokensPrompt(prompt_token_ids=list(request.prompt_ids)),
+                                    _to_vllm(request.params), request.request_id)
+        completion = 0
+        first = True
+        async with contextlib.aclosing(stream), _engine_death_as_unavailable():
+            async for output in stream:
+                sequence = output.outputs[0]
+                completion += len(sequence.token_ids)
+                finish = _finish_reason(sequence) if output.finished else None
+                text = sequence.text.rstrip("\ufffd") if finish else sequence.text
+                yield GenerationOutput(
+                    text=text, token_ids=tuple(sequence.token_ids), prompt_tokens=len(request.prompt_ids),
+                    completion_tokens=completion, finish_reason=finish,
+                    started_at=_scheduled_at(output) if first else None)
+                first = False
+
+    async def _score_ids(self, ids: list[int]) -> ScoreResult:
+        from vllm import SamplingParams as VllmSamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
         params = VllmSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0,
                                     output_kind=RequestOutputKind.FINAL_ONLY)
-        async with self._admission.slot(), _engine_death_as_unavailable():
-            final = None
-            async for output in self._llm.generate(TokensPrompt(prompt_token_ids=ids), params, f"score-{uuid.uuid4().hex}"):
+        final = None
+        async with _engine_death_as_unavailable():
+            async for output in self._llm.generate(TokensPrompt(prompt_token_ids=ids), params,
+                                                   f"score-{uuid.uuid4().hex}"):
                 final = output
         # Entry i holds the logprob of prompt token i given the ones before it; the first has none.
         total = sum(final.prompt_logprobs[i][token].logprob for i, token in enumerate(ids) if i > 0)
         return ScoreResult(total_logprob=float(total), token_count=len(ids) - 1)
 
     def _require_ready(self) -> None:
-        if self._closing:
-            raise EngineUnavailable("engine is shutting down")
-        if self._llm is None:
-            raise EngineUnavailable("engine is still loading the model; retry when health reports SERVING")
-        if self._llm.errored:
+        super()._require_ready()
+        if self._llm is not None and self._llm.errored:
             raise EngineUnavailable(f"the vLLM engine has died ({self._llm.dead_error}); restart the server")
 
 
 @contextlib.asynccontextmanager
 async def _engine_death_as_unavailable():
+    from vllm.v1.engine.exceptions import EngineDeadError
+
     try:
         yield
     except EngineDeadError as exc:
         raise EngineUnavailable(f"the vLLM engine process died ({exc}); restart the server") from exc
 
 
-def _to_vllm(params: SamplingParams) -> VllmSamplingParams:
+def _to_vllm(params: SamplingParams):
     try:
         return _vllm_params(params)
     except Exception as exc:
@@ -252,7 +271,10 @@ def _to_vllm(params: SamplingParams) -> VllmSamplingParams:
         raise InvalidRequest(f"vLLM refused the sampling parameters: {exc}") from exc
 
 
-def _vllm_params(params: SamplingParams) -> VllmSamplingParams:
+def _vllm_params(params: SamplingParams):
+    from vllm import SamplingParams as VllmSamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
     return VllmSamplingParams(
         max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
         repetition_penalty=params.repetition_penalty, stop=list(params.stop) or None, seed=params.seed,

@@ -44,7 +44,8 @@ class StartupError(RuntimeError):
 async def serve(config: ServerConfig, announce=print) -> int:
     engine = create_engine(config.engine, EngineConfig(
         model=config.model, dtype=config.dtype, device=config.device,
-        max_concurrency=config.max_concurrency, max_queue=config.max_queue, extra=config.engine_extra(),
+        max_concurrency=config.max_concurrency, max_queue=config.max_queue, options=config.engine_options,
+        test_faults=config.test_faults,
     ))
     metrics = ServerMetrics(engine=config.engine, model=config.model)
     servicer = InferenceServicer(engine, metrics)

@@ -9,9 +9,10 @@ import os
 import sys
 from pathlib import Path
 
-from engines.registry import EngineNotInstalled, UnknownEngine, engine_names
+from engines import faults, options
 from engines.errors import EngineError
 from engines.models import ModelNotFound, builtin_models
+from engines.registry import EngineNotInstalled, UnknownEngine, engine_class, engine_names
 
 from .app import StartupError, serve
 from .config import ServerConfig
@@ -56,18 +57,69 @@ def build_parser() -> argparse.ArgumentParser:
     security.add_argument("--auth-token-file",
                           help=f"file holding the bearer token every call but health must send as 'authorization: "
                                f"Bearer <token>' (or set {TOKEN_ENV}; never on the command line, where ps shows it)")
-    vllm = parser.add_argument_group("vllm engine")
-    vllm.add_argument("--max-model-len", type=int, help="context length vLLM serves (default 2048)")
-    vllm.add_argument("--kv-cache-gb", type=float, help="CPU: KV-cache space in GiB (VLLM_CPU_KVCACHE_SPACE, default 1)")
-    vllm.add_argument("--gpu-memory-utilization", type=float, help="CUDA: share of GPU memory vLLM may take (default 0.9)")
-    vllm.add_argument("--enforce-eager", choices=["auto", "true", "false"], default="auto",
-                      help="skip torch.compile and CUDA graphs: faster start, slower decoding "
-                           "(auto: vLLM's default, compiled)")
-    vllm.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per model replica (vLLM)")
-    vllm.add_argument("--pipeline-parallel-size", type=int, default=1,
-                      help="pipeline stages, across nodes with Ray (vLLM)")
+    parser.add_argument("--allow-test-faults", action="store_true",
+                        help=f"tests only: honour {faults.ENV_VAR} (engines/faults.py); without this flag the "
+                             "server refuses to start while that variable is set")
+    _add_engine_options(parser)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
+
+
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """Each engine's own flags (its ``Options``), one group per options class.
+
+    Absent flags stay absent (SUPPRESS), so the chosen engine's dataclass supplies its own
+    defaults and a flag of another engine can be refused by name.
+    """
+    seen: dict[type, list[str]] = {}
+    for name in engine_names():
+        try:
+            options_class = engine_class(name).Options
+        except EngineNotInstalled:
+            continue  # its flags are not offered where it cannot run
+        seen.setdefault(options_class, []).append(name)
+    for options_class, names in seen.items():
+        if not options.fields(options_class):
+            continue
+        group = parser.add_argument_group(f"{', '.join(names)} engine options")
+        for field in options.fields(options_class):
+            help_text = field.metadata.get("help", "")
+            common = dict(dest=f"option_{field.name}", default=argparse.SUPPRESS)
+            if options.is_tristate(options_class, field.name):
+                group.add_argument(options.flag(field.name), choices=list(options.TRISTATE),
+                                   type=str.lower, help=f"{help_text} (default auto)", **common)
+            elif options.value_type(options_class, field.name) is bool:
+                group.add_argument(options.flag(field.name), action="store_true", help=help_text, **common)
+            else:
+                default = "" if field.default is None else f" (default {field.default})"
+                group.add_argument(options.flag(field.name), type=options.value_type(options_class, field.name),
+                                   metavar=field.name.split("_")[-1].upper(), help=help_text + default, **common)
+
+
+def engine_options_from_args(args: argparse.Namespace):
+    """The chosen engine's Options from the flags given; a flag of another engine is an error."""
+    options_class = engine_class(args.engine).Options
+    own = {field.name for field in options.fields(options_class)}
+    given = {key.removeprefix("option_"): value for key, value in vars(args).items() if key.startswith("option_")}
+    for name in given:
+        if name not in own:
+            raise SystemExit(f"yayi-serve: error: {options.flag(name)} is not an option of engine {args.engine}; "
+                             f"`yayi-serve --help` lists each engine's options")
+    values = {name: options.TRISTATE[value] if options.is_tristate(options_class, name) else value
+              for name, value in given.items()}
+    return options_class(**values)
+
+
+def _test_faults(allowed: bool) -> tuple:
+    if faults.ENV_VAR not in os.environ:
+        return ()
+    if not allowed:
+        raise SystemExit(f"yayi-serve: error: {faults.ENV_VAR} is set, which lets any prompt fail the engine; "
+                         "unset it, or pass --allow-test-faults if this is a test")
+    try:
+        return faults.from_environment()
+    except ValueError as exc:
+        raise SystemExit(f"yayi-serve: error: {exc}") from None
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -88,10 +140,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_receive_bytes=int(args.max_receive_mb * 2**20), device_sample_period_s=args.device_sample_period,
         max_concurrent_streams=args.max_concurrent_streams, tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca, auth_token=_auth_token(args.auth_token_file),
-        max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        enforce_eager={"auto": None, "true": True, "false": False}[args.enforce_eager],
-        tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
+        engine_options=engine_options_from_args(args), test_faults=_test_faults(args.allow_test_faults),
     )
 
 

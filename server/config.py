@@ -25,16 +25,5 @@ class ServerConfig:
     tls_client_ca: str | None = None  # mutual TLS: clients must present a certificate signed by this CA
     auth_token: str | None = field(default=None, repr=False)  # a secret: kept out of any printed config
     device_sample_period_s: float = 1.0
-    # vLLM options; other engines ignore them.
-    max_model_len: int | None = None
-    kv_cache_gb: float | None = None
-    gpu_memory_utilization: float | None = None
-    enforce_eager: bool | None = None
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-
-    def engine_extra(self) -> dict:
-        return {"max_model_len": self.max_model_len, "kv_cache_gb": self.kv_cache_gb,
-                "gpu_memory_utilization": self.gpu_memory_utilization, "enforce_eager": self.enforce_eager,
-                "tensor_parallel_size": self.tensor_parallel_size,
-                "pipeline_parallel_size": self.pipeline_parallel_size}
+    engine_options: object | None = None  # the engine's own Options instance (engines/options.py); None: defaults
+    test_faults: tuple = ()  # engines/faults.py; only with --allow-test-faults

@@ -131,29 +131,43 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     @contextlib.asynccontextmanager
     async def _guard(self, context, recorder: RequestRecorder | None):
+        """Maps what the call raised to its status, and counts that status before it leaves.
+
+        A client that scrapes /metrics right after its answer must find that answer counted,
+        so the count comes before ``context.abort`` sends the status, not after it.
+        """
         status = grpc.StatusCode.OK
+        counted = False
+
+        def count(final: grpc.StatusCode) -> None:
+            nonlocal counted
+            if recorder is not None and not counted:
+                recorder.finish(final.name)
+            counted = True
+
         self.in_flight += 1
         try:
             yield
+            count(status)
         except (asyncio.CancelledError, GeneratorExit):
             # The client went away or its deadline passed; grpc has already ended the call.
             # A client stops at its own deadline, which is a little earlier than the server's copy
             # (set when the call's headers were read): a cancel that close to the end is the deadline.
             remaining = context.time_remaining()
             expired = remaining is not None and remaining <= DEADLINE_SLACK_S
-            status = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            count(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED)
             raise
         except Exception as exc:
             if isinstance(exc, grpc.aio.AbortError):
                 raise
             status, message = status_for(exc)
+            count(status)
             if not self._engine.healthy and self.on_engine_failure is not None:
                 await self.on_engine_failure()
             await context.abort(status, message)
         finally:
             self.in_flight -= 1
-            if recorder is not None:
-                recorder.finish(status.name)
+            count(grpc.StatusCode.UNKNOWN)  # only if nothing above counted: a bug here, still counted
 
 
 def _usage(output) -> pb.Usage:

@@ -129,19 +129,19 @@ def forward_calls(started):
 
     def attach(engine):
         calls = []
-        original = engine.model.forward
+        original = engine.lm.model.forward
 
         def counting_forward(*args, **kwargs):
             calls.append(1)
             return original(*args, **kwargs)
 
-        engine.model.forward = counting_forward
+        engine.lm.model.forward = counting_forward
         patched.append(engine)
         return calls
 
     yield attach
     for engine in patched:
-        del engine.model.forward
+        del engine.lm.model.forward
 
 
 @pytest.mark.parametrize("name", ENGINES)

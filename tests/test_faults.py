@@ -28,7 +28,7 @@ FAULTS = "error:FAULT-ERROR@2,oom:FAULT-OOM@1,fatal:FAULT-FATAL@1"
 def fault_server():
     """Two requests at once, so a failing request can share the engine with a healthy one."""
     server = ServerProcess("--engine", "hf-kv", "--model", "tiny-llama", "--max-concurrency", "2", "--max-queue", "4",
-                           env={faults.ENV_VAR: FAULTS}).wait_ready()
+                           "--allow-test-faults", env={faults.ENV_VAR: FAULTS}).wait_ready()
     yield server
     server.stop()
 
@@ -121,12 +121,11 @@ def test_killed_client_process_stops_the_generation_and_frees_the_slot(tiny_serv
     assert tiny_server.generate("next", max_new_tokens=3, timeout=10).usage.completion_tokens == 3
 
 
-def test_out_of_memory_frees_the_request_cache(loop, monkeypatch):
+def test_out_of_memory_frees_the_request_cache(loop):
     """In process, where the KV caches alive can be counted: none may outlive the failed request."""
     from transformers import DynamicCache
 
-    monkeypatch.setenv(faults.ENV_VAR, "oom:FAULT-OOM@3")
-    engine = create_engine("hf-kv", EngineConfig(model="tiny-llama"))
+    engine = create_engine("hf-kv", EngineConfig(model="tiny-llama", test_faults=faults.parse("oom:FAULT-OOM@3")))
     loop.run(engine.start())
 
     async def generate(prompt):
@@ -172,12 +171,12 @@ def _cuda() -> bool:
 
 
 @pytest.mark.skipif(not _cuda(), reason="CUDA only: the real device running out of memory")
-def test_real_cuda_out_of_memory_hands_the_memory_back(loop, monkeypatch):
+def test_real_cuda_out_of_memory_hands_the_memory_back(loop):
     """The oom fault on CUDA fills the device until its allocator refuses (engines/hf.py)."""
     import torch
 
-    monkeypatch.setenv(faults.ENV_VAR, "oom:FAULT-OOM@2")
-    engine = create_engine("hf-kv", EngineConfig(model="tiny-llama", device="cuda"))
+    engine = create_engine("hf-kv", EngineConfig(model="tiny-llama", device="cuda",
+                                                 test_faults=faults.parse("oom:FAULT-OOM@2")))
     loop.run(engine.start())
 
     async def generate(prompt):
@@ -195,3 +194,14 @@ def test_real_cuda_out_of_memory_hands_the_memory_back(loop, monkeypatch):
         assert loop.run(generate("fine"))[-1].completion_tokens == 20
     finally:
         loop.run(engine.shutdown())
+
+
+def test_fault_variable_without_the_test_flag_refuses_to_start():
+    """A stray YAYI_TEST_FAULTS in production must not hand every client a switch that breaks the engine."""
+    import os
+
+    result = subprocess.run([sys.executable, "-m", "server.cli", "--engine", "hf-kv", "--model", "tiny-llama",
+                             "--port", "0", "--metrics-port", "-1"], env={**os.environ, faults.ENV_VAR: "error:X"},
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode != 0
+    assert "--allow-test-faults" in result.stderr and faults.ENV_VAR in result.stderr

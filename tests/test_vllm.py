@@ -12,6 +12,7 @@ import pytest
 
 from engines import EngineConfig, SamplingParams, create_engine
 from engines.errors import InvalidRequest, QueueFull
+from engines.vllm_engine import VLLMOptions
 from loadtest.server_process import ROOT, ServerProcess
 from server.wire import pb
 from tests.conftest import LOG_PROMPTS
@@ -26,7 +27,7 @@ RUNNING, QUEUE = 4, 2
 def vllm_engine(loop):
     # Eager here for a quicker start; vllm_server below runs the compiled default.
     engine = create_engine("vllm", EngineConfig(model="smollm2-135m", max_concurrency=RUNNING, max_queue=QUEUE,
-                                                extra={"enforce_eager": True}))
+                                                options=VLLMOptions(enforce_eager=True)))
     loop.run(engine.start(), timeout=600)
     yield engine
     loop.run(engine.shutdown())

@@ -1,0 +1,189 @@
+"""One transformers causal LM on one device, and our decode loop over one sequence.
+
+This is the model side of the ``hf-*`` engines, free of threads, queues and servers, so
+the offline experiments (bench/) run exactly the code the server runs through this
+public surface: ``HFModel.load``, ``generate``, ``next_logits``, ``new_cache``,
+``kernel`` and ``score_ids``.
+
+The decode loop is ours rather than ``model.generate`` so that each token leaves as soon
+as it exists, ``use_cache=False`` really recomputes the whole sequence every step (the
+inference log's use_cache FALSE row, docs/design.md), and a caller can stop between two
+steps simply by not asking for the next one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from . import hf_attention
+from .base import GenerationOutput, ScoreResult
+from .errors import EngineUnavailable, InvalidRequest
+from .params import SamplingParams
+from .sampling import choose_next_token, make_generator
+from .text import IncrementalDetokenizer, StopStringFilter
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_PROBE_PROMPT = "The attention kernel probe"
+
+
+class HFModel:
+    """Weights, tokenizer and the facts about them that the engine reports."""
+
+    def __init__(self, path: Path, model, tokenizer, device: torch.device, dtype: torch.dtype,
+                 use_cache: bool, implementation: str) -> None:
+        self.path = path
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.dtype = dtype
+        self.use_cache = use_cache
+        self.implementation = implementation
+        config = model.config
+        self.max_context = int(getattr(config, "max_position_embeddings", 0) or 2048)
+        self.vocab_size = int(config.vocab_size)
+        self.eos_ids = _eos_token_ids(model, tokenizer)
+        # logits_to_keep=1: only the last position's vocabulary projection is needed, as in
+        # transformers' own generate(); without it use_cache=False would also pay for the
+        # projection of every earlier position, which is not what the cache comparison is about.
+        accepts_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.keep_last = {"logits_to_keep": 1} if accepts_keep else {}
+        self.attention = self._probe_attention()
+
+    @classmethod
+    def load(cls, path: Path, dtype: str = "auto", device: str = "auto", use_cache: bool = True,
+             flash: bool = False) -> HFModel:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch_device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, torch_device)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        implementation = hf_attention.requested_implementation(flash, torch_device, _model_supports_sdpa(path))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=implementation)
+        model.to(torch_device).eval()
+        return cls(path, model, tokenizer, torch_device, torch_dtype, use_cache, implementation)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def _probe_attention(self) -> str:
+        ids = self.tokenizer(_PROBE_PROMPT, return_tensors="pt").input_ids.to(self.device)
+
+        def two_steps():
+            with torch.inference_mode(), self.kernel():
+                self.next_logits(ids, ids, self.new_cache())
+
+        try:
+            return hf_attention.observed_kernel(two_steps)
+        except RuntimeError as exc:
+            if self.implementation != "sdpa":
+                raise
+            # Forcing the flash backend failed on this device or dtype: run plain SDPA and say so.
+            log.warning("SDPA flash kernel unavailable here (%s); falling back to SDPA's own choice", exc)
+            self.implementation = "sdpa-unforced"
+            return hf_attention.observed_kernel(two_steps)
+
+    def kernel(self):
+        """The attention backend restriction every forward pass runs under."""
+        return hf_attention.kernel_context(self.implementation)
+
+    def new_cache(self):
+        if not self.use_cache:
+            return None
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def next_logits(self, step_input: torch.Tensor, sequence: torch.Tensor, cache) -> torch.Tensor:
+        """The next token's logits (float32, vocabulary-sized): from the new tokens and the cache,
+        or without a cache from the whole sequence."""
+        if self.use_cache:
+            out = self.model(input_ids=step_input, past_key_values=cache, use_cache=True, **self.keep_last)
+        else:
+            out = self.model(input_ids=sequence, use_cache=False, **self.keep_last)
+        return out.logits[0, -1].float()
+
+    def generate(self, prompt_ids: list[int] | tuple[int, ...], params: SamplingParams) -> Iterator[GenerationOutput]:
+        """One output per token; the last has ``finish_reason``.  Stop iterating to stop the work."""
+        with torch.inference_mode(), self.kernel():
+            prompt = torch.tensor([list(prompt_ids)], device=self.device)
+            sequence = prompt
+            step_input = prompt
+            cache = self.new_cache()
+            generator = make_generator(params, self.device)
+            detokenizer = IncrementalDetokenizer(self.decode_text)
+            stops = StopStringFilter(params.stop)
+            for step in range(params.max_new_tokens):
+                logits = self.next_logits(step_input, sequence, cache)
+                token = choose_next_token(logits, sequence[0], params, generator)
+                token_tensor = torch.tensor([[token]], device=self.device)
+                sequence = torch.cat([sequence, token_tensor], dim=1)
+                step_input = token_tensor
+                finish = "eos" if token in self.eos_ids and not params.ignore_eos else None
+                if finish is None and step == params.max_new_tokens - 1:
+                    finish = "length"
+                piece = detokenizer.push(token)
+                if finish is not None:
+                    piece += detokenizer.flush()
+                text, hit_stop = stops.push(piece)
+                if hit_stop:
+                    finish = "stop"
+                elif finish is not None:
+                    text += stops.flush()
+                yield GenerationOutput(text=text, token_ids=(token,), prompt_tokens=len(prompt_ids),
+                                       completion_tokens=step + 1, finish_reason=finish)
+                if finish is not None:
+                    return
+
+    def score_ids(self, ids: list[int]) -> ScoreResult:
+        """Log-likelihood of ``ids[1:]``, each token given the ones before it."""
+        with torch.inference_mode(), self.kernel():
+            tokens = torch.tensor([ids], device=self.device)
+            logits = self.model(input_ids=tokens, use_cache=False).logits[0, :-1].float()
+            logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[0, 1:, None])
+            return ScoreResult(total_logprob=float(logprobs.sum()), token_count=len(ids) - 1)
+
+    def decode_text(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EngineUnavailable("--device cuda was asked for but torch sees no CUDA device")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # bf16 halves memory and doubles speed on GPUs; CPUs without AMX run it slower than float32.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise InvalidRequest(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}") from None
+
+
+def _model_supports_sdpa(path) -> bool:
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(path))]
+    return bool(getattr(model_class, "_supports_sdpa", False))
+
+
+def _eos_token_ids(model, tokenizer) -> frozenset[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return frozenset(ids)
