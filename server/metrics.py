@@ -42,6 +42,9 @@ class ServerMetrics:
                                 buckets=_QUEUE_BUCKETS, registry=r)
         self._running = Gauge("yayi_requests_running", "Requests being generated now", base, registry=r)
         self._waiting = Gauge("yayi_requests_waiting", "Requests waiting for a slot now", base, registry=r)
+        self._kv_cache_usage = Gauge("yayi_kv_cache_usage_ratio",
+                                     "0..1: KV-cache blocks in use over blocks (engines with a paged cache)", base,
+                                     registry=r)
         self._engine_info = Info("yayi_engine", "What is really running", base, registry=r)
         device = [*base, "device"]
         self._memory_used = Gauge("yayi_device_memory_used_bytes",
@@ -64,6 +67,9 @@ class ServerMetrics:
         # Read at scrape time, so the gauges are never stale and cost nothing between scrapes.
         self._running.labels(**self.labels).set_function(lambda: load().running)
         self._waiting.labels(**self.labels).set_function(lambda: load().waiting)
+        # Only engines with a paged cache report usage; for the others the series stays absent, not 0.
+        if load().kv_cache_usage is not None:
+            self._kv_cache_usage.labels(**self.labels).set_function(lambda: load().kv_cache_usage or 0.0)
 
     def set_engine_info(self, info: EngineInfo) -> None:
         self._engine_info.labels(**self.labels).info({
