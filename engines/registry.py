@@ -17,6 +17,7 @@ ENGINES: dict[str, str] = {
     "hf-eager": "engines.hf:EagerEngine",
     "hf-kv": "engines.hf:KVCacheEngine",
     "hf-flash": "engines.hf:FlashEngine",
+    "hf-cb": "engines.hf_cb:ContinuousBatchingEngine",
     "vllm": "engines.vllm_engine:VLLMEngine",
 }
 

@@ -1,0 +1,273 @@
+"""Engine ``hf-cb``: transformers' continuous batching with paged attention behind our Engine.
+
+Many requests share each forward pass.  The scheduler, the paged KV cache and the loop
+that runs the model are transformers' own (``ContinuousBatchingManager``, in its own
+thread; engines/hf_cb_runtime.py builds it).  This module only translates: a request
+goes in with ``add_request``, the manager's per-step snapshots come back through a
+result handler on the event loop (the manager calls it with ``call_soon_threadsafe``),
+and become whole-character text with our detokenizer and stop strings.  Closing the
+stream cancels the request inside the manager, which frees its blocks at its next step.
+
+Sampling fields the manager cannot do per request are done by our logits processor
+(engines/hf_cb_sampling.py); stop strings are ours, here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from .admission import Admission
+from .base import Engine, EngineInfo, EngineLoad, EngineRequest, GenerationOutput, ScoreResult
+from .errors import EngineOutOfMemory, EngineUnavailable, InvalidRequest
+from .options import option
+from .params import SamplingParams
+from .text import IncrementalDetokenizer, StopStringFilter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_RUNNING = {"cpu": 32, "cuda": 256}
+
+
+@dataclass(frozen=True)
+class CBOptions:
+    num_blocks: int | None = option(None, "KV-cache blocks (default: what fits 1 GiB on CPU, 8 GiB on CUDA, and "
+                                          "never less than one full-context request)")
+    block_size: int = option(256, "tokens per KV-cache block (transformers' page_size)")
+    max_batch_tokens: int | None = option(None, "tokens one forward pass may take, prefill chunks included "
+                                                "(default: 1024 on CPU, 8192 on CUDA)")
+    cuda_graphs: bool | None = option(None, "CUDA: replay CUDA graphs; greedy requests only, since per-request "
+                                            "sampling runs in Python, which a graph cannot hold (auto: off)")
+
+
+class ContinuousBatchingEngine(Engine):
+    name = "hf-cb"
+    Options = CBOptions
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self._runtime = None
+        self._request_numbers = itertools.count()
+        self._score_executor: ThreadPoolExecutor | None = None
+
+    # ---- life cycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        from .hf_cb_runtime import CBRuntime
+        from .hf_model import resolve_device
+
+        if self.options.block_size < 4:
+            raise EngineUnavailable(f"--block-size must be at least 4 tokens, got {self.options.block_size}")
+        device = resolve_device(self.config.device)
+        kind = "cuda" if device.type == "cuda" else "cpu"
+        self._max_running = self.config.max_concurrency or DEFAULT_MAX_RUNNING[kind]
+        self._score_executor = ThreadPoolExecutor(1, thread_name_prefix="hf-cb-score")
+        runtime = await asyncio.to_thread(CBRuntime.build, self.config.model, self.config.dtype, self.config.device,
+                                          self.options, self._max_running)
+        self._runtime = runtime
+        log.info("hf-cb on %s: %s %s, attention %s, up to %d requests at once, %d tokens per step, context %d",
+                 runtime.device, self.config.model, _dtype_name(runtime.dtype), runtime.attention, self._max_running,
+                 runtime.max_batch_tokens, runtime.max_context)
+        self._open(runtime.tokenizer, runtime.max_context, runtime.vocab_size,
+                   Admission(self._max_running, self.config.max_queue))
+
+    async def shutdown(self) -> None:
+        await super().shutdown()
+        if self._runtime is not None:
+            await asyncio.to_thread(self._runtime.stop)
+        if self._score_executor is not None:
+            self._score_executor.shutdown(wait=False, cancel_futures=True)
+
+    # ---- what the server asks ---------------------------------------------------------
+
+    def info(self) -> EngineInfo:
+        self._require_ready()
+        runtime = self._runtime
+        return EngineInfo(
+            engine=self.name, model=self.config.model, dtype=_dtype_name(runtime.dtype), device=str(runtime.device),
+            attention=runtime.attention, use_cache=True, max_context=runtime.max_context,
+            vocab_size=runtime.vocab_size, max_concurrent_requests=self._max_running,
+            max_queue=self.config.max_queue, model_path=str(runtime.path),
+            kv_cache_tokens=runtime.num_blocks * runtime.block_size, kv_cache_bytes=runtime.kv_cache_bytes,
+        )
+
+    def load(self) -> EngineLoad:
+        if self._runtime is None or self._admission is None:
+            return EngineLoad(running=0, waiting=0)
+        running, waiting = self._runtime.counts()
+        # Requests still waiting for an admission slot have not reached the manager yet.
+        return EngineLoad(running=running, waiting=waiting + self._admission.waiting,
+                          kv_cache_usage=self._runtime.kv_cache_usage())
+
+    @property
+    def healthy(self) -> bool:
+        if self._failure is None and self._runtime is not None and not self._closing:
+            if self._runtime.fatal_error is not None or not self._runtime.manager.is_running():
+                self._failure = f"the continuous-batching loop stopped ({self._runtime.fatal_error})"
+        return self._failure is None
+
+    def _check_params(self, params: SamplingParams) -> None:
+        if self._runtime is None or self._runtime.samplers is not None:
+            return
+        # With CUDA graphs only the manager's greedy argmax runs: refuse what it would ignore.
+        if not params.greedy:
+            raise InvalidRequest("temperature must be 0 (greedy) on this server: hf-cb runs with --cuda-graphs "
+                                 "true, which samples greedily only")
+        if params.repetition_penalty != 1.0:
+            raise InvalidRequest("repetition_penalty must be 1 on this server: hf-cb runs with --cuda-graphs true, "
+                                 "which cannot apply it")
+
+    # ---- generation ---------------------------------------------------------------------
+
+    async def _stream(self, request: EngineRequest):
+        from .hf_cb_sampling import SAMPLER_KWARG, needs_sampler
+
+        runtime = self._runtime
+        manager = runtime.manager
+        params = request.params
+        # The client's id may repeat once its request is over; the manager's must not while it lives.
+        request_id = f"{request.request_id}#{next(self._request_numbers)}"
+        snapshots: asyncio.Queue = asyncio.Queue()
+        sampler_key = None
+        extra = {}
+        if runtime.samplers is not None and needs_sampler(params):
+            sampler_key = runtime.samplers.add(request.prompt_ids, params)
+            extra[SAMPLER_KWARG] = sampler_key
+        done_inside = False
+        manager.register_result_handler(request_id, snapshots.put_nowait)
+        try:
+            added = manager.add_request(
+                list(request.prompt_ids), request_id=request_id, max_new_tokens=params.max_new_tokens,
+                streaming=True, eos_token_id=-1 if params.ignore_eos else list(runtime.eos_ids), **extra)
+            if added is None:
+                runtime.raise_if_dead()
+                raise EngineUnavailable("the continuous-batching manager is not accepting requests")
+            text = _TextStream(runtime, request)
+            while True:
+                snapshot = await self._next_snapshot(snapshots)
+                done_inside = snapshot.is_finished()
+                if snapshot.error is not None:
+                    if self._closing:  # the manager was stopped under this request by shutdown
+                        yield text.cancelled()
+                        return
+                    raise self._failed(snapshot.error)
+                output = text.advance(snapshot.generated_tokens, done_inside)
+                if output is None:
+                    continue
+                if output.completion_tokens == len(output.token_ids):  # the first output of this request
+                    output = dataclasses.replace(output, started_at=_monotonic(snapshot.lifespan[0]))
+                yield output
+                if output.finish_reason is not None:
+                    return
+        finally:
+            # Completion, a stop string, an error, or the consumer gone (cancel, deadline, disconnect).
+            if not done_inside:
+                manager.cancel_request(request_id)
+                _drop_handler(manager, request_id)
+            if runtime.samplers is not None:
+                runtime.samplers.remove(sampler_key)
+
+    async def _next_snapshot(self, snapshots: asyncio.Queue):
+        """The newest snapshot of the request: the manager's carry every token so far, so a backlog collapses."""
+        while True:
+            try:
+                snapshot = await asyncio.wait_for(snapshots.get(), timeout=_LIVENESS_CHECK_S)
+            except TimeoutError:
+                # The loop fails requests it holds when it dies; this catches a thread gone without a word.
+                if not self._closing:
+                    self._runtime.raise_if_dead()
+                continue
+            while not snapshots.empty() and snapshot.error is None and not snapshot.is_finished():
+                snapshot = snapshots.get_nowait()
+            return snapshot
+
+    def _failed(self, error: str) -> Exception:
+        if self._runtime.fatal_error is None:
+            return RuntimeError(f"hf-cb request failed inside the manager: {error}")
+        self._failure = f"the continuous-batching loop failed: {self._runtime.fatal_error}"
+        log.error("%s; the engine stops serving", self._failure)
+        if "out of memory" in error.lower():
+            return EngineOutOfMemory(f"device out of memory while generating: {error}")
+        return EngineUnavailable(f"{self._failure}; restart the server")
+
+    # ---- scoring ------------------------------------------------------------------------
+
+    async def _score_ids(self, ids: list[int]) -> ScoreResult:
+        import torch
+
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._score_executor, self._runtime.scorer.score_ids, ids)
+        except torch.OutOfMemoryError as exc:
+            raise EngineOutOfMemory(f"device out of memory while scoring: {exc}".splitlines()[0]) from None
+
+
+_LIVENESS_CHECK_S = 1.0
+
+
+class _TextStream:
+    """A request's token snapshots to outputs: whole characters, stop strings, finish reasons, usage."""
+
+    def __init__(self, runtime, request: EngineRequest) -> None:
+        self.params = request.params
+        self.prompt_tokens = len(request.prompt_ids)
+        self.eos_ids = frozenset(runtime.eos_ids)
+        self.count = 0
+        self.detokenizer = IncrementalDetokenizer(
+            lambda ids: runtime.tokenizer.decode(ids, skip_special_tokens=True))
+        self.stops = StopStringFilter(self.params.stop)
+
+    def advance(self, tokens: list[int], finished: bool) -> GenerationOutput | None:
+        """The output for the tokens not seen yet, or None when there are none."""
+        new = tokens[self.count:]
+        if not new:
+            return None
+        pieces, taken, finish = [], [], None
+        for token in new:
+            self.count += 1
+            taken.append(token)
+            if token in self.eos_ids and not self.params.ignore_eos:
+                finish = "eos"
+            elif self.count >= self.params.max_new_tokens or (finished and self.count == len(tokens)):
+                finish = "length"
+            piece = self.detokenizer.push(token)
+            if finish is not None:
+                piece += self.detokenizer.flush()
+            text, hit_stop = self.stops.push(piece)
+            pieces.append(text)
+            if hit_stop:
+                finish = "stop"
+            elif finish is not None:
+                pieces.append(self.stops.flush())
+            if finish is not None:
+                break
+        return GenerationOutput(text="".join(pieces), token_ids=tuple(taken), prompt_tokens=self.prompt_tokens,
+                                completion_tokens=self.count, finish_reason=finish)
+
+    def cancelled(self) -> GenerationOutput:
+        return GenerationOutput(text="", token_ids=(), prompt_tokens=self.prompt_tokens,
+                                completion_tokens=self.count, finish_reason="cancelled")
+
+
+def _drop_handler(manager, request_id: str) -> None:
+    # The manager drops a handler only when its request finishes; a cancelled one never does.
+    router = manager.output_router
+    with router._lock:
+        router.result_handlers.pop(request_id, None)
+
+
+def _monotonic(perf_counter_time: float) -> float | None:
+    """The manager stamps with time.perf_counter(); GenerationOutput.started_at is time.monotonic()."""
+    if perf_counter_time is None or perf_counter_time < 0:
+        return None
+    return time.monotonic() - (time.perf_counter() - perf_counter_time)
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+

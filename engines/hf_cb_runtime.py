@@ -1,0 +1,231 @@
+"""The model side of engine ``hf-cb``: one model under transformers' continuous-batching manager.
+
+Free of asyncio: ``CBRuntime.build`` runs in a worker thread at start-up and returns the
+manager already running (its own thread), with the facts the engine reports.  Three
+things here are ours rather than the library's defaults:
+
+- the KV-cache size is bounded by us (transformers sizes it from free device memory:
+  about 120 GiB of an H200), and never below one full-context sequence, because a
+  request the cache can never hold stops the manager's loop for every request;
+- the kernel that really ran is observed on a probe request through the manager;
+- Score gets its own model object, sharing the weight tensors: once the manager has
+  switched a model to paged attention, a plain forward on it is not causal
+  (transformers #48296).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import hf_attention
+from .errors import EngineUnavailable
+from .hf_model import HFModel, _eos_token_ids, _model_supports_sdpa, resolve_device, resolve_dtype
+from .models import resolve_model
+
+log = logging.getLogger(__name__)
+
+# Auto-sized KV cache: a byte budget, never more tokens than this, never less than one full context.
+AUTO_KV_CACHE_BYTES = {"cpu": 1 * 2**30, "cuda": 8 * 2**30}
+AUTO_KV_CACHE_MAX_TOKENS = 2**17
+AUTO_MAX_BATCH_TOKENS = {"cpu": 1024, "cuda": 8192}
+_PROBE_PROMPT = "The attention kernel probe"
+_PROBE_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    num_blocks: int
+    block_size: int
+    max_batch_tokens: int
+
+
+def plan_cache(text_config, dtype: torch.dtype, device: torch.device, num_blocks: int | None, block_size: int,
+               max_batch_tokens: int | None, max_running: int) -> CachePlan:
+    from transformers.generation.continuous_batching.utils import find_head_dim, find_num_key_value_heads
+
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    context = int(getattr(text_config, "max_position_embeddings", 0) or 2048)
+    if num_blocks is None:
+        per_token = (2 * text_config.num_hidden_layers * find_num_key_value_heads(text_config)
+                     * find_head_dim(text_config) * dtype.itemsize)
+        tokens = min(AUTO_KV_CACHE_BYTES[kind] // per_token, max_running * context, AUTO_KV_CACHE_MAX_TOKENS)
+        num_blocks = math.ceil(max(tokens, context) / block_size)
+    return CachePlan(num_blocks, block_size, max_batch_tokens or AUTO_MAX_BATCH_TOKENS[kind])
+
+
+class CBRuntime:
+    """A running manager, its model, the scoring model beside it, and what they are."""
+
+    def __init__(self, **facts) -> None:
+        self.__dict__.update(facts)
+
+    # ---- building ------------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, model_name: str, dtype_name: str, device_name: str, options, max_running: int) -> CBRuntime:
+        from transformers import AutoModelForCausalLM, AutoTokenizer, ContinuousBatchingConfig, GenerationConfig
+
+        from . import hf_cb_sampling
+
+        path = resolve_model(model_name)
+        device = resolve_device(device_name)
+        dtype = resolve_dtype(dtype_name, device)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        implementation = _implementation(path, device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=implementation)
+        model.to(device).eval()
+        # Before the manager touches the model: the scorer keeps plain (eager) attention, as hf-kv scores.
+        scorer = HFModel(path, _shared_weights_copy(model, "eager"), tokenizer, device, dtype, use_cache=False,
+                         implementation="eager")
+        eos_ids = sorted(_eos_token_ids(model, tokenizer))
+
+        graphs = bool(options.cuda_graphs) and device.type == "cuda"
+        if options.cuda_graphs and not graphs:
+            log.warning("--cuda-graphs true ignored: CUDA graphs need a CUDA device")
+        plan = plan_cache(model.config.get_text_config(), dtype, device, options.num_blocks, options.block_size,
+                          options.max_batch_tokens, max_running)
+        cb_config = ContinuousBatchingConfig(
+            page_size=plan.block_size, num_blocks=plan.num_blocks, max_batch_tokens=plan.max_batch_tokens,
+            max_requests_per_batch=max_running, use_cuda_graph=graphs,
+            # We choose the kernel; the manager's own switch may fetch flash kernels from the Hub.
+            auto_switch_to_flash=False,
+        )
+        # Greedy by default; EOS is given per request, so ignore_eos can drop it.
+        generation_config = GenerationConfig(do_sample=False, eos_token_id=eos_ids or -1,
+                                             pad_token_id=model.generation_config.pad_token_id)
+        manager = model.init_continuous_batching(generation_config=generation_config,
+                                                 continuous_batching_config=cb_config)
+        samplers = None
+        if not graphs:
+            # A graph cannot hold Python sampling per request; without graphs every field is honoured.
+            samplers = hf_cb_sampling.SamplerTable(device)
+            manager.logit_processor = hf_cb_sampling.processor_list(samplers)
+        manager.warmup()  # creates the cache now (and captures graphs when they are on)
+        cache = manager.batch_processor.cache
+        runtime = cls(
+            path=path, model=model, tokenizer=tokenizer, device=device, dtype=dtype, manager=manager,
+            cache=cache, scorer=scorer, samplers=samplers, eos_ids=tuple(eos_ids), graphs=graphs,
+            implementation=model.config._attn_implementation, block_size=plan.block_size,
+            num_blocks=int(cache.num_blocks), max_batch_tokens=int(cache.max_batch_tokens),
+            kv_cache_bytes=int(cache.cache_tensor.numel() * cache.cache_tensor.element_size()),
+            max_context=min(scorer.max_context, _longest_request(cache)), vocab_size=scorer.vocab_size,
+            kernel="not probed",
+        )
+        manager.start()
+        runtime.kernel = runtime._probe_kernel()
+        return runtime
+
+    def _probe_kernel(self) -> str:
+        """Sends one short request through the manager and names the attention operator its forward ran.
+
+        The forward runs in the manager's thread, so the recorder goes around the model's
+        forward there, for this request only.
+        """
+        seen: dict[str, str] = {}
+        original = self.model.forward
+
+        def recording_forward(*args, **kwargs):
+            result = {}
+
+            def run():
+                result["output"] = original(*args, **kwargs)
+
+            seen["kernel"] = hf_attention.observed_kernel(run)
+            return result["output"]
+
+        self.model.forward = recording_forward
+        try:
+            ids = self.tokenizer(_PROBE_PROMPT).input_ids
+            request_id = self.manager.add_request(ids, request_id="yayi-kernel-probe", max_new_tokens=2,
+                                                  eos_token_id=-1)
+            deadline = time.monotonic() + _PROBE_TIMEOUT_S
+            while time.monotonic() < deadline:
+                result = self.manager.get_result(request_id=request_id, timeout=1)
+                if result is not None and result.is_finished():
+                    if result.error is not None:
+                        raise EngineUnavailable(f"the continuous-batching manager failed its first request: "
+                                                f"{result.error}")
+                    break
+                self.raise_if_dead()
+            else:
+                raise EngineUnavailable(f"the continuous-batching manager gave no token in {_PROBE_TIMEOUT_S} s")
+        finally:
+            del self.model.forward  # back to the class's forward
+        return seen.get("kernel", "not observed")
+
+    # ---- what the engine reads -----------------------------------------------------------
+
+    @property
+    def attention(self) -> str:
+        return (f"paged|{self.implementation.removeprefix('paged|')}: {self.kernel}; KV cache {self.num_blocks} "
+                f"blocks x {self.block_size} tokens" + ("; CUDA graphs" if self.graphs else ""))
+
+    @property
+    def fatal_error(self) -> BaseException | None:
+        return self.manager.background_thread_status.fatal_error
+
+    def raise_if_dead(self) -> None:
+        if self.fatal_error is not None:
+            raise EngineUnavailable(f"the continuous-batching loop failed: {self.fatal_error}")
+        if not self.manager.is_running():
+            raise EngineUnavailable("the continuous-batching loop has stopped")
+
+    def counts(self) -> tuple[int, int]:
+        """(running, waiting) inside the manager: scheduled requests, then queued and not yet scheduled ones."""
+        processor = self.manager.batch_processor
+        queued = self.manager.input_queue.qsize()
+        if processor is None:
+            return 0, queued
+        scheduler = processor.scheduler
+        return len(scheduler.active_requests), len(scheduler.waiting_requests) + queued
+
+    def kv_cache_usage(self) -> float:
+        """Blocks held by live requests over all blocks, 0..1.
+
+        Blocks that only keep a finished prompt's prefix for reuse do not count: the
+        manager hands them out again whenever it needs room, as vLLM counts its own.
+        """
+        used = total = 0
+        for allocator in self.cache.cache_allocators.values():
+            blocks: set[int] = set()
+            # list() copies the values in one step under the GIL; the manager's thread edits the dict.
+            for table in list(allocator.block_table.values()):
+                blocks.update(table)
+            used += len(blocks) * allocator.bytes_per_block
+            total += allocator.num_blocks * allocator.bytes_per_block
+        return min(1.0, used / total) if total else 0.0
+
+    def stop(self) -> None:
+        """Stops the loop now; requests still inside are failed, and their consumers told."""
+        if self.manager.is_running():
+            self.manager.stop(block=True, timeout=30, hard_stop=True)
+        self.manager.destroy()
+
+
+def _implementation(path: Path, device: torch.device) -> str:
+    """The paged attention kernel: flash-attn on CUDA when installed, else SDPA, else eager."""
+    if hf_attention.flash_attn_package_usable(device):
+        return "flash_attention_2"
+    return "sdpa" if _model_supports_sdpa(path) else "eager"
+
+
+def _shared_weights_copy(model, implementation: str):
+    """A second model object over the same weight tensors, with its own config and attention."""
+    memo = {id(parameter): parameter for parameter in model.parameters()}
+    twin = copy.deepcopy(model, memo)
+    twin.set_attn_implementation(implementation)
+    return twin
+
+
+def _longest_request(cache) -> int:
+    """The longest prompt plus completion one request can have on an empty cache."""
+    from transformers.generation.continuous_batching.model_runner import infer_max_single_request_tokens
+
+    return infer_max_single_request_tokens(cache)
