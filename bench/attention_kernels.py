@@ -26,8 +26,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from loadtest.plots import line_plot, pyplot
+from loadtest.report_folder import Report
+
 from .memory import peak_bytes
-from .report import Report, line_plot, pyplot
 
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

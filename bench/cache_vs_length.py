@@ -25,11 +25,14 @@ import time
 
 import torch
 
+from loadtest.plots import line_plot, pyplot
+from loadtest.prompts import LOG_SPEED_PROMPTS
+from loadtest.report_folder import Report
+
 from .memory import peak_bytes, peak_bytes_with_cache
-from .report import Report, line_plot, pyplot
 
 ENGINES = ("hf-eager", "hf-kv", "hf-flash")
-LOG_PROMPT = "Hey, are you conscious? Can you talk to me?"
+LOG_PROMPT = LOG_SPEED_PROMPTS[0]
 
 
 def load_engine(name: str, model: str, dtype: str, device: str):

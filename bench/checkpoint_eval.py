@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from .report import Report, pyplot
+from loadtest.plots import pyplot
+from loadtest.report_folder import Report
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 

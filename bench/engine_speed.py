@@ -11,29 +11,24 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
+from loadtest.prompts import LOG_SPEED_PROMPTS
 from loadtest.server_process import ServerProcess
+from loadtest.stream_clock import StreamClock
+from loadtest.tables import markdown_table
+from loadtest.token_stats import RequestSample
 from server.wire import pb
 
-LOG_PROMPTS = [
-    "Hey, are you conscious? Can you talk to me?",
-    "I feel so bad today, what should I do?",
-    "I've won an award today, I'm in a good mood",
-]
+
+def measure(server: ServerProcess, prompt: str, new_tokens: int) -> RequestSample:
+    """One streamed request, timed by the load test's own clock."""
+    clock = StreamClock()
+    return clock.read(server.stream(prompt, timeout=3600, max_new_tokens=new_tokens, ignore_eos=True))
 
 
-def measure(server: ServerProcess, prompt: str, new_tokens: int) -> tuple[float, float, int]:
-    started = time.perf_counter()
-    first = None
-    completion = 0
-    for chunk in server.stream(prompt, timeout=3600, max_new_tokens=new_tokens, ignore_eos=True):
-        if first is None and chunk.token_ids:
-            first = time.perf_counter()
-        if chunk.finish_reason:
-            completion = chunk.usage.completion_tokens
-    elapsed = time.perf_counter() - started
-    return completion / elapsed, (first - started) * 1000, completion
+def speed(sample: RequestSample) -> float:
+    """The log's "Speed": the server's completion tokens over the whole request."""
+    return (sample.completion_tokens or sample.tokens) / sample.duration_s
 
 
 def run_engine(engine: str, model: str, new_tokens: int, extra: list[str]) -> dict:
@@ -41,13 +36,13 @@ def run_engine(engine: str, model: str, new_tokens: int, extra: list[str]) -> di
     try:
         info = server.stub.GetModelInfo(pb.ModelInfoRequest(), timeout=10)
         measure(server, "Warm-up", 8)
-        runs = [measure(server, prompt, new_tokens) for prompt in LOG_PROMPTS]
+        runs = [measure(server, prompt, new_tokens) for prompt in LOG_SPEED_PROMPTS]
         return {
             "engine": engine, "attention": info.attention, "use_cache": info.use_cache, "dtype": info.dtype,
             "device": info.device,
-            "tokens_per_s": statistics.mean(r[0] for r in runs),
-            "ttft_ms": statistics.mean(r[1] for r in runs),
-            "tokens": sum(r[2] for r in runs),
+            "tokens_per_s": statistics.mean(speed(r) for r in runs),
+            "ttft_ms": statistics.mean(r.ttft_s * 1000 for r in runs),
+            "tokens": sum(r.completion_tokens or r.tokens for r in runs),
             "peak_rss_mb": server.peak_rss_bytes() / 2**20,
         }
     finally:
@@ -63,17 +58,18 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for engine in args.engines.split(","):
-        print(f"# {engine}: starting server, {len(LOG_PROMPTS)} prompts x {args.new_tokens} tokens ...", flush=True)
+        print(f"# {engine}: starting server, {len(LOG_SPEED_PROMPTS)} prompts x {args.new_tokens} tokens ...",
+              flush=True)
         rows.append(run_engine(engine, args.model, args.new_tokens, args.server_arg))
     baseline = next((r["tokens_per_s"] for r in rows if r["engine"] == "hf-eager"), None)
     print(f"\nmodel {args.model}, greedy, {args.new_tokens} new tokens, ignore_eos, one request at a time, "
-          f"mean of the log's {len(LOG_PROMPTS)} prompts\n")
-    print("| engine | use_cache | attention kernel | dtype | device | tokens/s | TTFT (ms) | peak RSS (MB) | vs hf-eager |")
-    print("| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: |")
+          f"mean of the log's {len(LOG_SPEED_PROMPTS)} prompts\n")
     for r in rows:
-        ratio = f"{r['tokens_per_s'] / baseline:.2f}x" if baseline else "n/a"
-        print(f"| {r['engine']} | {r['use_cache']} | {r['attention']} | {r['dtype']} | {r['device']} | "
-              f"{r['tokens_per_s']:.1f} | {r['ttft_ms']:.0f} | {r['peak_rss_mb']:.0f} | {ratio} |")
+        r["vs_eager"] = f"{r['tokens_per_s'] / baseline:.2f}x" if baseline else "n/a"
+    print(markdown_table(rows, ["engine", "use_cache", "attention", "dtype", "device", "tokens_per_s", "ttft_ms",
+                                "peak_rss_mb", "vs_eager"],
+                         {"attention": "attention kernel", "tokens_per_s": "tokens/s", "ttft_ms": "TTFT (ms)",
+                          "peak_rss_mb": "peak RSS (MB)", "vs_eager": "vs hf-eager"}))
 
 
 if __name__ == "__main__":

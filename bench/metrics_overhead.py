@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from bench.engine_speed import LOG_PROMPTS, measure
+from bench.engine_speed import measure, speed
+from loadtest.prompts import LOG_SPEED_PROMPTS
 from loadtest.server_process import ServerProcess
+from loadtest.tables import markdown_table
 
 
 def main() -> None:
@@ -31,12 +33,12 @@ def main() -> None:
         for server in servers.values():
             measure(server, "Warm-up", 8)
         for round_number in range(args.rounds):
-            for prompt in LOG_PROMPTS:
+            for prompt in LOG_SPEED_PROMPTS:
                 order = list(servers.items())
                 if round_number % 2:
                     order.reverse()
                 for name, server in order:
-                    rates[name].append(measure(server, prompt, args.new_tokens)[0])
+                    rates[name].append(speed(measure(server, prompt, args.new_tokens)))
             print(f"# round {round_number + 1}/{args.rounds} done", flush=True)
     finally:
         for server in servers.values():
@@ -44,9 +46,8 @@ def main() -> None:
     off, on = (statistics.median(rates[name]) for name in ("metrics off", "metrics on"))
     print(f"\n{args.engine} on {args.model}, {args.new_tokens} tokens, {len(rates['metrics on'])} requests each, "
           "alternating, median tokens/s\n")
-    print("| metrics | tokens/s (median) | min | max |\n| --- | ---: | ---: | ---: |")
-    for name, values in rates.items():
-        print(f"| {name} | {statistics.median(values):.2f} | {min(values):.2f} | {max(values):.2f} |")
+    print(markdown_table([{"metrics": name, "tokens/s (median)": statistics.median(values), "min": min(values),
+                           "max": max(values)} for name, values in rates.items()]))
     print(f"\nmetrics on / off: {on / off:.3f} ({(on / off - 1) * 100:+.1f} %)")
 
 

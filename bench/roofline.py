@@ -1,155 +1,35 @@
-"""Roofline bounds for transformer inference: what a device can do at best for a model shape.
+"""The roofline bounds from the command line, for the model shapes kept under ``bench/shapes``.
 
-Decode (one new token per sequence per step) reads every weight once per step plus each
-sequence's KV cache, so at small batches it is bound by memory bandwidth; prefill pushes
-a whole prompt through each weight at once and is bound by FLOP/s.  The bounds ignore
-everything a real engine adds (kernel launches, sampling, Python), so a measured figure
-is always below them and "% of bound" says how much of the hardware an engine uses.
-
-Counting conventions (one place, so tests and reports agree):
-- ``params`` counts every weight stored, the way model cards do.
-- A decoded token streams the *matmul* weights: all but an untied input embedding, of
-  which a step reads only one row per token.  Tied embeddings are read in full, as the
-  output projection.
-- FLOPs per token: 2 per matmul weight, plus attention's 4 x layers x context x
-  (heads x head_dim) for the scores and the weighted sum; prefill's causal attention
-  costs half of the full square.
-
-``python -m bench.roofline`` prints the bounds for the shapes under ``bench/shapes`` on
-the device presets and, with ``--probe``, on this machine.
+``python -m bench.roofline`` prints the decode and prefill bounds of each shape on the
+device presets and, with ``--probe``, on this machine.  The model itself (devices, shapes,
+the bounds, the probe) is ``loadtest/roofline.py``: yayi-compare's "% of bound" column
+needs it too, and loadtest/ never imports bench/.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from loadtest.roofline import (
+    DEVICES,
+    Device,
+    ModelShape,
+    bound_kind,
+    decode_bound_tokens_per_s,
+    fits,
+    make_shape,
+    memory_bytes,
+    prefill_bound_tokens_per_s,
+    probe_this_machine,
+)
+from loadtest.tables import markdown_table
 
 SHAPES_DIR = Path(__file__).with_name("shapes")
 
-
-@dataclass(frozen=True)
-class Device:
-    name: str
-    peak_flops: float  # FLOP/s at the serving dtype (dense, no sparsity)
-    bandwidth: float  # bytes/s of the memory that holds the weights
-    memory_bytes: float
-    source: str
-
-
-# NVIDIA datasheet figures, dense bf16 tensor-core FLOP/s (the datasheets print twice as
-# much "with sparsity", which inference on dense weights never sees).
-DEVICES: dict[str, Device] = {
-    # NVIDIA A100 Tensor Core GPU datasheet (nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf):
-    # A100 80GB SXM, BF16 Tensor Core 312 TFLOPS, GPU memory bandwidth 2,039 GB/s, 80 GB HBM2e.
-    "a100-80g": Device("A100-80G SXM", 312e12, 2039e9, 80e9,
-                       "NVIDIA A100 datasheet: 312 TFLOP/s bf16 dense, 2039 GB/s, 80 GB (SXM)"),
-    # NVIDIA H100 Tensor Core GPU datasheet: H100 SXM, BF16 Tensor Core 1,979 TFLOPS with
-    # sparsity (989 dense), GPU memory bandwidth 3.35 TB/s, 80 GB HBM3.
-    "h100": Device("H100 SXM", 989e12, 3.35e12, 80e9,
-                   "NVIDIA H100 datasheet: 989 TFLOP/s bf16 dense, 3.35 TB/s, 80 GB (SXM)"),
-    # NVIDIA H200 Tensor Core GPU datasheet: H200 SXM, BF16 Tensor Core 1,979 TFLOPS with
-    # sparsity (989 dense), GPU memory bandwidth 4.8 TB/s, 141 GB HBM3e.
-    "h200": Device("H200 SXM", 989e12, 4.8e12, 141e9,
-                   "NVIDIA H200 datasheet: 989 TFLOP/s bf16 dense, 4.8 TB/s, 141 GB (SXM)"),
-}
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    name: str
-    params: int
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    vocab: int
-    intermediate: int | None
-    source: str
-    head_dim: int | None = None  # None: hidden // heads
-    architecture: str = "llama"  # "llama" (gated MLP, RMSNorm, RoPE) or "bloom" (plain MLP, LayerNorm, ALiBi)
-    positions: str = "rope"
-    tie_embeddings: bool = False
-    max_context: int = 2048
-    reported_params: int | None = None  # what the model card says, to check the count against
-    notes: str = field(default="", compare=False)
-
-    @property
-    def dim_head(self) -> int:
-        return self.head_dim or self.hidden // self.heads
-
-    @property
-    def streamed_params(self) -> int:
-        """Weights a decode step reads in full: all but an untied input embedding."""
-        return self.params - (0 if self.tie_embeddings else self.vocab * self.hidden)
-
-
-def count_params(architecture: str, layers: int, hidden: int, heads: int, kv_heads: int, vocab: int,
-                 intermediate: int | None, tie_embeddings: bool, head_dim: int | None = None) -> int:
-    """Stored weights of a Llama-style or BLOOM-style decoder, biases and norms included."""
-    head_dim = head_dim or hidden // heads
-    q, kv = heads * head_dim, kv_heads * head_dim
-    embed = vocab * hidden
-    if architecture == "bloom":
-        intermediate = intermediate or 4 * hidden
-        # fused qkv and dense with biases, plain two-matrix MLP with biases, two LayerNorms
-        attention = hidden * (q + 2 * kv) + (q + 2 * kv) + q * hidden + hidden
-        mlp = 2 * hidden * intermediate + intermediate + hidden
-        per_layer = attention + mlp + 4 * hidden
-        # the embedding LayerNorm and the final one
-        extra = 4 * hidden
-    elif architecture == "llama":
-        if intermediate is None:
-            raise ValueError("a llama-style shape needs its intermediate (MLP) size")
-        attention = hidden * (q + 2 * kv) + q * hidden
-        mlp = 3 * hidden * intermediate  # gate, up, down
-        per_layer = attention + mlp + 2 * hidden  # two RMSNorms
-        extra = hidden
-    else:
-        raise ValueError(f"unknown architecture {architecture!r}: llama or bloom")
-    return embed * (1 if tie_embeddings else 2) + layers * per_layer + extra
-
-
-def make_shape(name: str, *, layers: int, hidden: int, heads: int, vocab: int, kv_heads: int | None = None,
-               intermediate: int | None = None, architecture: str = "llama", tie_embeddings: bool = False,
-               head_dim: int | None = None, source: str = "", **extra) -> ModelShape:
-    kv_heads = kv_heads or heads
-    if architecture == "bloom":
-        intermediate = intermediate or 4 * hidden
-    params = count_params(architecture, layers, hidden, heads, kv_heads, vocab, intermediate, tie_embeddings, head_dim)
-    extra.setdefault("positions", "alibi" if architecture == "bloom" else "rope")
-    return ModelShape(name=name, params=params, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
-                      vocab=vocab, intermediate=intermediate, source=source, head_dim=head_dim,
-                      architecture=architecture, tie_embeddings=tie_embeddings, **extra)
-
-
-def shape_from_hf_config(path_or_dict, name: str | None = None) -> ModelShape:
-    """A shape from a Hugging Face ``config.json`` (a folder, the file, or its dict): llama-like or bloom."""
-    if isinstance(path_or_dict, dict):
-        config, origin = path_or_dict, "config dict"
-    else:
-        path = Path(path_or_dict)
-        if path.is_dir():
-            path = path / "config.json"
-        config, origin = json.loads(path.read_text()), str(path)
-    model_type = config.get("model_type", "llama")
-    name = name or config.get("_name_or_path") or model_type
-    if model_type == "bloom":
-        hidden = config.get("hidden_size") or config["n_embed"]
-        return make_shape(name, layers=config["n_layer"], hidden=hidden, heads=config["n_head"],
-                          vocab=config["vocab_size"], architecture="bloom",
-                          tie_embeddings=config.get("tie_word_embeddings", True),
-                          max_context=config.get("max_position_embeddings") or config.get("seq_length") or 2048,
-                          source=origin)
-    heads = config["num_attention_heads"]
-    return make_shape(name, layers=config["num_hidden_layers"], hidden=config["hidden_size"], heads=heads,
-                      kv_heads=config.get("num_key_value_heads") or heads, vocab=config["vocab_size"],
-                      intermediate=config["intermediate_size"], head_dim=config.get("head_dim"),
-                      tie_embeddings=config.get("tie_word_embeddings", False),
-                      max_context=config.get("max_position_embeddings", 2048), source=origin)
+# The inference log's one measured row: Yayi-base 7B, one A100-80G, tokens/s.
+LOG_ROW = {"model": "7b", "device": "a100-80g", "tokens_per_s": 30.76, "memory_mb": 14814}
 
 
 def load_shape(name_or_path: str) -> ModelShape:
@@ -169,135 +49,10 @@ def builtin_shapes() -> list[ModelShape]:
     return sorted(shapes, key=lambda s: s.params)
 
 
-# ---- the bounds ----------------------------------------------------------------------
-
-
-def kv_bytes_per_token(shape: ModelShape, bytes_per_value: float = 2) -> float:
-    """Keys and values of one token in every layer."""
-    return 2 * shape.layers * shape.kv_heads * shape.dim_head * bytes_per_value
-
-
-def memory_bytes(shape: ModelShape, batch: int = 1, context: int = 0, bytes_per_param: float = 2,
-                 kv_bytes_per_value: float | None = None) -> float:
-    """Weights plus a KV cache holding ``context`` tokens for each of ``batch`` sequences."""
-    kv_value = bytes_per_param if kv_bytes_per_value is None else kv_bytes_per_value
-    return shape.params * bytes_per_param + batch * context * kv_bytes_per_token(shape, kv_value)
-
-
-def decode_flops_per_token(shape: ModelShape, context: int = 0) -> float:
-    return 2 * shape.streamed_params + 4 * shape.layers * context * shape.heads * shape.dim_head
-
-
-def decode_step_bytes(shape: ModelShape, batch: int = 1, context: int = 0, bytes_per_param: float = 2,
-                      kv_bytes_per_value: float | None = None) -> float:
-    kv_value = bytes_per_param if kv_bytes_per_value is None else kv_bytes_per_value
-    return shape.streamed_params * bytes_per_param + batch * context * kv_bytes_per_token(shape, kv_value)
-
-
-def decode_bound_tokens_per_s(shape: ModelShape, device: Device, batch: int = 1, context: int = 0,
-                              bytes_per_param: float = 2, kv_bytes_per_value: float | None = None) -> float:
-    """Tokens/s summed over the batch, each sequence holding ``context`` tokens of cache."""
-    step_bytes = decode_step_bytes(shape, batch, context, bytes_per_param, kv_bytes_per_value)
-    memory_bound = device.bandwidth / step_bytes * batch
-    compute_bound = device.peak_flops / decode_flops_per_token(shape, context)
-    return min(memory_bound, compute_bound)
-
-
-def prefill_flops(shape: ModelShape, prompt: int) -> float:
-    """One prompt of ``prompt`` tokens: the matmuls for every token plus causal attention."""
-    return 2 * shape.streamed_params * prompt + 2 * shape.layers * prompt * prompt * shape.heads * shape.dim_head
-
-
-def prefill_bound_tokens_per_s(shape: ModelShape, device: Device, batch: int = 1, prompt: int = 512,
-                               bytes_per_param: float = 2, kv_bytes_per_value: float | None = None) -> float:
-    """Prompt tokens/s over the batch: FLOP-bound unless the prompt is short enough to be bandwidth-bound."""
-    kv_value = bytes_per_param if kv_bytes_per_value is None else kv_bytes_per_value
-    flops = batch * prefill_flops(shape, prompt)
-    moved = shape.streamed_params * bytes_per_param + batch * prompt * kv_bytes_per_token(shape, kv_value)
-    seconds = max(flops / device.peak_flops, moved / device.bandwidth)
-    return batch * prompt / seconds
-
-
-def bound_kind(shape: ModelShape, device: Device, batch: int = 1, context: int = 0, bytes_per_param: float = 2) -> str:
-    """Which roof the decode bound sits under: "memory" or "compute"."""
-    memory_bound = device.bandwidth / decode_step_bytes(shape, batch, context, bytes_per_param) * batch
-    return "memory" if memory_bound <= device.peak_flops / decode_flops_per_token(shape, context) else "compute"
-
-
-def fits(shape: ModelShape, device: Device, batch: int = 1, context: int = 0, bytes_per_param: float = 2) -> bool:
-    return memory_bytes(shape, batch, context, bytes_per_param) <= device.memory_bytes
-
-
-# ---- this machine --------------------------------------------------------------------
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def probe_this_machine(seconds: float = 3.0, dtype=None, copy_mib: int = 256, gemm_n: int = 2048,
-                       device: str = "cpu") -> Device:
-    """Measured copy bandwidth and GEMM FLOP/s (best of repeats) of this machine's CPU or a CUDA device.
-
-    Best rather than median, because a roofline is a ceiling and the machine is shared:
-    other work only ever makes a run slower.  Half of ``seconds`` goes to each probe.
-    """
-    import psutil
-    import torch
-
-    dtype = dtype or torch.float32
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-
-    def timed(fn) -> tuple[float, int]:
-        fn()
-        best, runs, end = float("inf"), 0, time.perf_counter() + seconds / 2
-        while time.perf_counter() < end or runs < 2:
-            if cuda:
-                torch.cuda.synchronize(device)
-            started = time.perf_counter()
-            fn()
-            if cuda:
-                torch.cuda.synchronize(device)
-            best = min(best, time.perf_counter() - started)
-            runs += 1
-        return best, runs
-
-    # Far larger than any cache, so the copy measures DRAM/HBM: read + write of the buffer each time.
-    elements = copy_mib * 2**20 // torch.empty((), dtype=dtype).element_size()
-    src = torch.ones(elements, dtype=dtype, device=device)
-    dst = torch.empty_like(src)
-    best_copy, copies = timed(lambda: dst.copy_(src))
-    bandwidth = 2 * src.numel() * src.element_size() / best_copy
-    del src, dst
-    a = torch.randn(gemm_n, gemm_n, device=device).to(dtype)
-    b = torch.randn(gemm_n, gemm_n, device=device).to(dtype)
-    best_gemm, gemms = timed(lambda: torch.mm(a, b))
-    flops = 2 * gemm_n**3 / best_gemm
-    dtype_name = str(dtype).removeprefix("torch.")
-    if cuda:
-        props = torch.cuda.get_device_properties(device)
-        name, memory = f"this machine ({props.name}, {dtype_name})", float(props.total_memory)
-    else:
-        name = f"this machine ({cpu_name()}, {torch.get_num_threads()} threads, {dtype_name})"
-        memory = float(psutil.virtual_memory().total)
-    return Device(
-        name=name, peak_flops=flops, bandwidth=bandwidth, memory_bytes=memory,
-        source=(f"probe_this_machine: best of {copies} copies of {copy_mib} MiB (read + write counted) and "
-                f"best of {gemms} {gemm_n}x{gemm_n} {dtype_name} GEMMs on {device.type}, torch {torch.__version__}"),
-    )
-
-
-# ---- command line --------------------------------------------------------------------
-
-# The inference log's one measured row: Yayi-base 7B, one A100-80G, tokens/s.
-LOG_ROW = {"model": "7b", "device": "a100-80g", "tokens_per_s": 30.76, "memory_mb": 14814}
+# The bounds table's column titles, here and on the roofline_measure page.
+BOUNDS_HEADERS = {"params_b": "params (B)", "weights_gb": "weights GB", "memory_gb": "weights+KV (GB)",
+                  "decode_bound_tok_s": "decode bound (tok/s)", "decode_bound_kind": "bound by",
+                  "prefill_bound_tok_s": "prefill bound (tok/s)"}
 
 
 def bounds_rows(shapes: list[ModelShape], devices: list[Device], batch: int, context: int, prompt: int,
@@ -338,11 +93,9 @@ def main(argv: list[str] | None = None) -> None:
               f"{device.memory_bytes / 1e9:.4g} GB ({device.source})")
     print(f"\nbatch {args.batch}, decode context {args.context}, prefill prompt {args.prompt}, "
           f"{args.bytes_per_param:g} bytes per parameter\n")
-    print("| model | params (B) | device | weights+KV (GB) | fits | decode bound (tok/s) | bound by | prefill bound (tok/s) |")
-    print("| --- | ---: | --- | ---: | --- | ---: | --- | ---: |")
-    for r in bounds_rows(shapes, devices, args.batch, args.context, args.prompt, args.bytes_per_param):
-        print(f"| {r['model']} | {r['params_b']:.2f} | {r['device']} | {r['memory_gb']:.1f} | {r['fits']} | "
-              f"{r['decode_bound_tok_s']:.1f} | {r['decode_bound_kind']} | {r['prefill_bound_tok_s']:.0f} |")
+    rows = bounds_rows(shapes, devices, args.batch, args.context, args.prompt, args.bytes_per_param)
+    print(markdown_table(rows, ["model", "params_b", "device", "memory_gb", "fits", "decode_bound_tok_s",
+                                "decode_bound_kind", "prefill_bound_tok_s"], BOUNDS_HEADERS))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 For each model shape (``bench/shapes``) and each device (the A100/H100/H200 presets and
 this machine, probed for copy bandwidth and GEMM FLOP/s): the decode and prefill
-tokens/s bounds and the memory for weights plus KV cache (see ``bench/roofline.py``).
+tokens/s bounds and the memory for weights plus KV cache (see ``loadtest/roofline.py``).
 
 Beside the bound, measured here: random-weight models built from the shapes (Llama-style
 or BLOOM-style as the shape says, in the serving dtype), prefill tokens/s at each prompt
@@ -21,9 +21,12 @@ import time
 
 import torch
 
-from . import roofline as rl
+from loadtest import roofline as rl
+from loadtest.plots import pyplot
+from loadtest.report_folder import Report
+
 from .memory import peak_bytes, peak_bytes_with_cache
-from .report import Report, pyplot
+from .roofline import BOUNDS_HEADERS, LOG_ROW, bounds_rows, load_shape
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     report = Report("token-speed", args.out, "bench.roofline_measure", argv, device=str(device))
     report.text(__doc__.split("\n", 2)[2])
 
-    shapes = [rl.load_shape(name) for name in args.shapes.split(",") if name]
+    shapes = [load_shape(name) for name in args.shapes.split(",") if name]
     report.table("shapes", [{"model": s.name, "architecture": s.architecture, "positions": s.positions,
                              "params": s.params, "layers": s.layers, "hidden": s.hidden, "heads": s.heads,
                              "kv_heads": s.kv_heads, "intermediate": s.intermediate, "vocab": s.vocab,
@@ -140,19 +143,18 @@ def main(argv: list[str] | None = None) -> None:
     batches = _ints(args.batch)
     bound_rows = []
     for batch in batches:
-        rows = rl.bounds_rows(shapes, devices, batch, args.context, max(_ints(args.prompts) or [512]), bytes_per_param)
+        rows = bounds_rows(shapes, devices, batch, args.context, max(_ints(args.prompts) or [512]), bytes_per_param)
         bound_rows += rows
     report.table("bounds", bound_rows,
                  ["model", "params_b", "device", "batch", "context", "weights_gb", "memory_gb", "fits",
                   "decode_bound_tok_s", "decode_bound_kind", "prefill_bound_tok_s"],
-                 headers={"params_b": "params (B)", "weights_gb": "weights GB", "memory_gb": "weights+KV GB",
-                          "decode_bound_tok_s": "decode bound (tok/s)", "decode_bound_kind": "bound by",
+                 headers={**BOUNDS_HEADERS,
                           "prefill_bound_tok_s": f"prefill bound (tok/s, prompt {max(_ints(args.prompts) or [512])})"},
                  title=f"Bounds ({args.dtype}, decode with {args.context} tokens of context)")
 
     measured = []
     for name in [n for n in measure_names.split(",") if n]:
-        shape = rl.load_shape(name)
+        shape = load_shape(name)
         print(f"# building a random-weight {shape.name} ({shape.params / 1e9:.2f}B, {args.dtype}) on {device} ...",
               flush=True)
         started = time.perf_counter()
@@ -191,15 +193,15 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def log_row_rows(shapes: list[rl.ModelShape], context: int) -> list[dict]:
-    a100 = rl.DEVICES[rl.LOG_ROW["device"]]
-    seven = rl.load_shape(rl.LOG_ROW["model"])
+    a100 = rl.DEVICES[LOG_ROW["device"]]
+    seven = load_shape(LOG_ROW["model"])
     rows = []
     for ctx in sorted({0, context}):
-        share = rl.LOG_ROW["tokens_per_s"] / rl.decode_bound_tokens_per_s(seven, a100, 1, ctx)
+        share = LOG_ROW["tokens_per_s"] / rl.decode_bound_tokens_per_s(seven, a100, 1, ctx)
         for shape in shapes:
             bound = rl.decode_bound_tokens_per_s(shape, a100, 1, ctx)
             rows.append({"model": shape.name, "context": ctx, "A100 decode bound (tok/s)": bound,
-                         "log measured (tok/s)": rl.LOG_ROW["tokens_per_s"] if shape.name == seven.name else None,
+                         "log measured (tok/s)": LOG_ROW["tokens_per_s"] if shape.name == seven.name else None,
                          "log % of bound": 100 * share if shape.name == seven.name else None,
                          "at the same share (tok/s)": bound * share,
                          "bf16 weights+KV (MB)": rl.memory_bytes(shape, 1, ctx) / 2**20})
@@ -216,9 +218,9 @@ def plot(report: Report, shapes, devices, measured, bytes_per_param: float, cont
         for j, shape in enumerate(shapes):
             ys = [rl.decode_bound_tokens_per_s(shape, device, b, context, bytes_per_param) for b in batches]
             ax.plot(batches, ys, styles[i % 4], color=f"C{j}", label=f"{shape.name} {device.name}" if True else None)
-    seven = next((s for s in shapes if s.name == rl.LOG_ROW["model"]), None)
+    seven = next((s for s in shapes if s.name == LOG_ROW["model"]), None)
     if seven is not None:
-        ax.plot([1], [rl.LOG_ROW["tokens_per_s"]], "k*", markersize=12, label="log: 7B on A100, 30.76 tok/s")
+        ax.plot([1], [LOG_ROW["tokens_per_s"]], "k*", markersize=12, label="log: 7B on A100, 30.76 tok/s")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("batch")

@@ -26,8 +26,10 @@ from pathlib import Path
 
 import torch
 
+from loadtest.plots import line_plot, pyplot
+from loadtest.report_folder import Report
+
 from .memory import peak_bytes
-from .report import Report, line_plot, pyplot
 
 ARCHITECTURES = ("llama", "bloom")
 POSITIONS = {"llama": "RoPE", "bloom": "ALiBi"}

@@ -17,24 +17,21 @@ import collections
 import random
 import sys
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
 import psutil
-from prometheus_client.parser import text_string_to_metric_families
 
 from engines.faults import ENV_VAR as FAULTS_ENV
-from loadtest.server_process import ServerProcess, request
+from loadtest import scrape
+from loadtest.prompts import LOG_SPEED_PROMPTS
+from loadtest.server_process import ServerProcess
 
 FAULT_MARKER = "SOAK-FAULT"
-PROMPTS = [
-    "Hey, are you conscious? Can you talk to me?",
-    "I feel so bad today, what should I do?",
-    "I've won an award today, I'm in a good mood",
-    "今天天气怎么样？🌞",
-]
+# The log's prompts, plus one beyond ASCII (CJK, an emoji: characters whose bytes span tokens),
+# so streaming whole characters is soaked under cancels and deadlines too.
+PROMPTS = [*LOG_SPEED_PROMPTS, "今天天气怎么样？🌞"]
 GREEDY = dict(max_new_tokens=8, ignore_eos=True)
 # Each is INVALID_ARGUMENT on any engine and model the soak runs.
 BAD_INPUTS = [
@@ -86,17 +83,11 @@ def tree_rss(pid: int) -> int:
     return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)])
 
 
-def scrape(server: ServerProcess) -> dict[tuple[str, str], float]:
-    body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
-    return {(s.name, s.labels.get("status", "")): s.value
-            for family in text_string_to_metric_families(body) for s in family.samples}
-
-
 def wait_idle(server: ServerProcess, timeout: float = 30.0) -> tuple[float, float]:
     deadline = time.monotonic() + timeout
     while True:
-        values = scrape(server)
-        gauges = (values[("yayi_requests_running", "")], values[("yayi_requests_waiting", "")])
+        values = scrape.read(server.metrics_port, timeout=10)
+        gauges = (scrape.total(values, "yayi_requests_running"), scrape.total(values, "yayi_requests_waiting"))
         if gauges == (0.0, 0.0) or time.monotonic() > deadline:
             return gauges
         time.sleep(0.1)
@@ -164,7 +155,9 @@ def run_soak(engine: str, model: str, requests: int, warmup: int, concurrency: i
     rng = random.Random(seed)
     kinds = rng.choices(list(MIX), weights=[w for w, _ in MIX.values()], k=requests)
     seeds = [rng.randrange(2**32) for _ in kinds]
-    server = ServerProcess("--engine", engine, "--model", model, "--max-queue", str(concurrency * 2), *server_args,
+    # The injected faults are test-only: the server refuses the variable without --allow-test-faults.
+    server = ServerProcess("--engine", engine, "--model", model, "--max-queue", str(concurrency * 2),
+                           "--allow-test-faults", *server_args,
                            env={FAULTS_ENV: f"error:{FAULT_MARKER}@1"}).wait_ready(900)
     result = SoakResult(engine=engine)
     try:
@@ -192,8 +185,8 @@ def run_soak(engine: str, model: str, requests: int, warmup: int, concurrency: i
         result.by_status["OK"] += len(PROMPTS)
         result.gauges_end = wait_idle(server)
         result.rss_end = tree_rss(server.process.pid)
-        result.server_by_status = {status: v for (name, status), v in scrape(server).items()
-                                   if name == "yayi_requests_total"}
+        result.server_by_status = scrape.by_label(scrape.read(server.metrics_port, timeout=10),
+                                                  "yayi_requests_total", "status")
     finally:
         server.stop()
     return result

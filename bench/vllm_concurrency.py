@@ -4,25 +4,23 @@
 clients each send streaming requests (the log's prompts in turn, greedy, N new tokens,
 ignore_eos) so that c requests are always in flight, for ``--requests-per-client``
 requests each.  Printed per row: aggregate tokens/s (all completion tokens over the
-level's wall time), TTFT p50/p95.  Last, vLLM's own offline ``LLM.generate`` on the
-same 16 requests, in the same run, to show what the gRPC layer costs.
+level's wall time), TTFT p50/p95 (loadtest's clock and percentile, as yayi-compare's).
+Last, vLLM's own offline ``LLM.generate`` on the same 16 requests, in the same run, to
+show what the gRPC layer costs.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import threading
 import time
 
-from bench.engine_speed import LOG_PROMPTS
+from loadtest.prompts import LOG_SPEED_PROMPTS
 from loadtest.server_process import ServerProcess
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+from loadtest.stream_clock import StreamClock
+from loadtest.tables import markdown_table
+from loadtest.token_stats import percentile
 
 
 def run_level(server: ServerProcess, concurrency: int, per_client: int, new_tokens: int) -> dict:
@@ -32,16 +30,12 @@ def run_level(server: ServerProcess, concurrency: int, per_client: int, new_toke
 
     def client(index: int) -> None:
         for k in range(per_client):
-            prompt = LOG_PROMPTS[(index + k) % len(LOG_PROMPTS)]
-            started = time.perf_counter()
-            first = None
-            for chunk in server.stream(prompt, timeout=3600, max_new_tokens=new_tokens, ignore_eos=True):
-                if first is None and chunk.token_ids:
-                    first = time.perf_counter()
-                if chunk.finish_reason:
-                    with lock:
-                        tokens[0] += chunk.usage.completion_tokens
-                        ttfts.append((first - started) * 1000)
+            prompt = LOG_SPEED_PROMPTS[(index + k) % len(LOG_SPEED_PROMPTS)]
+            clock = StreamClock()
+            sample = clock.read(server.stream(prompt, timeout=3600, max_new_tokens=new_tokens, ignore_eos=True))
+            with lock:
+                tokens[0] += sample.completion_tokens or sample.tokens
+                ttfts.append(sample.ttft_s * 1000)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
     started = time.perf_counter()
@@ -50,8 +44,8 @@ def run_level(server: ServerProcess, concurrency: int, per_client: int, new_toke
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - started
-    return {"tokens_per_s": tokens[0] / wall, "ttft_p50": statistics.median(ttfts),
-            "ttft_p95": percentile(ttfts, 0.95), "requests": len(ttfts)}
+    return {"tokens_per_s": tokens[0] / wall, "ttft_p50": percentile(ttfts, 50),
+            "ttft_p95": percentile(ttfts, 95), "requests": len(ttfts)}
 
 
 def offline_vllm(model: str, requests: int, new_tokens: int, kv_cache_gb: float, dtype: str) -> float:
@@ -62,7 +56,7 @@ def offline_vllm(model: str, requests: int, new_tokens: int, kv_cache_gb: float,
 
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{kv_cache_gb:g}"
     llm = LLM(model=str(resolve_model(model)), dtype=dtype, max_model_len=2048, enforce_eager=True, seed=0)
-    prompts = [LOG_PROMPTS[i % len(LOG_PROMPTS)] for i in range(requests)]
+    prompts = [LOG_SPEED_PROMPTS[i % len(LOG_SPEED_PROMPTS)] for i in range(requests)]
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(max_tokens=8))
     started = time.perf_counter()
@@ -101,12 +95,12 @@ def main() -> None:
     offline = offline_vllm(args.model, offline_requests, args.new_tokens, args.kv_cache_gb, args.vllm_dtype)
     print(f"\nmodel {args.model}, vllm {args.vllm_dtype}, hf-kv float32, CPU, greedy, {args.new_tokens} new tokens, ignore_eos, "
           f"{args.requests_per_client} request(s) per client, through gRPC streaming\n")
-    print("| engine | concurrency | aggregate tokens/s | TTFT p50 (ms) | TTFT p95 (ms) | requests |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        print(f"| {r['engine']} | {r['concurrency']} | {r['tokens_per_s']:.1f} | {r['ttft_p50']:.0f} | "
-              f"{r['ttft_p95']:.0f} | {r['requests']} |")
-    print(f"| vLLM offline LLM.generate | {offline_requests} (one batch) | {offline:.1f} | | | {offline_requests} |")
+    offline_row = {"engine": "vLLM offline LLM.generate", "concurrency": f"{offline_requests} (one batch)",
+                   "tokens_per_s": offline, "requests": offline_requests}
+    print(markdown_table(rows + [offline_row], ["engine", "concurrency", "tokens_per_s", "ttft_p50", "ttft_p95",
+                                                "requests"],
+                         {"tokens_per_s": "aggregate tokens/s", "ttft_p50": "TTFT p50 (ms)",
+                          "ttft_p95": "TTFT p95 (ms)"}))
     by = {(r["engine"], r["concurrency"]): r["tokens_per_s"] for r in rows}
     top = max(levels)
     if ("vllm", top) in by and ("hf-kv", top) in by:

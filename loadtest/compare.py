@@ -3,16 +3,14 @@
 For each engine: start a server, wait for SERVING, warm up, record the idle row (the log's
 "空载"), run headless Locust at each concurrency while watching the server's metrics, stop
 the server.  Optionally the same load against vLLM's own OpenAI-compatible server, beside
-our vllm rows.  Writes reports/<timestamp>/ (see loadtest/report.py); every figure in it
-comes from a raw file kept under raw/.
+our vllm rows.  Writes reports/speed-<UTC time>/ (see loadtest/report.py and the folder
+rule in loadtest/report_folder.py); every figure in it comes from a raw file kept under raw/.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
-import platform
 import re
 import shlex
 import sys
@@ -20,9 +18,10 @@ import time
 from pathlib import Path
 
 from loadtest.locust_run import LoadSpec, run_locust
+from loadtest.machine import describe, machine_info
 from loadtest.report import write_report
+from loadtest.report_folder import default_out
 from loadtest.roofline_column import RooflineColumn
-from loadtest.server_process import ROOT
 from loadtest.targets import OpenAIServerTarget, Reading, YayiTarget
 
 # Rough start-up times on a 2-core CPU, only for the "time left" estimate.
@@ -79,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--start-timeout", type=float, default=900.0, help="seconds a server may take to load")
     parser.add_argument("--probe-seconds", type=float, default=3.0,
                         help="length of the CPU roofline probe per dtype; 0 skips it (no %% of bound on CPU)")
-    parser.add_argument("--out", default="", help="report folder (default reports/<timestamp>)")
+    parser.add_argument("--out", default="", help="report folder (default reports/speed-<UTC time>)")
     return parser
 
 
@@ -193,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     engines = [name.strip() for name in args.engines.split(",") if name.strip()]
     started = dt.datetime.now()
-    out = Path(args.out) if args.out else ROOT / "reports" / started.strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else default_out("speed")
     raw = out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     from engines.models import resolve_model
@@ -251,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model, "model_path": model_path,
         "command": "yayi-compare " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "started": started.isoformat(timespec="seconds"), "finished": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": machine_description(), "users": args.users, "duration_s": args.duration,
+        "machine": describe(machine_info()), "users": args.users, "duration_s": args.duration,
         "max_new_tokens": args.max_new_tokens, "failures": failures, "roofline": roofline.describe(),
         "column_notes": column_notes(args),
     }
@@ -276,13 +275,6 @@ def column_notes(args) -> list[str]:
         "(engines that do not batch are still measured against the batched bound).",
         "vllm-openai: vLLM's own OpenAI-compatible server, same prompts and load through streaming /v1/completions.",
     ]
-
-
-def machine_description() -> str:
-    import psutil
-    from bench.roofline import cpu_name
-    return (f"{cpu_name()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
-            f"{platform.system()} {platform.release()}, Python {platform.python_version()}")
 
 
 if __name__ == "__main__":

@@ -67,9 +67,7 @@ class StreamingGrpcUser(User):
         call = self.stub.GenerateStream(request, timeout=timeout)
         try:
             for chunk in call:
-                clock.tokens(len(chunk.token_ids))
-                if chunk.HasField("usage"):
-                    clock.sample.completion_tokens = chunk.usage.completion_tokens
+                clock.chunk(chunk)
         except grpc.RpcError as error:
             sample = clock.finish(error.code().name)
             fire_failure(self.environment.events, REQUEST_TYPE, STREAM_NAME, sample,

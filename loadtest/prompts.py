@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# Verbatim from the inference log (DESIGN.md): every engine and every tool gets the same three.
+# Verbatim from the inference log (docs/design.md, "The speed prompts").  The one copy: the load
+# tests, bench/, scripts/gpu_check.py and the tests all read it from here, so every figure is
+# measured on the same three.
 LOG_SPEED_PROMPTS = (
     "Hey, are you conscious? Can you talk to me?",
     "I feel so bad today, what should I do?",

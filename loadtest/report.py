@@ -2,6 +2,7 @@
 
 The log's columns come first and keep their names.  On a CPU the "GPU" columns say what they
 hold ("CPU 48%", "n/a (no RAPL)"): a blank or a made-up number would be read as a GPU figure.
+The cells are written here; the table itself by loadtest/tables.py, as every other report's.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ import csv
 import json
 import math
 from pathlib import Path
+
+from loadtest.plots import pyplot
+from loadtest.tables import markdown_table
 
 LOG_COLUMNS = ["Model", "Engine", "Speed (tokens/s)", "Mem (MB)", "GPU-UTL (%)", "use_cache", "Pwr_usg (W)", "Notes"]
 EXTRA_COLUMNS = ["Users", "Req/s", "TTFT p50 (ms)", "TTFT p95 (ms)", "ITL p50 (ms)", "E2E p95 (ms)", "Errors",
@@ -57,11 +61,9 @@ def table_cells(row: dict) -> list[str]:
     ]
 
 
-def markdown_table(rows: list[dict]) -> str:
+def speed_table(rows: list[dict]) -> str:
     header = LOG_COLUMNS + EXTRA_COLUMNS
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell.replace("|", "/") for cell in table_cells(row)) + " |" for row in rows]
-    return "\n".join(lines)
+    return markdown_table([dict(zip(header, table_cells(row))) for row in rows], header)
 
 
 def write_report(out: Path, rows: list[dict], context: dict) -> list[Path]:
@@ -81,17 +83,16 @@ def markdown_report(rows: list[dict], context: dict, plots: list[Path]) -> str:
     lines = [f"# Speed and memory: {context['model']}", "",
              "```", context["command"], "```", "",
              f"Run {context['started']} to {context['finished']} on {context['machine']}.", "",
-             markdown_table(rows), ""]
+             speed_table(rows), ""]
     lines += ["## What the columns hold", ""] + [f"- {note}" for note in context["column_notes"]] + [""]
     versus = baseline_comparison(rows)
     if versus:
         lines += ["## Our vllm engine against vLLM's own OpenAI server", "",
                   "Same prompts, same load, same client; ratios of yayi-serve's vllm rows to vllm-openai's.", "",
-                  "| Users | tokens/s vllm | tokens/s vllm-openai | ratio | TTFT p50 vllm (ms) | "
-                  "TTFT p50 vllm-openai (ms) |", "|---|---|---|---|---|---|"]
-        lines += [f"| {v['users']} | {v['ours']:.1f} | {v['theirs']:.1f} | {v['ratio']:.2f} | "
-                  f"{v['ttft_ours']:.0f} | {v['ttft_theirs']:.0f} |" for v in versus]
-        lines.append("")
+                  markdown_table([{"Users": v["users"], "tokens/s vllm": f"{v['ours']:.1f}",
+                                   "tokens/s vllm-openai": f"{v['theirs']:.1f}", "ratio": f"{v['ratio']:.2f}",
+                                   "TTFT p50 vllm (ms)": f"{v['ttft_ours']:.0f}",
+                                   "TTFT p50 vllm-openai (ms)": f"{v['ttft_theirs']:.0f}"} for v in versus]), ""]
     if context.get("roofline"):
         lines += ["## Roofline bound", ""] + [f"- {line}" for line in context["roofline"]] + [""]
     if context.get("failures"):
@@ -102,11 +103,7 @@ def markdown_report(rows: list[dict], context: dict, plots: list[Path]) -> str:
 
 
 def write_plots(out: Path, rows: list[dict]) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     loaded = [row for row in rows if row["users"] > 0 and row.get("speed_tokens_per_s") is not None]
     engines = list(dict.fromkeys(row["engine"] for row in rows))
     paths = []

@@ -7,12 +7,13 @@ datasheet preset whose name matches the GPU, or n/a when none does.
 
 from __future__ import annotations
 
+from loadtest.roofline import DEVICES, decode_bound_tokens_per_s, probe_this_machine, shape_from_hf_config
+
 BYTES_PER_PARAM = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 class RooflineColumn:
     def __init__(self, model_path: str, context: int) -> None:
-        from bench.roofline import shape_from_hf_config
         self.shape = shape_from_hf_config(model_path)
         self.context = context
         self.cpu_devices: dict = {}
@@ -20,13 +21,11 @@ class RooflineColumn:
     def probe(self, dtypes: set[str], seconds: float) -> None:
         import torch
 
-        from bench.roofline import probe_this_machine
         for dtype in sorted(dtypes):
             if dtype in BYTES_PER_PARAM:
                 self.cpu_devices[dtype] = probe_this_machine(seconds=seconds, dtype=getattr(torch, dtype))
 
     def device_for(self, row: dict):
-        from bench.roofline import DEVICES
         if row.get("device", "").startswith("cuda"):
             import torch
             gpu = torch.cuda.get_device_name(0).lower() if torch.cuda.is_available() else ""
@@ -34,7 +33,6 @@ class RooflineColumn:
         return self.cpu_devices.get(row.get("dtype"))
 
     def fill(self, row: dict) -> None:
-        from bench.roofline import decode_bound_tokens_per_s
         device = self.device_for(row)
         bytes_per_param = BYTES_PER_PARAM.get(row.get("dtype"))
         if device is None or bytes_per_param is None or not row.get("speed_tokens_per_s"):

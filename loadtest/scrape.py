@@ -1,5 +1,8 @@
-"""Reading a server's /metrics during a load test: one scrape, and a sampler that scrapes on a
-period so a gauge's mean and maximum over a run are known, not just its last value."""
+"""Reading a server's /metrics: the one parser for load tests, benchmarks, scripts and tests.
+
+One scrape (``read``, or ``fetch`` + ``parse`` when the text is kept too), sums over label
+subsets (``total``, ``by_label``), and a sampler that scrapes on a period so a gauge's mean
+and maximum over a run are known, not just its last value."""
 
 from __future__ import annotations
 
@@ -12,6 +15,10 @@ from prometheus_client.parser import text_string_to_metric_families
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
+def metrics_url(port: int) -> str:
+    return f"http://127.0.0.1:{port}/metrics"
+
+
 def fetch(url: str, timeout: float = 5.0) -> str:
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return response.read().decode()
@@ -22,12 +29,27 @@ def parse(body: str) -> Samples:
             for family in text_string_to_metric_families(body) for s in family.samples}
 
 
+def read(port: int, timeout: float = 5.0) -> Samples:
+    """One scrape of the server whose metrics listen on ``port`` (ServerProcess.metrics_port)."""
+    return parse(fetch(metrics_url(port), timeout))
+
+
 def total(samples: Samples, name: str, **labels: str) -> float | None:
     """Sum of a metric's series matching the labels; None when the server does not export it
     (power on a CPU without RAPL), which a report must show as n/a rather than 0."""
     wanted = set(labels.items())
     values = [value for (metric, series), value in samples.items() if metric == name and wanted <= set(series)]
     return sum(values) if values else None
+
+
+def by_label(samples: Samples, name: str, label: str) -> dict[str, float]:
+    """A metric's series summed per value of one label: ``{"OK": 12, "CANCELLED": 1}`` for ``status``."""
+    sums: dict[str, float] = {}
+    for (metric, series), value in samples.items():
+        key = dict(series).get(label)
+        if metric == name and key is not None:
+            sums[key] = sums.get(key, 0.0) + value
+    return sums
 
 
 class GaugeSampler:

@@ -14,14 +14,13 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from loadtest import ROOT
 from server.wire import pb, pb_grpc
 
-ROOT = Path(__file__).resolve().parent.parent
 _LISTENING = re.compile(r"grpc listening on [^:]+:(\d+)(?:, metrics on http://[^:]+:(\d+)/metrics)?")
 
 

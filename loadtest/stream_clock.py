@@ -1,6 +1,7 @@
 """Timing one streamed request, whatever the protocol: token arrivals in, a RequestSample and
 Locust's request events out.  The gRPC user and the OpenAI-server user both measure through it,
-so their figures mean the same thing."""
+and so do the benchmarks and scripts outside Locust (``read``), so every TTFT means the same
+thing: from just before the request is sent to the arrival of the first chunk with a token."""
 
 from __future__ import annotations
 
@@ -26,6 +27,19 @@ class StreamClock:
             self.sample.itl_s.extend([(now - self.last) / count] * count)
         self.sample.tokens += count
         self.last = now
+
+    def chunk(self, chunk) -> None:
+        """One ``GenerateStream`` chunk: its tokens, and the server's own count from the last chunk's usage."""
+        self.tokens(len(chunk.token_ids))
+        if chunk.HasField("usage"):
+            self.sample.completion_tokens = chunk.usage.completion_tokens
+
+    def read(self, chunks) -> RequestSample:
+        """A whole gRPC stream read on this thread: for benchmarks and scripts outside Locust.
+        Create the clock before opening the stream, so the request's sending is timed too."""
+        for chunk in chunks:
+            self.chunk(chunk)
+        return self.finish()
 
     def finish(self, status: str = OK) -> RequestSample:
         self.sample.duration_s = time.perf_counter() - self.started

@@ -65,7 +65,7 @@ class YayiTarget:
             pass
 
     def metrics_text(self) -> str:
-        return scrape.fetch(f"http://127.0.0.1:{self.server.metrics_port}/metrics")
+        return scrape.fetch(scrape.metrics_url(self.server.metrics_port))
 
     def watch(self, raw_prefix: Path) -> "MetricsWatch":
         return MetricsWatch(self, raw_prefix)
@@ -92,8 +92,8 @@ class MetricsWatch:
         Path(f"{self.raw_prefix}_metrics_before.txt").write_text(body)
         self.before = scrape.parse(body)
         # Scraping no faster than the server samples its device: more often would only repeat values.
-        self.sampler = scrape.GaugeSampler(f"http://127.0.0.1:{self.target.server.metrics_port}/metrics",
-                                           self.GAUGES, period=max(0.5, self.target.sample_period))
+        self.sampler = scrape.GaugeSampler(scrape.metrics_url(self.target.server.metrics_port), self.GAUGES,
+                                           period=max(0.5, self.target.sample_period))
         self.sampler.__enter__()
         return self
 

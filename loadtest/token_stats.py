@@ -40,7 +40,13 @@ class RequestSample:
 
 
 def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default); NaN for no values."""
+    """The one percentile every "p50/p95/p99" column in loadtest/ and bench/ is computed with.
+
+    Scale: ``q`` is in percent, 0 to 100 (95 for p95), not a 0-1 fraction.
+    Interpolation: linear between the two closest ranks of the sorted values, at rank
+    (n - 1) * q / 100: numpy's default ("linear"), so p50 is the median.  NaN for no values,
+    which a report shows as n/a rather than as a made-up 0.
+    """
     if not values:
         return math.nan
     ordered = sorted(values)

@@ -15,20 +15,20 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-
+from loadtest import scrape  # noqa: E402
+from loadtest.prompts import LOG_SPEED_PROMPTS  # noqa: E402
 from loadtest.server_process import ServerProcess  # noqa: E402
+from loadtest.stream_clock import StreamClock  # noqa: E402
+from loadtest.tables import markdown_table  # noqa: E402
 from server.wire import pb  # noqa: E402
 
-PROMPTS = ["Hey, are you conscious? Can you talk to me?", "I feel so bad today, what should I do?",
-           "I've won an award today, I'm in a good mood"]
 NEW_TOKENS = 128
+NAN = float("nan")
 
 
 def build_random_model(shape_folder: Path, out: Path) -> Path:
@@ -44,16 +44,6 @@ def build_random_model(shape_folder: Path, out: Path) -> Path:
     return out
 
 
-def scrape(port: int) -> dict[str, float]:
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(body):
-        for sample in family.samples:
-            if sample.name.startswith(("yayi_device", "yayi_energy", "yayi_torch", "yayi_generation_tokens")):
-                values[sample.name] = sample.value
-    return values
-
-
 def run_engine(engine: str, model: Path, dtype: str) -> dict:
     server = ServerProcess("--engine", engine, "--model", str(model), "--device", "cuda", "--dtype", dtype,
                            "--device-sample-period", "0.25").wait_ready(300)
@@ -65,35 +55,47 @@ def run_engine(engine: str, model: Path, dtype: str) -> dict:
 
         def watch():
             while not done.wait(0.3):
-                seen = scrape(server.metrics_port)
-                busy["util"] = max(busy["util"], seen.get("yayi_device_utilization_ratio", 0.0))
-                busy["power"] = max(busy["power"], seen.get("yayi_device_power_watts", 0.0))
+                seen = scrape.read(server.metrics_port)
+                busy["util"] = max(busy["util"], scrape.total(seen, "yayi_device_utilization_ratio") or 0.0)
+                busy["power"] = max(busy["power"], scrape.total(seen, "yayi_device_power_watts") or 0.0)
 
         watcher = threading.Thread(target=watch)
         watcher.start()
-        rates, ttfts = [], []
-        for prompt in PROMPTS:
-            started = time.perf_counter()
-            first = None
-            for chunk in server.stream(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True, timeout=300):
-                if first is None and chunk.token_ids:
-                    first = time.perf_counter()
-            rates.append(NEW_TOKENS / (time.perf_counter() - started))
-            ttfts.append((first - started) * 1000)
+        runs = []
+        for prompt in LOG_SPEED_PROMPTS:
+            clock = StreamClock()
+            runs.append(clock.read(server.stream(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True, timeout=300)))
         done.set()
         watcher.join()
         time.sleep(0.6)
-        final = scrape(server.metrics_port)
-        greedy = list(server.generate(PROMPTS[0], max_new_tokens=32, ignore_eos=True, timeout=120).token_ids)
+        final = scrape.read(server.metrics_port)
+
+        def final_value(name: str) -> float:
+            value = scrape.total(final, name)
+            return NAN if value is None else value
+
+        greedy = list(server.generate(LOG_SPEED_PROMPTS[0], max_new_tokens=32, ignore_eos=True,
+                                      timeout=120).token_ids)
         return {"engine": engine, "dtype": info.dtype, "device": info.device, "attention": info.attention,
-                "tok_s": sum(rates) / len(rates), "ttft_ms": sum(ttfts) / len(ttfts),
-                "mem_mb": final.get("yayi_device_memory_used_bytes", float("nan")) / 2**20,
-                "peak_mb": final.get("yayi_device_memory_peak_bytes", float("nan")) / 2**20,
-                "torch_peak_mb": final.get("yayi_torch_memory_peak_allocated_bytes", float("nan")) / 2**20,
+                "tok_s": sum(NEW_TOKENS / r.duration_s for r in runs) / len(runs),
+                "ttft_ms": sum(r.ttft_s * 1000 for r in runs) / len(runs),
+                "mem_mb": final_value("yayi_device_memory_used_bytes") / 2**20,
+                "peak_mb": final_value("yayi_device_memory_peak_bytes") / 2**20,
+                "torch_peak_mb": final_value("yayi_torch_memory_peak_allocated_bytes") / 2**20,
                 "util_max": busy["util"], "power_max": busy["power"],
-                "energy_j": final.get("yayi_energy_joules_total", float("nan")), "greedy": greedy}
+                "energy_j": final_value("yayi_energy_joules_total"), "greedy": greedy}
     finally:
         server.stop()
+
+
+def results_table(rows: list[dict]) -> str:
+    # An engine that failed shows its error where its device would be, the rest of its row empty.
+    shown = [{**r, "device": f"error: {r['error']}"} if "error" in r else r for r in rows]
+    return markdown_table(shown, ["engine", "dtype", "device", "attention", "tok_s", "ttft_ms", "mem_mb", "peak_mb",
+                                  "torch_peak_mb", "util_max", "power_max", "energy_j"],
+                          {"attention": "attention kernel (seen)", "tok_s": "tokens/s", "ttft_ms": "TTFT ms",
+                           "mem_mb": "NVML mem MB", "peak_mb": "NVML peak MB", "torch_peak_mb": "torch peak MB",
+                           "util_max": "util max", "power_max": "power max W", "energy_j": "energy J"})
 
 
 def main() -> None:
@@ -116,19 +118,11 @@ def main() -> None:
             rows.append({"engine": engine, "dtype": dtype, "error": str(exc)[-400:]})
     lines = [
         f"GPU check: {torch.cuda.get_device_name(0)}, random weights at SmolLM2-135M shape, "
-        f"greedy, {NEW_TOKENS} new tokens, ignore_eos, one request at a time, mean of 3 prompts",
+        f"greedy, {NEW_TOKENS} new tokens, ignore_eos, one request at a time, mean of "
+        f"{len(LOG_SPEED_PROMPTS)} prompts",
         "",
-        "| engine | dtype | device | attention kernel (seen) | tokens/s | TTFT ms | NVML mem MB | NVML peak MB "
-        "| torch peak MB | util max | power max W | energy J |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        results_table(rows),
     ]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['engine']} | {r['dtype']} | error: {r['error']} |")
-            continue
-        lines.append(f"| {r['engine']} | {r['dtype']} | {r['device']} | {r['attention']} | {r['tok_s']:.1f} | "
-                     f"{r['ttft_ms']:.1f} | {r['mem_mb']:.0f} | {r['peak_mb']:.0f} | {r['torch_peak_mb']:.0f} | "
-                     f"{r['util_max']:.2f} | {r['power_max']:.0f} | {r['energy_j']:.0f} |")
     ok = {(r["engine"], r["dtype"]): r["greedy"] for r in rows if "greedy" in r}
     for dtype in ("float32", "bfloat16"):
         pairs = [(a, b) for a in ok for b in ok if a[1] == b[1] == dtype and a[0] < b[0]]

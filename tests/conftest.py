@@ -1,13 +1,11 @@
 import pytest
 
+from loadtest.prompts import LOG_SPEED_PROMPTS
 from loadtest.server_process import ServerProcess
 from tests.loop_thread import LoopThread
 
-LOG_PROMPTS = [
-    "Hey, are you conscious? Can you talk to me?",
-    "I feel so bad today, what should I do?",
-    "I've won an award today, I'm in a good mood",
-]
+# The log's speed prompts from their one home, under the name the tests import.
+LOG_PROMPTS = LOG_SPEED_PROMPTS
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bench import attention_kernels, cache_vs_length, checkpoint_eval, roofline_measure, rope_vs_alibi
-from bench.report import markdown_table
+from loadtest.tables import markdown_table
 
 TINY_SHAPE = {"name": "tiny", "architecture": "llama", "layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2,
               "intermediate": 128, "vocab": 512, "source": "test"}
@@ -185,4 +185,7 @@ def test_checkpoint_eval_through_score_rpc_matches_direct(tmp_path):
 
 def test_markdown_table_formats():
     table = markdown_table([{"a": "x", "b": 1234.5, "c": 0.000123, "d": None}])
+    assert table.splitlines()[1] == "| --- | ---: | ---: | --- |"  # numbers right-aligned
     assert table.splitlines()[2] == "| x | 1234 | 1.23e-04 |  |"
+    # a pipe inside a cell stays inside it
+    assert markdown_table([{"why": "a | b"}]).splitlines()[2] == "| a \\| b |"

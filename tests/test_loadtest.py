@@ -5,15 +5,20 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import subprocess
 import sys
 
 import pytest
 
+from loadtest import scrape
 from loadtest.locust_run import LoadSpec, locust_command, run_locust
 from loadtest.report import baseline_comparison, table_cells
+from loadtest.report_folder import default_out
 from loadtest.server_process import ROOT, ServerProcess
+from loadtest.stream_clock import StreamClock
 from loadtest.token_stats import CUT, OK, RequestSample, percentile, read_summary_csv, summarize
+from server.wire import pb
 from tests.test_e2e import metric
 
 SPEED = ROOT / "loadtest" / "speed.py"
@@ -46,6 +51,31 @@ def test_percentile_and_summary_from_samples():
     assert summary["per_user_tokens_per_s"] == pytest.approx((10 / 2 + 20 / 3) / 2)
     assert summary["e2e_p99_ms"] == pytest.approx(2990)
     assert all(s.status in (OK, CUT, "INVALID_ARGUMENT") for s in samples)
+
+
+def test_stream_clock_reads_a_grpc_stream_outside_locust():
+    # The benchmarks' and scripts' TTFT: the same clock as the Locust users', fed chunk by chunk.
+    chunks = [pb.GenerateChunk(token_ids=[1, 2]), pb.GenerateChunk(token_ids=[3]),
+              pb.GenerateChunk(finish_reason="length", usage=pb.Usage(completion_tokens=3))]
+    sample = StreamClock().read(iter(chunks))
+    assert sample.status == OK and sample.tokens == 3 and sample.completion_tokens == 3
+    assert 0 <= sample.ttft_s <= sample.duration_s and len(sample.itl_s) == 1
+
+
+def test_scrape_sums_series_over_labels():
+    body = ("# TYPE yayi_requests counter\n"
+            'yayi_requests_total{engine="hf-kv",status="OK"} 3\n'
+            'yayi_requests_total{engine="vllm",status="OK"} 2\n'
+            'yayi_requests_total{engine="hf-kv",status="CANCELLED"} 1\n')
+    samples = scrape.parse(body)
+    assert scrape.by_label(samples, "yayi_requests_total", "status") == {"OK": 5.0, "CANCELLED": 1.0}
+    assert scrape.total(samples, "yayi_requests_total", engine="hf-kv") == 4.0
+    assert scrape.total(samples, "yayi_energy_joules_total") is None  # absent is not zero
+
+
+def test_every_report_folder_follows_one_rule():
+    out = default_out("speed")
+    assert out.parent == ROOT / "reports" and re.fullmatch(r"speed-\d{8}-\d{6}", out.name)
 
 
 def test_headless_locust_against_a_real_server(tiny_server, tmp_path):

@@ -1,28 +1,32 @@
-"""Every metric, read back through prometheus_client after real requests to a real server."""
+"""Every metric, read back through loadtest/scrape.py (the tools' own parser) after real requests to a real server."""
 
 from __future__ import annotations
 
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
 import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from loadtest import scrape
 from loadtest.server_process import ServerProcess
 from server.device_sampler import RaplReader
 from server.wire import pb
 
 
-def samples(server: ServerProcess) -> list:
-    body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
-    return [s for family in text_string_to_metric_families(body) for s in family.samples]
+def samples(server: ServerProcess) -> scrape.Samples:
+    return scrape.read(server.metrics_port)
 
 
-def value(all_samples, name: str, **labels) -> float:
-    return sum(s.value for s in all_samples if s.name == name and labels.items() <= s.labels.items())
+def value(all_samples: scrape.Samples, name: str, **labels) -> float:
+    """Sum of the matching series; 0 before a labelled counter's first increment."""
+    return scrape.total(all_samples, name, **labels) or 0.0
+
+
+def series(all_samples: scrape.Samples, name: str) -> list[tuple[dict, float]]:
+    """Each series of one metric: its labels and its value."""
+    return [(dict(labels), v) for (metric, labels), v in all_samples.items() if metric == name]
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +85,9 @@ def test_gauges_at_rest_and_engine_info(fresh_server, traffic):
     s = samples(fresh_server)
     assert value(s, "yayi_requests_running") == 0 and value(s, "yayi_requests_waiting") == 0
     info = fresh_server.stub.GetModelInfo(pb.ModelInfoRequest(), timeout=5)
-    [engine_info] = [x for x in s if x.name == "yayi_engine_info"]
-    assert engine_info.labels["attention"] == info.attention
-    assert engine_info.labels["use_cache"] == "true" and engine_info.labels["dtype"] == info.dtype
+    [(engine_info, _)] = series(s, "yayi_engine_info")
+    assert engine_info["attention"] == info.attention
+    assert engine_info["use_cache"] == "true" and engine_info["dtype"] == info.dtype
 
 
 def test_cpu_device_series_match_the_process(fresh_server, traffic):
@@ -92,12 +96,12 @@ def test_cpu_device_series_match_the_process(fresh_server, traffic):
     rss = psutil.Process(fresh_server.process.pid).memory_info().rss
     assert used == pytest.approx(rss, rel=0.2)
     assert value(s, "yayi_device_memory_peak_bytes", device="cpu") >= used
-    utilization = [x.value for x in s if x.name == "yayi_device_utilization_ratio"]
+    utilization = [v for _, v in series(s, "yayi_device_utilization_ratio")]
     assert len(utilization) == 1 and 0.0 <= utilization[0] <= 1.0
-    power_present = any(x.name == "yayi_device_power_watts" for x in s)
+    power_present = bool(series(s, "yayi_device_power_watts"))
     assert power_present == RaplReader().available, "power must be exported exactly when RAPL is readable"
     if not power_present:
-        assert not any(x.name == "yayi_energy_joules_total" for x in s), "no energy without a power source"
+        assert not series(s, "yayi_energy_joules_total"), "no energy without a power source"
         assert any("power and energy" in line for line in fresh_server.lines), "start-up log must say why"
 
 

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from bench import roofline as rl
+from bench import roofline as cli  # the command line and the shape files under bench/shapes
+from loadtest import roofline as rl  # the model
 
 # A toy device and shape whose figures are easy to follow: 100 weights, all read each step.
 DEVICE = rl.Device("toy", peak_flops=1000.0, bandwidth=100.0, memory_bytes=1e6, source="test")
@@ -46,7 +47,7 @@ def test_count_matches_a_real_transformers_model(architecture):
 
 
 def test_shape_files_match_their_model_cards():
-    shapes = {s.name: s for s in rl.builtin_shapes()}
+    shapes = {s.name: s for s in cli.builtin_shapes()}
     assert set(shapes) >= {"1.6b", "7b", "13b", "30b"}
     assert shapes["7b"].params == 7_069_016_064 and shapes["7b"].positions == "alibi"
     assert shapes["13b"].params == 13_015_864_320 and shapes["13b"].positions == "rope"
@@ -97,7 +98,7 @@ def test_untied_input_embedding_is_not_streamed():
 
 
 def test_log_row_against_the_a100_preset():
-    seven = rl.load_shape("7b")
+    seven = cli.load_shape("7b")
     bound = rl.decode_bound_tokens_per_s(seven, rl.DEVICES["a100-80g"], batch=1, context=0)
     assert bound == pytest.approx(2039e9 / (7_069_016_064 * 2))
     assert 0.2 < 30.76 / bound < 0.22
@@ -113,6 +114,6 @@ def test_probe_this_machine_measures_something():
 
 
 def test_cli_prints_a_table(capsys):
-    rl.main(["--models", "7b", "--devices", "a100-80g", "--context", "0"])
+    cli.main(["--models", "7b", "--devices", "a100-80g", "--context", "0"])
     out = capsys.readouterr().out
     assert "| 7b | 7.07 | A100-80G SXM |" in out and "144.2" in out
