@@ -16,13 +16,14 @@ import sys
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from engines.base import EngineConfig
 from engines.registry import create_engine
 
-from .auth import TokenAuthInterceptor
+from .auth import TokenAuth
+from .gate import RequestGate
+from .health import BoundedHealth
 from .config import ServerConfig
 from .device_sampler import DeviceSampler, make_probe
 from .metrics import ServerMetrics
@@ -35,6 +36,7 @@ log = logging.getLogger("yayi-serve")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 ENGINE_POLL_S = 1.0
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 class StartupError(RuntimeError):
@@ -48,11 +50,11 @@ async def serve(config: ServerConfig, announce=print) -> int:
         test_faults=config.test_faults,
     ))
     metrics = ServerMetrics(engine=config.engine, model=config.model)
-    servicer = InferenceServicer(engine, metrics)
-    health = HealthServicer()
+    servicer = InferenceServicer(engine, metrics, config.stream_stall_timeout_s, config.expose_model_path)
+    health = BoundedHealth(config.max_health_watchers)
 
-    interceptors = [TokenAuthInterceptor(config.auth_token, metrics.count_request)] if config.auth_token else []
-    server = grpc.aio.server(interceptors=interceptors, options=[
+    gate = RequestGate(metrics.count_request, TokenAuth(config.auth_token) if config.auth_token else None)
+    server = grpc.aio.server(interceptors=[gate], maximum_concurrent_rpcs=config.max_concurrent_rpcs, options=[
         ("grpc.max_receive_message_length", config.max_receive_bytes),
         ("grpc.max_concurrent_streams", config.max_concurrent_streams),
         ("grpc.so_reuseport", 0),  # two servers must never share a port by accident
@@ -75,8 +77,12 @@ async def serve(config: ServerConfig, announce=print) -> int:
         raise StartupError(f"cannot bind gRPC to {config.host}:{config.port} ({exc}); is the port in use?") from None
     await server.start()
     metrics_port = metrics.serve(config.metrics_host, config.metrics_port) if config.metrics_port is not None else None
-    if config.auth_token and not config.tls_cert and config.host not in ("127.0.0.1", "::1", "localhost"):
-        log.warning("token auth without TLS on %s: the token crosses the network in plaintext", config.host)
+    if config.host not in LOOPBACK:
+        if config.auth_token and not config.tls_cert:
+            log.warning("token auth without TLS on %s: the token crosses the network in plaintext", config.host)
+        elif not config.auth_token and not config.tls_client_ca:
+            log.warning("gRPC listens on %s without a token or client certificates: anyone who can reach the port "
+                        "can use the model; see --auth-token-file, --tls-cert, or --host 127.0.0.1", config.host)
     announce(f"yayi-serve: grpc listening on {config.host}:{port}" + (
         f", metrics on http://{config.metrics_host}:{metrics_port}/metrics" if metrics_port is not None else ""))
     announce(f"yayi-serve: security: {_describe_security(config)}")
@@ -125,7 +131,7 @@ def _describe_security(config: ServerConfig) -> str:
     return transport + (", token auth" if config.auth_token else ", no auth")
 
 
-async def _watch_engine(engine, health: HealthServicer, servicer: InferenceServicer) -> None:
+async def _watch_engine(engine, health: BoundedHealth, servicer: InferenceServicer) -> None:
     """Turns health NOT_SERVING for good once the engine says it cannot recover.
 
     The servicer reports a request whose failure left the engine unhealthy before that
@@ -148,7 +154,7 @@ async def _watch_engine(engine, health: HealthServicer, servicer: InferenceServi
     await engine_failed()
 
 
-async def _set_health(health: HealthServicer, status) -> None:
+async def _set_health(health: BoundedHealth, status) -> None:
     await health.set("", status)
     await health.set(SERVICE_NAME, status)
 

@@ -48,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest request accepted, in MiB (default %(default)g)")
     parser.add_argument("--max-concurrent-streams", type=int, default=DEFAULTS.max_concurrent_streams,
                         help="calls one client connection may have open at once (default %(default)s)")
+    parser.add_argument("--max-concurrent-rpcs", type=int, default=DEFAULTS.max_concurrent_rpcs,
+                        help="calls open on the whole server, health included; past it RESOURCE_EXHAUSTED "
+                             "(default %(default)s)")
+    parser.add_argument("--stream-stall-timeout", type=float, default=DEFAULTS.stream_stall_timeout_s,
+                        help="seconds a stream may wait on a client that reads nothing before it is cancelled "
+                             "and its slot freed (default %(default)g)")
+    parser.add_argument("--expose-model-path", action="store_true",
+                        help="GetModelInfo includes the model's path on the server's disk (default: name only)")
     parser.add_argument("--device-sample-period", type=float, default=DEFAULTS.device_sample_period_s,
                         help="seconds between device memory/utilisation/power readings (default %(default)s)")
     security = parser.add_argument_group("security")
@@ -129,6 +137,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise SystemExit("yayi-serve: error: --max-queue must be 0 or more")
     if args.max_concurrent_streams < 1:
         raise SystemExit("yayi-serve: error: --max-concurrent-streams must be at least 1")
+    if args.max_concurrent_rpcs < 2:
+        raise SystemExit("yayi-serve: error: --max-concurrent-rpcs must be at least 2 (health needs one)")
+    if args.stream_stall_timeout <= 0:
+        raise SystemExit("yayi-serve: error: --stream-stall-timeout must be positive")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("yayi-serve: error: --tls-cert and --tls-key go together")
     if args.tls_client_ca and not args.tls_cert:
@@ -138,7 +150,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         metrics_port=None if args.metrics_port < 0 else args.metrics_port, dtype=args.dtype, device=args.device,
         max_concurrency=args.max_concurrency, max_queue=args.max_queue, grace_period_s=args.grace_period,
         max_receive_bytes=int(args.max_receive_mb * 2**20), device_sample_period_s=args.device_sample_period,
-        max_concurrent_streams=args.max_concurrent_streams, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        max_concurrent_streams=args.max_concurrent_streams, max_concurrent_rpcs=args.max_concurrent_rpcs,
+        stream_stall_timeout_s=args.stream_stall_timeout, expose_model_path=args.expose_model_path,
+        tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca, auth_token=_auth_token(args.auth_token_file),
         engine_options=engine_options_from_args(args), test_faults=_test_faults(args.allow_test_faults),
     )

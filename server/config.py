@@ -18,8 +18,14 @@ class ServerConfig:
     max_concurrency: int | None = None  # None: the engine's default (1 for hf-*, vLLM's own for vllm)
     max_queue: int = 64
     grace_period_s: float = 30.0
-    max_receive_bytes: int = 4 * 1024 * 1024
-    max_concurrent_streams: int = 256  # per connection: far above any load test here, bounds one greedy client
+    # What one caller can make the server hold (README, "Limits and failure behaviour"): a prompt
+    # that fits any model here is far below 1 MiB; 64 streams per connection cover the load tests.
+    max_receive_bytes: int = 1024 * 1024
+    max_concurrent_streams: int = 64  # per connection; more wait on the client's side
+    max_concurrent_rpcs: int = 256  # server-wide; past it a call is refused with RESOURCE_EXHAUSTED at once
+    max_health_watchers: int = 64  # Health.Watch streams at once: probes use Check, so few are needed
+    stream_stall_timeout_s: float = 20.0  # a stream whose client reads nothing this long is cancelled
+    expose_model_path: bool = False  # GetModelInfo.model_path: the server's disk layout, only on request
     tls_cert: str | None = None  # PEM paths; cert and key together turn TLS on
     tls_key: str | None = None
     tls_client_ca: str | None = None  # mutual TLS: clients must present a certificate signed by this CA

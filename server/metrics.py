@@ -11,11 +11,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from engines.base import EngineInfo, EngineLoad
 
 from .device_sampler import DeviceReading
+from .metrics_http import MetricsHTTPServer
 
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -29,7 +30,10 @@ class ServerMetrics:
         self.labels = {"engine": engine, "model": model}
         base = ["engine", "model"]
         r = self.registry
-        self._requests = Counter("yayi_requests", "Finished requests by gRPC status", [*base, "status"], registry=r)
+        self._requests = Counter("yayi_requests", "Finished requests by gRPC status, method and front end (api)",
+                                 [*base, "status", "method", "api"], registry=r)
+        self._stalls = Counter("yayi_stream_stalls", "Streams cancelled because the client stopped reading", base,
+                               registry=r)
         self._prompt_tokens = Counter("yayi_prompt_tokens", "Prompt tokens processed", base, registry=r)
         self._generation_tokens = Counter("yayi_generation_tokens", "Tokens generated", base, registry=r)
         self._ttft = Histogram("yayi_time_to_first_token_seconds", "Request arrival to first token", base,
@@ -93,27 +97,33 @@ class ServerMetrics:
         if reading.energy_joules is not None:
             self._energy.labels(**labels).inc(max(0.0, reading.energy_joules))
 
-    def recorder(self) -> RequestRecorder:
-        return RequestRecorder(self)
+    def recorder(self, method: str, api: str = "grpc", generates: bool = True) -> RequestRecorder:
+        """``generates=False`` (Score, GetModelInfo): counted, but kept out of the token-timing histograms."""
+        return RequestRecorder(self, method, api, generates)
 
-    def count_request(self, status: str) -> None:
-        self._requests.labels(**self.labels, status=status).inc()
+    def count_request(self, status: str, method: str, api: str = "grpc") -> None:
+        self._requests.labels(**self.labels, status=status, method=method, api=api).inc()
+
+    def count_stall(self) -> None:
+        self._stalls.labels(**self.labels).inc()
 
     def serve(self, host: str, port: int) -> int:
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
-        return self._http.server_port
+        self._http = MetricsHTTPServer(self.registry, host, port)
+        return self._http.port
 
     def stop(self) -> None:
         if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+            self._http.stop()
 
 
 class RequestRecorder:
     """Timing of one request, fed from the streaming loop as outputs arrive."""
 
-    def __init__(self, metrics: ServerMetrics) -> None:
+    def __init__(self, metrics: ServerMetrics, method: str, api: str, generates: bool = True) -> None:
         self._m = metrics
+        self._method = method
+        self._api = api
+        self._generates = generates
         self.arrived = time.monotonic()
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
@@ -142,9 +152,10 @@ class RequestRecorder:
         self.last_token_at = now
 
     def finish(self, status: str) -> None:
-        end = self.last_token_at or time.monotonic()
-        self._m._duration.labels(**self._m.labels).observe(end - self.arrived)
-        self._m.count_request(status)
+        if self._generates:
+            end = self.last_token_at or time.monotonic()
+            self._m._duration.labels(**self._m.labels).observe(end - self.arrived)
+        self._m.count_request(status, self._method, self._api)
 
     @property
     def ttft_ms(self) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -29,10 +30,17 @@ MAX_REQUEST_ID_CHARS = 256
 DEADLINE_SLACK_S = 0.25
 
 
+class StreamStalled(Exception):
+    """The client stopped reading a stream for longer than the stall timeout."""
+
+
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, engine: Engine, metrics: ServerMetrics) -> None:
+    def __init__(self, engine: Engine, metrics: ServerMetrics, stall_timeout_s: float = 20.0,
+                 expose_model_path: bool = False) -> None:
         self._engine = engine
         self._metrics = metrics
+        self._stall_timeout_s = stall_timeout_s
+        self._expose_model_path = expose_model_path
         self._live_request_ids: set[str] = set()
         self.accepting = False  # false while loading and once draining
         self.in_flight = 0
@@ -51,7 +59,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     # ---- RPCs -------------------------------------------------------------------------
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
-        recorder = self._metrics.recorder()
+        recorder = self._metrics.recorder("Generate")
         async with self._guard(context, recorder), self._claim_request_id(request.request_id) as request_id:
             text_parts: list[str] = []
             token_ids: list[int] = []
@@ -68,8 +76,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 ttft_ms=recorder.ttft_ms, e2e_ms=recorder.e2e_ms,
             )
 
-    async def GenerateStream(self, request: pb.GenerateRequest, context):
-        recorder = self._metrics.recorder()
+    async def GenerateStream(self, request: pb.GenerateRequest, context) -> None:
+        # context.write rather than yield: a write that HTTP/2 flow control holds back (a client
+        # that stopped reading) can then be given up after the stall timeout, freeing the slot.
+        recorder = self._metrics.recorder("GenerateStream")
         async with self._guard(context, recorder), self._claim_request_id(request.request_id) as request_id:
             held_ids: list[int] = []
             outputs = self._outputs(request, request_id, recorder)
@@ -84,17 +94,33 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                         chunk.finish_reason = output.finish_reason
                         chunk.usage.CopyFrom(_usage(output))
                     held_ids = []
-                    yield chunk
+                    await self._write(context, chunk)
+
+    async def _write(self, context, chunk: pb.GenerateChunk) -> None:
+        try:
+            await asyncio.wait_for(context.write(chunk), self._stall_timeout_s)
+        except TimeoutError:
+            raise StreamStalled(f"the stream was cancelled: the client read nothing for {self._stall_timeout_s:g} s "
+                                "(--stream-stall-timeout)") from None
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            # grpc refuses to send on a call that the client has cancelled or abandoned; that is the
+            # client going away, as a cancel is, not a bug of ours.
+            log.debug("stream write failed, the call is over: %r", exc)
+            raise asyncio.CancelledError() from exc
 
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
-        async with self._guard(context, None):
+        async with self._guard(context, self._metrics.recorder("Score", generates=False)):
             self._require_accepting()
             return convert.score_response(await self._engine.score(request.text))
 
     async def GetModelInfo(self, request: pb.ModelInfoRequest, context) -> pb.ModelInfo:
-        async with self._guard(context, None):
+        async with self._guard(context, self._metrics.recorder("GetModelInfo", generates=False)):
             self._require_accepting()
-            return convert.model_info(self._engine.info())
+            info = self._engine.info()
+            # The server's directory layout is not the caller's business unless the operator says so.
+            return convert.model_info(info if self._expose_model_path else dataclasses.replace(info, model_path=""))
 
     # ---- shared plumbing --------------------------------------------------------------
 
@@ -149,6 +175,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         try:
             yield
             count(status)
+        except StreamStalled as exc:
+            # Not context.abort: the status would queue behind the chunk the client is not reading,
+            # and this handler (and its slot) would wait with it. Setting it lets the handler end now.
+            log.warning("%s", exc)
+            self._metrics.count_stall()
+            count(grpc.StatusCode.CANCELLED)
+            context.set_code(grpc.StatusCode.CANCELLED)
+            context.set_details(str(exc))
         except (asyncio.CancelledError, GeneratorExit):
             # The client went away or its deadline passed; grpc has already ended the call.
             # A client stops at its own deadline, which is a little earlier than the server's copy

@@ -135,11 +135,14 @@ def test_bad_input_is_invalid_argument_naming_the_field(tiny_server, prompt, par
 
 
 def test_prompt_past_the_receive_limit_is_refused_before_it_is_read(tiny_server):
+    refused_before = metric(tiny_server, "yayi_requests_total", status="RESOURCE_EXHAUSTED", method="Generate")
     with pytest.raises(grpc.RpcError) as error:
         tiny_server.generate("x" * 10 * 2**20, max_new_tokens=2)
-    # grpc itself refuses it (--max-receive-mb, default 4): the message gives both sizes.
+    # grpc itself refuses it (--max-receive-mb, default 1): the message gives both sizes.
     assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "larger than max" in error.value.details() and str(4 * 2**20) in error.value.details()
+    assert "larger than max" in error.value.details() and str(2**20) in error.value.details()
+    assert metric(tiny_server, "yayi_requests_total", status="RESOURCE_EXHAUSTED",
+                  method="Generate") == refused_before + 1, "the refusal must be counted"
     assert tiny_server.generate("still serving?", max_new_tokens=2).usage.completion_tokens == 2
 
 
