@@ -36,48 +36,34 @@ LOG_PROMPT = LOG_SPEED_PROMPTS[0]
 
 
 def load_engine(name: str, model: str, dtype: str, device: str):
-    from engines.base import EngineConfig
-    from engines.hf import EagerEngine, FlashEngine, KVCacheEngine
+    """The engine's model (engines/hf_model.py ``HFModel``), as the server loads it for that engine."""
+    from engines.registry import engine_class
 
-    cls = {"hf-eager": EagerEngine, "hf-kv": KVCacheEngine, "hf-flash": FlashEngine}[name]
-    engine = cls(EngineConfig(model=model, dtype=dtype, device=device))
-    engine._load()  # synchronous: the benchmark drives the decode loop itself, no server or event loop
-    return engine
+    return engine_class(name).load_model(model, dtype, device)
 
 
-def token_times(engine, prompt_ids: list[int], new_tokens: int, progress=None) -> list[float]:
+def token_times(lm, prompt_ids: list[int], new_tokens: int, progress=None) -> list[float]:
     """Seconds from the start to each generated token, through the engine's own decode loop."""
-    from engines.hf import _Job
     from engines.params import SamplingParams
 
     stamps: list[float] = []
-    errors: list[BaseException] = []
-
-    def emit(item):
-        if isinstance(item, BaseException):
-            errors.append(item)
-            return
+    started = time.perf_counter()
+    for output in lm.generate(prompt_ids, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)):
         stamps.append(time.perf_counter())
         if progress is not None:
-            progress.update(len(item.token_ids))
-
-    job = _Job(list(prompt_ids), SamplingParams(max_new_tokens=new_tokens, ignore_eos=True), emit=emit)
-    started = time.perf_counter()
-    engine._decode(job)
-    if errors:
-        raise errors[0]
+            progress.update(len(output.token_ids))
     return [t - started for t in stamps]
 
 
-def step_memory(engine, ids: list[int]) -> int:
+def step_memory(lm, ids: list[int]) -> int:
     """Peak bytes of the step that turns ``ids`` into one more token, the cache it reads counted."""
-    tokens = torch.tensor([ids], device=engine._device)
-    with torch.inference_mode(), engine._kernel():
-        if not engine.use_cache:
-            return peak_bytes(lambda: engine._next_logits(tokens, tokens, None), engine._device)
-        cache = engine._new_cache()
-        engine.model(input_ids=tokens[:, :-1], past_key_values=cache, use_cache=True, **engine._keep_last)
-        return peak_bytes_with_cache(cache, lambda: engine._next_logits(tokens[:, -1:], tokens, cache), engine._device)
+    tokens = torch.tensor([ids], device=lm.device)
+    with torch.inference_mode(), lm.kernel():
+        if not lm.use_cache:
+            return peak_bytes(lambda: lm.next_logits(tokens, tokens, None), lm.device)
+        cache = lm.new_cache()
+        lm.next_logits(tokens[:, :-1], tokens[:, :-1], cache)  # fills the cache with all but the last token
+        return peak_bytes_with_cache(cache, lambda: lm.next_logits(tokens[:, -1:], tokens, cache), lm.device)
 
 
 def step_times(times: list[float]) -> list[float]:
@@ -96,12 +82,12 @@ def step_slope_ms(steps: list[float]) -> float:
     return 1000 * (late - early) / (len(steps) - quarter)
 
 
-def prefill_memory(engine, ids: list[int]) -> int:
+def prefill_memory(lm, ids: list[int]) -> int:
     """Peak bytes of the first step over the whole prompt, the cache it fills included."""
-    tokens = torch.tensor([ids], device=engine._device)
-    with torch.inference_mode(), engine._kernel():
-        cache = engine._new_cache()
-        return peak_bytes(lambda: engine._next_logits(tokens, tokens, cache), engine._device)
+    tokens = torch.tensor([ids], device=lm.device)
+    with torch.inference_mode(), lm.kernel():
+        cache = lm.new_cache()
+        return peak_bytes(lambda: lm.next_logits(tokens, tokens, cache), lm.device)
 
 
 def growth_exponent(lengths: list[int], seconds: list[float]) -> float:
@@ -160,10 +146,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"# loading {name} with {args.model}", flush=True)
         loaded[name] = load_engine(name, args.model, args.dtype, args.device)
     first = loaded[engines[0]]
-    report = Report("cache-vs-length", args.out, "bench.cache_vs_length", argv, device=str(first._device))
+    report = Report("cache-vs-length", args.out, "bench.cache_vs_length", argv, device=str(first.device))
     report.text(__doc__.split("\n", 2)[2])
-    report.table("engines", [{"engine": n, "use_cache": e.use_cache, "attention kernel": e._attention,
-                              "dtype": str(e._dtype).removeprefix("torch."), "device": str(e._device)}
+    report.table("engines", [{"engine": n, "use_cache": e.use_cache, "attention kernel": e.attention,
+                              "dtype": e.dtype_name, "device": str(e.device)}
                              for n, e in loaded.items()], title="Engines")
 
     prompt_ids = first.tokenizer(LOG_PROMPT).input_ids

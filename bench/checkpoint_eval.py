@@ -22,7 +22,6 @@ import math
 import re
 from pathlib import Path
 
-import torch
 
 from loadtest.plots import pyplot
 from loadtest.report_folder import Report
@@ -60,18 +59,13 @@ def windows(ids: list[int], window: int, max_tokens: int | None) -> list[list[in
     return [ids[i:i + window] for i in range(0, len(ids), window) if len(ids[i:i + window]) >= 2]
 
 
-@torch.no_grad()
 def score_direct(path: Path, chunks: list[list[int]], device: str) -> tuple[float, int]:
-    from transformers import AutoModelForCausalLM
+    """In process, through the same scoring code the server's Score runs (engines/hf_model.py)."""
+    from engines.hf_model import HFModel
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
-    total, count = 0.0, 0
-    for chunk in chunks:
-        tokens = torch.tensor([chunk], device=device)
-        logits = model(input_ids=tokens, use_cache=False).logits[0, :-1].float()
-        total += float(torch.log_softmax(logits, -1).gather(1, tokens[0, 1:, None]).sum())
-        count += len(chunk) - 1
-    return total, count
+    lm = HFModel.load(path, "float32", device, use_cache=False)
+    results = [lm.score_ids(chunk) for chunk in chunks]
+    return sum(r.total_logprob for r in results), sum(r.token_count for r in results)
 
 
 def score_via_server(path: Path, texts: list[str], device: str) -> tuple[float, int]:

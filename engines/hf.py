@@ -64,8 +64,13 @@ class HFEngine(Engine):
                    Admission(self._slots, self.config.max_queue))
 
     def _load(self) -> HFModel:
-        return HFModel.load(resolve_model(self.config.model), self.config.dtype, self.config.device,
-                            use_cache=self.use_cache, flash=self.flash)
+        return self.load_model(self.config.model, self.config.dtype, self.config.device)
+
+    @classmethod
+    def load_model(cls, model: str, dtype: str = "auto", device: str = "auto") -> HFModel:
+        """The model exactly as this engine runs it (cache and attention choices), without a server:
+        for offline experiments that drive ``HFModel.generate`` themselves."""
+        return HFModel.load(resolve_model(model), dtype, device, use_cache=cls.use_cache, flash=cls.flash)
 
     async def shutdown(self) -> None:
         await super().shutdown()
