@@ -23,7 +23,7 @@ COMPARE_ARGS ?=
 
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv model serve test compare protos bench bench-vllm bench-metrics clean prometheus \
+.PHONY: venv model serve test lint format compare protos bench bench-vllm bench-metrics clean prometheus \
 	bench-attention bench-length roofline rope-alibi eval-checkpoints
 
 $(STAMP): pyproject.toml Makefile
@@ -49,8 +49,17 @@ model: venv
 serve: model
 	$(BIN)/yayi-serve --engine $(ENGINE) --model $(MODEL) --port $(PORT) --metrics-port $(METRICS_PORT) $(SERVE_ARGS)
 
-test: venv prometheus
+test: venv prometheus lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# ruff's lint and format rules are in pyproject.toml ([tool.ruff]); `make format` applies the formatting.
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 # The dashboard tests run a real Prometheus: Debian's package, installed when missing (needs root or sudo).
 prometheus:

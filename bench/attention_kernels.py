@@ -39,8 +39,12 @@ BACKWARD_FACTOR = 2.5
 def _sdpa_backends() -> dict[str, object]:
     from torch.nn.attention import SDPBackend
 
-    names = {"sdpa-math": "MATH", "sdpa-flash": "FLASH_ATTENTION", "sdpa-mem-efficient": "EFFICIENT_ATTENTION",
-             "sdpa-cudnn": "CUDNN_ATTENTION"}
+    names = {
+        "sdpa-math": "MATH",
+        "sdpa-flash": "FLASH_ATTENTION",
+        "sdpa-mem-efficient": "EFFICIENT_ATTENTION",
+        "sdpa-cudnn": "CUDNN_ATTENTION",
+    }
     return {label: getattr(SDPBackend, member) for label, member in names.items() if hasattr(SDPBackend, member)}
 
 
@@ -124,10 +128,24 @@ def _run(call, q, k, v, backward: bool):
     return out
 
 
-def measure(implementation: str, cell: Cell, device: torch.device, warmup: int, repeats: int, backward: bool,
-            reference_cache: dict) -> dict:
-    row = {"impl": implementation, "batch": cell.batch, "heads": cell.heads, "seq": cell.seq,
-           "head_dim": cell.head_dim, "dtype": cell.dtype, "pass": "fwd+bwd" if backward else "fwd"}
+def measure(
+    implementation: str,
+    cell: Cell,
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    backward: bool,
+    reference_cache: dict,
+) -> dict:
+    row = {
+        "impl": implementation,
+        "batch": cell.batch,
+        "heads": cell.heads,
+        "seq": cell.seq,
+        "head_dim": cell.head_dim,
+        "dtype": cell.dtype,
+        "pass": "fwd+bwd" if backward else "fwd",
+    }
     dtype = DTYPES[cell.dtype]
     generator = torch.Generator(device="cpu").manual_seed(cell.seq * 1000 + cell.head_dim)
     shape = (cell.batch, cell.heads, cell.seq, cell.head_dim)
@@ -159,7 +177,9 @@ def measure(implementation: str, cell: Cell, device: torch.device, warmup: int, 
         _synchronize(device)
         times.append(time.perf_counter() - started)
     row["time_ms"] = statistics.median(times) * 1000
-    row["tflops"] = attention_flops(cell.batch, cell.heads, cell.seq, cell.head_dim, backward) / statistics.median(times) / 1e12
+    row["tflops"] = (
+        attention_flops(cell.batch, cell.heads, cell.seq, cell.head_dim, backward) / statistics.median(times) / 1e12
+    )
     row["peak_mib"] = peak_bytes(lambda: _run(call, q, k, v, backward), device) / 2**20
     ok = math.isfinite(row["rel_error"]) and row["rel_error"] < TOLERANCE[dtype]
     row["status"] = "ok" if ok else f"FAIL: error {row['rel_error']:.2e} over {TOLERANCE[dtype]:g}"
@@ -183,8 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", default="1", help="comma-separated")
     parser.add_argument("--heads", default="8")
-    parser.add_argument("--seq", default="256,512,1024,2048,4096",
-                        help="sequence lengths (on a GPU try up to 16384)")
+    parser.add_argument("--seq", default="256,512,1024,2048,4096", help="sequence lengths (on a GPU try up to 16384)")
     parser.add_argument("--head-dim", default="64,128")
     parser.add_argument("--dtype", default="float32,bfloat16")
     parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS))
@@ -196,12 +215,23 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
     report = Report("attention", args.out, "bench.attention_kernels", argv, device=str(device))
     report.text(__doc__.split("\n", 2)[2])
-    cells = [Cell(b, h, s, d, t) for t in args.dtype.split(",") for d in _ints(args.head_dim)
-             for b in _ints(args.batch) for h in _ints(args.heads) for s in _ints(args.seq)]
+    cells = [
+        Cell(b, h, s, d, t)
+        for t in args.dtype.split(",")
+        for d in _ints(args.head_dim)
+        for b in _ints(args.batch)
+        for h in _ints(args.heads)
+        for s in _ints(args.seq)
+    ]
     impls = args.impls.split(",")
     rows, reference_cache = [], {}
     bar = tqdm(total=len(cells) * len(impls), unit="cell")
@@ -214,13 +244,33 @@ def main(argv: list[str] | None = None) -> None:
             bar.update()
     bar.close()
     reference_cache.clear()
-    columns = ["impl", "dtype", "batch", "heads", "seq", "head_dim", "pass", "time_ms", "peak_mib", "tflops",
-               "rel_error", "status"]
-    report.table("attention", rows, columns, title="Every cell",
-                 headers={"time_ms": "median ms", "peak_mib": "peak MiB", "tflops": "TFLOP/s",
-                          "rel_error": "rel. error"})
-    report.table("attention_summary", summary_rows(rows), title="Time (ms) by sequence length",
-                 note="One row per implementation and dtype/head dim; a dash is a backend that could not run.")
+    columns = [
+        "impl",
+        "dtype",
+        "batch",
+        "heads",
+        "seq",
+        "head_dim",
+        "pass",
+        "time_ms",
+        "peak_mib",
+        "tflops",
+        "rel_error",
+        "status",
+    ]
+    report.table(
+        "attention",
+        rows,
+        columns,
+        title="Every cell",
+        headers={"time_ms": "median ms", "peak_mib": "peak MiB", "tflops": "TFLOP/s", "rel_error": "rel. error"},
+    )
+    report.table(
+        "attention_summary",
+        summary_rows(rows),
+        title="Time (ms) by sequence length",
+        note="One row per implementation and dtype/head dim; a dash is a backend that could not run.",
+    )
     plot(report, rows)
     print(f"\nreport: {report.markdown_path}")
 
@@ -229,15 +279,19 @@ def _progress_line(row: dict) -> str:
     head = f"{row['impl']:>18} {row['dtype']:>8} b{row['batch']} h{row['heads']} s{row['seq']:>5} d{row['head_dim']:>3}"
     if "time_ms" not in row:
         return f"{head}  {row['status']}"
-    return (f"{head}  {row['time_ms']:9.2f} ms  {row['peak_mib']:8.1f} MiB  {row['tflops']:7.3f} TFLOP/s  "
-            f"err {row['rel_error']:.1e}  {row['status']}")
+    return (
+        f"{head}  {row['time_ms']:9.2f} ms  {row['peak_mib']:8.1f} MiB  {row['tflops']:7.3f} TFLOP/s  "
+        f"err {row['rel_error']:.1e}  {row['status']}"
+    )
 
 
 def summary_rows(rows: list[dict]) -> list[dict]:
     out: dict[tuple, dict] = {}
     for r in rows:
         key = (r["impl"], r["dtype"], r["batch"], r["heads"], r["head_dim"])
-        entry = out.setdefault(key, {"impl": r["impl"], "dtype": r["dtype"], "b/h/d": f"{r['batch']}/{r['heads']}/{r['head_dim']}"})
+        entry = out.setdefault(
+            key, {"impl": r["impl"], "dtype": r["dtype"], "b/h/d": f"{r['batch']}/{r['heads']}/{r['head_dim']}"}
+        )
         entry[f"s={r['seq']}"] = round(r["time_ms"], 2) if "time_ms" in r else "-"
     return list(out.values())
 
@@ -248,13 +302,25 @@ def plot(report: Report, rows: list[dict]) -> None:
     if not ran:
         return
     panels = sorted({(r["dtype"], r["batch"], r["heads"], r["head_dim"]) for r in ran})
-    for metric, label, stem in (("time_ms", "median time (ms)", "attention_time"),
-                                ("peak_mib", "peak memory (MiB)", "attention_memory")):
+    for metric, label, stem in (
+        ("time_ms", "median time (ms)", "attention_time"),
+        ("peak_mib", "peak memory (MiB)", "attention_memory"),
+    ):
         fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
         for ax, (dtype, b, h, d) in zip(axes[0], panels):
             subset = [r for r in ran if (r["dtype"], r["batch"], r["heads"], r["head_dim"]) == (dtype, b, h, d)]
-            line_plot(ax, subset, "seq", metric, "impl", logx=True, logy=True, xlabel="sequence length",
-                      ylabel=label, title=f"{dtype}, batch {b}, {h} heads, head dim {d}")
+            line_plot(
+                ax,
+                subset,
+                "seq",
+                metric,
+                "impl",
+                logx=True,
+                logy=True,
+                xlabel="sequence length",
+                ylabel=label,
+                title=f"{dtype}, batch {b}, {h} heads, head dim {d}",
+            )
         report.figure(stem, fig, f"{label} against sequence length, causal attention")
 
 

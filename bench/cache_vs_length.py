@@ -93,7 +93,7 @@ def prefill_memory(lm, ids: list[int]) -> int:
 def growth_exponent(lengths: list[int], seconds: list[float]) -> float:
     """Slope of log(time) against log(length) over the upper half of the lengths: 1 linear, 2 quadratic."""
     points = [(math.log(n), math.log(t)) for n, t in zip(lengths, seconds) if t > 0]
-    points = points[len(points) // 2:] if len(points) >= 4 else points
+    points = points[len(points) // 2 :] if len(points) >= 4 else points
     if len(points) < 2:
         return float("nan")
     mean_x = sum(p[0] for p in points) / len(points)
@@ -126,10 +126,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--engines", default=",".join(ENGINES))
-    parser.add_argument("--output-lengths", default="32,64,128,256,512,1024",
-                        help="points reported; one generation of the largest gives them all")
-    parser.add_argument("--eager-max-output", type=int, default=512,
-                        help="hf-eager stops here: its time grows with the square of the length")
+    parser.add_argument(
+        "--output-lengths",
+        default="32,64,128,256,512,1024",
+        help="points reported; one generation of the largest gives them all",
+    )
+    parser.add_argument(
+        "--eager-max-output",
+        type=int,
+        default=512,
+        help="hf-eager stops here: its time grows with the square of the length",
+    )
     parser.add_argument("--prompt-lengths", default="32,64,128,256,512,1024")
     parser.add_argument("--prompt-new-tokens", type=int, default=16)
     parser.add_argument("--dtype", default="auto")
@@ -148,9 +155,20 @@ def main(argv: list[str] | None = None) -> None:
     first = loaded[engines[0]]
     report = Report("cache-vs-length", args.out, "bench.cache_vs_length", argv, device=str(first.device))
     report.text(__doc__.split("\n", 2)[2])
-    report.table("engines", [{"engine": n, "use_cache": e.use_cache, "attention kernel": e.attention,
-                              "dtype": e.dtype_name, "device": str(e.device)}
-                             for n, e in loaded.items()], title="Engines")
+    report.table(
+        "engines",
+        [
+            {
+                "engine": n,
+                "use_cache": e.use_cache,
+                "attention kernel": e.attention,
+                "dtype": e.dtype_name,
+                "device": str(e.device),
+            }
+            for n, e in loaded.items()
+        ],
+        title="Engines",
+    )
 
     prompt_ids = first.tokenizer(LOG_PROMPT).input_ids
     output_rows, curves = [], {}
@@ -166,14 +184,23 @@ def main(argv: list[str] | None = None) -> None:
         steps = step_times(times)
         for n in tqdm(lengths, desc=f"{name}: step memory", unit="point"):
             # the median of the last few steps: a shared machine's stray burst moves one step, not the median
-            step_ms = 1000 * statistics.median(steps[max(0, n - 9):n])
+            step_ms = 1000 * statistics.median(steps[max(0, n - 9) : n])
             memory = step_memory(engine, prompt_ids + [0] * (n - 1))
-            row = {"engine": name, "prompt_tokens": len(prompt_ids), "output_tokens": n,
-                   "seconds": times[n - 1], "tokens_per_s": n / times[n - 1], "last_step_ms": step_ms,
-                   "step_peak_mib": memory / 2**20}
+            row = {
+                "engine": name,
+                "prompt_tokens": len(prompt_ids),
+                "output_tokens": n,
+                "seconds": times[n - 1],
+                "tokens_per_s": n / times[n - 1],
+                "last_step_ms": step_ms,
+                "step_peak_mib": memory / 2**20,
+            }
             output_rows.append(row)
-            print(f"  {name:9} {n:5d} tokens  {row['tokens_per_s']:7.2f} tok/s  last step {step_ms:7.1f} ms  "
-                  f"peak {row['step_peak_mib']:7.1f} MiB", flush=True)
+            print(
+                f"  {name:9} {n:5d} tokens  {row['tokens_per_s']:7.2f} tok/s  last step {step_ms:7.1f} ms  "
+                f"peak {row['step_peak_mib']:7.1f} MiB",
+                flush=True,
+            )
     for name, times in curves.items():
         lengths = [r["output_tokens"] for r in output_rows if r["engine"] == name]
         exponent = growth_exponent(lengths, [times[n - 1] for n in lengths])
@@ -182,19 +209,40 @@ def main(argv: list[str] | None = None) -> None:
             if r["engine"] == name:
                 r["growth_exponent"] = exponent
                 r["step_ms_per_token"] = slope
-    report.table("steps", [{"engine": name, "token": i + 1, "seconds": t, "step_ms": 1000 * s}
-                           for name, times in curves.items()
-                           for i, (t, s) in enumerate(zip(times, step_times(times)))],
-                 title="Every step (arrival time of each token)")
+    report.table(
+        "steps",
+        [
+            {"engine": name, "token": i + 1, "seconds": t, "step_ms": 1000 * s}
+            for name, times in curves.items()
+            for i, (t, s) in enumerate(zip(times, step_times(times)))
+        ],
+        title="Every step (arrival time of each token)",
+    )
     report.sections.pop()  # thousands of rows: CSV and JSON only, not the page
-    report.table("output_length", output_rows,
-                 ["engine", "prompt_tokens", "output_tokens", "seconds", "tokens_per_s", "last_step_ms",
-                  "step_peak_mib", "growth_exponent", "step_ms_per_token"],
-                 headers={"tokens_per_s": "tokens/s", "last_step_ms": "step at L (ms, median of 9)",
-                          "step_peak_mib": "step peak (MiB)", "growth_exponent": "time ~ length^k, k",
-                          "step_ms_per_token": "step growth (ms per token)"},
-                 title=f"Against output length (the log's first prompt, {len(prompt_ids)} tokens)",
-                 note=f"hf-eager stops at {args.eager_max_output} output tokens (--eager-max-output).")
+    report.table(
+        "output_length",
+        output_rows,
+        [
+            "engine",
+            "prompt_tokens",
+            "output_tokens",
+            "seconds",
+            "tokens_per_s",
+            "last_step_ms",
+            "step_peak_mib",
+            "growth_exponent",
+            "step_ms_per_token",
+        ],
+        headers={
+            "tokens_per_s": "tokens/s",
+            "last_step_ms": "step at L (ms, median of 9)",
+            "step_peak_mib": "step peak (MiB)",
+            "growth_exponent": "time ~ length^k, k",
+            "step_ms_per_token": "step growth (ms per token)",
+        },
+        title=f"Against output length (the log's first prompt, {len(prompt_ids)} tokens)",
+        note=f"hf-eager stops at {args.eager_max_output} output tokens (--eager-max-output).",
+    )
 
     corpus_ids = first.tokenizer(stdlib_text()).input_ids
     prompt_rows = []
@@ -204,21 +252,45 @@ def main(argv: list[str] | None = None) -> None:
             times = token_times(engine, ids, args.prompt_new_tokens)
             memory = step_memory(engine, ids + [0] * (args.prompt_new_tokens - 1))
             first_memory = prefill_memory(engine, ids)
-            row = {"engine": name, "prompt_tokens": p, "output_tokens": args.prompt_new_tokens,
-                   "first_token_ms": times[0] * 1000, "seconds": times[-1],
-                   "tokens_per_s": args.prompt_new_tokens / times[-1],
-                   "decode_tokens_per_s": (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan"),
-                   "prefill_peak_mib": first_memory / 2**20, "step_peak_mib": memory / 2**20}
+            row = {
+                "engine": name,
+                "prompt_tokens": p,
+                "output_tokens": args.prompt_new_tokens,
+                "first_token_ms": times[0] * 1000,
+                "seconds": times[-1],
+                "tokens_per_s": args.prompt_new_tokens / times[-1],
+                "decode_tokens_per_s": (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan"),
+                "prefill_peak_mib": first_memory / 2**20,
+                "step_peak_mib": memory / 2**20,
+            }
             prompt_rows.append(row)
-            print(f"  {name:9} prompt {p:5d}  first token {row['first_token_ms']:8.1f} ms  "
-                  f"{row['tokens_per_s']:7.2f} tok/s  peak {row['step_peak_mib']:7.1f} MiB", flush=True)
-    report.table("prompt_length", prompt_rows,
-                 ["engine", "prompt_tokens", "output_tokens", "first_token_ms", "tokens_per_s",
-                  "decode_tokens_per_s", "prefill_peak_mib", "step_peak_mib"],
-                 headers={"first_token_ms": "first token (ms)", "tokens_per_s": "tokens/s (incl. prefill)",
-                          "decode_tokens_per_s": "tokens/s after the first",
-                          "prefill_peak_mib": "prefill peak (MiB)", "step_peak_mib": "last step peak (MiB)"},
-                 title=f"Against prompt length ({args.prompt_new_tokens} new tokens each)")
+            print(
+                f"  {name:9} prompt {p:5d}  first token {row['first_token_ms']:8.1f} ms  "
+                f"{row['tokens_per_s']:7.2f} tok/s  peak {row['step_peak_mib']:7.1f} MiB",
+                flush=True,
+            )
+    report.table(
+        "prompt_length",
+        prompt_rows,
+        [
+            "engine",
+            "prompt_tokens",
+            "output_tokens",
+            "first_token_ms",
+            "tokens_per_s",
+            "decode_tokens_per_s",
+            "prefill_peak_mib",
+            "step_peak_mib",
+        ],
+        headers={
+            "first_token_ms": "first token (ms)",
+            "tokens_per_s": "tokens/s (incl. prefill)",
+            "decode_tokens_per_s": "tokens/s after the first",
+            "prefill_peak_mib": "prefill peak (MiB)",
+            "step_peak_mib": "last step peak (MiB)",
+        },
+        title=f"Against prompt length ({args.prompt_new_tokens} new tokens each)",
+    )
     plot(report, output_rows, prompt_rows, curves)
     print(f"\nreport: {report.markdown_path}")
 
@@ -254,16 +326,56 @@ def plot(report: Report, output_rows: list[dict], prompt_rows: list[dict], curve
     ax.set_title("each step: grows with the length without a cache")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
-    line_plot(axes[2], output_rows, "output_tokens", "step_peak_mib", "engine", logx=True, logy=True,
-              xlabel="output tokens", ylabel="peak tensor memory of the step (MiB)", title="memory against output length")
+    line_plot(
+        axes[2],
+        output_rows,
+        "output_tokens",
+        "step_peak_mib",
+        "engine",
+        logx=True,
+        logy=True,
+        xlabel="output tokens",
+        ylabel="peak tensor memory of the step (MiB)",
+        title="memory against output length",
+    )
     report.figure("output_length", fig, "Time and memory against output length")
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    line_plot(axes[0], prompt_rows, "prompt_tokens", "first_token_ms", "engine", logx=True, logy=True,
-              xlabel="prompt tokens", ylabel="time to first token (ms)", title="prefill")
-    line_plot(axes[1], prompt_rows, "prompt_tokens", "decode_tokens_per_s", "engine", logx=True, logy=True,
-              xlabel="prompt tokens", ylabel="tokens/s after the first", title="decode speed against prompt length")
-    line_plot(axes[2], prompt_rows, "prompt_tokens", "prefill_peak_mib", "engine", logx=True, logy=True,
-              xlabel="prompt tokens", ylabel="peak tensor memory of the prefill (MiB)", title="memory")
+    line_plot(
+        axes[0],
+        prompt_rows,
+        "prompt_tokens",
+        "first_token_ms",
+        "engine",
+        logx=True,
+        logy=True,
+        xlabel="prompt tokens",
+        ylabel="time to first token (ms)",
+        title="prefill",
+    )
+    line_plot(
+        axes[1],
+        prompt_rows,
+        "prompt_tokens",
+        "decode_tokens_per_s",
+        "engine",
+        logx=True,
+        logy=True,
+        xlabel="prompt tokens",
+        ylabel="tokens/s after the first",
+        title="decode speed against prompt length",
+    )
+    line_plot(
+        axes[2],
+        prompt_rows,
+        "prompt_tokens",
+        "prefill_peak_mib",
+        "engine",
+        logx=True,
+        logy=True,
+        xlabel="prompt tokens",
+        ylabel="peak tensor memory of the prefill (MiB)",
+        title="memory",
+    )
     report.figure("prompt_length", fig, "Against prompt length")
 
 

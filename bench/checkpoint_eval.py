@@ -22,7 +22,6 @@ import math
 import re
 from pathlib import Path
 
-
 from loadtest.plots import pyplot
 from loadtest.report_folder import Report
 
@@ -49,14 +48,21 @@ def loss_curve(state_path: Path) -> list[dict]:
     for entry in history:
         for key, kind in (("loss", "train"), ("eval_loss", "eval")):
             if key in entry and "step" in entry:
-                points.append({"step": entry["step"], "kind": kind, "loss": float(entry[key]),
-                               "epoch": entry.get("epoch"), "learning_rate": entry.get("learning_rate")})
+                points.append(
+                    {
+                        "step": entry["step"],
+                        "kind": kind,
+                        "loss": float(entry[key]),
+                        "epoch": entry.get("epoch"),
+                        "learning_rate": entry.get("learning_rate"),
+                    }
+                )
     return points
 
 
 def windows(ids: list[int], window: int, max_tokens: int | None) -> list[list[int]]:
     ids = ids[:max_tokens] if max_tokens else ids
-    return [ids[i:i + window] for i in range(0, len(ids), window) if len(ids[i:i + window]) >= 2]
+    return [ids[i : i + window] for i in range(0, len(ids), window) if len(ids[i : i + window]) >= 2]
 
 
 def score_direct(path: Path, chunks: list[list[int]], device: str) -> tuple[float, int]:
@@ -72,8 +78,9 @@ def score_via_server(path: Path, texts: list[str], device: str) -> tuple[float, 
     from loadtest.server_process import ServerProcess
     from server.wire import pb
 
-    server = ServerProcess("--engine", "hf-kv", "--model", str(path), "--metrics-port", "-1", "--device", device,
-                           "--dtype", "float32").wait_ready(600)
+    server = ServerProcess(
+        "--engine", "hf-kv", "--model", str(path), "--metrics-port", "-1", "--device", device, "--dtype", "float32"
+    ).wait_ready(600)
     try:
         total, count = 0.0, 0
         for text in texts:
@@ -89,12 +96,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", help="a training output folder holding checkpoint-<step> folders")
     parser.add_argument("--text", required=True, help="the text file to score")
-    parser.add_argument("--via", choices=("direct", "score"), default="direct",
-                        help="in-process, or the server's Score RPC (one server per checkpoint)")
+    parser.add_argument(
+        "--via",
+        choices=("direct", "score"),
+        default="direct",
+        help="in-process, or the server's Score RPC (one server per checkpoint)",
+    )
     parser.add_argument("--tokenizer", help="where the tokenizer is, if the checkpoints lack one (direct only)")
     parser.add_argument("--window", type=int, default=512, help="tokens per scored window (at most the context)")
     parser.add_argument("--max-tokens", type=int, default=None, help="score only the text's first N tokens")
-    parser.add_argument("--trainer-state", help="trainer_state.json (default: the folder's, else the latest checkpoint's)")
+    parser.add_argument(
+        "--trainer-state", help="trainer_state.json (default: the folder's, else the latest checkpoint's)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", help="report folder (default reports/checkpoint-eval-<time>)")
     args = parser.parse_args(argv)
@@ -108,20 +121,32 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or checkpoints[-1][1])
     ids = tokenizer(Path(args.text).read_text(errors="replace"), add_special_tokens=False).input_ids
     chunks = windows(ids, args.window, args.max_tokens)
-    print(f"# {len(checkpoints)} checkpoints, {sum(map(len, chunks))} tokens of {args.text} in {len(chunks)} "
-          f"windows of up to {args.window}, via {args.via}", flush=True)
+    print(
+        f"# {len(checkpoints)} checkpoints, {sum(map(len, chunks))} tokens of {args.text} in {len(chunks)} "
+        f"windows of up to {args.window}, via {args.via}",
+        flush=True,
+    )
     rows = []
     for step, path in tqdm(checkpoints, desc="checkpoints", unit="ckpt"):
         if args.via == "score":
             total, count = score_via_server(path, [tokenizer.decode(c) for c in chunks], args.device)
         else:
             total, count = score_direct(path, chunks, args.device)
-        row = {"step": step, "checkpoint": path.name, "tokens": count, "nll_per_token": -total / count,
-               "perplexity": math.exp(-total / count)}
+        row = {
+            "step": step,
+            "checkpoint": path.name,
+            "tokens": count,
+            "nll_per_token": -total / count,
+            "perplexity": math.exp(-total / count),
+        }
         rows.append(row)
         tqdm.write(f"  step {step:6d}: perplexity {row['perplexity']:.3f} over {count} tokens")
-    report.table("perplexity", rows, headers={"nll_per_token": "NLL (nats/token)"},
-                 title=f"Perplexity of each checkpoint on {Path(args.text).name} (via {args.via})")
+    report.table(
+        "perplexity",
+        rows,
+        headers={"nll_per_token": "NLL (nats/token)"},
+        title=f"Perplexity of each checkpoint on {Path(args.text).name} (via {args.via})",
+    )
     state = trainer_state_path(folder, checkpoints, args.trainer_state)
     curve = loss_curve(state) if state else []
     if curve:

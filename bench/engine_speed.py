@@ -38,7 +38,10 @@ def run_engine(engine: str, model: str, new_tokens: int, extra: list[str]) -> di
         measure(server, "Warm-up", 8)
         runs = [measure(server, prompt, new_tokens) for prompt in LOG_SPEED_PROMPTS]
         return {
-            "engine": engine, "attention": info.attention, "use_cache": info.use_cache, "dtype": info.dtype,
+            "engine": engine,
+            "attention": info.attention,
+            "use_cache": info.use_cache,
+            "dtype": info.dtype,
             "device": info.device,
             "tokens_per_s": statistics.mean(speed(r) for r in runs),
             "ttft_ms": statistics.mean(r.ttft_s * 1000 for r in runs),
@@ -58,18 +61,40 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for engine in args.engines.split(","):
-        print(f"# {engine}: starting server, {len(LOG_SPEED_PROMPTS)} prompts x {args.new_tokens} tokens ...",
-              flush=True)
+        print(
+            f"# {engine}: starting server, {len(LOG_SPEED_PROMPTS)} prompts x {args.new_tokens} tokens ...", flush=True
+        )
         rows.append(run_engine(engine, args.model, args.new_tokens, args.server_arg))
     baseline = next((r["tokens_per_s"] for r in rows if r["engine"] == "hf-eager"), None)
-    print(f"\nmodel {args.model}, greedy, {args.new_tokens} new tokens, ignore_eos, one request at a time, "
-          f"mean of the log's {len(LOG_SPEED_PROMPTS)} prompts\n")
+    print(
+        f"\nmodel {args.model}, greedy, {args.new_tokens} new tokens, ignore_eos, one request at a time, "
+        f"mean of the log's {len(LOG_SPEED_PROMPTS)} prompts\n"
+    )
     for r in rows:
         r["vs_eager"] = f"{r['tokens_per_s'] / baseline:.2f}x" if baseline else "n/a"
-    print(markdown_table(rows, ["engine", "use_cache", "attention", "dtype", "device", "tokens_per_s", "ttft_ms",
-                                "peak_rss_mb", "vs_eager"],
-                         {"attention": "attention kernel", "tokens_per_s": "tokens/s", "ttft_ms": "TTFT (ms)",
-                          "peak_rss_mb": "peak RSS (MB)", "vs_eager": "vs hf-eager"}))
+    print(
+        markdown_table(
+            rows,
+            [
+                "engine",
+                "use_cache",
+                "attention",
+                "dtype",
+                "device",
+                "tokens_per_s",
+                "ttft_ms",
+                "peak_rss_mb",
+                "vs_eager",
+            ],
+            {
+                "attention": "attention kernel",
+                "tokens_per_s": "tokens/s",
+                "ttft_ms": "TTFT (ms)",
+                "peak_rss_mb": "peak RSS (MB)",
+                "vs_eager": "vs hf-eager",
+            },
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -44,10 +44,23 @@ def main() -> None:
         for server in servers.values():
             server.stop()
     off, on = (statistics.median(rates[name]) for name in ("metrics off", "metrics on"))
-    print(f"\n{args.engine} on {args.model}, {args.new_tokens} tokens, {len(rates['metrics on'])} requests each, "
-          "alternating, median tokens/s\n")
-    print(markdown_table([{"metrics": name, "tokens/s (median)": statistics.median(values), "min": min(values),
-                           "max": max(values)} for name, values in rates.items()]))
+    print(
+        f"\n{args.engine} on {args.model}, {args.new_tokens} tokens, {len(rates['metrics on'])} requests each, "
+        "alternating, median tokens/s\n"
+    )
+    print(
+        markdown_table(
+            [
+                {
+                    "metrics": name,
+                    "tokens/s (median)": statistics.median(values),
+                    "min": min(values),
+                    "max": max(values),
+                }
+                for name, values in rates.items()
+            ]
+        )
+    )
     print(f"\nmetrics on / off: {on / off:.3f} ({(on / off - 1) * 100:+.1f} %)")
 
 

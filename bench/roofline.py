@@ -50,33 +50,47 @@ def builtin_shapes() -> list[ModelShape]:
 
 
 # The bounds table's column titles, here and on the roofline_measure page.
-BOUNDS_HEADERS = {"params_b": "params (B)", "weights_gb": "weights GB", "memory_gb": "weights+KV (GB)",
-                  "decode_bound_tok_s": "decode bound (tok/s)", "decode_bound_kind": "bound by",
-                  "prefill_bound_tok_s": "prefill bound (tok/s)"}
+BOUNDS_HEADERS = {
+    "params_b": "params (B)",
+    "weights_gb": "weights GB",
+    "memory_gb": "weights+KV (GB)",
+    "decode_bound_tok_s": "decode bound (tok/s)",
+    "decode_bound_kind": "bound by",
+    "prefill_bound_tok_s": "prefill bound (tok/s)",
+}
 
 
-def bounds_rows(shapes: list[ModelShape], devices: list[Device], batch: int, context: int, prompt: int,
-                bytes_per_param: float) -> list[dict]:
+def bounds_rows(
+    shapes: list[ModelShape], devices: list[Device], batch: int, context: int, prompt: int, bytes_per_param: float
+) -> list[dict]:
     rows = []
     for device in devices:
         for shape in shapes:
-            rows.append({
-                "model": shape.name, "params_b": shape.params / 1e9, "device": device.name,
-                "batch": batch, "context": context,
-                "weights_gb": shape.params * bytes_per_param / 1e9,
-                "memory_gb": memory_bytes(shape, batch, context, bytes_per_param) / 1e9,
-                "fits": fits(shape, device, batch, context, bytes_per_param),
-                "decode_bound_tok_s": decode_bound_tokens_per_s(shape, device, batch, context, bytes_per_param),
-                "decode_bound_kind": bound_kind(shape, device, batch, context, bytes_per_param),
-                "prefill_bound_tok_s": prefill_bound_tokens_per_s(shape, device, batch, prompt, bytes_per_param),
-            })
+            rows.append(
+                {
+                    "model": shape.name,
+                    "params_b": shape.params / 1e9,
+                    "device": device.name,
+                    "batch": batch,
+                    "context": context,
+                    "weights_gb": shape.params * bytes_per_param / 1e9,
+                    "memory_gb": memory_bytes(shape, batch, context, bytes_per_param) / 1e9,
+                    "fits": fits(shape, device, batch, context, bytes_per_param),
+                    "decode_bound_tok_s": decode_bound_tokens_per_s(shape, device, batch, context, bytes_per_param),
+                    "decode_bound_kind": bound_kind(shape, device, batch, context, bytes_per_param),
+                    "prefill_bound_tok_s": prefill_bound_tokens_per_s(shape, device, batch, prompt, bytes_per_param),
+                }
+            )
     return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(s.name for s in builtin_shapes()),
-                        help="shape names under bench/shapes or JSON paths, comma-separated")
+    parser.add_argument(
+        "--models",
+        default=",".join(s.name for s in builtin_shapes()),
+        help="shape names under bench/shapes or JSON paths, comma-separated",
+    )
     parser.add_argument("--devices", default=",".join(DEVICES), help=f"presets ({', '.join(DEVICES)})")
     parser.add_argument("--probe", action="store_true", help="add this machine, measured (a few seconds)")
     parser.add_argument("--batch", type=int, default=1)
@@ -89,13 +103,31 @@ def main(argv: list[str] | None = None) -> None:
     if args.probe:
         devices.append(probe_this_machine())
     for device in devices:
-        print(f"# {device.name}: {device.peak_flops / 1e12:.3g} TFLOP/s, {device.bandwidth / 1e9:.4g} GB/s, "
-              f"{device.memory_bytes / 1e9:.4g} GB ({device.source})")
-    print(f"\nbatch {args.batch}, decode context {args.context}, prefill prompt {args.prompt}, "
-          f"{args.bytes_per_param:g} bytes per parameter\n")
+        print(
+            f"# {device.name}: {device.peak_flops / 1e12:.3g} TFLOP/s, {device.bandwidth / 1e9:.4g} GB/s, "
+            f"{device.memory_bytes / 1e9:.4g} GB ({device.source})"
+        )
+    print(
+        f"\nbatch {args.batch}, decode context {args.context}, prefill prompt {args.prompt}, "
+        f"{args.bytes_per_param:g} bytes per parameter\n"
+    )
     rows = bounds_rows(shapes, devices, args.batch, args.context, args.prompt, args.bytes_per_param)
-    print(markdown_table(rows, ["model", "params_b", "device", "memory_gb", "fits", "decode_bound_tok_s",
-                                "decode_bound_kind", "prefill_bound_tok_s"], BOUNDS_HEADERS))
+    print(
+        markdown_table(
+            rows,
+            [
+                "model",
+                "params_b",
+                "device",
+                "memory_gb",
+                "fits",
+                "decode_bound_tok_s",
+                "decode_bound_kind",
+                "prefill_bound_tok_s",
+            ],
+            BOUNDS_HEADERS,
+        )
+    )
 
 
 if __name__ == "__main__":

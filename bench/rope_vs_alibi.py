@@ -71,15 +71,26 @@ def corpus(train_bytes: int, eval_bytes: int) -> tuple[str, str]:
 def model_config(architecture: str, hidden: int, layers: int, heads: int, vocab: int, max_positions: int):
     from transformers import BloomConfig, LlamaConfig
 
-    common = dict(vocab_size=vocab, bos_token_id=vocab - 1, eos_token_id=vocab - 1, pad_token_id=vocab - 1,
-                  tie_word_embeddings=True)
+    common = dict(
+        vocab_size=vocab,
+        bos_token_id=vocab - 1,
+        eos_token_id=vocab - 1,
+        pad_token_id=vocab - 1,
+        tie_word_embeddings=True,
+    )
     if architecture == "bloom":
         return BloomConfig(hidden_size=hidden, n_layer=layers, n_head=heads, **common)
     # 8/3 x hidden for the gated MLP's three matrices matches BLOOM's two 4 x hidden ones in size.
     intermediate = 8 * math.ceil(8 * hidden / 3 / 8)
-    return LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=heads,
-                       max_position_embeddings=max_positions, **common)
+    return LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_positions,
+        **common,
+    )
 
 
 def build(architecture: str, hidden: int, layers: int, heads: int, vocab: int, max_positions: int, seed: int):
@@ -105,8 +116,20 @@ class Windows(torch.utils.data.Dataset):
         return {"input_ids": window, "labels": window}
 
 
-def train(model, tokenizer, train_ids: torch.Tensor, out: Path, *, length: int, steps: int, batch: int, lr: float,
-          seed: int, saves: int, max_seconds: float | None):
+def train(
+    model,
+    tokenizer,
+    train_ids: torch.Tensor,
+    out: Path,
+    *,
+    length: int,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    saves: int,
+    max_seconds: float | None,
+):
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     class TimeLimit(TrainerCallback):
@@ -116,14 +139,31 @@ def train(model, tokenizer, train_ids: torch.Tensor, out: Path, *, length: int, 
                 control.should_save = True
 
     arguments = TrainingArguments(
-        output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
-        lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.01,
-        logging_steps=max(1, steps // 50), save_steps=max(1, steps // saves), save_strategy="steps",
-        seed=seed, data_seed=seed, report_to=[], use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0, disable_tqdm=False, save_only_model=True,
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        learning_rate=lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, steps // 20),
+        weight_decay=0.01,
+        logging_steps=max(1, steps // 50),
+        save_steps=max(1, steps // saves),
+        save_strategy="steps",
+        seed=seed,
+        data_seed=seed,
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        save_only_model=True,
     )
-    trainer = Trainer(model=model, args=arguments, train_dataset=Windows(train_ids, length),
-                      processing_class=tokenizer, callbacks=[TimeLimit()])
+    trainer = Trainer(
+        model=model,
+        args=arguments,
+        train_dataset=Windows(train_ids, length),
+        processing_class=tokenizer,
+        callbacks=[TimeLimit()],
+    )
     started = time.perf_counter()
     result = trainer.train()
     trainer.save_state()  # the run's own trainer_state.json beside the checkpoints
@@ -138,10 +178,11 @@ def perplexity(model, ids: torch.Tensor, length: int, tokens: int, batch: int = 
     windows = ids[: count * length].view(-1, length)
     total, n = 0.0, 0
     for start in range(0, len(windows), batch):
-        chunk = windows[start:start + batch]
+        chunk = windows[start : start + batch]
         logits = model(input_ids=chunk).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1),
-                                                 reduction="sum")
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1), reduction="sum"
+        )
         total += float(loss)
         n += chunk[:, 1:].numel()
     return math.exp(total / n)
@@ -173,11 +214,17 @@ def speed_row(name: str, model, context: int, repeats: int) -> dict:
         step_times.append(time.perf_counter() - started)
         cache.crop(-1)  # back to context - 1 tokens, so every timed step sees the same context
     step_peak = peak_bytes(step)
-    return {"model": name, "positions": POSITIONS.get(model.config.model_type, model.config.model_type),
-            "params": sum(p.numel() for p in model.parameters()), "attention": model.config._attn_implementation,
-            "context": context,
-            "prefill_tok_s": context / prefill, "decode_step_ms": 1000 * sorted(step_times)[len(step_times) // 2],
-            "prefill_peak_mib": peak_bytes(forward) / 2**20, "decode_peak_mib": step_peak / 2**20}
+    return {
+        "model": name,
+        "positions": POSITIONS.get(model.config.model_type, model.config.model_type),
+        "params": sum(p.numel() for p in model.parameters()),
+        "attention": model.config._attn_implementation,
+        "context": context,
+        "prefill_tok_s": context / prefill,
+        "decode_step_ms": 1000 * sorted(step_times)[len(step_times) // 2],
+        "prefill_peak_mib": peak_bytes(forward) / 2**20,
+        "decode_peak_mib": step_peak / 2**20,
+    }
 
 
 def _ints(text: str) -> list[int]:
@@ -202,8 +249,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-tokens", type=int, default=65_536)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-speed", action="store_true")
-    parser.add_argument("--checkpoints-dir", help="where the training runs go (default <out>/checkpoints); "
-                        "the held-out text is written there too, as heldout.txt")
+    parser.add_argument(
+        "--checkpoints-dir",
+        help="where the training runs go (default <out>/checkpoints); "
+        "the held-out text is written there too, as heldout.txt",
+    )
     parser.add_argument("--out", help="report folder (default reports/rope-vs-alibi-<time>)")
     args = parser.parse_args(argv)
     from tqdm import tqdm
@@ -223,13 +273,22 @@ def main(argv: list[str] | None = None) -> None:
             for context in tqdm(_ints(args.speed_contexts), desc=f"{name}: speed", unit="context"):
                 row = speed_row(name, model, context, args.speed_repeats)
                 speed.append(row)
-                tqdm.write(f"  {name} context {context:5d}: prefill {row['prefill_tok_s']:9.0f} tok/s, decode step "
-                           f"{row['decode_step_ms']:6.2f} ms, peaks {row['prefill_peak_mib']:.1f} / "
-                           f"{row['decode_peak_mib']:.1f} MiB")
-        report.table("speed", speed, headers={"prefill_tok_s": "prefill tok/s", "decode_step_ms": "decode step (ms)",
-                                              "prefill_peak_mib": "prefill peak (MiB)",
-                                              "decode_peak_mib": "decode step peak (MiB)"},
-                     title="Speed and memory against context (built-in tiny models, float32)")
+                tqdm.write(
+                    f"  {name} context {context:5d}: prefill {row['prefill_tok_s']:9.0f} tok/s, decode step "
+                    f"{row['decode_step_ms']:6.2f} ms, peaks {row['prefill_peak_mib']:.1f} / "
+                    f"{row['decode_peak_mib']:.1f} MiB"
+                )
+        report.table(
+            "speed",
+            speed,
+            headers={
+                "prefill_tok_s": "prefill tok/s",
+                "decode_step_ms": "decode step (ms)",
+                "prefill_peak_mib": "prefill peak (MiB)",
+                "decode_peak_mib": "decode step peak (MiB)",
+            },
+            title="Speed and memory against context (built-in tiny models, float32)",
+        )
 
     tokenizer = byte_tokenizer()
     train_text, eval_text = corpus(args.train_bytes, args.eval_tokens * 2)
@@ -240,35 +299,65 @@ def main(argv: list[str] | None = None) -> None:
     (checkpoints / "heldout.txt").write_text(eval_text)
     factors = _ints(args.factors)
     max_positions = max(factors) * args.train_length * 2
-    eval_tokens = min(args.eval_tokens, len(eval_ids) // (max(factors) * args.train_length) * max(factors) * args.train_length)
-    print(f"# corpus: {len(train_ids)} training byte-tokens, {eval_tokens} held-out tokens per evaluation length",
-          flush=True)
+    eval_tokens = min(
+        args.eval_tokens, len(eval_ids) // (max(factors) * args.train_length) * max(factors) * args.train_length
+    )
+    print(
+        f"# corpus: {len(train_ids)} training byte-tokens, {eval_tokens} held-out tokens per evaluation length",
+        flush=True,
+    )
     results, training = [], []
     for arch in ARCHITECTURES:
         model = build(arch, args.hidden, args.layers, args.heads, len(tokenizer), max_positions, args.seed)
         params = sum(p.numel() for p in model.parameters())
-        print(f"# training {arch} ({POSITIONS[arch]}), {params} parameters, length {args.train_length}, "
-              f"{args.steps} steps of {args.batch}", flush=True)
+        print(
+            f"# training {arch} ({POSITIONS[arch]}), {params} parameters, length {args.train_length}, "
+            f"{args.steps} steps of {args.batch}",
+            flush=True,
+        )
         folder = checkpoints / arch
-        result, seconds = train(model, tokenizer, train_ids, folder, length=args.train_length, steps=args.steps,
-                                batch=args.batch, lr=args.lr, seed=args.seed, saves=args.saves,
-                                max_seconds=args.max_minutes * 60)
-        training.append({"model": arch, "positions": POSITIONS[arch], "params": params,
-                         "steps": result.global_step, "seconds": seconds, "final_train_loss": result.training_loss,
-                         "checkpoints": str(folder)})
+        result, seconds = train(
+            model,
+            tokenizer,
+            train_ids,
+            folder,
+            length=args.train_length,
+            steps=args.steps,
+            batch=args.batch,
+            lr=args.lr,
+            seed=args.seed,
+            saves=args.saves,
+            max_seconds=args.max_minutes * 60,
+        )
+        training.append(
+            {
+                "model": arch,
+                "positions": POSITIONS[arch],
+                "params": params,
+                "steps": result.global_step,
+                "seconds": seconds,
+                "final_train_loss": result.training_loss,
+                "checkpoints": str(folder),
+            }
+        )
         for factor in tqdm(factors, desc=f"{arch}: perplexity", unit="length"):
             length = factor * args.train_length
             ppl = perplexity(model, eval_ids, length, eval_tokens)
-            results.append({"model": arch, "positions": POSITIONS[arch], "factor": factor, "length": length,
-                            "perplexity": ppl})
+            results.append(
+                {"model": arch, "positions": POSITIONS[arch], "factor": factor, "length": length, "perplexity": ppl}
+            )
             tqdm.write(f"  {arch} at {factor}x ({length} tokens): perplexity {ppl:.3f}")
     report.table("training", training, title="Training (same data, seed, steps and optimizer)")
     for r in results:
         base = next(x["perplexity"] for x in results if x["model"] == r["model"] and x["factor"] == factors[0])
         r["vs_1x"] = r["perplexity"] / base
-    report.table("extrapolation", results, headers={"factor": "x training length", "vs_1x": "ppl / ppl at 1x"},
-                 title="Perplexity on held-out text against evaluation length",
-                 note=verdict(results, factors))
+    report.table(
+        "extrapolation",
+        results,
+        headers={"factor": "x training length", "vs_1x": "ppl / ppl at 1x"},
+        title="Perplexity on held-out text against evaluation length",
+        note=verdict(results, factors),
+    )
     plot(report, results, speed if not args.skip_speed else [])
     print(f"\nreport: {report.markdown_path}")
 
@@ -280,27 +369,62 @@ def verdict(results: list[dict], factors: list[int]) -> str:
     if rope is None or alibi is None:
         return ""
     if alibi <= 1.05 and rope > alibi * 1.1:
-        return (f"At {top}x the training length RoPE's perplexity is {rope:.2f}x its own 1x value and ALiBi's "
-                f"{alibi:.2f}x: the paper's effect (ALiBi flat, rotary degrading) reproduces at this scale.")
-    return (f"At {top}x the training length RoPE's perplexity is {rope:.2f}x its own 1x value and ALiBi's "
-            f"{alibi:.2f}x: this tiny run does not cleanly reproduce the paper's effect "
-            "(ALiBi flat past the training length while rotary degrades).")
+        return (
+            f"At {top}x the training length RoPE's perplexity is {rope:.2f}x its own 1x value and ALiBi's "
+            f"{alibi:.2f}x: the paper's effect (ALiBi flat, rotary degrading) reproduces at this scale."
+        )
+    return (
+        f"At {top}x the training length RoPE's perplexity is {rope:.2f}x its own 1x value and ALiBi's "
+        f"{alibi:.2f}x: this tiny run does not cleanly reproduce the paper's effect "
+        "(ALiBi flat past the training length while rotary degrades)."
+    )
 
 
 def plot(report: Report, results: list[dict], speed: list[dict]) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 3 if speed else 1, figsize=(16 if speed else 6, 4.5), squeeze=False)
-    line_plot(axes[0][0], results, "length", "perplexity", ("positions",), logx=True,
-              xlabel="evaluation length (tokens)", ylabel="perplexity (per byte)", title="length extrapolation")
+    line_plot(
+        axes[0][0],
+        results,
+        "length",
+        "perplexity",
+        ("positions",),
+        logx=True,
+        xlabel="evaluation length (tokens)",
+        ylabel="perplexity (per byte)",
+        title="length extrapolation",
+    )
     if results:
         train_length = min(r["length"] for r in results)
         axes[0][0].axvline(train_length, color="grey", ls="--", lw=0.8)
     if speed:
-        line_plot(axes[0][1], speed, "context", "prefill_tok_s", ("model", "positions"), logx=True, logy=True,
-                  xlabel="context", ylabel="prefill tokens/s", title="speed")
-        line_plot(axes[0][2], speed, "context", "prefill_peak_mib", ("model", "positions"), logx=True, logy=True,
-                  xlabel="context", ylabel="prefill peak memory (MiB)", title="memory")
-    report.figure("rope_vs_alibi", fig, "Perplexity against evaluation length (dashed: training length); speed and memory")
+        line_plot(
+            axes[0][1],
+            speed,
+            "context",
+            "prefill_tok_s",
+            ("model", "positions"),
+            logx=True,
+            logy=True,
+            xlabel="context",
+            ylabel="prefill tokens/s",
+            title="speed",
+        )
+        line_plot(
+            axes[0][2],
+            speed,
+            "context",
+            "prefill_peak_mib",
+            ("model", "positions"),
+            logx=True,
+            logy=True,
+            xlabel="context",
+            ylabel="prefill peak memory (MiB)",
+            title="memory",
+        )
+    report.figure(
+        "rope_vs_alibi", fig, "Perplexity against evaluation length (dashed: training length); speed and memory"
+    )
 
 
 if __name__ == "__main__":

@@ -35,15 +35,28 @@ PROMPTS = [*LOG_SPEED_PROMPTS, "今天天气怎么样？🌞"]
 GREEDY = dict(max_new_tokens=8, ignore_eos=True)
 # Each is INVALID_ARGUMENT on any engine and model the soak runs.
 BAD_INPUTS = [
-    ("", {}), ("   ", {}), ("word " * 1200, {}), ("hi", dict(max_new_tokens=0)), ("hi", dict(max_new_tokens=5000)),
-    ("hi", dict(temperature=-1.0)), ("hi", dict(temperature=float("nan"))), ("hi", dict(top_p=0.0)),
-    ("hi", dict(top_k=10**6)), ("hi", dict(repetition_penalty=0.0)), ("hi", dict(stop=[""])),
+    ("", {}),
+    ("   ", {}),
+    ("word " * 1200, {}),
+    ("hi", dict(max_new_tokens=0)),
+    ("hi", dict(max_new_tokens=5000)),
+    ("hi", dict(temperature=-1.0)),
+    ("hi", dict(temperature=float("nan"))),
+    ("hi", dict(top_p=0.0)),
+    ("hi", dict(top_k=10**6)),
+    ("hi", dict(repetition_penalty=0.0)),
+    ("hi", dict(stop=[""])),
     ("hi", dict(stop=[f"s{i}" for i in range(17)])),
 ]
 # kind: (weight, expected status)
 MIX = {
-    "greedy": (35, "OK"), "greedy-stream": (20, "OK"), "sampled": (10, "OK"), "cancel": (10, "CANCELLED"),
-    "deadline": (10, "DEADLINE_EXCEEDED"), "bad-input": (10, "INVALID_ARGUMENT"), "fault": (5, "INTERNAL"),
+    "greedy": (35, "OK"),
+    "greedy-stream": (20, "OK"),
+    "sampled": (10, "OK"),
+    "cancel": (10, "CANCELLED"),
+    "deadline": (10, "DEADLINE_EXCEEDED"),
+    "bad-input": (10, "INVALID_ARGUMENT"),
+    "fault": (5, "INTERNAL"),
 }
 
 
@@ -72,7 +85,9 @@ class SoakResult:
         if self.gauges_end != (0.0, 0.0):
             found.append(f"running/waiting gauges ended at {self.gauges_end}, not 0")
         if sum(self.server_by_status.values()) != self.requests:
-            found.append(f"server finished {sum(self.server_by_status.values()):g} requests, client sent {self.requests}")
+            found.append(
+                f"server finished {sum(self.server_by_status.values()):g} requests, client sent {self.requests}"
+            )
         if self.growth >= max_growth:
             found.append(f"RSS grew {self.growth:.1%} after warm-up (bound {max_growth:.0%})")
         return found
@@ -119,15 +134,22 @@ class Client:
         return None
 
     def _sampled(self, rng):
-        response = self.server.generate(rng.choice(PROMPTS), max_new_tokens=8, ignore_eos=True, temperature=0.9,
-                                        top_p=0.95, seed=rng.randrange(2**32))
+        response = self.server.generate(
+            rng.choice(PROMPTS),
+            max_new_tokens=8,
+            ignore_eos=True,
+            temperature=0.9,
+            top_p=0.95,
+            seed=rng.randrange(2**32),
+        )
         return None if response.usage.completion_tokens == len(response.token_ids) == 8 else "sampled length wrong"
 
     def _cancel(self, rng):
         # Sampled: a random model's greedy path can dwell on tokens without text, which would
         # hold every chunk back to the end.
-        stream = self.server.stream(rng.choice(PROMPTS), max_new_tokens=400, ignore_eos=True, temperature=1.0,
-                                    seed=rng.randrange(2**32))
+        stream = self.server.stream(
+            rng.choice(PROMPTS), max_new_tokens=400, ignore_eos=True, temperature=1.0, seed=rng.randrange(2**32)
+        )
         for _ in range(rng.randint(1, 3)):
             if next(stream, None) is None:
                 return "the stream ended before it could be cancelled"
@@ -136,8 +158,7 @@ class Client:
         return "a cancelled stream ended normally"
 
     def _deadline(self, rng):
-        self.server.generate(rng.choice(PROMPTS), timeout=rng.uniform(0.05, 0.4), max_new_tokens=900,
-                             ignore_eos=True)
+        self.server.generate(rng.choice(PROMPTS), timeout=rng.uniform(0.05, 0.4), max_new_tokens=900, ignore_eos=True)
         return "a 900-token generation beat its deadline"
 
     def _bad_input(self, rng):
@@ -150,15 +171,31 @@ class Client:
         return "an injected fault was served"
 
 
-def run_soak(engine: str, model: str, requests: int, warmup: int, concurrency: int, server_args: list[str] = (),
-             seed: int = 0, log=print) -> SoakResult:
+def run_soak(
+    engine: str,
+    model: str,
+    requests: int,
+    warmup: int,
+    concurrency: int,
+    server_args: list[str] = (),
+    seed: int = 0,
+    log=print,
+) -> SoakResult:
     rng = random.Random(seed)
     kinds = rng.choices(list(MIX), weights=[w for w, _ in MIX.values()], k=requests)
     seeds = [rng.randrange(2**32) for _ in kinds]
     # The injected faults are test-only: the server refuses the variable without --allow-test-faults.
-    server = ServerProcess("--engine", engine, "--model", model, "--max-queue", str(concurrency * 2),
-                           "--allow-test-faults", *server_args,
-                           env={FAULTS_ENV: f"error:{FAULT_MARKER}@1"}).wait_ready(900)
+    server = ServerProcess(
+        "--engine",
+        engine,
+        "--model",
+        model,
+        "--max-queue",
+        str(concurrency * 2),
+        "--allow-test-faults",
+        *server_args,
+        env={FAULTS_ENV: f"error:{FAULT_MARKER}@1"},
+    ).wait_ready(900)
     result = SoakResult(engine=engine)
     try:
         references = {p: tuple(server.generate(p, **GREEDY).token_ids) for p in PROMPTS}
@@ -171,8 +208,9 @@ def run_soak(engine: str, model: str, requests: int, warmup: int, concurrency: i
             result.by_status[status] += 1
             expected = MIX[kinds[i]][1]
             if status != expected or wrong:
-                result.unexpected.append(f"#{i} {kinds[i]}: {status}" + (f" ({wrong})" if wrong else "")
-                                         + f", expected {expected}")
+                result.unexpected.append(
+                    f"#{i} {kinds[i]}: {status}" + (f" ({wrong})" if wrong else "") + f", expected {expected}"
+                )
 
         with ThreadPoolExecutor(concurrency) as pool:
             list(pool.map(one, range(min(warmup, requests))))
@@ -185,8 +223,9 @@ def run_soak(engine: str, model: str, requests: int, warmup: int, concurrency: i
         result.by_status["OK"] += len(PROMPTS)
         result.gauges_end = wait_idle(server)
         result.rss_end = tree_rss(server.process.pid)
-        result.server_by_status = scrape.by_label(scrape.read(server.metrics_port, timeout=10),
-                                                  "yayi_requests_total", "status")
+        result.server_by_status = scrape.by_label(
+            scrape.read(server.metrics_port, timeout=10), "yayi_requests_total", "status"
+        )
     finally:
         server.stop()
     return result
@@ -199,9 +238,11 @@ def report(result: SoakResult, max_growth: float) -> str:
         f"({result.requests / max(result.seconds, 1e-9):.1f}/s)",
         "  client saw by status: " + ", ".join(f"{k} {v}" for k, v in sorted(result.by_status.items())),
         "  server counted:       " + ", ".join(f"{k} {v:g}" for k, v in sorted(result.server_by_status.items())),
-        "  server and client agree on every status" if result.statuses_agree() else
-        "  server and client disagree on some statuses (a deadline counted as a cancel or the reverse)",
-        f"  unexpected outcomes:  {len(result.unexpected)}" + (f" {result.unexpected[:5]}" if result.unexpected else ""),
+        "  server and client agree on every status"
+        if result.statuses_agree()
+        else "  server and client disagree on some statuses (a deadline counted as a cancel or the reverse)",
+        f"  unexpected outcomes:  {len(result.unexpected)}"
+        + (f" {result.unexpected[:5]}" if result.unexpected else ""),
         f"  RSS (server and its children): start {mib(result.rss_start)}, after warm-up {mib(result.rss_warm)}, "
         f"end {mib(result.rss_end)}; growth after warm-up {result.growth:+.2%} (bound {max_growth:.0%})",
         f"  gauges at the end: running {result.gauges_end[0]:g}, waiting {result.gauges_end[1]:g}",
@@ -222,8 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     mix = ", ".join(f"{kind} {weight}%" for kind, (weight, _) in MIX.items())
-    print(f"soak: {args.requests} requests per engine on {args.model}, {args.concurrency} client threads, mix: {mix}",
-          flush=True)
+    print(
+        f"soak: {args.requests} requests per engine on {args.model}, {args.concurrency} client threads, mix: {mix}",
+        flush=True,
+    )
     failed = False
     for engine in args.engines.split(","):
         # vLLM on a CPU: eager mode starts in seconds where compiling takes minutes, and the

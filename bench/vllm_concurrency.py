@@ -44,8 +44,12 @@ def run_level(server: ServerProcess, concurrency: int, per_client: int, new_toke
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - started
-    return {"tokens_per_s": tokens[0] / wall, "ttft_p50": percentile(ttfts, 50),
-            "ttft_p95": percentile(ttfts, 95), "requests": len(ttfts)}
+    return {
+        "tokens_per_s": tokens[0] / wall,
+        "ttft_p50": percentile(ttfts, 50),
+        "ttft_p95": percentile(ttfts, 95),
+        "requests": len(ttfts),
+    }
 
 
 def offline_vllm(model: str, requests: int, new_tokens: int, kv_cache_gb: float, dtype: str) -> float:
@@ -73,34 +77,56 @@ def main() -> None:
     parser.add_argument("--requests-per-client", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--kv-cache-gb", type=float, default=2.0)
-    parser.add_argument("--vllm-dtype", default="float32", help="vllm's dtype (hf-kv stays float32, its fast path here)")
+    parser.add_argument(
+        "--vllm-dtype", default="float32", help="vllm's dtype (hf-kv stays float32, its fast path here)"
+    )
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     rows = []
     for engine in args.engines.split(","):
-        extra = ["--kv-cache-gb", str(args.kv_cache_gb), "--max-concurrency", str(max(levels)),
-                 "--dtype", args.vllm_dtype] if engine == "vllm" else []
+        extra = (
+            ["--kv-cache-gb", str(args.kv_cache_gb), "--max-concurrency", str(max(levels)), "--dtype", args.vllm_dtype]
+            if engine == "vllm"
+            else []
+        )
         print(f"# {engine}: starting server", flush=True)
-        server = ServerProcess("--engine", engine, "--model", args.model, "--metrics-port", "-1", *extra).wait_ready(900)
+        server = ServerProcess("--engine", engine, "--model", args.model, "--metrics-port", "-1", *extra).wait_ready(
+            900
+        )
         try:
             server.generate("warm up", max_new_tokens=8, timeout=600)
             for concurrency in levels:
                 print(f"# {engine}: concurrency {concurrency}", flush=True)
-                rows.append({"engine": engine, "concurrency": concurrency,
-                             **run_level(server, concurrency, args.requests_per_client, args.new_tokens)})
+                rows.append(
+                    {
+                        "engine": engine,
+                        "concurrency": concurrency,
+                        **run_level(server, concurrency, args.requests_per_client, args.new_tokens),
+                    }
+                )
         finally:
             server.stop()
     offline_requests = max(levels)
     print(f"# vLLM offline LLM.generate, {offline_requests} requests", flush=True)
     offline = offline_vllm(args.model, offline_requests, args.new_tokens, args.kv_cache_gb, args.vllm_dtype)
-    print(f"\nmodel {args.model}, vllm {args.vllm_dtype}, hf-kv float32, CPU, greedy, {args.new_tokens} new tokens, ignore_eos, "
-          f"{args.requests_per_client} request(s) per client, through gRPC streaming\n")
-    offline_row = {"engine": "vLLM offline LLM.generate", "concurrency": f"{offline_requests} (one batch)",
-                   "tokens_per_s": offline, "requests": offline_requests}
-    print(markdown_table(rows + [offline_row], ["engine", "concurrency", "tokens_per_s", "ttft_p50", "ttft_p95",
-                                                "requests"],
-                         {"tokens_per_s": "aggregate tokens/s", "ttft_p50": "TTFT p50 (ms)",
-                          "ttft_p95": "TTFT p95 (ms)"}))
+    print(
+        f"\nmodel {args.model}, vllm {args.vllm_dtype}, hf-kv float32, CPU, greedy, "
+        f"{args.new_tokens} new tokens, ignore_eos, "
+        f"{args.requests_per_client} request(s) per client, through gRPC streaming\n"
+    )
+    offline_row = {
+        "engine": "vLLM offline LLM.generate",
+        "concurrency": f"{offline_requests} (one batch)",
+        "tokens_per_s": offline,
+        "requests": offline_requests,
+    }
+    print(
+        markdown_table(
+            rows + [offline_row],
+            ["engine", "concurrency", "tokens_per_s", "ttft_p50", "ttft_p95", "requests"],
+            {"tokens_per_s": "aggregate tokens/s", "ttft_p50": "TTFT p50 (ms)", "ttft_p95": "TTFT p95 (ms)"},
+        )
+    )
     by = {(r["engine"], r["concurrency"]): r["tokens_per_s"] for r in rows}
     top = max(levels)
     if ("vllm", top) in by and ("hf-kv", top) in by:

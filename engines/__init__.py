@@ -4,5 +4,14 @@ from .base import Engine, EngineConfig, EngineInfo, EngineLoad, GenerationOutput
 from .params import SamplingParams
 from .registry import create_engine, engine_names
 
-__all__ = ["Engine", "EngineConfig", "EngineInfo", "EngineLoad", "GenerationOutput", "ScoreResult",
-           "SamplingParams", "create_engine", "engine_names"]
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "EngineInfo",
+    "EngineLoad",
+    "GenerationOutput",
+    "ScoreResult",
+    "SamplingParams",
+    "create_engine",
+    "engine_names",
+]

@@ -161,8 +161,9 @@ class Engine(abc.ABC):
 
     # ---- the request path, the same for every engine ---------------------------------
 
-    async def generate(self, prompt: str, params: SamplingParams, request_id: str,
-                       use_chat_template: bool = False) -> AsyncIterator[GenerationOutput]:
+    async def generate(
+        self, prompt: str, params: SamplingParams, request_id: str, use_chat_template: bool = False
+    ) -> AsyncIterator[GenerationOutput]:
         self._require_ready()
         check_prompt_text(prompt)
         prompt_ids = await self._prompts.encode(prompt, use_chat_template)
@@ -214,4 +215,3 @@ class Engine(abc.ABC):
             raise EngineUnavailable("engine is shutting down")
         if self._admission is None:
             raise EngineUnavailable("engine is still loading the model; retry when health reports SERVING")
-

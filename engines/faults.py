@@ -52,7 +52,9 @@ def parse(spec: str) -> tuple[Fault, ...]:
         kind, sep, rest = entry.partition(":")
         marker, _, step = rest.partition("@")
         if kind not in KINDS or not sep or not marker:
-            raise ValueError(f"{ENV_VAR}: bad entry {entry!r}; write KIND:MARKER[@STEP], KIND one of {', '.join(KINDS)}")
+            raise ValueError(
+                f"{ENV_VAR}: bad entry {entry!r}; write KIND:MARKER[@STEP], KIND one of {', '.join(KINDS)}"
+            )
         faults.append(Fault(kind, marker, int(step) if step else 1))
     return tuple(faults)
 

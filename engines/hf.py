@@ -58,10 +58,18 @@ class HFEngine(Engine):
         self._slots = self.config.max_concurrency or 1
         self._executor = ThreadPoolExecutor(self._slots, thread_name_prefix=f"{self.name}-worker")
         self.lm = await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
-        log.info("%s on %s: %s %s, attention kernel %s, use_cache=%s", self.name, self.lm.device,
-                 self.config.model, self.lm.dtype_name, self.lm.attention, self.use_cache)
-        self._open(self.lm.tokenizer, self.lm.max_context, self.lm.vocab_size,
-                   Admission(self._slots, self.config.max_queue))
+        log.info(
+            "%s on %s: %s %s, attention kernel %s, use_cache=%s",
+            self.name,
+            self.lm.device,
+            self.config.model,
+            self.lm.dtype_name,
+            self.lm.attention,
+            self.use_cache,
+        )
+        self._open(
+            self.lm.tokenizer, self.lm.max_context, self.lm.vocab_size, Admission(self._slots, self.config.max_queue)
+        )
 
     def _load(self) -> HFModel:
         return self.load_model(self.config.model, self.config.dtype, self.config.device)
@@ -84,9 +92,16 @@ class HFEngine(Engine):
     def info(self) -> EngineInfo:
         self._require_ready()
         return EngineInfo(
-            engine=self.name, model=self.config.model, dtype=self.lm.dtype_name, device=str(self.lm.device),
-            attention=self.lm.attention, use_cache=self.use_cache, max_context=self.lm.max_context,
-            vocab_size=self.lm.vocab_size, max_concurrent_requests=self._slots, max_queue=self.config.max_queue,
+            engine=self.name,
+            model=self.config.model,
+            dtype=self.lm.dtype_name,
+            device=str(self.lm.device),
+            attention=self.lm.attention,
+            use_cache=self.use_cache,
+            max_context=self.lm.max_context,
+            vocab_size=self.lm.vocab_size,
+            max_concurrent_requests=self._slots,
+            max_queue=self.config.max_queue,
             model_path=str(self.lm.path),
         )
 
@@ -134,9 +149,15 @@ class HFEngine(Engine):
             for output in self._outputs(job):
                 if job.cancelled.is_set():
                     # Seen only if the consumer is still there, i.e. the engine is shutting down.
-                    job.emit(GenerationOutput(text="", token_ids=(), prompt_tokens=output.prompt_tokens,
-                                              completion_tokens=output.completion_tokens - 1,
-                                              finish_reason="cancelled"))
+                    job.emit(
+                        GenerationOutput(
+                            text="",
+                            token_ids=(),
+                            prompt_tokens=output.prompt_tokens,
+                            completion_tokens=output.completion_tokens - 1,
+                            finish_reason="cancelled",
+                        )
+                    )
                     return
                 job.emit(output)
         except torch.OutOfMemoryError as exc:
@@ -155,8 +176,9 @@ class HFEngine(Engine):
             # the step's frames and with them this request's KV cache and activations.
             self.out_of_memory_count += 1
             _free_device_cache(self.lm.device)
-            log.warning("%s (out-of-memory events so far: %d); cache freed, serving on",
-                        out_of_memory, self.out_of_memory_count)
+            log.warning(
+                "%s (out-of-memory events so far: %d); cache freed, serving on", out_of_memory, self.out_of_memory_count
+            )
             job.emit(EngineOutOfMemory(out_of_memory))
 
 
@@ -186,7 +208,9 @@ class _HFFaultInjection:
         if fault.kind == "error":
             raise faults.InjectedFault(f"injected engine fault ({fault.marker})")
         if fault.kind == "fatal":
-            raise torch.AcceleratorError(f"CUDA error: an illegal memory access was encountered (injected, {fault.marker})")
+            raise torch.AcceleratorError(
+                f"CUDA error: an illegal memory access was encountered (injected, {fault.marker})"
+            )
         if self.lm.device.type == "cuda":
             # A real out-of-memory: fill the device until its allocator refuses, so the check
             # that the memory comes back is a check of the real thing.

@@ -46,15 +46,27 @@ class CachePlan:
     max_batch_tokens: int
 
 
-def plan_cache(text_config, dtype: torch.dtype, device: torch.device, num_blocks: int | None, block_size: int,
-               max_batch_tokens: int | None, max_running: int) -> CachePlan:
+def plan_cache(
+    text_config,
+    dtype: torch.dtype,
+    device: torch.device,
+    num_blocks: int | None,
+    block_size: int,
+    max_batch_tokens: int | None,
+    max_running: int,
+) -> CachePlan:
     from transformers.generation.continuous_batching.utils import find_head_dim, find_num_key_value_heads
 
     kind = "cuda" if device.type == "cuda" else "cpu"
     context = int(getattr(text_config, "max_position_embeddings", 0) or 2048)
     if num_blocks is None:
-        per_token = (2 * text_config.num_hidden_layers * find_num_key_value_heads(text_config)
-                     * find_head_dim(text_config) * dtype.itemsize)
+        per_token = (
+            2
+            * text_config.num_hidden_layers
+            * find_num_key_value_heads(text_config)
+            * find_head_dim(text_config)
+            * dtype.itemsize
+        )
         tokens = min(AUTO_KV_CACHE_BYTES[kind] // per_token, max_running * context, AUTO_KV_CACHE_MAX_TOKENS)
         num_blocks = math.ceil(max(tokens, context) / block_size)
     return CachePlan(num_blocks, block_size, max_batch_tokens or AUTO_MAX_BATCH_TOKENS[kind])
@@ -82,26 +94,45 @@ class CBRuntime:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=implementation)
         model.to(device).eval()
         # Before the manager touches the model: the scorer keeps plain (eager) attention, as hf-kv scores.
-        scorer = HFModel(path, _shared_weights_copy(model, "eager"), tokenizer, device, dtype, use_cache=False,
-                         implementation="eager")
+        scorer = HFModel(
+            path,
+            _shared_weights_copy(model, "eager"),
+            tokenizer,
+            device,
+            dtype,
+            use_cache=False,
+            implementation="eager",
+        )
         eos_ids = sorted(_eos_token_ids(model, tokenizer))
 
         graphs = bool(options.cuda_graphs) and device.type == "cuda"
         if options.cuda_graphs and not graphs:
             log.warning("--cuda-graphs true ignored: CUDA graphs need a CUDA device")
-        plan = plan_cache(model.config.get_text_config(), dtype, device, options.num_blocks, options.block_size,
-                          options.max_batch_tokens, max_running)
+        plan = plan_cache(
+            model.config.get_text_config(),
+            dtype,
+            device,
+            options.num_blocks,
+            options.block_size,
+            options.max_batch_tokens,
+            max_running,
+        )
         cb_config = ContinuousBatchingConfig(
-            page_size=plan.block_size, num_blocks=plan.num_blocks, max_batch_tokens=plan.max_batch_tokens,
-            max_requests_per_batch=max_running, use_cuda_graph=graphs,
+            page_size=plan.block_size,
+            num_blocks=plan.num_blocks,
+            max_batch_tokens=plan.max_batch_tokens,
+            max_requests_per_batch=max_running,
+            use_cuda_graph=graphs,
             # We choose the kernel; the manager's own switch may fetch flash kernels from the Hub.
             auto_switch_to_flash=False,
         )
         # Greedy by default; EOS is given per request, so ignore_eos can drop it.
-        generation_config = GenerationConfig(do_sample=False, eos_token_id=eos_ids or -1,
-                                             pad_token_id=model.generation_config.pad_token_id)
-        manager = model.init_continuous_batching(generation_config=generation_config,
-                                                 continuous_batching_config=cb_config)
+        generation_config = GenerationConfig(
+            do_sample=False, eos_token_id=eos_ids or -1, pad_token_id=model.generation_config.pad_token_id
+        )
+        manager = model.init_continuous_batching(
+            generation_config=generation_config, continuous_batching_config=cb_config
+        )
         samplers = None
         if not graphs:
             # A graph cannot hold Python sampling per request; without graphs every field is honoured.
@@ -110,12 +141,24 @@ class CBRuntime:
         manager.warmup()  # creates the cache now (and captures graphs when they are on)
         cache = manager.batch_processor.cache
         runtime = cls(
-            path=path, model=model, tokenizer=tokenizer, device=device, dtype=dtype, manager=manager,
-            cache=cache, scorer=scorer, samplers=samplers, eos_ids=tuple(eos_ids), graphs=graphs,
-            implementation=model.config._attn_implementation, block_size=plan.block_size,
-            num_blocks=int(cache.num_blocks), max_batch_tokens=int(cache.max_batch_tokens),
+            path=path,
+            model=model,
+            tokenizer=tokenizer,
+            device=device,
+            dtype=dtype,
+            manager=manager,
+            cache=cache,
+            scorer=scorer,
+            samplers=samplers,
+            eos_ids=tuple(eos_ids),
+            graphs=graphs,
+            implementation=model.config._attn_implementation,
+            block_size=plan.block_size,
+            num_blocks=int(cache.num_blocks),
+            max_batch_tokens=int(cache.max_batch_tokens),
             kv_cache_bytes=int(cache.cache_tensor.numel() * cache.cache_tensor.element_size()),
-            max_context=min(scorer.max_context, _longest_request(cache)), vocab_size=scorer.vocab_size,
+            max_context=min(scorer.max_context, _longest_request(cache)),
+            vocab_size=scorer.vocab_size,
             kernel="not probed",
         )
         manager.start()
@@ -143,15 +186,17 @@ class CBRuntime:
         self.model.forward = recording_forward
         try:
             ids = self.tokenizer(_PROBE_PROMPT).input_ids
-            request_id = self.manager.add_request(ids, request_id="yayi-kernel-probe", max_new_tokens=2,
-                                                  eos_token_id=-1)
+            request_id = self.manager.add_request(
+                ids, request_id="yayi-kernel-probe", max_new_tokens=2, eos_token_id=-1
+            )
             deadline = time.monotonic() + _PROBE_TIMEOUT_S
             while time.monotonic() < deadline:
                 result = self.manager.get_result(request_id=request_id, timeout=1)
                 if result is not None and result.is_finished():
                     if result.error is not None:
-                        raise EngineUnavailable(f"the continuous-batching manager failed its first request: "
-                                                f"{result.error}")
+                        raise EngineUnavailable(
+                            f"the continuous-batching manager failed its first request: {result.error}"
+                        )
                     break
                 self.raise_if_dead()
             else:
@@ -164,8 +209,10 @@ class CBRuntime:
 
     @property
     def attention(self) -> str:
-        return (f"paged|{self.implementation.removeprefix('paged|')}: {self.kernel}; KV cache {self.num_blocks} "
-                f"blocks x {self.block_size} tokens" + ("; CUDA graphs" if self.graphs else ""))
+        return (
+            f"paged|{self.implementation.removeprefix('paged|')}: {self.kernel}; KV cache {self.num_blocks} "
+            f"blocks x {self.block_size} tokens" + ("; CUDA graphs" if self.graphs else "")
+        )
 
     @property
     def fatal_error(self) -> BaseException | None:

@@ -95,8 +95,9 @@ class PerRequestSampling(ContinuousBatchingLogitsProcessor):
         int32_tensor.fill_(_NO_SAMPLER)
 
     def prepare_tensor_args(self, requests_with_new_token) -> torch.Tensor:
-        keys = [request.state.logit_processor_kwargs.get(SAMPLER_KWARG, _NO_SAMPLER)
-                for request in requests_with_new_token]
+        keys = [
+            request.state.logit_processor_kwargs.get(SAMPLER_KWARG, _NO_SAMPLER) for request in requests_with_new_token
+        ]
         return torch.tensor(keys, dtype=torch.int32)
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:

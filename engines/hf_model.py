@@ -36,8 +36,16 @@ _PROBE_PROMPT = "The attention kernel probe"
 class HFModel:
     """Weights, tokenizer and the facts about them that the engine reports."""
 
-    def __init__(self, path: Path, model, tokenizer, device: torch.device, dtype: torch.dtype,
-                 use_cache: bool, implementation: str) -> None:
+    def __init__(
+        self,
+        path: Path,
+        model,
+        tokenizer,
+        device: torch.device,
+        dtype: torch.dtype,
+        use_cache: bool,
+        implementation: str,
+    ) -> None:
         self.path = path
         self.model = model
         self.tokenizer = tokenizer
@@ -57,8 +65,9 @@ class HFModel:
         self.attention = self._probe_attention()
 
     @classmethod
-    def load(cls, path: Path, dtype: str = "auto", device: str = "auto", use_cache: bool = True,
-             flash: bool = False) -> HFModel:
+    def load(
+        cls, path: Path, dtype: str = "auto", device: str = "auto", use_cache: bool = True, flash: bool = False
+    ) -> HFModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch_device = resolve_device(device)
@@ -137,8 +146,13 @@ class HFModel:
                     finish = "stop"
                 elif finish is not None:
                     text += stops.flush()
-                yield GenerationOutput(text=text, token_ids=(token,), prompt_tokens=len(prompt_ids),
-                                       completion_tokens=step + 1, finish_reason=finish)
+                yield GenerationOutput(
+                    text=text,
+                    token_ids=(token,),
+                    prompt_tokens=len(prompt_ids),
+                    completion_tokens=step + 1,
+                    finish_reason=finish,
+                )
                 if finish is not None:
                     return
 

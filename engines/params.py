@@ -52,8 +52,10 @@ class SamplingParams:
             raise InvalidRequest(f"top_k must be 0 (off) or positive, got {self.top_k}")
         _check_finite("repetition_penalty", self.repetition_penalty)
         if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
-            raise InvalidRequest(f"repetition_penalty must be between {MIN_REPETITION_PENALTY:g} and "
-                                 f"{MAX_REPETITION_PENALTY:g} (1 = off), got {self.repetition_penalty:g}")
+            raise InvalidRequest(
+                f"repetition_penalty must be between {MIN_REPETITION_PENALTY:g} and "
+                f"{MAX_REPETITION_PENALTY:g} (1 = off), got {self.repetition_penalty:g}"
+            )
         if len(self.stop) > MAX_STOP_STRINGS:
             raise InvalidRequest(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
         for text in self.stop:
@@ -77,8 +79,7 @@ def check_against_model(params: SamplingParams, prompt_tokens: int, max_context:
         raise InvalidRequest("prompt must not be empty")
     if prompt_tokens >= max_context:
         raise InvalidRequest(
-            f"prompt is {prompt_tokens} tokens but the model's context is {max_context} tokens; "
-            "shorten the prompt"
+            f"prompt is {prompt_tokens} tokens but the model's context is {max_context} tokens; shorten the prompt"
         )
     if prompt_tokens + params.max_new_tokens > max_context:
         raise InvalidRequest(
@@ -93,8 +94,9 @@ def check_score_length(token_count: int, max_context: int) -> None:
     if token_count < 2:
         raise InvalidRequest("text must be at least 2 tokens long to be scored")
     if token_count > max_context:
-        raise InvalidRequest(f"text is {token_count} tokens but the model's context is {max_context}; "
-                             "score it in parts")
+        raise InvalidRequest(
+            f"text is {token_count} tokens but the model's context is {max_context}; score it in parts"
+        )
 
 
 def check_prompt_text(prompt: str) -> None:

@@ -45,7 +45,8 @@ class PromptTokenizer:
         if len(text) > self.char_limit(token_limit):
             raise InvalidRequest(
                 f"{what} is {len(text)} characters, more than the model's context of {token_limit} tokens can hold "
-                f"(a token of this tokenizer covers at most {self.max_token_chars} characters); shorten the {what}")
+                f"(a token of this tokenizer covers at most {self.max_token_chars} characters); shorten the {what}"
+            )
 
     async def encode(self, prompt: str, use_chat_template: bool) -> list[int]:
         self.check_chars(prompt, self.max_context)
@@ -61,13 +62,18 @@ class PromptTokenizer:
             return self.tokenizer(prompt).input_ids
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequest(f"model {self.model_name!r} has no chat template; send use_chat_template=false")
-        rendered = self.tokenizer.apply_chat_template([{"role": "user", "content": _USER_TEXT_MARKER}],
-                                                      tokenize=False, add_generation_prompt=True)
+        rendered = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": _USER_TEXT_MARKER}], tokenize=False, add_generation_prompt=True
+        )
         before, found, after = rendered.partition(_USER_TEXT_MARKER)
         if not found or _USER_TEXT_MARKER in after:
-            raise InvalidRequest(f"model {self.model_name!r}: its chat template does not place the user's text "
-                                 "verbatim; send use_chat_template=false and format the prompt yourself")
+            raise InvalidRequest(
+                f"model {self.model_name!r}: its chat template does not place the user's text "
+                "verbatim; send use_chat_template=false and format the prompt yourself"
+            )
         # The template's own parts keep their special tokens; the user's part never gets any.
-        return (self.tokenizer(before, add_special_tokens=False).input_ids
-                + self.tokenizer(prompt, add_special_tokens=False, split_special_tokens=True).input_ids
-                + self.tokenizer(after, add_special_tokens=False).input_ids)
+        return (
+            self.tokenizer(before, add_special_tokens=False).input_ids
+            + self.tokenizer(prompt, add_special_tokens=False, split_special_tokens=True).input_ids
+            + self.tokenizer(after, add_special_tokens=False).input_ids
+        )

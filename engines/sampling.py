@@ -22,8 +22,9 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return generator
 
 
-def choose_next_token(logits: torch.Tensor, seen_ids: torch.Tensor, params: SamplingParams,
-                      generator: torch.Generator | None) -> int:
+def choose_next_token(
+    logits: torch.Tensor, seen_ids: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> int:
     """``logits``: float32 (vocab,); ``seen_ids``: prompt and generated ids so far."""
     if params.repetition_penalty != 1.0:
         logits = _apply_repetition_penalty(logits, seen_ids, params.repetition_penalty)

@@ -28,12 +28,12 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
-        prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
-        new_text = self._decode(self._ids[self._prefix_offset:])
+        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode(self._ids[self._prefix_offset :])
         if len(new_text) > len(prefix_text) and not new_text.endswith(REPLACEMENT_CHAR):
             self._prefix_offset = self._read_offset
             self._read_offset = len(self._ids)
-            return new_text[len(prefix_text):]
+            return new_text[len(prefix_text) :]
         return ""
 
     def flush(self) -> str:
@@ -42,10 +42,10 @@ class IncrementalDetokenizer:
         Generation can stop (length, stop, cancel) between the tokens of one character;
         its bytes decode to U+FFFD, which would reach the client as noise, so they are dropped.
         """
-        prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
-        new_text = self._decode(self._ids[self._prefix_offset:])
+        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode(self._ids[self._prefix_offset :])
         self._prefix_offset = self._read_offset = len(self._ids)
-        return new_text[len(prefix_text):].rstrip(REPLACEMENT_CHAR)
+        return new_text[len(prefix_text) :].rstrip(REPLACEMENT_CHAR)
 
 
 class StopStringFilter:

@@ -36,14 +36,16 @@ MAX_MODEL_LEN_CAP = 2048
 
 @dataclass(frozen=True)
 class VLLMOptions:
-    max_model_len: int | None = option(None, f"context length vLLM serves (default: the model's, at most "
-                                             f"{MAX_MODEL_LEN_CAP})")
+    max_model_len: int | None = option(
+        None, f"context length vLLM serves (default: the model's, at most {MAX_MODEL_LEN_CAP})"
+    )
     kv_cache_gb: float = option(1.0, "CPU: KV-cache space in GiB (VLLM_CPU_KVCACHE_SPACE)")
     gpu_memory_utilization: float = option(0.9, "CUDA: share of GPU memory vLLM may take")
     # vLLM's own default: compiled. On a 2-core CPU SmolLM2-135M then starts in about 2 min
     # instead of 46 s and streams 26-41 % more tokens/s (README, --enforce-eager).
-    enforce_eager: bool | None = option(None, "skip torch.compile and CUDA graphs: faster start, slower "
-                                              "decoding (auto: vLLM's default, compiled)")
+    enforce_eager: bool | None = option(
+        None, "skip torch.compile and CUDA graphs: faster start, slower decoding (auto: vLLM's default, compiled)"
+    )
     tensor_parallel_size: int = option(1, "GPUs per model replica")
     pipeline_parallel_size: int = option(1, "pipeline stages, across nodes with Ray")
 
@@ -99,8 +101,9 @@ class VLLMEngine(Engine):
         options: VLLMOptions = self.options
         self._path = await asyncio.to_thread(resolve_model, self.config.model)
         self._device = "cuda" if self._wants_cuda() else "cpu"
-        self._dtype = self.config.dtype if self.config.dtype != "auto" else ("bfloat16" if self._device == "cuda"
-                                                                             else "float32")
+        self._dtype = (
+            self.config.dtype if self.config.dtype != "auto" else ("bfloat16" if self._device == "cuda" else "float32")
+        )
         tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self._path)
         model_config = await asyncio.to_thread(AutoConfig.from_pretrained, self._path)
         self._max_model_len = options.max_model_len_for(getattr(model_config, "max_position_embeddings", None))
@@ -109,10 +112,17 @@ class VLLMEngine(Engine):
             # vLLM's CPU backend sizes its KV cache from this variable (GiB), read in the engine process.
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{options.kv_cache_gb:g}"
         args = AsyncEngineArgs(
-            model=str(self._path), tokenizer=str(self._path), dtype=self._dtype, max_model_len=self._max_model_len,
-            enforce_eager=bool(options.enforce_eager), max_num_seqs=self.config.max_concurrency, seed=0,
-            tensor_parallel_size=options.tensor_parallel_size, pipeline_parallel_size=options.pipeline_parallel_size,
-            gpu_memory_utilization=options.gpu_memory_utilization, disable_log_stats=False,
+            model=str(self._path),
+            tokenizer=str(self._path),
+            dtype=self._dtype,
+            max_model_len=self._max_model_len,
+            enforce_eager=bool(options.enforce_eager),
+            max_num_seqs=self.config.max_concurrency,
+            seed=0,
+            tensor_parallel_size=options.tensor_parallel_size,
+            pipeline_parallel_size=options.pipeline_parallel_size,
+            gpu_memory_utilization=options.gpu_memory_utilization,
+            disable_log_stats=False,
         )
         # Lets collective_rpc carry the small function that asks the workers for their attention
         # backend. The channel is local IPC between this process and its own children only.
@@ -121,18 +131,29 @@ class VLLMEngine(Engine):
         try:
             self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[self._view])
         except Exception as exc:
-            raise EngineUnavailable(f"vLLM engine failed to start ({type(exc).__name__}: {exc}); the lines "
-                                    "above from EngineCore say why") from exc
+            raise EngineUnavailable(
+                f"vLLM engine failed to start ({type(exc).__name__}: {exc}); the lines above from EngineCore say why"
+            ) from exc
         vllm_config = self._llm.vllm_config
         cache = vllm_config.cache_config
         self._kv_cache_tokens = int((cache.num_gpu_blocks or 0) * cache.block_size)
         self._max_num_seqs = vllm_config.scheduler_config.max_num_seqs
         self._attention = await self._attention_backend()
-        log.info("vllm on %s: %s %s, attention %s, KV cache %d tokens, up to %d sequences at once",
-                 self._device, self.config.model, self._dtype, self._attention, self._kv_cache_tokens,
-                 self._max_num_seqs)
-        self._open(tokenizer, self._max_model_len, int(model_config.vocab_size),
-                   Admission(self._max_num_seqs, self.config.max_queue))
+        log.info(
+            "vllm on %s: %s %s, attention %s, KV cache %d tokens, up to %d sequences at once",
+            self._device,
+            self.config.model,
+            self._dtype,
+            self._attention,
+            self._kv_cache_tokens,
+            self._max_num_seqs,
+        )
+        self._open(
+            tokenizer,
+            self._max_model_len,
+            int(model_config.vocab_size),
+            Admission(self._max_num_seqs, self.config.max_queue),
+        )
 
     def _wants_cuda(self) -> bool:
         if self.config.device != "auto":
@@ -153,7 +174,8 @@ class VLLMEngine(Engine):
             fits = int(kv_cache_gb * 2**30 // per_token)
             raise EngineUnavailable(
                 f"--max-model-len {self._max_model_len} needs {needed_gb:.2f} GiB of KV cache for one sequence but "
-                f"--kv-cache-gb is {kv_cache_gb:g}; raise --kv-cache-gb or use --max-model-len {fits} or less")
+                f"--kv-cache-gb is {kv_cache_gb:g}; raise --kv-cache-gb or use --max-model-len {fits} or less"
+            )
 
     async def _attention_backend(self) -> str:
         def backend_names(worker) -> list[str]:
@@ -182,10 +204,18 @@ class VLLMEngine(Engine):
     def info(self) -> EngineInfo:
         self._require_ready()
         return EngineInfo(
-            engine=self.name, model=self.config.model, dtype=self._dtype, device=self._device,
-            attention=self._attention, use_cache=True, max_context=self._max_model_len,
-            vocab_size=self._vocab_size, max_concurrent_requests=self._max_num_seqs, max_queue=self.config.max_queue,
-            model_path=str(self._path), kv_cache_tokens=self._kv_cache_tokens,
+            engine=self.name,
+            model=self.config.model,
+            dtype=self._dtype,
+            device=self._device,
+            attention=self._attention,
+            use_cache=True,
+            max_context=self._max_model_len,
+            vocab_size=self._vocab_size,
+            max_concurrent_requests=self._max_num_seqs,
+            max_queue=self.config.max_queue,
+            model_path=str(self._path),
+            kv_cache_tokens=self._kv_cache_tokens,
             kv_cache_bytes=int(self.options.kv_cache_gb * 2**30) if self._device == "cpu" else 0,
         )
 
@@ -214,8 +244,9 @@ class VLLMEngine(Engine):
     async def _stream(self, request: EngineRequest):
         from vllm.inputs import TokensPrompt
 
-        stream = self._llm.generate(TokensPrompt(prompt_token_ids=list(request.prompt_ids)),
-                                    _to_vllm(request.params), request.request_id)
+        stream = self._llm.generate(
+            TokensPrompt(prompt_token_ids=list(request.prompt_ids)), _to_vllm(request.params), request.request_id
+        )
         completion = 0
         first = True
         async with contextlib.aclosing(stream), _engine_death_as_unavailable():
@@ -225,9 +256,13 @@ class VLLMEngine(Engine):
                 finish = _finish_reason(sequence) if output.finished else None
                 text = sequence.text.rstrip("\ufffd") if finish else sequence.text
                 yield GenerationOutput(
-                    text=text, token_ids=tuple(sequence.token_ids), prompt_tokens=len(request.prompt_ids),
-                    completion_tokens=completion, finish_reason=finish,
-                    started_at=_scheduled_at(output) if first else None)
+                    text=text,
+                    token_ids=tuple(sequence.token_ids),
+                    prompt_tokens=len(request.prompt_ids),
+                    completion_tokens=completion,
+                    finish_reason=finish,
+                    started_at=_scheduled_at(output) if first else None,
+                )
                 first = False
 
     async def _score_ids(self, ids: list[int]) -> ScoreResult:
@@ -235,12 +270,14 @@ class VLLMEngine(Engine):
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        params = VllmSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0,
-                                    output_kind=RequestOutputKind.FINAL_ONLY)
+        params = VllmSamplingParams(
+            max_tokens=1, temperature=0.0, prompt_logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY
+        )
         final = None
         async with _engine_death_as_unavailable():
-            async for output in self._llm.generate(TokensPrompt(prompt_token_ids=ids), params,
-                                                   f"score-{uuid.uuid4().hex}"):
+            async for output in self._llm.generate(
+                TokensPrompt(prompt_token_ids=ids), params, f"score-{uuid.uuid4().hex}"
+            ):
                 final = output
         # Entry i holds the logprob of prompt token i given the ones before it; the first has none.
         total = sum(final.prompt_logprobs[i][token].logprob for i, token in enumerate(ids) if i > 0)
@@ -276,9 +313,16 @@ def _vllm_params(params: SamplingParams):
     from vllm.sampling_params import RequestOutputKind
 
     return VllmSamplingParams(
-        max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-        repetition_penalty=params.repetition_penalty, stop=list(params.stop) or None, seed=params.seed,
-        ignore_eos=params.ignore_eos, output_kind=RequestOutputKind.DELTA, skip_special_tokens=True,
+        max_tokens=params.max_new_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        repetition_penalty=params.repetition_penalty,
+        stop=list(params.stop) or None,
+        seed=params.seed,
+        ignore_eos=params.ignore_eos,
+        output_kind=RequestOutputKind.DELTA,
+        skip_special_tokens=True,
         include_stop_str_in_output=False,
     )
 

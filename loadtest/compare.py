@@ -53,8 +53,11 @@ def parse_users(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="yayi-compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--engines", default="hf-eager,hf-kv,hf-flash,vllm",
-                        help="comma-separated engines; empty with --baseline vllm-openai loads only vLLM's own server")
+    parser.add_argument(
+        "--engines",
+        default="hf-eager,hf-kv,hf-flash,vllm",
+        help="comma-separated engines; empty with --baseline vllm-openai loads only vLLM's own server",
+    )
     parser.add_argument("--model", default="smollm2-135m", help="built-in model name or local folder")
     parser.add_argument("--users", type=parse_users, default=[1, 4, 16], help="concurrencies, e.g. 1,4,16")
     parser.add_argument("--duration", type=parse_duration, default=60.0, help="load per step, e.g. 60s")
@@ -64,20 +67,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="auto", help="hf engines' dtype (auto: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--vllm-dtype", default="bfloat16", help="dtype of the vllm engine and of vLLM's own server")
     parser.add_argument("--kv-cache-gb", type=float, default=1.0, help="vLLM's CPU KV cache (both vLLM servers)")
-    parser.add_argument("--max-model-len", type=int, default=None,
-                        help="context both vLLM servers serve (default: the model's, at most 2048, as our engine)")
-    parser.add_argument("--baseline", choices=["auto", "vllm-openai", "none"], default="auto",
-                        help="also load vLLM's own OpenAI server (auto: when vllm is among the engines and installed)")
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="context both vLLM servers serve (default: the model's, at most 2048, as our engine)",
+    )
+    parser.add_argument(
+        "--baseline",
+        choices=["auto", "vllm-openai", "none"],
+        default="auto",
+        help="also load vLLM's own OpenAI server (auto: when vllm is among the engines and installed)",
+    )
     parser.add_argument("--server-args", default="", help="extra yayi-serve arguments for every engine, one string")
     parser.add_argument("--baseline-args", default="", help="extra arguments for vLLM's own server, one string")
     parser.add_argument("--idle-seconds", type=float, default=5.0, help="how long the idle row is watched")
     parser.add_argument("--sample-period", type=float, default=1.0, help="seconds between device readings")
-    parser.add_argument("--stop-timeout", type=float, default=0.0,
-                        help="seconds requests in flight at the end of a step may finish (0: cut them)")
-    parser.add_argument("--processes", type=int, default=1, help="Locust processes (for loads one process cannot drive)")
+    parser.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=0.0,
+        help="seconds requests in flight at the end of a step may finish (0: cut them)",
+    )
+    parser.add_argument(
+        "--processes", type=int, default=1, help="Locust processes (for loads one process cannot drive)"
+    )
     parser.add_argument("--start-timeout", type=float, default=900.0, help="seconds a server may take to load")
-    parser.add_argument("--probe-seconds", type=float, default=3.0,
-                        help="length of the CPU roofline probe per dtype; 0 skips it (no %% of bound on CPU)")
+    parser.add_argument(
+        "--probe-seconds",
+        type=float,
+        default=3.0,
+        help="length of the CPU roofline probe per dtype; 0 skips it (no %% of bound on CPU)",
+    )
     parser.add_argument("--out", default="", help="report folder (default reports/speed-<UTC time>)")
     return parser
 
@@ -91,7 +112,7 @@ class Progress:
 
     def remaining_s(self) -> float:
         left = 0.0
-        for label, users in self.plan[self.done:]:
+        for label, users in self.plan[self.done :]:
             if users == 0:
                 left += START_ESTIMATE_S.get(label, DEFAULT_START_ESTIMATE_S) + self.idle_s
             else:
@@ -101,8 +122,12 @@ class Progress:
     def step(self, label: str, what: str) -> None:
         minutes = self.remaining_s() / 60
         stamp = dt.datetime.now().strftime("%H:%M:%S")
-        print(f"[{stamp}] step {min(self.done + 1, len(self.plan))}/{len(self.plan)} · {label} · {what} · "
-              f"about {minutes:.0f} min left", file=sys.stderr, flush=True)
+        print(
+            f"[{stamp}] step {min(self.done + 1, len(self.plan))}/{len(self.plan)} · {label} · {what} · "
+            f"about {minutes:.0f} min left",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def skip(self, label: str) -> None:
         self.done = max(self.done, max(i for i, (name, _) in enumerate(self.plan) if name == label) + 1)
@@ -119,11 +144,18 @@ def make_targets(args, engines: list[str], model_path: str, raw: Path) -> list:
             extra += ["--kv-cache-gb", f"{args.kv_cache_gb:g}", "--max-model-len", str(max_model_len(args, model_path))]
         targets.append(YayiTarget(engine, args.model, extra, queue, args.sample_period))
     if want_baseline(args.baseline, engines):
-        targets.append(OpenAIServerTarget(model_path, served_name=args.model, dtype=args.vllm_dtype,
-                                          kv_cache_gb=args.kv_cache_gb, max_model_len=max_model_len(args, model_path),
-                                          extra_args=shlex.split(args.baseline_args),
-                                          log_path=raw / "vllm-openai_server.log",
-                                          sample_period=args.sample_period))
+        targets.append(
+            OpenAIServerTarget(
+                model_path,
+                served_name=args.model,
+                dtype=args.vllm_dtype,
+                kv_cache_gb=args.kv_cache_gb,
+                max_model_len=max_model_len(args, model_path),
+                extra_args=shlex.split(args.baseline_args),
+                log_path=raw / "vllm-openai_server.log",
+                sample_period=args.sample_period,
+            )
+        )
     return targets
 
 
@@ -131,6 +163,7 @@ def max_model_len(args, model_path: str) -> int:
     if args.max_model_len:
         return args.max_model_len
     import json
+
     config = json.loads((Path(model_path) / "config.json").read_text())
     return min(2048, config.get("max_position_embeddings") or 2048)
 
@@ -141,6 +174,7 @@ def want_baseline(choice: str, engines: list[str]) -> bool:
     if choice == "vllm-openai":
         return True
     import importlib.util
+
     return "vllm" in engines and importlib.util.find_spec("vllm") is not None
 
 
@@ -151,30 +185,57 @@ def reading_fields(reading: Reading) -> dict:
         "util_pct": reading.utilization_mean * 100 if reading.utilization_mean is not None else None,
         "util_source": "GPU" if gpu else "CPU",
         "power_w": reading.power_mean_w,
-        "power_source": ("NVML" if gpu else "RAPL") if reading.power_mean_w is not None else (
-            "no NVML power" if gpu else "no RAPL"),
+        "power_source": ("NVML" if gpu else "RAPL")
+        if reading.power_mean_w is not None
+        else ("no NVML power" if gpu else "no RAPL"),
         "energy_j": reading.energy_j,
     }
 
 
 def base_row(model: str, target, info: dict) -> dict:
-    return {"model": model, "engine": target.label, "use_cache": info.get("use_cache"),
-            "dtype": info.get("dtype", ""), "device": info.get("device", ""), "attention": info.get("attention", "")}
+    return {
+        "model": model,
+        "engine": target.label,
+        "use_cache": info.get("use_cache"),
+        "dtype": info.get("dtype", ""),
+        "device": info.get("device", ""),
+        "attention": info.get("attention", ""),
+    }
 
 
 def load_row(row: dict, users: int, summary: dict, reading: Reading, raw_prefix: Path, out: Path) -> dict:
     tokens = summary["output_tokens"]
     row.update(reading_fields(reading))
-    row.update({
-        "users": users, "speed_tokens_per_s": summary["output_tokens_per_s"],
-        "requests_per_s": summary["requests_per_s"], "per_user_tokens_per_s": summary["per_user_tokens_per_s"],
-        **{key: summary[key] for key in ("ttft_p50_ms", "ttft_p95_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p95_ms",
-                                         "e2e_p50_ms", "e2e_p95_ms", "e2e_p99_ms", "requests_ok", "requests_cut",
-                                         "duration_s", "failures_by_status")},
-        "errors": summary["requests_failed"], "client_tokens": tokens, "server_tokens": reading.server_tokens,
-        "j_per_token": reading.energy_j / tokens if reading.energy_j is not None and tokens else None,
-        "raw": str(raw_prefix.relative_to(out)),
-    })
+    row.update(
+        {
+            "users": users,
+            "speed_tokens_per_s": summary["output_tokens_per_s"],
+            "requests_per_s": summary["requests_per_s"],
+            "per_user_tokens_per_s": summary["per_user_tokens_per_s"],
+            **{
+                key: summary[key]
+                for key in (
+                    "ttft_p50_ms",
+                    "ttft_p95_ms",
+                    "ttft_p99_ms",
+                    "itl_p50_ms",
+                    "itl_p95_ms",
+                    "e2e_p50_ms",
+                    "e2e_p95_ms",
+                    "e2e_p99_ms",
+                    "requests_ok",
+                    "requests_cut",
+                    "duration_s",
+                    "failures_by_status",
+                )
+            },
+            "errors": summary["requests_failed"],
+            "client_tokens": tokens,
+            "server_tokens": reading.server_tokens,
+            "j_per_token": reading.energy_j / tokens if reading.energy_j is not None and tokens else None,
+            "raw": str(raw_prefix.relative_to(out)),
+        }
+    )
     notes = [row["attention"]] if row.get("attention") else []
     if row.get("dtype"):
         notes.append(row["dtype"])
@@ -196,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     from engines.models import resolve_model
+
     model_path = str(resolve_model(args.model))
 
     targets = make_targets(args, engines, model_path, raw)
@@ -206,8 +268,13 @@ def main(argv: list[str] | None = None) -> int:
         progress.step("roofline", "probing this machine's bandwidth and FLOP/s")
         roofline.probe({args.vllm_dtype, args.dtype, "float32"} - {"auto"}, args.probe_seconds)
 
-    load = dict(max_new_tokens=args.max_new_tokens, prompts_file=args.prompts_file, chat_template=args.chat_template,
-                stop_timeout_s=args.stop_timeout, processes=args.processes)
+    load = dict(
+        max_new_tokens=args.max_new_tokens,
+        prompts_file=args.prompts_file,
+        chat_template=args.chat_template,
+        stop_timeout_s=args.stop_timeout,
+        processes=args.processes,
+    )
     rows, failures = [], []
     for target in targets:
         progress.step(target.label, "starting the server")
@@ -219,16 +286,24 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(2 * args.sample_period + 0.5)
             with target.watch(raw / f"{target.label}_idle") as watch:
                 time.sleep(args.idle_seconds)
-            rows.append({**base_row(args.model, target, info), "users": 0, **reading_fields(watch.reading),
-                         "notes": "idle (空载): loaded, no requests", "raw": f"raw/{target.label}_idle"})
+            rows.append(
+                {
+                    **base_row(args.model, target, info),
+                    "users": 0,
+                    **reading_fields(watch.reading),
+                    "notes": "idle (空载): loaded, no requests",
+                    "raw": f"raw/{target.label}_idle",
+                }
+            )
             progress.done += 1
             for users in args.users:
                 progress.step(target.label, f"{users} users for {args.duration:g} s")
                 prefix = raw / f"{target.label}_u{users}"
                 extra = ["--served-model", args.model] if isinstance(target, OpenAIServerTarget) else []
                 with target.watch(prefix) as watch:
-                    summary = run_locust(target.locustfile, target.host, LoadSpec(users, args.duration, **load),
-                                         prefix, extra)
+                    summary = run_locust(
+                        target.locustfile, target.host, LoadSpec(users, args.duration, **load), prefix, extra
+                    )
                 row = load_row(base_row(args.model, target, info), users, summary, watch.reading, prefix, out)
                 roofline.fill(row)
                 rows.append(row)
@@ -238,8 +313,9 @@ def main(argv: list[str] | None = None) -> int:
             detail = reason[0] if reason else type(exc).__name__
             why = next((line.strip() for line in reversed(reason) if ERROR_LINE.search(line)), detail)
             failures.append(f"{target.label}: {why}")
-            rows.append({**base_row(args.model, target, info), "users": 0, "failed": True,
-                         "notes": f"did not run: {why}"})
+            rows.append(
+                {**base_row(args.model, target, info), "users": 0, "failed": True, "notes": f"did not run: {why}"}
+            )
             (raw / f"{target.label}_failure.txt").write_text(f"{exc}\n\n{target.startup_output()}")
             progress.skip(target.label)
             print(f"  {target.label} failed: {why}", file=sys.stderr, flush=True)
@@ -247,11 +323,17 @@ def main(argv: list[str] | None = None) -> int:
             target.stop()
 
     context = {
-        "model": args.model, "model_path": model_path,
+        "model": args.model,
+        "model_path": model_path,
         "command": "yayi-compare " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
-        "started": started.isoformat(timespec="seconds"), "finished": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": describe(machine_info()), "users": args.users, "duration_s": args.duration,
-        "max_new_tokens": args.max_new_tokens, "failures": failures, "roofline": roofline.describe(),
+        "started": started.isoformat(timespec="seconds"),
+        "finished": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": describe(machine_info()),
+        "users": args.users,
+        "duration_s": args.duration,
+        "max_new_tokens": args.max_new_tokens,
+        "failures": failures,
+        "roofline": roofline.describe(),
         "column_notes": column_notes(args),
     }
     paths = write_report(out, rows, context)

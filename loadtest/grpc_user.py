@@ -31,7 +31,7 @@ def grpc_target(host: str) -> str:
     """Locust insists on a --host; accept HOST:PORT or grpc://HOST:PORT."""
     for scheme in ("grpc://", "http://"):
         if host.startswith(scheme):
-            return host[len(scheme):]
+            return host[len(scheme) :]
     return host
 
 
@@ -70,8 +70,13 @@ class StreamingGrpcUser(User):
                 clock.chunk(chunk)
         except grpc.RpcError as error:
             sample = clock.finish(error.code().name)
-            fire_failure(self.environment.events, REQUEST_TYPE, STREAM_NAME, sample,
-                         RuntimeError(f"{sample.status}: {error.details()}"))
+            fire_failure(
+                self.environment.events,
+                REQUEST_TYPE,
+                STREAM_NAME,
+                sample,
+                RuntimeError(f"{sample.status}: {error.details()}"),
+            )
             self.record(sample)
             return sample
         except GreenletExit:

@@ -25,11 +25,33 @@ class LoadSpec:
 
 def locust_command(locustfile: Path, host: str, load: LoadSpec, csv_prefix: Path, extra: list[str] = ()) -> list[str]:
     command = [
-        sys.executable, "-m", "locust", "-f", str(locustfile), "--host", host, "--headless",
-        "-u", str(load.users), "-r", str(load.users), "-t", f"{load.duration_s:g}s",
-        "--stop-timeout", f"{load.stop_timeout_s:g}", "--csv", str(csv_prefix), "--only-summary",
-        "--max-new-tokens", str(load.max_new_tokens), "--ignore-eos", str(load.ignore_eos).lower(),
-        "--temperature", f"{load.temperature:g}", "--chat-template", str(load.chat_template).lower(),
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(locustfile),
+        "--host",
+        host,
+        "--headless",
+        "-u",
+        str(load.users),
+        "-r",
+        str(load.users),
+        "-t",
+        f"{load.duration_s:g}s",
+        "--stop-timeout",
+        f"{load.stop_timeout_s:g}",
+        "--csv",
+        str(csv_prefix),
+        "--only-summary",
+        "--max-new-tokens",
+        str(load.max_new_tokens),
+        "--ignore-eos",
+        str(load.ignore_eos).lower(),
+        "--temperature",
+        f"{load.temperature:g}",
+        "--chat-template",
+        str(load.chat_template).lower(),
         *(["--prompts-file", load.prompts_file] if load.prompts_file else []),
         *(["--processes", str(load.processes)] if load.processes > 1 else []),
         *extra,
@@ -42,8 +64,9 @@ def run_locust(locustfile: Path, host: str, load: LoadSpec, csv_prefix: Path, ex
     command = locust_command(locustfile, host, load, csv_prefix, extra)
     log_path = Path(f"{csv_prefix}_locust.log")
     with open(log_path, "w") as log:
-        completed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
-                                   timeout=load.duration_s + load.stop_timeout_s + 180)
+        completed = subprocess.run(
+            command, stdout=log, stderr=subprocess.STDOUT, timeout=load.duration_s + load.stop_timeout_s + 180
+        )
     summary_path = Path(f"{csv_prefix}_tokens.csv")
     # Locust exits 1 when any request failed; that is a result to report, not a crash.
     if completed.returncode not in (0, 1) or not summary_path.exists():

@@ -13,9 +13,9 @@ from __future__ import annotations
 import itertools
 import json
 
+import requests  # noqa: E402
 from gevent import GreenletExit
 from locust import User, constant, events, task  # before requests: locust monkey-patches ssl for gevent
-import requests  # noqa: E402
 
 from loadtest.prompts import load_prompts
 from loadtest.sample_collector import install
@@ -41,8 +41,11 @@ class OpenAISpeedUser(User):
         options = self.environment.parsed_options
         self.prompts = load_prompts(options.prompts_file)
         self.body = {
-            "model": options.served_model, "max_tokens": options.max_new_tokens,
-            "temperature": options.temperature, "ignore_eos": options.ignore_eos, "stream": True,
+            "model": options.served_model,
+            "max_tokens": options.max_new_tokens,
+            "temperature": options.temperature,
+            "ignore_eos": options.ignore_eos,
+            "stream": True,
             "stream_options": {"include_usage": True, "continuous_usage_stats": True},
         }
         self.chat_template = options.chat_template

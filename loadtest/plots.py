@@ -15,8 +15,20 @@ def pyplot():
     return plt
 
 
-def line_plot(ax, rows: list[dict], x: str, y: str, group: str | tuple[str, ...], *, logx=False, logy=False,
-              xlabel: str = "", ylabel: str = "", title: str = "", marker: str = "o") -> None:
+def line_plot(
+    ax,
+    rows: list[dict],
+    x: str,
+    y: str,
+    group: str | tuple[str, ...],
+    *,
+    logx=False,
+    logy=False,
+    xlabel: str = "",
+    ylabel: str = "",
+    title: str = "",
+    marker: str = "o",
+) -> None:
     """One line per distinct value of ``group`` (a key or a tuple of keys), skipping missing points."""
     keys = (group,) if isinstance(group, str) else group
     series: dict[str, list[tuple[float, float]]] = {}

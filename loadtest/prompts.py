@@ -28,7 +28,9 @@ def load_prompts(path: str | Path | None) -> tuple[str, ...]:
             try:
                 line = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: a line starting with a quote must be a JSON string ({exc})")
+                raise ValueError(
+                    f"{path}:{number}: a line starting with a quote must be a JSON string ({exc})"
+                ) from None
         prompts.append(line)
     if not prompts:
         raise ValueError(f"{path}: no prompts (one per line expected)")

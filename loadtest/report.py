@@ -16,16 +16,56 @@ from loadtest.plots import pyplot
 from loadtest.tables import markdown_table
 
 LOG_COLUMNS = ["Model", "Engine", "Speed (tokens/s)", "Mem (MB)", "GPU-UTL (%)", "use_cache", "Pwr_usg (W)", "Notes"]
-EXTRA_COLUMNS = ["Users", "Req/s", "TTFT p50 (ms)", "TTFT p95 (ms)", "ITL p50 (ms)", "E2E p95 (ms)", "Errors",
-                 "J/token", "% of bound"]
+EXTRA_COLUMNS = [
+    "Users",
+    "Req/s",
+    "TTFT p50 (ms)",
+    "TTFT p95 (ms)",
+    "ITL p50 (ms)",
+    "E2E p95 (ms)",
+    "Errors",
+    "J/token",
+    "% of bound",
+]
 
 # Every field a row carries, in the order speed.csv writes them.
 CSV_FIELDS = [
-    "model", "engine", "users", "speed_tokens_per_s", "mem_mb", "util_pct", "util_source", "use_cache", "power_w",
-    "power_source", "notes", "requests_per_s", "ttft_p50_ms", "ttft_p95_ms", "ttft_p99_ms", "itl_p50_ms",
-    "itl_p95_ms", "e2e_p50_ms", "e2e_p95_ms", "e2e_p99_ms", "per_user_tokens_per_s", "errors", "failures_by_status",
-    "requests_ok", "requests_cut", "client_tokens", "server_tokens", "energy_j", "j_per_token",
-    "bound_tokens_per_s", "pct_of_bound", "dtype", "device", "attention", "duration_s", "raw",
+    "model",
+    "engine",
+    "users",
+    "speed_tokens_per_s",
+    "mem_mb",
+    "util_pct",
+    "util_source",
+    "use_cache",
+    "power_w",
+    "power_source",
+    "notes",
+    "requests_per_s",
+    "ttft_p50_ms",
+    "ttft_p95_ms",
+    "ttft_p99_ms",
+    "itl_p50_ms",
+    "itl_p95_ms",
+    "e2e_p50_ms",
+    "e2e_p95_ms",
+    "e2e_p99_ms",
+    "per_user_tokens_per_s",
+    "errors",
+    "failures_by_status",
+    "requests_ok",
+    "requests_cut",
+    "client_tokens",
+    "server_tokens",
+    "energy_j",
+    "j_per_token",
+    "bound_tokens_per_s",
+    "pct_of_bound",
+    "dtype",
+    "device",
+    "attention",
+    "duration_s",
+    "raw",
 ]
 
 
@@ -44,16 +84,24 @@ def _util_cell(row: dict) -> str:
 def _power_cell(row: dict) -> str:
     if row.get("power_w") is None:
         return f"n/a ({row['power_source']})" if row.get("power_source") else "n/a"
-    return f"{row['power_w']:.1f}" if row.get("power_source") == "NVML" else f"{row['power_source']} {row['power_w']:.1f}"
+    return (
+        f"{row['power_w']:.1f}" if row.get("power_source") == "NVML" else f"{row['power_source']} {row['power_w']:.1f}"
+    )
 
 
 def table_cells(row: dict) -> list[str]:
     idle = row["users"] == 0
     return [
-        row["model"], row["engine"], "—" if idle else _number(row.get("speed_tokens_per_s")),
-        _number(row.get("mem_mb"), 0), _util_cell(row), "TRUE" if row.get("use_cache") else "FALSE",
-        _power_cell(row), row.get("notes", ""),
-        "—" if row.get("failed") else "idle" if idle else str(row["users"]), "—" if idle else _number(row.get("requests_per_s"), 2),
+        row["model"],
+        row["engine"],
+        "—" if idle else _number(row.get("speed_tokens_per_s")),
+        _number(row.get("mem_mb"), 0),
+        _util_cell(row),
+        "TRUE" if row.get("use_cache") else "FALSE",
+        _power_cell(row),
+        row.get("notes", ""),
+        "—" if row.get("failed") else "idle" if idle else str(row["users"]),
+        "—" if idle else _number(row.get("requests_per_s"), 2),
         *("—" if idle else _number(row.get(key)) for key in ("ttft_p50_ms", "ttft_p95_ms", "itl_p50_ms", "e2e_p95_ms")),
         "—" if idle else str(row.get("errors", 0)),
         "—" if idle else _number(row.get("j_per_token"), 2),
@@ -72,27 +120,50 @@ def write_report(out: Path, rows: list[dict], context: dict) -> list[Path]:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    (out / "speed.json").write_text(json.dumps({"context": context, "rows": rows}, indent=2, ensure_ascii=False,
-                                               default=str))
+    (out / "speed.json").write_text(
+        json.dumps({"context": context, "rows": rows}, indent=2, ensure_ascii=False, default=str)
+    )
     plots = write_plots(out, rows)
     (out / "speed.md").write_text(markdown_report(rows, context, plots), encoding="utf-8")
     return [out / "speed.md", out / "speed.csv", out / "speed.json", *plots]
 
 
 def markdown_report(rows: list[dict], context: dict, plots: list[Path]) -> str:
-    lines = [f"# Speed and memory: {context['model']}", "",
-             "```", context["command"], "```", "",
-             f"Run {context['started']} to {context['finished']} on {context['machine']}.", "",
-             speed_table(rows), ""]
+    lines = [
+        f"# Speed and memory: {context['model']}",
+        "",
+        "```",
+        context["command"],
+        "```",
+        "",
+        f"Run {context['started']} to {context['finished']} on {context['machine']}.",
+        "",
+        speed_table(rows),
+        "",
+    ]
     lines += ["## What the columns hold", ""] + [f"- {note}" for note in context["column_notes"]] + [""]
     versus = baseline_comparison(rows)
     if versus:
-        lines += ["## Our vllm engine against vLLM's own OpenAI server", "",
-                  "Same prompts, same load, same client; ratios of yayi-serve's vllm rows to vllm-openai's.", "",
-                  markdown_table([{"Users": v["users"], "tokens/s vllm": f"{v['ours']:.1f}",
-                                   "tokens/s vllm-openai": f"{v['theirs']:.1f}", "ratio": f"{v['ratio']:.2f}",
-                                   "TTFT p50 vllm (ms)": f"{v['ttft_ours']:.0f}",
-                                   "TTFT p50 vllm-openai (ms)": f"{v['ttft_theirs']:.0f}"} for v in versus]), ""]
+        lines += [
+            "## Our vllm engine against vLLM's own OpenAI server",
+            "",
+            "Same prompts, same load, same client; ratios of yayi-serve's vllm rows to vllm-openai's.",
+            "",
+            markdown_table(
+                [
+                    {
+                        "Users": v["users"],
+                        "tokens/s vllm": f"{v['ours']:.1f}",
+                        "tokens/s vllm-openai": f"{v['theirs']:.1f}",
+                        "ratio": f"{v['ratio']:.2f}",
+                        "TTFT p50 vllm (ms)": f"{v['ttft_ours']:.0f}",
+                        "TTFT p50 vllm-openai (ms)": f"{v['ttft_theirs']:.0f}",
+                    }
+                    for v in versus
+                ]
+            ),
+            "",
+        ]
     if context.get("roofline"):
         lines += ["## Roofline bound", ""] + [f"- {line}" for line in context["roofline"]] + [""]
     if context.get("failures"):
@@ -107,12 +178,17 @@ def write_plots(out: Path, rows: list[dict]) -> list[Path]:
     loaded = [row for row in rows if row["users"] > 0 and row.get("speed_tokens_per_s") is not None]
     engines = list(dict.fromkeys(row["engine"] for row in rows))
     paths = []
-    for key, label, name in (("speed_tokens_per_s", "output tokens/s (all users)", "tokens_per_s.png"),
-                             ("ttft_p95_ms", "TTFT p95 (ms)", "ttft_p95.png")):
+    for key, label, name in (
+        ("speed_tokens_per_s", "output tokens/s (all users)", "tokens_per_s.png"),
+        ("ttft_p95_ms", "TTFT p95 (ms)", "ttft_p95.png"),
+    ):
         figure, axes = plt.subplots(figsize=(6.4, 4.2))
         for engine in engines:
-            points = sorted((row["users"], row[key]) for row in loaded
-                            if row["engine"] == engine and row.get(key) is not None and math.isfinite(row[key]))
+            points = sorted(
+                (row["users"], row[key])
+                for row in loaded
+                if row["engine"] == engine and row.get(key) is not None and math.isfinite(row[key])
+            )
             if points:
                 axes.plot(*zip(*points), marker="o", label=engine)
         axes.set_xscale("log", base=2)
@@ -131,8 +207,10 @@ def write_plots(out: Path, rows: list[dict]) -> list[Path]:
 
     figure, axes = plt.subplots(figsize=(6.4, 4.2))
     idle = [next((r.get("mem_mb") for r in rows if r["engine"] == e and r["users"] == 0), None) for e in engines]
-    peak = [max((r["mem_mb"] for r in rows if r["engine"] == e and r.get("mem_mb") is not None), default=None)
-            for e in engines]
+    peak = [
+        max((r["mem_mb"] for r in rows if r["engine"] == e and r.get("mem_mb") is not None), default=None)
+        for e in engines
+    ]
     positions = range(len(engines))
     axes.bar([p - 0.2 for p in positions], [v or 0 for v in idle], width=0.4, label="idle")
     axes.bar([p + 0.2 for p in positions], [v or 0 for v in peak], width=0.4, label="peak under load")
@@ -149,18 +227,26 @@ def write_plots(out: Path, rows: list[dict]) -> list[Path]:
 
 def baseline_comparison(rows: list[dict]) -> list[dict]:
     def loaded(engine: str) -> dict[int, dict]:
-        return {r["users"]: r for r in rows if r["engine"] == engine and r["users"] > 0
-                and r.get("speed_tokens_per_s")}
+        return {r["users"]: r for r in rows if r["engine"] == engine and r["users"] > 0 and r.get("speed_tokens_per_s")}
+
     ours, theirs = loaded("vllm"), loaded("vllm-openai")
-    return [{"users": users, "ours": ours[users]["speed_tokens_per_s"], "theirs": theirs[users]["speed_tokens_per_s"],
-             "ratio": ours[users]["speed_tokens_per_s"] / theirs[users]["speed_tokens_per_s"],
-             "ttft_ours": ours[users]["ttft_p50_ms"], "ttft_theirs": theirs[users]["ttft_p50_ms"]}
-            for users in sorted(ours.keys() & theirs.keys())]
+    return [
+        {
+            "users": users,
+            "ours": ours[users]["speed_tokens_per_s"],
+            "theirs": theirs[users]["speed_tokens_per_s"],
+            "ratio": ours[users]["speed_tokens_per_s"] / theirs[users]["speed_tokens_per_s"],
+            "ttft_ours": ours[users]["ttft_p50_ms"],
+            "ttft_theirs": theirs[users]["ttft_p50_ms"],
+        }
+        for users in sorted(ours.keys() & theirs.keys())
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
     """Re-render a report folder from its speed.json (after a change to this module)."""
     import sys
+
     folder = Path((argv or sys.argv[1:])[0])
     data = json.loads((folder / "speed.json").read_text())
     write_report(folder, data["rows"], data["context"])

@@ -24,7 +24,7 @@ from loadtest.tables import markdown_table
 
 
 def default_out(name: str) -> Path:
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     return ROOT / "reports" / f"{name}-{stamp}"
 
 
@@ -32,8 +32,9 @@ class Report:
     """Collects sections in order and writes them all at the end (and after each table, so a
     run stopped half-way still leaves what it had)."""
 
-    def __init__(self, experiment: str, out: str | Path | None, module: str, argv: list[str] | None,
-                 device: str = "cpu") -> None:
+    def __init__(
+        self, experiment: str, out: str | Path | None, module: str, argv: list[str] | None, device: str = "cpu"
+    ) -> None:
         self.experiment = experiment
         self.dir = Path(out) if out else default_out(experiment)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -50,8 +51,15 @@ class Report:
         self.sections.append(markdown.strip())
         self.write()
 
-    def table(self, stem: str, rows: list[dict], columns: list[str] | None = None, headers: dict | None = None,
-              title: str = "", note: str = "") -> Path:
+    def table(
+        self,
+        stem: str,
+        rows: list[dict],
+        columns: list[str] | None = None,
+        headers: dict | None = None,
+        title: str = "",
+        note: str = "",
+    ) -> Path:
         self.tables[stem] = rows
         columns = columns or (list(rows[0]) if rows else [])
         with open(self.dir / f"{stem}.csv", "w", newline="") as handle:
@@ -59,8 +67,12 @@ class Report:
             writer.writeheader()
             writer.writerows(rows)
         (self.dir / f"{stem}.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
-        parts = [f"## {title}" if title else "", note, markdown_table(rows, columns, headers),
-                 f"(`{stem}.csv`, `{stem}.json`)"]
+        parts = [
+            f"## {title}" if title else "",
+            note,
+            markdown_table(rows, columns, headers),
+            f"(`{stem}.csv`, `{stem}.json`)",
+        ]
         self.sections.append("\n\n".join(p for p in parts if p))
         self.write()
         return self.dir / f"{stem}.csv"

@@ -44,16 +44,19 @@ class Device:
 DEVICES: dict[str, Device] = {
     # NVIDIA A100 Tensor Core GPU datasheet (nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf):
     # A100 80GB SXM, BF16 Tensor Core 312 TFLOPS, GPU memory bandwidth 2,039 GB/s, 80 GB HBM2e.
-    "a100-80g": Device("A100-80G SXM", 312e12, 2039e9, 80e9,
-                       "NVIDIA A100 datasheet: 312 TFLOP/s bf16 dense, 2039 GB/s, 80 GB (SXM)"),
+    "a100-80g": Device(
+        "A100-80G SXM", 312e12, 2039e9, 80e9, "NVIDIA A100 datasheet: 312 TFLOP/s bf16 dense, 2039 GB/s, 80 GB (SXM)"
+    ),
     # NVIDIA H100 Tensor Core GPU datasheet: H100 SXM, BF16 Tensor Core 1,979 TFLOPS with
     # sparsity (989 dense), GPU memory bandwidth 3.35 TB/s, 80 GB HBM3.
-    "h100": Device("H100 SXM", 989e12, 3.35e12, 80e9,
-                   "NVIDIA H100 datasheet: 989 TFLOP/s bf16 dense, 3.35 TB/s, 80 GB (SXM)"),
+    "h100": Device(
+        "H100 SXM", 989e12, 3.35e12, 80e9, "NVIDIA H100 datasheet: 989 TFLOP/s bf16 dense, 3.35 TB/s, 80 GB (SXM)"
+    ),
     # NVIDIA H200 Tensor Core GPU datasheet: H200 SXM, BF16 Tensor Core 1,979 TFLOPS with
     # sparsity (989 dense), GPU memory bandwidth 4.8 TB/s, 141 GB HBM3e.
-    "h200": Device("H200 SXM", 989e12, 4.8e12, 141e9,
-                   "NVIDIA H200 datasheet: 989 TFLOP/s bf16 dense, 4.8 TB/s, 141 GB (SXM)"),
+    "h200": Device(
+        "H200 SXM", 989e12, 4.8e12, 141e9, "NVIDIA H200 datasheet: 989 TFLOP/s bf16 dense, 4.8 TB/s, 141 GB (SXM)"
+    ),
 }
 
 
@@ -86,8 +89,17 @@ class ModelShape:
         return self.params - (0 if self.tie_embeddings else self.vocab * self.hidden)
 
 
-def count_params(architecture: str, layers: int, hidden: int, heads: int, kv_heads: int, vocab: int,
-                 intermediate: int | None, tie_embeddings: bool, head_dim: int | None = None) -> int:
+def count_params(
+    architecture: str,
+    layers: int,
+    hidden: int,
+    heads: int,
+    kv_heads: int,
+    vocab: int,
+    intermediate: int | None,
+    tie_embeddings: bool,
+    head_dim: int | None = None,
+) -> int:
     """Stored weights of a Llama-style or BLOOM-style decoder, biases and norms included."""
     head_dim = head_dim or hidden // heads
     q, kv = heads * head_dim, kv_heads * head_dim
@@ -112,17 +124,41 @@ def count_params(architecture: str, layers: int, hidden: int, heads: int, kv_hea
     return embed * (1 if tie_embeddings else 2) + layers * per_layer + extra
 
 
-def make_shape(name: str, *, layers: int, hidden: int, heads: int, vocab: int, kv_heads: int | None = None,
-               intermediate: int | None = None, architecture: str = "llama", tie_embeddings: bool = False,
-               head_dim: int | None = None, source: str = "", **extra) -> ModelShape:
+def make_shape(
+    name: str,
+    *,
+    layers: int,
+    hidden: int,
+    heads: int,
+    vocab: int,
+    kv_heads: int | None = None,
+    intermediate: int | None = None,
+    architecture: str = "llama",
+    tie_embeddings: bool = False,
+    head_dim: int | None = None,
+    source: str = "",
+    **extra,
+) -> ModelShape:
     kv_heads = kv_heads or heads
     if architecture == "bloom":
         intermediate = intermediate or 4 * hidden
     params = count_params(architecture, layers, hidden, heads, kv_heads, vocab, intermediate, tie_embeddings, head_dim)
     extra.setdefault("positions", "alibi" if architecture == "bloom" else "rope")
-    return ModelShape(name=name, params=params, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
-                      vocab=vocab, intermediate=intermediate, source=source, head_dim=head_dim,
-                      architecture=architecture, tie_embeddings=tie_embeddings, **extra)
+    return ModelShape(
+        name=name,
+        params=params,
+        layers=layers,
+        hidden=hidden,
+        heads=heads,
+        kv_heads=kv_heads,
+        vocab=vocab,
+        intermediate=intermediate,
+        source=source,
+        head_dim=head_dim,
+        architecture=architecture,
+        tie_embeddings=tie_embeddings,
+        **extra,
+    )
 
 
 def shape_from_hf_config(path_or_dict, name: str | None = None) -> ModelShape:
@@ -138,17 +174,31 @@ def shape_from_hf_config(path_or_dict, name: str | None = None) -> ModelShape:
     name = name or config.get("_name_or_path") or model_type
     if model_type == "bloom":
         hidden = config.get("hidden_size") or config["n_embed"]
-        return make_shape(name, layers=config["n_layer"], hidden=hidden, heads=config["n_head"],
-                          vocab=config["vocab_size"], architecture="bloom",
-                          tie_embeddings=config.get("tie_word_embeddings", True),
-                          max_context=config.get("max_position_embeddings") or config.get("seq_length") or 2048,
-                          source=origin)
+        return make_shape(
+            name,
+            layers=config["n_layer"],
+            hidden=hidden,
+            heads=config["n_head"],
+            vocab=config["vocab_size"],
+            architecture="bloom",
+            tie_embeddings=config.get("tie_word_embeddings", True),
+            max_context=config.get("max_position_embeddings") or config.get("seq_length") or 2048,
+            source=origin,
+        )
     heads = config["num_attention_heads"]
-    return make_shape(name, layers=config["num_hidden_layers"], hidden=config["hidden_size"], heads=heads,
-                      kv_heads=config.get("num_key_value_heads") or heads, vocab=config["vocab_size"],
-                      intermediate=config["intermediate_size"], head_dim=config.get("head_dim"),
-                      tie_embeddings=config.get("tie_word_embeddings", False),
-                      max_context=config.get("max_position_embeddings", 2048), source=origin)
+    return make_shape(
+        name,
+        layers=config["num_hidden_layers"],
+        hidden=config["hidden_size"],
+        heads=heads,
+        kv_heads=config.get("num_key_value_heads") or heads,
+        vocab=config["vocab_size"],
+        intermediate=config["intermediate_size"],
+        head_dim=config.get("head_dim"),
+        tie_embeddings=config.get("tie_word_embeddings", False),
+        max_context=config.get("max_position_embeddings", 2048),
+        source=origin,
+    )
 
 
 # ---- the bounds ----------------------------------------------------------------------
@@ -159,8 +209,13 @@ def kv_bytes_per_token(shape: ModelShape, bytes_per_value: float = 2) -> float:
     return 2 * shape.layers * shape.kv_heads * shape.dim_head * bytes_per_value
 
 
-def memory_bytes(shape: ModelShape, batch: int = 1, context: int = 0, bytes_per_param: float = 2,
-                 kv_bytes_per_value: float | None = None) -> float:
+def memory_bytes(
+    shape: ModelShape,
+    batch: int = 1,
+    context: int = 0,
+    bytes_per_param: float = 2,
+    kv_bytes_per_value: float | None = None,
+) -> float:
     """Weights plus a KV cache holding ``context`` tokens for each of ``batch`` sequences."""
     kv_value = bytes_per_param if kv_bytes_per_value is None else kv_bytes_per_value
     return shape.params * bytes_per_param + batch * context * kv_bytes_per_token(shape, kv_value)
@@ -170,14 +225,25 @@ def decode_flops_per_token(shape: ModelShape, context: int = 0) -> float:
     return 2 * shape.streamed_params + 4 * shape.layers * context * shape.heads * shape.dim_head
 
 
-def decode_step_bytes(shape: ModelShape, batch: int = 1, context: int = 0, bytes_per_param: float = 2,
-                      kv_bytes_per_value: float | None = None) -> float:
+def decode_step_bytes(
+    shape: ModelShape,
+    batch: int = 1,
+    context: int = 0,
+    bytes_per_param: float = 2,
+    kv_bytes_per_value: float | None = None,
+) -> float:
     kv_value = bytes_per_param if kv_bytes_per_value is None else kv_bytes_per_value
     return shape.streamed_params * bytes_per_param + batch * context * kv_bytes_per_token(shape, kv_value)
 
 
-def decode_bound_tokens_per_s(shape: ModelShape, device: Device, batch: int = 1, context: int = 0,
-                              bytes_per_param: float = 2, kv_bytes_per_value: float | None = None) -> float:
+def decode_bound_tokens_per_s(
+    shape: ModelShape,
+    device: Device,
+    batch: int = 1,
+    context: int = 0,
+    bytes_per_param: float = 2,
+    kv_bytes_per_value: float | None = None,
+) -> float:
     """Tokens/s summed over the batch, each sequence holding ``context`` tokens of cache."""
     step_bytes = decode_step_bytes(shape, batch, context, bytes_per_param, kv_bytes_per_value)
     memory_bound = device.bandwidth / step_bytes * batch
@@ -190,8 +256,14 @@ def prefill_flops(shape: ModelShape, prompt: int) -> float:
     return 2 * shape.streamed_params * prompt + 2 * shape.layers * prompt * prompt * shape.heads * shape.dim_head
 
 
-def prefill_bound_tokens_per_s(shape: ModelShape, device: Device, batch: int = 1, prompt: int = 512,
-                               bytes_per_param: float = 2, kv_bytes_per_value: float | None = None) -> float:
+def prefill_bound_tokens_per_s(
+    shape: ModelShape,
+    device: Device,
+    batch: int = 1,
+    prompt: int = 512,
+    bytes_per_param: float = 2,
+    kv_bytes_per_value: float | None = None,
+) -> float:
     """Prompt tokens/s over the batch: FLOP-bound unless the prompt is short enough to be bandwidth-bound."""
     kv_value = bytes_per_param if kv_bytes_per_value is None else kv_bytes_per_value
     flops = batch * prefill_flops(shape, prompt)
@@ -213,8 +285,9 @@ def fits(shape: ModelShape, device: Device, batch: int = 1, context: int = 0, by
 # ---- this machine --------------------------------------------------------------------
 
 
-def probe_this_machine(seconds: float = 3.0, dtype=None, copy_mib: int = 256, gemm_n: int = 2048,
-                       device: str = "cpu") -> Device:
+def probe_this_machine(
+    seconds: float = 3.0, dtype=None, copy_mib: int = 256, gemm_n: int = 2048, device: str = "cpu"
+) -> Device:
     """Measured copy bandwidth and GEMM FLOP/s (best of repeats) of this machine's CPU or a CUDA device.
 
     Best rather than median, because a roofline is a ceiling and the machine is shared:
@@ -247,7 +320,7 @@ def probe_this_machine(seconds: float = 3.0, dtype=None, copy_mib: int = 256, ge
     dst = torch.empty_like(src)
     best_copy, copies = timed(lambda: dst.copy_(src))
     bandwidth = 2 * src.numel() * src.element_size() / best_copy
-    del src, dst
+    src = dst = None  # the buffers go before the GEMM's are made
     a = torch.randn(gemm_n, gemm_n, device=device).to(dtype)
     b = torch.randn(gemm_n, gemm_n, device=device).to(dtype)
     best_gemm, gemms = timed(lambda: torch.mm(a, b))
@@ -260,7 +333,12 @@ def probe_this_machine(seconds: float = 3.0, dtype=None, copy_mib: int = 256, ge
         name = f"this machine ({cpu_name()}, {torch.get_num_threads()} threads, {dtype_name})"
         memory = float(psutil.virtual_memory().total)
     return Device(
-        name=name, peak_flops=flops, bandwidth=bandwidth, memory_bytes=memory,
-        source=(f"probe_this_machine: best of {copies} copies of {copy_mib} MiB (read + write counted) and "
-                f"best of {gemms} {gemm_n}x{gemm_n} {dtype_name} GEMMs on {device.type}, torch {torch.__version__}"),
+        name=name,
+        peak_flops=flops,
+        bandwidth=bandwidth,
+        memory_bytes=memory,
+        source=(
+            f"probe_this_machine: best of {copies} copies of {copy_mib} MiB (read + write counted) and "
+            f"best of {gemms} {gemm_n}x{gemm_n} {dtype_name} GEMMs on {device.type}, torch {torch.__version__}"
+        ),
     )

@@ -28,6 +28,7 @@ class RooflineColumn:
     def device_for(self, row: dict):
         if row.get("device", "").startswith("cuda"):
             import torch
+
             gpu = torch.cuda.get_device_name(0).lower() if torch.cuda.is_available() else ""
             return next((device for key, device in DEVICES.items() if key.split("-")[0] in gpu), None)
         return self.cpu_devices.get(row.get("dtype"))
@@ -38,17 +39,23 @@ class RooflineColumn:
         if device is None or bytes_per_param is None or not row.get("speed_tokens_per_s"):
             row["bound_tokens_per_s"] = row["pct_of_bound"] = None
             return
-        bound = decode_bound_tokens_per_s(self.shape, device, batch=row["users"], context=self.context,
-                                          bytes_per_param=bytes_per_param)
+        bound = decode_bound_tokens_per_s(
+            self.shape, device, batch=row["users"], context=self.context, bytes_per_param=bytes_per_param
+        )
         row["bound_tokens_per_s"] = bound
         row["pct_of_bound"] = 100 * row["speed_tokens_per_s"] / bound
 
     def describe(self) -> list[str]:
-        lines = [f"model shape from {self.shape.source}: {self.shape.params / 1e6:.1f} M parameters, "
-                 f"{self.shape.layers} layers; decode context taken as {self.context} tokens"]
+        lines = [
+            f"model shape from {self.shape.source}: {self.shape.params / 1e6:.1f} M parameters, "
+            f"{self.shape.layers} layers; decode context taken as {self.context} tokens"
+        ]
         for dtype, device in sorted(self.cpu_devices.items()):
-            lines.append(f"{dtype}: {device.bandwidth / 1e9:.1f} GB/s, {device.peak_flops / 1e9:.1f} GFLOP/s "
-                         f"({device.source})")
-        lines.append("bound at batch b = min(bandwidth × b / bytes read per step, FLOP/s / FLOPs per token); "
-                     "bytes per step = weights + the batch's KV cache")
+            lines.append(
+                f"{dtype}: {device.bandwidth / 1e9:.1f} GB/s, {device.peak_flops / 1e9:.1f} GFLOP/s ({device.source})"
+            )
+        lines.append(
+            "bound at batch b = min(bandwidth × b / bytes read per step, FLOP/s / FLOPs per token); "
+            "bytes per step = weights + the batch's KV cache"
+        )
         return lines

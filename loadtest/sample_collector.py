@@ -22,19 +22,35 @@ def flag(value: str) -> bool:
 
 def add_load_arguments(parser) -> None:
     group = parser.add_argument_group("yayi-serve speed test")
-    group.add_argument("--prompts-file", default="",
-                       help="one prompt per line (default: the inference log's three speed prompts)")
+    group.add_argument(
+        "--prompts-file", default="", help="one prompt per line (default: the inference log's three speed prompts)"
+    )
     group.add_argument("--max-new-tokens", type=int, default=128)
-    group.add_argument("--ignore-eos", type=flag, default=True,
-                       help="true: every request generates exactly --max-new-tokens (default true)")
+    group.add_argument(
+        "--ignore-eos",
+        type=flag,
+        default=True,
+        help="true: every request generates exactly --max-new-tokens (default true)",
+    )
     group.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    group.add_argument("--chat-template", type=flag, default=False,
-                       help="wrap each prompt in the model's chat template (default false)")
-    group.add_argument("--grpc-channels", type=int, default=1,
-                       help="gRPC connections per Locust process, users spread over them (default 1)")
+    group.add_argument(
+        "--chat-template",
+        type=flag,
+        default=False,
+        help="wrap each prompt in the model's chat template (default false)",
+    )
+    group.add_argument(
+        "--grpc-channels",
+        type=int,
+        default=1,
+        help="gRPC connections per Locust process, users spread over them (default 1)",
+    )
     group.add_argument("--request-timeout", type=float, default=600.0, help="deadline per request, seconds")
-    group.add_argument("--summary-csv", default="",
-                       help="where to write the summary (default PREFIX_tokens.csv when --csv PREFIX is given)")
+    group.add_argument(
+        "--summary-csv",
+        default="",
+        help="where to write the summary (default PREFIX_tokens.csv when --csv PREFIX is given)",
+    )
     return group
 
 
@@ -84,8 +100,11 @@ class SampleCollector:
         users = getattr(environment.runner, "target_user_count", None) or getattr(options, "num_users", None)
         summary = summarize(self.samples, users=users)
         print("\nyayi-serve speed test\n" + format_summary(summary), flush=True)
-        path = options.summary_csv if options and options.summary_csv else (
-            f"{options.csv_prefix}_tokens.csv" if options and options.csv_prefix else "")
+        path = (
+            options.summary_csv
+            if options and options.summary_csv
+            else (f"{options.csv_prefix}_tokens.csv" if options and options.csv_prefix else "")
+        )
         if path:
             write_summary_csv(summary, path)
 

@@ -25,8 +25,11 @@ def fetch(url: str, timeout: float = 5.0) -> str:
 
 
 def parse(body: str) -> Samples:
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(body) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+    }
 
 
 def read(port: int, timeout: float = 5.0) -> Samples:
@@ -61,7 +64,7 @@ class GaugeSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "GaugeSampler":
+    def __enter__(self) -> GaugeSampler:
         self._thread.start()
         return self
 

@@ -25,12 +25,34 @@ _LISTENING = re.compile(r"grpc listening on [^:]+:(\d+)(?:, metrics on http://[^
 
 
 class ServerProcess:
-    def __init__(self, *args: str, ready_timeout: float = 240.0, env: dict | None = None,
-                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None) -> None:
-        command = [sys.executable, "-m", "server.cli", "--port", "0", "--metrics-port", "0",
-                   "--host", "127.0.0.1", *args]
-        self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True, env={**os.environ, **(env or {})})
+    def __init__(
+        self,
+        *args: str,
+        ready_timeout: float = 240.0,
+        env: dict | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+    ) -> None:
+        command = [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--host",
+            "127.0.0.1",
+            *args,
+        ]
+        self.process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
         self.lines: list[str] = []
         self._line_seen = threading.Condition()
         threading.Thread(target=self._pump, daemon=True).start()
@@ -44,8 +66,9 @@ class ServerProcess:
         self.stub = pb_grpc.InferenceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
-    def open_channel(self, credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
-                     options: list | None = None) -> grpc.Channel:
+    def open_channel(
+        self, credentials: grpc.ChannelCredentials | None = None, token: str | None = None, options: list | None = None
+    ) -> grpc.Channel:
         """A new connection (its own HTTP/2 streams), by default with this server's credentials and token."""
         return open_channel(self.address, credentials or self.credentials, token or self.token, options)
 
@@ -74,7 +97,7 @@ class ServerProcess:
                     raise TimeoutError(f"no line matching {pattern.pattern!r}:\n" + "\n".join(self.lines[-40:]))
                 self._line_seen.wait(min(remaining, 1.0))
 
-    def wait_ready(self, timeout: float = 240.0) -> "ServerProcess":
+    def wait_ready(self, timeout: float = 240.0) -> ServerProcess:
         self.wait_for_line("yayi-serve: ready", timeout)
         return self
 
@@ -110,8 +133,12 @@ class ServerProcess:
         return self.process.returncode
 
 
-def open_channel(address: str, credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
-                 options: list | None = None) -> grpc.Channel:
+def open_channel(
+    address: str,
+    credentials: grpc.ChannelCredentials | None = None,
+    token: str | None = None,
+    options: list | None = None,
+) -> grpc.Channel:
     """Plaintext, TLS (``credentials``), and either with ``authorization: Bearer <token>`` on every call."""
     if token is not None:
         # gRPC sends call credentials only over a protected channel; over plaintext, local
@@ -129,5 +156,6 @@ def tls_credentials(ca: bytes, client_cert: bytes | None = None, client_key: byt
 
 
 def request(prompt: str, request_id: str = "", use_chat_template: bool = False, **params) -> pb.GenerateRequest:
-    return pb.GenerateRequest(prompt=prompt, request_id=request_id, use_chat_template=use_chat_template,
-                              params=pb.SamplingParams(**params))
+    return pb.GenerateRequest(
+        prompt=prompt, request_id=request_id, use_chat_template=use_chat_template, params=pb.SamplingParams(**params)
+    )

@@ -33,16 +33,19 @@ class SpeedUser(StreamingGrpcUser):
     def on_start(self) -> None:
         options = self.environment.parsed_options
         self.prompts = load_prompts(options.prompts_file)
-        self.params = pb.SamplingParams(max_new_tokens=options.max_new_tokens, temperature=options.temperature,
-                                        ignore_eos=options.ignore_eos)
+        self.params = pb.SamplingParams(
+            max_new_tokens=options.max_new_tokens, temperature=options.temperature, ignore_eos=options.ignore_eos
+        )
         self.use_chat_template = options.chat_template
         self.timeout = options.request_timeout
 
     @task
     def generate(self) -> None:
         prompt = self.prompts[next(_prompt_turn) % len(self.prompts)]
-        self.generate_stream(pb.GenerateRequest(prompt=prompt, params=self.params,
-                                                use_chat_template=self.use_chat_template), timeout=self.timeout)
+        self.generate_stream(
+            pb.GenerateRequest(prompt=prompt, params=self.params, use_chat_template=self.use_chat_template),
+            timeout=self.timeout,
+        )
 
     def record(self, sample: RequestSample) -> None:
         collector.add(sample)

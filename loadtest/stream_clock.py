@@ -50,14 +50,31 @@ class StreamClock:
 def fire_success(events, request_type: str, name: str, sample: RequestSample) -> None:
     """Two rows in Locust's table: the whole request (length = tokens) and its time to first token."""
     if sample.ttft_s is not None:
-        events.request.fire(request_type=request_type, name=f"{name} TTFT", response_time=sample.ttft_s * 1000,
-                            response_length=0, exception=None, context={})
-    events.request.fire(request_type=request_type, name=name, response_time=sample.duration_s * 1000,
-                        response_length=sample.completion_tokens or sample.tokens, exception=None, context={})
+        events.request.fire(
+            request_type=request_type,
+            name=f"{name} TTFT",
+            response_time=sample.ttft_s * 1000,
+            response_length=0,
+            exception=None,
+            context={},
+        )
+    events.request.fire(
+        request_type=request_type,
+        name=name,
+        response_time=sample.duration_s * 1000,
+        response_length=sample.completion_tokens or sample.tokens,
+        exception=None,
+        context={},
+    )
 
 
 def fire_failure(events, request_type: str, name: str, sample: RequestSample, exception: Exception) -> None:
     """The status in the name, so Locust's failure table groups failures by status code."""
-    events.request.fire(request_type=request_type, name=f"{name} [{sample.status}]",
-                        response_time=sample.duration_s * 1000, response_length=sample.tokens,
-                        exception=exception, context={})
+    events.request.fire(
+        request_type=request_type,
+        name=f"{name} [{sample.status}]",
+        response_time=sample.duration_s * 1000,
+        response_length=sample.tokens,
+        exception=exception,
+        context={},
+    )

@@ -38,8 +38,10 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None, headers: 
     if not columns:
         columns = list(rows[0]) if rows else []
     headers = headers or {}
-    lines = ["| " + " | ".join(_escape(headers.get(c, c)) for c in columns) + " |",
-             "| " + " | ".join("---:" if _numeric(rows, c) else "---" for c in columns) + " |"]
+    lines = [
+        "| " + " | ".join(_escape(headers.get(c, c)) for c in columns) + " |",
+        "| " + " | ".join("---:" if _numeric(rows, c) else "---" for c in columns) + " |",
+    ]
     for row in rows:
         lines.append("| " + " | ".join(_escape(format_cell(row.get(c))) for c in columns) + " |")
     return "\n".join(lines)

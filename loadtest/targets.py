@@ -26,6 +26,7 @@ from server.device_sampler import CpuProbe
 @dataclass
 class Reading:
     """Device figures over one stretch of time (idle, or one load step)."""
+
     memory_peak_bytes: float | None = None
     utilization_mean: float | None = None
     power_mean_w: float | None = None
@@ -51,13 +52,29 @@ class YayiTarget:
         return self.server.address
 
     def start(self, timeout: float) -> dict:
-        self.server = ServerProcess("--engine", self.engine, "--model", self.model, "--max-queue", str(self.queue),
-                                    "--device-sample-period", str(self.sample_period), *self.server_args,
-                                    ready_timeout=timeout).wait_ready(timeout)
+        self.server = ServerProcess(
+            "--engine",
+            self.engine,
+            "--model",
+            self.model,
+            "--max-queue",
+            str(self.queue),
+            "--device-sample-period",
+            str(self.sample_period),
+            *self.server_args,
+            ready_timeout=timeout,
+        ).wait_ready(timeout)
         from server.wire import pb
+
         info = self.server.stub.GetModelInfo(pb.ModelInfoRequest(), timeout=30)
-        self.info = {"engine": info.engine, "dtype": info.dtype, "device": info.device, "attention": info.attention,
-                     "use_cache": info.use_cache, "model_path": info.model_path}
+        self.info = {
+            "engine": info.engine,
+            "dtype": info.dtype,
+            "device": info.device,
+            "attention": info.attention,
+            "use_cache": info.use_cache,
+            "model_path": info.model_path,
+        }
         return self.info
 
     def warm_up(self) -> None:
@@ -67,7 +84,7 @@ class YayiTarget:
     def metrics_text(self) -> str:
         return scrape.fetch(scrape.metrics_url(self.server.metrics_port))
 
-    def watch(self, raw_prefix: Path) -> "MetricsWatch":
+    def watch(self, raw_prefix: Path) -> MetricsWatch:
         return MetricsWatch(self, raw_prefix)
 
     def stop(self) -> None:
@@ -87,13 +104,14 @@ class MetricsWatch:
         self.target, self.raw_prefix = target, raw_prefix
         self.reading = Reading(device=target.info.get("device", "cpu"))
 
-    def __enter__(self) -> "MetricsWatch":
+    def __enter__(self) -> MetricsWatch:
         body = self.target.metrics_text()
         Path(f"{self.raw_prefix}_metrics_before.txt").write_text(body)
         self.before = scrape.parse(body)
         # Scraping no faster than the server samples its device: more often would only repeat values.
-        self.sampler = scrape.GaugeSampler(scrape.metrics_url(self.target.server.metrics_port), self.GAUGES,
-                                           period=max(0.5, self.target.sample_period))
+        self.sampler = scrape.GaugeSampler(
+            scrape.metrics_url(self.target.server.metrics_port), self.GAUGES, period=max(0.5, self.target.sample_period)
+        )
         self.sampler.__enter__()
         return self
 
@@ -121,8 +139,17 @@ class OpenAIServerTarget:
     locustfile = ROOT / "loadtest" / "openai_speed.py"
     label = "vllm-openai"
 
-    def __init__(self, model_path: str, served_name: str, dtype: str, kv_cache_gb: float, max_model_len: int,
-                 extra_args: list[str], log_path: Path, sample_period: float) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        served_name: str,
+        dtype: str,
+        kv_cache_gb: float,
+        max_model_len: int,
+        extra_args: list[str],
+        log_path: Path,
+        sample_period: float,
+    ) -> None:
         self.model_path, self.served_name = model_path, served_name
         self.dtype, self.kv_cache_gb, self.max_model_len = dtype, kv_cache_gb, max_model_len
         self.extra_args, self.log_path, self.sample_period = extra_args, log_path, sample_period
@@ -135,10 +162,26 @@ class OpenAIServerTarget:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float) -> dict:
-        command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_path,
-                   "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(self.port),
-                   "--dtype", self.dtype, "--max-model-len", str(self.max_model_len), "--seed", "0",
-                   *self.extra_args]
+        command = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            self.model_path,
+            "--served-model-name",
+            self.served_name,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dtype",
+            self.dtype,
+            "--max-model-len",
+            str(self.max_model_len),
+            "--seed",
+            "0",
+            *self.extra_args,
+        ]
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": f"{self.kv_cache_gb:g}"}
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(command, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=env)
@@ -155,21 +198,29 @@ class OpenAIServerTarget:
             time.sleep(1)
         else:
             raise TimeoutError(f"vLLM's server not healthy after {timeout:.0f} s:\n{self.startup_output()}")
-        self.info = {"engine": "vllm (OpenAI server)", "dtype": self.dtype, "device": "cpu",
-                     "attention": "vLLM's own", "use_cache": True, "model_path": self.model_path}
+        self.info = {
+            "engine": "vllm (OpenAI server)",
+            "dtype": self.dtype,
+            "device": "cpu",
+            "attention": "vLLM's own",
+            "use_cache": True,
+            "model_path": self.model_path,
+        }
         return self.info
 
     def warm_up(self) -> None:
         import json
+
         body = json.dumps({"model": self.served_name, "prompt": "Warm up.", "max_tokens": 8}).encode()
-        request = urllib.request.Request(f"{self.host}/v1/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{self.host}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+        )
         urllib.request.urlopen(request, timeout=300).read()
 
     def metrics_text(self) -> str:
         return scrape.fetch(f"{self.host}/metrics")
 
-    def watch(self, raw_prefix: Path) -> "ProcessWatch":
+    def watch(self, raw_prefix: Path) -> ProcessWatch:
         return ProcessWatch(self, raw_prefix)
 
     def stop(self) -> None:
@@ -201,7 +252,7 @@ class ProcessWatch:
         self.reading = Reading(device="cpu")
         self._stop = threading.Event()
 
-    def __enter__(self) -> "ProcessWatch":
+    def __enter__(self) -> ProcessWatch:
         body = self.target.metrics_text()
         Path(f"{self.raw_prefix}_metrics_before.txt").write_text(body)
         self.before = scrape.parse(body)

@@ -19,10 +19,10 @@ CUT = "CUT"  # still streaming when the load test ended: its tokens count, its l
 
 @dataclass
 class RequestSample:
-    started: float                   # wall clock (time.time), so samples from several workers share a timeline
+    started: float  # wall clock (time.time), so samples from several workers share a timeline
     duration_s: float
-    tokens: int                      # token ids received in chunks
-    status: str = OK                 # OK, CUT, or the gRPC status code's name
+    tokens: int  # token ids received in chunks
+    status: str = OK  # OK, CUT, or the gRPC status code's name
     ttft_s: float | None = None
     completion_tokens: int | None = None  # the server's own count, from the final chunk's usage
     itl_s: list[float] = field(default_factory=list)
@@ -35,7 +35,7 @@ class RequestSample:
         return asdict(self)
 
     @classmethod
-    def from_wire(cls, data: dict) -> "RequestSample":
+    def from_wire(cls, data: dict) -> RequestSample:
         return cls(**data)
 
 
@@ -57,10 +57,24 @@ def percentile(values: list[float], q: float) -> float:
 
 
 SUMMARY_COLUMNS = [
-    "users", "requests_ok", "requests_failed", "requests_cut", "duration_s", "output_tokens",
-    "output_tokens_per_s", "per_user_tokens_per_s", "requests_per_s",
-    "ttft_p50_ms", "ttft_p95_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p95_ms",
-    "e2e_p50_ms", "e2e_p95_ms", "e2e_p99_ms", "failures_by_status",
+    "users",
+    "requests_ok",
+    "requests_failed",
+    "requests_cut",
+    "duration_s",
+    "output_tokens",
+    "output_tokens_per_s",
+    "per_user_tokens_per_s",
+    "requests_per_s",
+    "ttft_p50_ms",
+    "ttft_p95_ms",
+    "ttft_p99_ms",
+    "itl_p50_ms",
+    "itl_p95_ms",
+    "e2e_p50_ms",
+    "e2e_p95_ms",
+    "e2e_p99_ms",
+    "failures_by_status",
 ]
 
 
@@ -91,10 +105,13 @@ def summarize(samples: list[RequestSample], users: int | None = None) -> dict:
         "output_tokens_per_s": tokens / window if window > 0 else 0.0,
         "per_user_tokens_per_s": sum(per_user) / len(per_user) if per_user else math.nan,
         "requests_per_s": len(finished) / window if window > 0 else 0.0,
-        "ttft_p50_ms": percentile(ttft, 50) * ms, "ttft_p95_ms": percentile(ttft, 95) * ms,
+        "ttft_p50_ms": percentile(ttft, 50) * ms,
+        "ttft_p95_ms": percentile(ttft, 95) * ms,
         "ttft_p99_ms": percentile(ttft, 99) * ms,
-        "itl_p50_ms": percentile(itl, 50) * ms, "itl_p95_ms": percentile(itl, 95) * ms,
-        "e2e_p50_ms": percentile(e2e, 50) * ms, "e2e_p95_ms": percentile(e2e, 95) * ms,
+        "itl_p50_ms": percentile(itl, 50) * ms,
+        "itl_p95_ms": percentile(itl, 95) * ms,
+        "e2e_p50_ms": percentile(e2e, 50) * ms,
+        "e2e_p95_ms": percentile(e2e, 95) * ms,
         "e2e_p99_ms": percentile(e2e, 99) * ms,
         "failures_by_status": ";".join(f"{status}={count}" for status, count in sorted(by_status.items())),
     }
@@ -120,9 +137,11 @@ def format_summary(summary: dict) -> str:
         f"{summary['requests_cut']} cut by the end of the test, over {summary['duration_s']:.1f} s",
         f"output tokens/s: {summary['output_tokens_per_s']:.1f} total, "
         f"{summary['per_user_tokens_per_s']:.1f} per user ({summary['output_tokens']} tokens)",
-        f"TTFT ms:    p50 {summary['ttft_p50_ms']:.1f}  p95 {summary['ttft_p95_ms']:.1f}  p99 {summary['ttft_p99_ms']:.1f}",
+        f"TTFT ms:    p50 {summary['ttft_p50_ms']:.1f}  p95 {summary['ttft_p95_ms']:.1f}  "
+        f"p99 {summary['ttft_p99_ms']:.1f}",
         f"ITL ms:     p50 {summary['itl_p50_ms']:.1f}  p95 {summary['itl_p95_ms']:.1f}",
-        f"request ms: p50 {summary['e2e_p50_ms']:.1f}  p95 {summary['e2e_p95_ms']:.1f}  p99 {summary['e2e_p99_ms']:.1f}",
+        f"request ms: p50 {summary['e2e_p50_ms']:.1f}  p95 {summary['e2e_p95_ms']:.1f}  "
+        f"p99 {summary['e2e_p99_ms']:.1f}",
     ]
     return "\n".join(lines)
 

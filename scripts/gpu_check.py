@@ -45,8 +45,18 @@ def build_random_model(shape_folder: Path, out: Path) -> Path:
 
 
 def run_engine(engine: str, model: Path, dtype: str) -> dict:
-    server = ServerProcess("--engine", engine, "--model", str(model), "--device", "cuda", "--dtype", dtype,
-                           "--device-sample-period", "0.25").wait_ready(300)
+    server = ServerProcess(
+        "--engine",
+        engine,
+        "--model",
+        str(model),
+        "--device",
+        "cuda",
+        "--dtype",
+        dtype,
+        "--device-sample-period",
+        "0.25",
+    ).wait_ready(300)
     try:
         info = server.stub.GetModelInfo(pb.ModelInfoRequest(), timeout=10)
         server.generate("warm up", max_new_tokens=8, timeout=120)
@@ -74,16 +84,22 @@ def run_engine(engine: str, model: Path, dtype: str) -> dict:
             value = scrape.total(final, name)
             return NAN if value is None else value
 
-        greedy = list(server.generate(LOG_SPEED_PROMPTS[0], max_new_tokens=32, ignore_eos=True,
-                                      timeout=120).token_ids)
-        return {"engine": engine, "dtype": info.dtype, "device": info.device, "attention": info.attention,
-                "tok_s": sum(NEW_TOKENS / r.duration_s for r in runs) / len(runs),
-                "ttft_ms": sum(r.ttft_s * 1000 for r in runs) / len(runs),
-                "mem_mb": final_value("yayi_device_memory_used_bytes") / 2**20,
-                "peak_mb": final_value("yayi_device_memory_peak_bytes") / 2**20,
-                "torch_peak_mb": final_value("yayi_torch_memory_peak_allocated_bytes") / 2**20,
-                "util_max": busy["util"], "power_max": busy["power"],
-                "energy_j": final_value("yayi_energy_joules_total"), "greedy": greedy}
+        greedy = list(server.generate(LOG_SPEED_PROMPTS[0], max_new_tokens=32, ignore_eos=True, timeout=120).token_ids)
+        return {
+            "engine": engine,
+            "dtype": info.dtype,
+            "device": info.device,
+            "attention": info.attention,
+            "tok_s": sum(NEW_TOKENS / r.duration_s for r in runs) / len(runs),
+            "ttft_ms": sum(r.ttft_s * 1000 for r in runs) / len(runs),
+            "mem_mb": final_value("yayi_device_memory_used_bytes") / 2**20,
+            "peak_mb": final_value("yayi_device_memory_peak_bytes") / 2**20,
+            "torch_peak_mb": final_value("yayi_torch_memory_peak_allocated_bytes") / 2**20,
+            "util_max": busy["util"],
+            "power_max": busy["power"],
+            "energy_j": final_value("yayi_energy_joules_total"),
+            "greedy": greedy,
+        }
     finally:
         server.stop()
 
@@ -91,11 +107,34 @@ def run_engine(engine: str, model: Path, dtype: str) -> dict:
 def results_table(rows: list[dict]) -> str:
     # An engine that failed shows its error where its device would be, the rest of its row empty.
     shown = [{**r, "device": f"error: {r['error']}"} if "error" in r else r for r in rows]
-    return markdown_table(shown, ["engine", "dtype", "device", "attention", "tok_s", "ttft_ms", "mem_mb", "peak_mb",
-                                  "torch_peak_mb", "util_max", "power_max", "energy_j"],
-                          {"attention": "attention kernel (seen)", "tok_s": "tokens/s", "ttft_ms": "TTFT ms",
-                           "mem_mb": "NVML mem MB", "peak_mb": "NVML peak MB", "torch_peak_mb": "torch peak MB",
-                           "util_max": "util max", "power_max": "power max W", "energy_j": "energy J"})
+    return markdown_table(
+        shown,
+        [
+            "engine",
+            "dtype",
+            "device",
+            "attention",
+            "tok_s",
+            "ttft_ms",
+            "mem_mb",
+            "peak_mb",
+            "torch_peak_mb",
+            "util_max",
+            "power_max",
+            "energy_j",
+        ],
+        {
+            "attention": "attention kernel (seen)",
+            "tok_s": "tokens/s",
+            "ttft_ms": "TTFT ms",
+            "mem_mb": "NVML mem MB",
+            "peak_mb": "NVML peak MB",
+            "torch_peak_mb": "torch peak MB",
+            "util_max": "util max",
+            "power_max": "power max W",
+            "energy_j": "energy J",
+        },
+    )
 
 
 def main() -> None:
@@ -103,14 +142,21 @@ def main() -> None:
     import torch
     import transformers
 
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"device {torch.cuda.get_device_name(0)}", flush=True)
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, device {torch.cuda.get_device_name(0)}",
+        flush=True,
+    )
     print(subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout, flush=True)
     carried = ROOT / ".gpu_carry" / "models"
     model = build_random_model(carried / "smollm2-shape", Path("/tmp/yayi-gpu/smollm2-shape-random"))
     rows = []
-    for engine, dtype in [("hf-eager", "bfloat16"), ("hf-kv", "bfloat16"), ("hf-flash", "bfloat16"),
-                          ("hf-kv", "float32"), ("hf-flash", "float32")]:
+    for engine, dtype in [
+        ("hf-eager", "bfloat16"),
+        ("hf-kv", "bfloat16"),
+        ("hf-flash", "bfloat16"),
+        ("hf-kv", "float32"),
+        ("hf-flash", "float32"),
+    ]:
         print(f"# {engine} {dtype} ...", flush=True)
         try:
             rows.append(run_engine(engine, model, dtype))

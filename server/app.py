@@ -22,10 +22,10 @@ from engines.base import EngineConfig
 from engines.registry import create_engine
 
 from .auth import TokenAuth
-from .gate import RequestGate
-from .health import BoundedHealth
 from .config import ServerConfig
 from .device_sampler import DeviceSampler, make_probe
+from .gate import RequestGate
+from .health import BoundedHealth
 from .metrics import ServerMetrics
 from .servicer import InferenceServicer
 from .tls import TLSConfigError, server_credentials
@@ -44,21 +44,32 @@ class StartupError(RuntimeError):
 
 
 async def serve(config: ServerConfig, announce=print) -> int:
-    engine = create_engine(config.engine, EngineConfig(
-        model=config.model, dtype=config.dtype, device=config.device,
-        max_concurrency=config.max_concurrency, max_queue=config.max_queue, options=config.engine_options,
-        test_faults=config.test_faults,
-    ))
+    engine = create_engine(
+        config.engine,
+        EngineConfig(
+            model=config.model,
+            dtype=config.dtype,
+            device=config.device,
+            max_concurrency=config.max_concurrency,
+            max_queue=config.max_queue,
+            options=config.engine_options,
+            test_faults=config.test_faults,
+        ),
+    )
     metrics = ServerMetrics(engine=config.engine, model=config.model)
     servicer = InferenceServicer(engine, metrics, config.stream_stall_timeout_s, config.expose_model_path)
     health = BoundedHealth(config.max_health_watchers)
 
     gate = RequestGate(metrics.count_request, TokenAuth(config.auth_token) if config.auth_token else None)
-    server = grpc.aio.server(interceptors=[gate], maximum_concurrent_rpcs=config.max_concurrent_rpcs, options=[
-        ("grpc.max_receive_message_length", config.max_receive_bytes),
-        ("grpc.max_concurrent_streams", config.max_concurrent_streams),
-        ("grpc.so_reuseport", 0),  # two servers must never share a port by accident
-    ])
+    server = grpc.aio.server(
+        interceptors=[gate],
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        options=[
+            ("grpc.max_receive_message_length", config.max_receive_bytes),
+            ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+            ("grpc.so_reuseport", 0),  # two servers must never share a port by accident
+        ],
+    )
     pb_grpc.add_InferenceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection([SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME], server)
@@ -67,8 +78,9 @@ async def serve(config: ServerConfig, announce=print) -> int:
     address = f"{config.host}:{config.port}"
     try:
         if config.tls_cert:
-            port = server.add_secure_port(address, server_credentials(config.tls_cert, config.tls_key,
-                                                                       config.tls_client_ca))
+            port = server.add_secure_port(
+                address, server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+            )
         else:
             port = server.add_insecure_port(address)
     except TLSConfigError as exc:
@@ -81,10 +93,15 @@ async def serve(config: ServerConfig, announce=print) -> int:
         if config.auth_token and not config.tls_cert:
             log.warning("token auth without TLS on %s: the token crosses the network in plaintext", config.host)
         elif not config.auth_token and not config.tls_client_ca:
-            log.warning("gRPC listens on %s without a token or client certificates: anyone who can reach the port "
-                        "can use the model; see --auth-token-file, --tls-cert, or --host 127.0.0.1", config.host)
-    announce(f"yayi-serve: grpc listening on {config.host}:{port}" + (
-        f", metrics on http://{config.metrics_host}:{metrics_port}/metrics" if metrics_port is not None else ""))
+            log.warning(
+                "gRPC listens on %s without a token or client certificates: anyone who can reach the port "
+                "can use the model; see --auth-token-file, --tls-cert, or --host 127.0.0.1",
+                config.host,
+            )
+    announce(
+        f"yayi-serve: grpc listening on {config.host}:{port}"
+        + (f", metrics on http://{config.metrics_host}:{metrics_port}/metrics" if metrics_port is not None else "")
+    )
     announce(f"yayi-serve: security: {_describe_security(config)}")
 
     stop = asyncio.Event()
@@ -106,8 +123,10 @@ async def serve(config: ServerConfig, announce=print) -> int:
         servicer.accepting = True
         await _set_health(health, SERVING)
         engine_watch = asyncio.ensure_future(_watch_engine(engine, health, servicer))
-        announce(f"yayi-serve: ready: engine={info.engine} model={info.model} device={info.device} "
-                 f"dtype={info.dtype} attention={info.attention} use_cache={info.use_cache}")
+        announce(
+            f"yayi-serve: ready: engine={info.engine} model={info.model} device={info.device} "
+            f"dtype={info.dtype} attention={info.attention} use_cache={info.use_cache}"
+        )
         await stop.wait()
         engine_watch.cancel()
         announce(f"yayi-serve: draining (grace {config.grace_period_s:g}s)")
@@ -115,8 +134,11 @@ async def serve(config: ServerConfig, announce=print) -> int:
         # Our own drain rather than server.stop(grace): during it, new calls get a clear
         # UNAVAILABLE from the servicer instead of grpc's bare CANCELLED.
         drained = await servicer.drain(config.grace_period_s)
-        announce("yayi-serve: drained, exiting" if drained else
-                 f"yayi-serve: grace period over, cancelling {servicer.in_flight} calls")
+        announce(
+            "yayi-serve: drained, exiting"
+            if drained
+            else f"yayi-serve: grace period over, cancelling {servicer.in_flight} calls"
+        )
         return 0
     finally:
         await server.stop(0)

@@ -28,13 +28,23 @@ def sampling_params(message: pb.SamplingParams) -> SamplingParams:
 
 def model_info(info: EngineInfo) -> pb.ModelInfo:
     return pb.ModelInfo(
-        engine=info.engine, model=info.model, dtype=info.dtype, device=info.device, attention=info.attention,
-        use_cache=info.use_cache, max_context=info.max_context, vocab_size=info.vocab_size,
-        max_concurrent_requests=info.max_concurrent_requests, max_queue=info.max_queue, model_path=info.model_path,
-        kv_cache_tokens=info.kv_cache_tokens, kv_cache_bytes=info.kv_cache_bytes,
+        engine=info.engine,
+        model=info.model,
+        dtype=info.dtype,
+        device=info.device,
+        attention=info.attention,
+        use_cache=info.use_cache,
+        max_context=info.max_context,
+        vocab_size=info.vocab_size,
+        max_concurrent_requests=info.max_concurrent_requests,
+        max_queue=info.max_queue,
+        model_path=info.model_path,
+        kv_cache_tokens=info.kv_cache_tokens,
+        kv_cache_bytes=info.kv_cache_bytes,
     )
 
 
 def score_response(result: ScoreResult) -> pb.ScoreResponse:
-    return pb.ScoreResponse(total_logprob=result.total_logprob, token_count=result.token_count,
-                            perplexity=result.perplexity)
+    return pb.ScoreResponse(
+        total_logprob=result.total_logprob, token_count=result.token_count, perplexity=result.perplexity
+    )

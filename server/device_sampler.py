@@ -60,8 +60,13 @@ class CpuProbe:
         energy = self._rapl.joules_since_last()
         power = energy / max(1e-6, now - self._last_read) if energy is not None else None
         self._last_read = now
-        return DeviceReading(device=self.label, memory_used_bytes=float(rss),
-                             utilization_ratio=self._sample_cpu_share(), power_watts=power, energy_joules=energy)
+        return DeviceReading(
+            device=self.label,
+            memory_used_bytes=float(rss),
+            utilization_ratio=self._sample_cpu_share(),
+            power_watts=power,
+            energy_joules=energy,
+        )
 
     def _processes(self) -> list[psutil.Process]:
         try:
@@ -167,9 +172,15 @@ class NvmlProbe:
         if torch.cuda.is_initialized():
             allocated = float(torch.cuda.memory_allocated(self._index))
             peak = float(torch.cuda.max_memory_allocated(self._index))
-        return DeviceReading(device=self.label, memory_used_bytes=float(memory), utilization_ratio=utilization,
-                             power_watts=power, energy_joules=energy, torch_allocated_bytes=allocated,
-                             torch_peak_allocated_bytes=peak)
+        return DeviceReading(
+            device=self.label,
+            memory_used_bytes=float(memory),
+            utilization_ratio=utilization,
+            power_watts=power,
+            energy_joules=energy,
+            torch_allocated_bytes=allocated,
+            torch_peak_allocated_bytes=peak,
+        )
 
 
 def make_probe(device: str):

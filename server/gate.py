@@ -96,7 +96,8 @@ def _reading(handler, method: str, count: Count):
 
     async def one_message(requests, context):
         message = None
-        async for message in requests:
+        async for received in requests:  # a unary call: one message at most
+            message = received
             break
         if message is None:
             # grpc ended the call itself: the message was over --max-receive-mb (RESOURCE_EXHAUSTED
@@ -105,28 +106,33 @@ def _reading(handler, method: str, count: Count):
             raise asyncio.CancelledError()
         if isinstance(message, _Malformed):
             count(grpc.StatusCode.INVALID_ARGUMENT.name, method)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"the request body is not a valid {expected} message; send the message of the "
-                                f"method {method} as protos/yayi/serving/v1/inference.proto defines it")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the request body is not a valid {expected} message; send the message of the "
+                f"method {method} as protos/yayi/serving/v1/inference.proto defines it",
+            )
         return message
 
     if handler.response_streaming:
         behavior = handler.unary_stream
         if inspect.isasyncgenfunction(behavior):
+
             async def unary_stream(requests, context):
                 async for response in behavior(await one_message(requests, context), context):
                     yield response
         else:  # writes with context.write itself
+
             async def unary_stream(requests, context):
                 return await behavior(await one_message(requests, context), context)
 
-        return grpc.stream_stream_rpc_method_handler(unary_stream, request_deserializer=safe_parse,
-                                                     response_serializer=handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(
+            unary_stream, request_deserializer=safe_parse, response_serializer=handler.response_serializer
+        )
     behavior = handler.unary_unary
 
     async def unary_unary(requests, context):
         return await behavior(await one_message(requests, context), context)
 
-    return grpc.stream_unary_rpc_method_handler(unary_unary, request_deserializer=safe_parse,
-                                                response_serializer=handler.response_serializer)
-
+    return grpc.stream_unary_rpc_method_handler(
+        unary_unary, request_deserializer=safe_parse, response_serializer=handler.response_serializer
+    )

@@ -20,9 +20,10 @@ class BoundedHealth(HealthServicer):
 
     async def Watch(self, request, context) -> None:
         if self.watchers >= self.max_watchers:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"{self.max_watchers} Health.Watch streams are open already; use Check, "
-                                "or close a Watch first")
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.max_watchers} Health.Watch streams are open already; use Check, or close a Watch first",
+            )
         self.watchers += 1
         try:
             await super().Watch(request, context)

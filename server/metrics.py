@@ -30,40 +30,72 @@ class ServerMetrics:
         self.labels = {"engine": engine, "model": model}
         base = ["engine", "model"]
         r = self.registry
-        self._requests = Counter("yayi_requests", "Finished requests by gRPC status, method and front end (api)",
-                                 [*base, "status", "method", "api"], registry=r)
-        self._stalls = Counter("yayi_stream_stalls", "Streams cancelled because the client stopped reading", base,
-                               registry=r)
+        self._requests = Counter(
+            "yayi_requests",
+            "Finished requests by gRPC status, method and front end (api)",
+            [*base, "status", "method", "api"],
+            registry=r,
+        )
+        self._stalls = Counter(
+            "yayi_stream_stalls", "Streams cancelled because the client stopped reading", base, registry=r
+        )
         self._prompt_tokens = Counter("yayi_prompt_tokens", "Prompt tokens processed", base, registry=r)
         self._generation_tokens = Counter("yayi_generation_tokens", "Tokens generated", base, registry=r)
-        self._ttft = Histogram("yayi_time_to_first_token_seconds", "Request arrival to first token", base,
-                               buckets=_TTFT_BUCKETS, registry=r)
-        self._itl = Histogram("yayi_inter_token_latency_seconds", "Gap between successive tokens", base,
-                              buckets=_ITL_BUCKETS, registry=r)
-        self._duration = Histogram("yayi_request_duration_seconds", "Request arrival to last token", base,
-                                   buckets=_DURATION_BUCKETS, registry=r)
-        self._queue = Histogram("yayi_request_queue_seconds", "Request arrival to start of work", base,
-                                buckets=_QUEUE_BUCKETS, registry=r)
+        self._ttft = Histogram(
+            "yayi_time_to_first_token_seconds",
+            "Request arrival to first token",
+            base,
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self._itl = Histogram(
+            "yayi_inter_token_latency_seconds", "Gap between successive tokens", base, buckets=_ITL_BUCKETS, registry=r
+        )
+        self._duration = Histogram(
+            "yayi_request_duration_seconds",
+            "Request arrival to last token",
+            base,
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self._queue = Histogram(
+            "yayi_request_queue_seconds", "Request arrival to start of work", base, buckets=_QUEUE_BUCKETS, registry=r
+        )
         self._running = Gauge("yayi_requests_running", "Requests being generated now", base, registry=r)
         self._waiting = Gauge("yayi_requests_waiting", "Requests waiting for a slot now", base, registry=r)
-        self._kv_cache_usage = Gauge("yayi_kv_cache_usage_ratio",
-                                     "0..1: KV-cache blocks in use over blocks (engines with a paged cache)", base,
-                                     registry=r)
+        self._kv_cache_usage = Gauge(
+            "yayi_kv_cache_usage_ratio",
+            "0..1: KV-cache blocks in use over blocks (engines with a paged cache)",
+            base,
+            registry=r,
+        )
         self._engine_info = Info("yayi_engine", "What is really running", base, registry=r)
         device = [*base, "device"]
-        self._memory_used = Gauge("yayi_device_memory_used_bytes",
-                                  "GPU memory in use (NVML), or on CPU the server's resident memory", device, registry=r)
-        self._memory_peak = Gauge("yayi_device_memory_peak_bytes", "Peak of yayi_device_memory_used_bytes since start",
-                                  device, registry=r)
-        self._utilization = Gauge("yayi_device_utilization_ratio",
-                                  "0..1: GPU busy (NVML), or the server's CPU share of the machine", device, registry=r)
-        self._power = Gauge("yayi_device_power_watts", "Device power (NVML, or CPU package power from RAPL)",
-                            device, registry=r)
+        self._memory_used = Gauge(
+            "yayi_device_memory_used_bytes",
+            "GPU memory in use (NVML), or on CPU the server's resident memory",
+            device,
+            registry=r,
+        )
+        self._memory_peak = Gauge(
+            "yayi_device_memory_peak_bytes", "Peak of yayi_device_memory_used_bytes since start", device, registry=r
+        )
+        self._utilization = Gauge(
+            "yayi_device_utilization_ratio",
+            "0..1: GPU busy (NVML), or the server's CPU share of the machine",
+            device,
+            registry=r,
+        )
+        self._power = Gauge(
+            "yayi_device_power_watts", "Device power (NVML, or CPU package power from RAPL)", device, registry=r
+        )
         self._energy = Counter("yayi_energy_joules", "Device energy used since start", device, registry=r)
-        self._torch_allocated = Gauge("yayi_torch_memory_allocated_bytes", "torch's CUDA allocator: allocated now",
-                                      device, registry=r)
-        self._torch_peak = Gauge("yayi_torch_memory_peak_allocated_bytes", "torch's CUDA allocator: peak allocated",
-                                 device, registry=r)
+        self._torch_allocated = Gauge(
+            "yayi_torch_memory_allocated_bytes", "torch's CUDA allocator: allocated now", device, registry=r
+        )
+        self._torch_peak = Gauge(
+            "yayi_torch_memory_peak_allocated_bytes", "torch's CUDA allocator: peak allocated", device, registry=r
+        )
         self._peak_seen: dict[str, float] = {}
         self._http = None
 
@@ -76,10 +108,14 @@ class ServerMetrics:
             self._kv_cache_usage.labels(**self.labels).set_function(lambda: load().kv_cache_usage or 0.0)
 
     def set_engine_info(self, info: EngineInfo) -> None:
-        self._engine_info.labels(**self.labels).info({
-            "dtype": info.dtype, "device": info.device, "attention": info.attention,
-            "use_cache": str(info.use_cache).lower(),
-        })
+        self._engine_info.labels(**self.labels).info(
+            {
+                "dtype": info.dtype,
+                "device": info.device,
+                "attention": info.attention,
+                "use_cache": str(info.use_cache).lower(),
+            }
+        )
 
     def record_device(self, reading: DeviceReading) -> None:
         """Sets the device series; a figure that is None stays absent rather than reading 0."""
@@ -89,9 +125,12 @@ class ServerMetrics:
             peak = max(self._peak_seen.get(reading.device, 0.0), reading.memory_used_bytes)
             self._peak_seen[reading.device] = peak
             self._memory_peak.labels(**labels).set(peak)
-        for gauge, value in ((self._utilization, reading.utilization_ratio), (self._power, reading.power_watts),
-                             (self._torch_allocated, reading.torch_allocated_bytes),
-                             (self._torch_peak, reading.torch_peak_allocated_bytes)):
+        for gauge, value in (
+            (self._utilization, reading.utilization_ratio),
+            (self._power, reading.power_watts),
+            (self._torch_allocated, reading.torch_allocated_bytes),
+            (self._torch_peak, reading.torch_peak_allocated_bytes),
+        ):
             if value is not None:
                 gauge.labels(**labels).set(value)
         if reading.energy_joules is not None:

@@ -35,8 +35,9 @@ class StreamStalled(Exception):
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, engine: Engine, metrics: ServerMetrics, stall_timeout_s: float = 20.0,
-                 expose_model_path: bool = False) -> None:
+    def __init__(
+        self, engine: Engine, metrics: ServerMetrics, stall_timeout_s: float = 20.0, expose_model_path: bool = False
+    ) -> None:
         self._engine = engine
         self._metrics = metrics
         self._stall_timeout_s = stall_timeout_s
@@ -71,9 +72,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     token_ids.extend(output.token_ids)
                     last = output
             return pb.GenerateResponse(
-                request_id=request_id, text="".join(text_parts), token_ids=token_ids,
-                finish_reason=last.finish_reason, usage=_usage(last),
-                ttft_ms=recorder.ttft_ms, e2e_ms=recorder.e2e_ms,
+                request_id=request_id,
+                text="".join(text_parts),
+                token_ids=token_ids,
+                finish_reason=last.finish_reason,
+                usage=_usage(last),
+                ttft_ms=recorder.ttft_ms,
+                e2e_ms=recorder.e2e_ms,
             )
 
     async def GenerateStream(self, request: pb.GenerateRequest, context) -> None:
@@ -100,8 +105,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         try:
             await asyncio.wait_for(context.write(chunk), self._stall_timeout_s)
         except TimeoutError:
-            raise StreamStalled(f"the stream was cancelled: the client read nothing for {self._stall_timeout_s:g} s "
-                                "(--stream-stall-timeout)") from None
+            raise StreamStalled(
+                f"the stream was cancelled: the client read nothing for {self._stall_timeout_s:g} s "
+                "(--stream-stall-timeout)"
+            ) from None
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
@@ -129,8 +136,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         params = convert.sampling_params(request.params)
         # aclosing: when the call ends early the engine's generator is closed right here,
         # which is what stops the model's work, rather than whenever it is garbage collected.
-        generation = self._engine.generate(request.prompt, params, request_id,
-                                           use_chat_template=request.use_chat_template)
+        generation = self._engine.generate(
+            request.prompt, params, request_id, use_chat_template=request.use_chat_template
+        )
         async with contextlib.aclosing(generation):
             async for output in generation:
                 recorder.on_output(output.started_at, output.prompt_tokens, len(output.token_ids))
@@ -138,8 +146,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     def _require_accepting(self) -> None:
         if not self.accepting:
-            raise EngineUnavailable("server is not accepting work (model loading or shutting down); "
-                                    "retry when health reports SERVING")
+            raise EngineUnavailable(
+                "server is not accepting work (model loading or shutting down); retry when health reports SERVING"
+            )
 
     @contextlib.asynccontextmanager
     async def _claim_request_id(self, given: str):
@@ -147,8 +156,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise InvalidRequest(f"request_id is at most {MAX_REQUEST_ID_CHARS} characters, got {len(given)}")
         request_id = given or uuid.uuid4().hex
         if request_id in self._live_request_ids:
-            raise InvalidRequest(f"request_id {request_id!r} is already used by a request in flight; "
-                                 "use a unique id or leave it empty")
+            raise InvalidRequest(
+                f"request_id {request_id!r} is already used by a request in flight; use a unique id or leave it empty"
+            )
         self._live_request_ids.add(request_id)
         try:
             yield request_id

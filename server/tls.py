@@ -16,8 +16,9 @@ def server_credentials(cert: str, key: str, client_ca: str | None = None) -> grp
     chain = _read_pem(cert, "--tls-cert", "CERTIFICATE")
     private_key = _read_pem(key, "--tls-key", "PRIVATE KEY")
     roots = _read_pem(client_ca, "--tls-client-ca", "CERTIFICATE") if client_ca else None
-    return grpc.ssl_server_credentials([(private_key, chain)], root_certificates=roots,
-                                       require_client_auth=roots is not None)
+    return grpc.ssl_server_credentials(
+        [(private_key, chain)], root_certificates=roots, require_client_auth=roots is not None
+    )
 
 
 def _read_pem(path: str, flag: str, kind: str) -> bytes:

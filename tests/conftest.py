@@ -11,8 +11,9 @@ LOG_PROMPTS = LOG_SPEED_PROMPTS
 @pytest.fixture(scope="session")
 def tiny_server():
     """hf-kv on tiny-llama, one request at a time, a queue of two: shared by the end-to-end tests."""
-    server = ServerProcess("--engine", "hf-kv", "--model", "tiny-llama", "--max-concurrency", "1",
-                           "--max-queue", "2").wait_ready()
+    server = ServerProcess(
+        "--engine", "hf-kv", "--model", "tiny-llama", "--max-concurrency", "1", "--max-queue", "2"
+    ).wait_ready()
     yield server
     server.stop()
 

@@ -45,12 +45,21 @@ DEPLOYMENTS = {"cpu": "deployment.yaml", "gpu": "deployment-gpu.yaml"}
 
 # DESIGN.md's metric names; histograms are listed without their _bucket/_sum/_count series.
 METRICS = {
-    "yayi_requests_total", "yayi_prompt_tokens_total", "yayi_generation_tokens_total",
-    "yayi_time_to_first_token_seconds", "yayi_inter_token_latency_seconds",
-    "yayi_request_duration_seconds", "yayi_request_queue_seconds",
-    "yayi_requests_running", "yayi_requests_waiting",
-    "yayi_device_memory_used_bytes", "yayi_device_memory_peak_bytes", "yayi_device_utilization_ratio",
-    "yayi_device_power_watts", "yayi_energy_joules_total", "yayi_engine_info",
+    "yayi_requests_total",
+    "yayi_prompt_tokens_total",
+    "yayi_generation_tokens_total",
+    "yayi_time_to_first_token_seconds",
+    "yayi_inter_token_latency_seconds",
+    "yayi_request_duration_seconds",
+    "yayi_request_queue_seconds",
+    "yayi_requests_running",
+    "yayi_requests_waiting",
+    "yayi_device_memory_used_bytes",
+    "yayi_device_memory_peak_bytes",
+    "yayi_device_utilization_ratio",
+    "yayi_device_power_watts",
+    "yayi_energy_joules_total",
+    "yayi_engine_info",
 }
 HISTOGRAM_SUFFIX = re.compile(r"_(bucket|sum|count)$")
 POWER_METRICS = ("yayi_device_power_watts", "yayi_energy_joules_total")
@@ -86,6 +95,7 @@ def container(deployment: dict) -> dict:
 
 
 # ---- Kubernetes ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 @pytest.mark.parametrize("name", BUILTIN_K8S_MANIFESTS)
@@ -138,7 +148,10 @@ def test_servicemonitor_check_rejects_unknown_and_missing_fields():
 def test_service_reaches_both_deployments_on_named_ports():
     service = load_yaml(K8S / "service.yaml")
     assert service["spec"]["type"] == "ClusterIP"
-    assert {(p["name"], p["port"]) for p in service["spec"]["ports"]} == {("grpc", GRPC_PORT), ("metrics", METRICS_PORT)}
+    assert {(p["name"], p["port"]) for p in service["spec"]["ports"]} == {
+        ("grpc", GRPC_PORT),
+        ("metrics", METRICS_PORT),
+    }
     for name in DEPLOYMENTS.values():
         deployment = load_yaml(K8S / name)
         pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -165,7 +178,10 @@ def test_deployment_probes_drain_and_scrape(variant):
     pre_stop = int(main["lifecycle"]["preStop"]["exec"]["command"][-1])
     assert pod["spec"]["terminationGracePeriodSeconds"] > pre_stop + config.grace_period_s
     assert pod["metadata"]["annotations"] == {
-        "prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT), "prometheus.io/path": "/metrics"}
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(METRICS_PORT),
+        "prometheus.io/path": "/metrics",
+    }
     assert {"cpu", "memory"} <= main["resources"]["requests"].keys() <= main["resources"]["limits"].keys()
     if variant == "gpu":
         assert config.device == "cuda"
@@ -178,6 +194,7 @@ def test_deployment_probes_drain_and_scrape(variant):
 
 
 # ---- docker compose -----------------------------------------------------------------------
+
 
 def test_compose_file_matches_the_compose_spec():
     # check-jsonschema vendors the compose-spec schema; nothing is downloaded.
@@ -225,6 +242,7 @@ def test_compose_wires_the_stack_together():
 
 # ---- Prometheus ---------------------------------------------------------------------------
 
+
 def test_prometheus_scrapes_the_compose_service():
     config = load_yaml(PROMETHEUS)
     (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "yayi-serve"]
@@ -233,13 +251,16 @@ def test_prometheus_scrapes_the_compose_service():
     assert job.get("scrape_interval", config["global"]["scrape_interval"]) == "5s"
 
 
-@pytest.mark.skipif(not shutil.which("promtool"), reason="promtool absent (Debian package `prometheus`; CI installs it)")
+@pytest.mark.skipif(
+    not shutil.which("promtool"), reason="promtool absent (Debian package `prometheus`; CI installs it)"
+)
 def test_promtool_accepts_the_prometheus_config():
     result = subprocess.run(["promtool", "check", "config", str(PROMETHEUS)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 # ---- Grafana ------------------------------------------------------------------------------
+
 
 def dashboard() -> dict:
     return json.loads(DASHBOARD.read_text())
@@ -278,15 +299,23 @@ def test_exprs_name_only_metrics_the_server_exports():
 
 def test_dashboard_covers_what_the_operator_asked_for():
     exprs = "\n".join(all_exprs())
-    for wanted in ("rate(yayi_generation_tokens_total[1m])", "rate(yayi_prompt_tokens_total[1m])",
-                   "histogram_quantile(0.5, sum by (le, engine) (rate(yayi_time_to_first_token_seconds_bucket[1m])))",
-                   "histogram_quantile(0.95, sum by (le, engine) (rate(yayi_time_to_first_token_seconds_bucket[1m])))",
-                   "histogram_quantile(0.5, sum by (le, engine) (rate(yayi_inter_token_latency_seconds_bucket[1m])))",
-                   "histogram_quantile(0.95, sum by (le, engine) (rate(yayi_request_duration_seconds_bucket[1m])))",
-                   "yayi_requests_running", "yayi_requests_waiting", "sum by (status) (rate(yayi_requests_total[1m]))",
-                   'yayi_requests_total{status!="OK"}', "yayi_device_memory_used_bytes",
-                   "yayi_device_memory_peak_bytes", "yayi_device_utilization_ratio", "yayi_device_power_watts",
-                   "rate(yayi_energy_joules_total[1m])"):
+    for wanted in (
+        "rate(yayi_generation_tokens_total[1m])",
+        "rate(yayi_prompt_tokens_total[1m])",
+        "histogram_quantile(0.5, sum by (le, engine) (rate(yayi_time_to_first_token_seconds_bucket[1m])))",
+        "histogram_quantile(0.95, sum by (le, engine) (rate(yayi_time_to_first_token_seconds_bucket[1m])))",
+        "histogram_quantile(0.5, sum by (le, engine) (rate(yayi_inter_token_latency_seconds_bucket[1m])))",
+        "histogram_quantile(0.95, sum by (le, engine) (rate(yayi_request_duration_seconds_bucket[1m])))",
+        "yayi_requests_running",
+        "yayi_requests_waiting",
+        "sum by (status) (rate(yayi_requests_total[1m]))",
+        'yayi_requests_total{status!="OK"}',
+        "yayi_device_memory_used_bytes",
+        "yayi_device_memory_peak_bytes",
+        "yayi_device_utilization_ratio",
+        "yayi_device_power_watts",
+        "rate(yayi_energy_joules_total[1m])",
+    ):
         assert wanted in exprs, wanted
 
 
@@ -299,11 +328,19 @@ def test_power_panels_are_honest_about_missing_readings():
             assert panel["description"] == "absent on machines without power readings (no NVML, no RAPL)"
 
 
-@pytest.mark.skipif(not shutil.which("promtool"), reason="promtool absent (Debian package `prometheus`; CI installs it)")
+@pytest.mark.skipif(
+    not shutil.which("promtool"), reason="promtool absent (Debian package `prometheus`; CI installs it)"
+)
 def test_promtool_parses_every_dashboard_expr(tmp_path):
     # Recording rules go through Prometheus's own PromQL parser.
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:expr_{i}", "expr": e} for i, e in enumerate(all_exprs())]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [{"record": f"dashboard:expr_{i}", "expr": e} for i, e in enumerate(all_exprs())],
+            }
+        ]
+    }
     path = tmp_path / "rules.yml"
     path.write_text(yaml.safe_dump(rules))
     result = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True)
@@ -311,6 +348,7 @@ def test_promtool_parses_every_dashboard_expr(tmp_path):
 
 
 # ---- Dockerfiles --------------------------------------------------------------------------
+
 
 def dockerfile_copies(path: Path) -> dict[str, str]:
     """COPY source -> destination, for single-source COPYs."""
@@ -351,6 +389,7 @@ def test_hadolint_passes_the_dockerfiles():
 
 
 # ---- the healthcheck script, against a real server ----------------------------------------
+
 
 def run_healthcheck(target: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(HEALTHCHECK), target], capture_output=True, text=True, timeout=30)

@@ -13,16 +13,18 @@ import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from server.wire import SERVICE_NAME, pb
-from tests.conftest import LOG_PROMPTS
 from loadtest import scrape
 from loadtest.server_process import ROOT, ServerProcess, request
+from server.wire import SERVICE_NAME, pb
+from tests.conftest import LOG_PROMPTS
 
 
 def metric(server: ServerProcess, name: str, **labels) -> float:
     """Sum of the matching series; 0 before a labelled counter's first increment."""
-    return scrape.total(scrape.parse(scrape.fetch(f"http://127.0.0.1:{server.metrics_port}/metrics")),
-                        name, **labels) or 0.0
+    return (
+        scrape.total(scrape.parse(scrape.fetch(f"http://127.0.0.1:{server.metrics_port}/metrics")), name, **labels)
+        or 0.0
+    )
 
 
 def test_unary_generate(tiny_server):
@@ -97,28 +99,31 @@ def test_cancel_mid_stream_stops_generation_and_frees_the_slot(tiny_server):
     assert tiny_server.generate("next", max_new_tokens=3, timeout=5).usage.completion_tokens == 3
 
 
-@pytest.mark.parametrize("prompt, params, field, limit", [
-    ("", {}, "prompt", "empty"),
-    ("  \t\n ", {}, "prompt", "whitespace"),
-    ("word " * 1200, {}, "prompt is", "context is 1024 tokens"),
-    ("hi", dict(temperature=-1.0), "temperature", "between 0"),
-    ("hi", dict(temperature=float("nan")), "temperature", "finite"),
-    ("hi", dict(temperature=float("inf")), "temperature", "finite"),
-    ("hi", dict(temperature=2.5), "temperature", "between 0 (greedy) and 2"),
-    ("hi", dict(top_p=0.0), "top_p", "(0, 1]"),
-    ("hi", dict(top_p=-0.5), "top_p", "(0, 1]"),
-    ("hi", dict(top_p=1.5), "top_p", "(0, 1]"),
-    ("hi", dict(top_k=49153), "top_k", "vocabulary size 49152"),
-    ("hi", dict(max_new_tokens=0), "max_new_tokens", "at least 1"),
-    ("hi", dict(max_new_tokens=5000), "max_new_tokens", "context of 1024"),
-    ("hi", dict(repetition_penalty=0.0), "repetition_penalty", "between 0.01 and 100"),
-    ("hi", dict(repetition_penalty=-1.0), "repetition_penalty", "between 0.01 and 100"),
-    ("hi", dict(repetition_penalty=1e-30), "repetition_penalty", "between 0.01 and 100"),
-    ("hi", dict(stop=[""]), "stop", "empty"),
-    ("hi", dict(stop=[f"s{i}" for i in range(1000)]), "stop", "at most 16"),
-    ("hi", dict(stop=["word " * 1200]), "stop", "at most 256 characters"),  # longer than the context, too
-    ("hi", dict(seed=2**63), "seed", "2^63"),
-])
+@pytest.mark.parametrize(
+    "prompt, params, field, limit",
+    [
+        ("", {}, "prompt", "empty"),
+        ("  \t\n ", {}, "prompt", "whitespace"),
+        ("word " * 1200, {}, "prompt is", "context is 1024 tokens"),
+        ("hi", dict(temperature=-1.0), "temperature", "between 0"),
+        ("hi", dict(temperature=float("nan")), "temperature", "finite"),
+        ("hi", dict(temperature=float("inf")), "temperature", "finite"),
+        ("hi", dict(temperature=2.5), "temperature", "between 0 (greedy) and 2"),
+        ("hi", dict(top_p=0.0), "top_p", "(0, 1]"),
+        ("hi", dict(top_p=-0.5), "top_p", "(0, 1]"),
+        ("hi", dict(top_p=1.5), "top_p", "(0, 1]"),
+        ("hi", dict(top_k=49153), "top_k", "vocabulary size 49152"),
+        ("hi", dict(max_new_tokens=0), "max_new_tokens", "at least 1"),
+        ("hi", dict(max_new_tokens=5000), "max_new_tokens", "context of 1024"),
+        ("hi", dict(repetition_penalty=0.0), "repetition_penalty", "between 0.01 and 100"),
+        ("hi", dict(repetition_penalty=-1.0), "repetition_penalty", "between 0.01 and 100"),
+        ("hi", dict(repetition_penalty=1e-30), "repetition_penalty", "between 0.01 and 100"),
+        ("hi", dict(stop=[""]), "stop", "empty"),
+        ("hi", dict(stop=[f"s{i}" for i in range(1000)]), "stop", "at most 16"),
+        ("hi", dict(stop=["word " * 1200]), "stop", "at most 256 characters"),  # longer than the context, too
+        ("hi", dict(seed=2**63), "seed", "2^63"),
+    ],
+)
 @pytest.mark.parametrize("call", ["unary", "stream"])
 def test_bad_input_is_invalid_argument_naming_the_field(tiny_server, prompt, params, field, limit, call):
     invalid_before = metric(tiny_server, "yayi_requests_total", status="INVALID_ARGUMENT")
@@ -141,13 +146,20 @@ def test_prompt_past_the_receive_limit_is_refused_before_it_is_read(tiny_server)
     # grpc itself refuses it (--max-receive-mb, default 1): the message gives both sizes.
     assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "larger than max" in error.value.details() and str(2**20) in error.value.details()
-    assert metric(tiny_server, "yayi_requests_total", status="RESOURCE_EXHAUSTED",
-                  method="Generate") == refused_before + 1, "the refusal must be counted"
+    assert (
+        metric(tiny_server, "yayi_requests_total", status="RESOURCE_EXHAUSTED", method="Generate") == refused_before + 1
+    ), "the refusal must be counted"
     assert tiny_server.generate("still serving?", max_new_tokens=2).usage.completion_tokens == 2
 
 
-@pytest.mark.parametrize("prompt", ["请用中文回答：今天天气怎么样？", "🚀🌞👍🏽 emoji only 🎉", "Mixed: English, 中文, Ελληνικά, "
-                                    "العربية, हिन्दी and 😀, all in one"])
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "请用中文回答：今天天气怎么样？",
+        "🚀🌞👍🏽 emoji only 🎉",
+        "Mixed: English, 中文, Ελληνικά, العربية, हिन्दी and 😀, all in one",
+    ],
+)
 def test_non_latin_prompts_stream_valid_utf8_chunks(tiny_server, prompt):
     # Sampling on a random-weight model picks byte-level tokens freely: many characters get
     # split across tokens, which is where a chunk could carry half a character.
@@ -163,8 +175,9 @@ def test_non_latin_prompts_stream_valid_utf8_chunks(tiny_server, prompt):
 
 def raw_stream(server: ServerProcess, message: pb.GenerateRequest, timeout: float = 60):
     """The stream's chunks as the bytes on the wire, before any client-side decoding."""
-    call = server.channel.unary_stream(f"/{SERVICE_NAME}/GenerateStream",
-                                       request_serializer=pb.GenerateRequest.SerializeToString)
+    call = server.channel.unary_stream(
+        f"/{SERVICE_NAME}/GenerateStream", request_serializer=pb.GenerateRequest.SerializeToString
+    )
     return list(call(message, timeout=timeout))
 
 
@@ -185,8 +198,10 @@ def test_queue_full_is_resource_exhausted_at_once(tiny_server):
     for stream in streams:
         stream.cancel()
     deadline = time.monotonic() + 10
-    while metric(tiny_server, "yayi_requests_waiting") + metric(tiny_server, "yayi_requests_running") > 0 \
-            and time.monotonic() < deadline:
+    while (
+        metric(tiny_server, "yayi_requests_waiting") + metric(tiny_server, "yayi_requests_running") > 0
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.05)
     assert tiny_server.generate("free again", max_new_tokens=2, timeout=10).usage.completion_tokens == 2
 
@@ -231,8 +246,9 @@ def test_sigterm_drains_in_flight_then_exits_zero():
 
 
 def test_second_signal_exits_at_once():
-    server = ServerProcess("--engine", "hf-kv", "--model", "tiny-llama", "--metrics-port", "-1",
-                           "--grace-period", "60").wait_ready()
+    server = ServerProcess(
+        "--engine", "hf-kv", "--model", "tiny-llama", "--metrics-port", "-1", "--grace-period", "60"
+    ).wait_ready()
     stream = server.stream("never finished", max_new_tokens=900, ignore_eos=True)
     next(stream)
     server.signal(signal.SIGTERM)
@@ -245,13 +261,21 @@ def test_second_signal_exits_at_once():
         list(stream)
 
 
-@pytest.mark.parametrize("args, code, message", [
-    (["--model", "no-such-model"], 1, "neither a built-in"),
-    (["--engine", "no-such-engine"], 2, "invalid choice: 'no-such-engine'"),
-])
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["--model", "no-such-model"], 1, "neither a built-in"),
+        (["--engine", "no-such-engine"], 2, "invalid choice: 'no-such-engine'"),
+    ],
+)
 def test_bad_startup_arguments_exit_with_a_message(args, code, message):
-    run = subprocess.run([sys.executable, "-m", "server.cli", "--port", "0", "--metrics-port", "-1", *args],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "server.cli", "--port", "0", "--metrics-port", "-1", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == code
     assert message in run.stderr
     assert "Traceback" not in run.stderr + run.stdout

@@ -84,9 +84,15 @@ def test_seed_reproduces_and_differs(loop, started, name):
     params = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.95, seed=1234, ignore_eos=True)
     first = token_ids(loop.run(collect(engine, "Once upon a time", params)))
     again = token_ids(loop.run(collect(engine, "Once upon a time", params)))
-    other = token_ids(loop.run(collect(engine, "Once upon a time",
-                                       SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.95, seed=99,
-                                                      ignore_eos=True))))
+    other = token_ids(
+        loop.run(
+            collect(
+                engine,
+                "Once upon a time",
+                SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.95, seed=99, ignore_eos=True),
+            )
+        )
+    )
     assert first == again
     assert first != other
 
@@ -94,16 +100,24 @@ def test_seed_reproduces_and_differs(loop, started, name):
 def test_top_k_one_is_greedy(loop, started):
     engine = started("hf-kv")
     greedy = token_ids(loop.run(collect(engine, "Hello there", SamplingParams(max_new_tokens=10, ignore_eos=True))))
-    top1 = token_ids(loop.run(collect(engine, "Hello there", SamplingParams(
-        max_new_tokens=10, temperature=2.0, top_k=1, seed=5, ignore_eos=True))))
+    top1 = token_ids(
+        loop.run(
+            collect(
+                engine,
+                "Hello there",
+                SamplingParams(max_new_tokens=10, temperature=2.0, top_k=1, seed=5, ignore_eos=True),
+            )
+        )
+    )
     assert top1 == greedy
 
 
 def test_repetition_penalty_changes_greedy_output(loop, started):
     engine = started("hf-kv")
     plain = token_ids(loop.run(collect(engine, "a a a a", SamplingParams(max_new_tokens=16, ignore_eos=True))))
-    penalised = token_ids(loop.run(collect(engine, "a a a a", SamplingParams(
-        max_new_tokens=16, repetition_penalty=5.0, ignore_eos=True))))
+    penalised = token_ids(
+        loop.run(collect(engine, "a a a a", SamplingParams(max_new_tokens=16, repetition_penalty=5.0, ignore_eos=True)))
+    )
     assert plain != penalised
     # A strong penalty makes a greedy random model cycle through more distinct tokens.
     assert len(set(penalised)) > len(set(plain))
@@ -118,7 +132,7 @@ def test_stop_string_ends_generation_and_is_not_returned(loop, started):
     stopped = loop.run(collect(engine, "Hello", SamplingParams(max_new_tokens=30, stop=(stop,), ignore_eos=True)))
     stopped_text = "".join(o.text for o in stopped)
     assert stopped[-1].finish_reason == "stop"
-    assert stopped_text == text[:text.index(stop)]
+    assert stopped_text == text[: text.index(stop)]
     assert stop not in stopped_text
 
 
@@ -218,13 +232,16 @@ def test_score_equal_across_engines_and_finite(loop, started, name):
     assert result.perplexity > 1 and result.perplexity == pytest.approx(reference.perplexity, rel=1e-4)
 
 
-@pytest.mark.parametrize("prompt, params, message", [
-    ("", SamplingParams(), "prompt must not be empty"),
-    ("   \n", SamplingParams(), "prompt must not be empty"),
-    ("word " * 1100, SamplingParams(), "context is 1024"),
-    ("hi", SamplingParams(max_new_tokens=5000), "max_new_tokens=5000"),
-    ("hi", SamplingParams(top_k=60000), "top_k must be at most the vocabulary size 49152"),
-])
+@pytest.mark.parametrize(
+    "prompt, params, message",
+    [
+        ("", SamplingParams(), "prompt must not be empty"),
+        ("   \n", SamplingParams(), "prompt must not be empty"),
+        ("word " * 1100, SamplingParams(), "context is 1024"),
+        ("hi", SamplingParams(max_new_tokens=5000), "max_new_tokens=5000"),
+        ("hi", SamplingParams(top_k=60000), "top_k must be at most the vocabulary size 49152"),
+    ],
+)
 def test_model_dependent_checks(loop, started, prompt, params, message):
     engine = started("hf-kv")
     with pytest.raises(InvalidRequest, match=message):

@@ -12,8 +12,17 @@ import torch
 from bench import attention_kernels, cache_vs_length, checkpoint_eval, roofline_measure, rope_vs_alibi
 from loadtest.tables import markdown_table
 
-TINY_SHAPE = {"name": "tiny", "architecture": "llama", "layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2,
-              "intermediate": 128, "vocab": 512, "source": "test"}
+TINY_SHAPE = {
+    "name": "tiny",
+    "architecture": "llama",
+    "layers": 2,
+    "hidden": 64,
+    "heads": 4,
+    "kv_heads": 2,
+    "intermediate": 128,
+    "vocab": 512,
+    "source": "test",
+}
 
 
 def rows(folder: Path, stem: str) -> list[dict]:
@@ -31,10 +40,29 @@ def assert_report(folder: Path, experiment: str, tables: list[str], plots: list[
 
 
 def test_attention_kernels(tmp_path):
-    attention_kernels.main(["--seq", "32,64", "--heads", "2", "--head-dim", "16", "--repeats", "1", "--warmup", "1",
-                            "--out", str(tmp_path)])
-    assert_report(tmp_path, "attention", ["attention", "attention_summary"], ["attention_time", "attention_memory"],
-                  "bench.attention_kernels")
+    attention_kernels.main(
+        [
+            "--seq",
+            "32,64",
+            "--heads",
+            "2",
+            "--head-dim",
+            "16",
+            "--repeats",
+            "1",
+            "--warmup",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert_report(
+        tmp_path,
+        "attention",
+        ["attention", "attention_summary"],
+        ["attention_time", "attention_memory"],
+        "bench.attention_kernels",
+    )
     cells = rows(tmp_path, "attention")
     ran = [c for c in cells if "time_ms" in c]
     assert {c["impl"] for c in ran} >= {"eager", "sdpa-math", "sdpa-flash"}
@@ -71,10 +99,29 @@ def test_growth_exponent():
 
 
 def test_cache_vs_length(tmp_path):
-    cache_vs_length.main(["--model", "tiny-llama", "--output-lengths", "8,16,32", "--eager-max-output", "16",
-                          "--prompt-lengths", "8,16", "--prompt-new-tokens", "3", "--out", str(tmp_path)])
-    assert_report(tmp_path, "cache-vs-length", ["engines", "output_length", "prompt_length"],
-                  ["output_length", "prompt_length"], "bench.cache_vs_length")
+    cache_vs_length.main(
+        [
+            "--model",
+            "tiny-llama",
+            "--output-lengths",
+            "8,16,32",
+            "--eager-max-output",
+            "16",
+            "--prompt-lengths",
+            "8,16",
+            "--prompt-new-tokens",
+            "3",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert_report(
+        tmp_path,
+        "cache-vs-length",
+        ["engines", "output_length", "prompt_length"],
+        ["output_length", "prompt_length"],
+        "bench.cache_vs_length",
+    )
     out = rows(tmp_path, "output_length")
     by_engine = {e: [r for r in out if r["engine"] == e] for e in cache_vs_length.ENGINES}
     assert [r["output_tokens"] for r in by_engine["hf-eager"]] == [8, 16]  # capped by --eager-max-output
@@ -98,13 +145,42 @@ def test_token_speed(tmp_path):
     shape = tmp_path / "tiny.json"
     shape.write_text(json.dumps(TINY_SHAPE))
     out = tmp_path / "report"
-    roofline_measure.main(["--shapes", f"{shape},7b", "--measure", str(shape), "--prompts", "8,16", "--context", "8",
-                           "--decode-steps", "2", "--probe-seconds", "0.2", "--repeats", "1", "--batch", "1,2",
-                           "--out", str(out)])
-    assert_report(out, "token-speed", ["shapes", "devices", "bounds", "measured", "log_row"], ["token_speed"],
-                  "bench.roofline_measure")
+    roofline_measure.main(
+        [
+            "--shapes",
+            f"{shape},7b",
+            "--measure",
+            str(shape),
+            "--prompts",
+            "8,16",
+            "--context",
+            "8",
+            "--decode-steps",
+            "2",
+            "--probe-seconds",
+            "0.2",
+            "--repeats",
+            "1",
+            "--batch",
+            "1,2",
+            "--out",
+            str(out),
+        ]
+    )
+    assert_report(
+        out,
+        "token-speed",
+        ["shapes", "devices", "bounds", "measured", "log_row"],
+        ["token_speed"],
+        "bench.roofline_measure",
+    )
     measured = rows(out, "measured")
-    assert [(r["phase"], r["batch"]) for r in measured] == [("prefill", 1), ("prefill", 1), ("decode", 1), ("decode", 2)]
+    assert [(r["phase"], r["batch"]) for r in measured] == [
+        ("prefill", 1),
+        ("prefill", 1),
+        ("decode", 1),
+        ("decode", 2),
+    ]
     for r in measured:
         assert r["measured_tok_s"] > 0 and r["bound_tok_s"] > 0 and math.isfinite(r["pct_of_bound"])
     log = [r for r in rows(out, "log_row") if r["model"] == "7b" and r["context"] == 0]
@@ -115,14 +191,43 @@ def test_token_speed(tmp_path):
 
 
 def test_rope_vs_alibi(tmp_path):
-    rope_vs_alibi.main(["--speed-contexts", "16,32", "--speed-repeats", "1", "--train-length", "16", "--factors", "1,2,4",
-                        "--hidden", "32", "--layers", "1", "--heads", "2", "--steps", "4", "--batch", "4", "--saves", "2",
-                        "--train-bytes", "20000", "--eval-tokens", "512", "--out", str(tmp_path)])
-    assert_report(tmp_path, "rope-vs-alibi", ["speed", "training", "extrapolation"], ["rope_vs_alibi"],
-                  "bench.rope_vs_alibi")
+    rope_vs_alibi.main(
+        [
+            "--speed-contexts",
+            "16,32",
+            "--speed-repeats",
+            "1",
+            "--train-length",
+            "16",
+            "--factors",
+            "1,2,4",
+            "--hidden",
+            "32",
+            "--layers",
+            "1",
+            "--heads",
+            "2",
+            "--steps",
+            "4",
+            "--batch",
+            "4",
+            "--saves",
+            "2",
+            "--train-bytes",
+            "20000",
+            "--eval-tokens",
+            "512",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert_report(
+        tmp_path, "rope-vs-alibi", ["speed", "training", "extrapolation"], ["rope_vs_alibi"], "bench.rope_vs_alibi"
+    )
     results = rows(tmp_path, "extrapolation")
     assert sorted((r["positions"], r["factor"]) for r in results) == sorted(
-        (p, f) for p in ("RoPE", "ALiBi") for f in (1, 2, 4))
+        (p, f) for p in ("RoPE", "ALiBi") for f in (1, 2, 4)
+    )
     assert all(math.isfinite(r["perplexity"]) and 1 < r["perplexity"] < 1000 for r in results)
     training = rows(tmp_path, "training")
     assert [t["steps"] for t in training] == [4, 4]
@@ -145,8 +250,12 @@ def _two_checkpoints(folder: Path) -> None:
         with torch.no_grad():
             for p in model.parameters():
                 p.mul_(0.5)
-    history = [{"step": 1, "loss": 5.6, "epoch": 0.1}, {"step": 5, "loss": 5.2, "epoch": 0.5},
-               {"step": 5, "eval_loss": 5.3}, {"step": 20, "loss": 4.9, "epoch": 2.0}]
+    history = [
+        {"step": 1, "loss": 5.6, "epoch": 0.1},
+        {"step": 5, "loss": 5.2, "epoch": 0.5},
+        {"step": 5, "eval_loss": 5.3},
+        {"step": 20, "loss": 4.9, "epoch": 2.0},
+    ]
     (folder / "trainer_state.json").write_text(json.dumps({"log_history": history, "global_step": 20}))
 
 
@@ -164,7 +273,11 @@ def test_checkpoint_eval(tmp_path):
     assert table[0]["perplexity"] != table[1]["perplexity"]  # two different models
     curve = rows(out, "loss_curve")
     assert [(p["step"], p["kind"], p["loss"]) for p in curve] == [
-        (1, "train", 5.6), (5, "train", 5.2), (5, "eval", 5.3), (20, "train", 4.9)]
+        (1, "train", 5.6),
+        (5, "train", 5.2),
+        (5, "eval", 5.3),
+        (20, "train", 4.9),
+    ]
 
 
 def test_checkpoint_eval_through_score_rpc_matches_direct(tmp_path):

@@ -27,8 +27,18 @@ FAULTS = "error:FAULT-ERROR@2,oom:FAULT-OOM@1,fatal:FAULT-FATAL@1"
 @pytest.fixture(scope="module")
 def fault_server():
     """Two requests at once, so a failing request can share the engine with a healthy one."""
-    server = ServerProcess("--engine", "hf-kv", "--model", "tiny-llama", "--max-concurrency", "2", "--max-queue", "4",
-                           "--allow-test-faults", env={faults.ENV_VAR: FAULTS}).wait_ready()
+    server = ServerProcess(
+        "--engine",
+        "hf-kv",
+        "--model",
+        "tiny-llama",
+        "--max-concurrency",
+        "2",
+        "--max-queue",
+        "4",
+        "--allow-test-faults",
+        env={faults.ENV_VAR: FAULTS},
+    ).wait_ready()
     yield server
     server.stop()
 
@@ -98,14 +108,23 @@ def test_out_of_memory_is_resource_exhausted_and_serving_goes_on(fault_server):
 
 def test_killed_client_process_stops_the_generation_and_frees_the_slot(tiny_server):
     cancelled_before = metric(tiny_server, "yayi_requests_total", status="CANCELLED")
-    client = subprocess.Popen([sys.executable, "-c", (
-        "import time, grpc\n"
-        "from loadtest.server_process import request\n"
-        "from server.wire import pb_grpc\n"
-        f"stub = pb_grpc.InferenceStub(grpc.insecure_channel({tiny_server.address!r}))\n"
-        "stream = stub.GenerateStream(request('killed mid-stream', max_new_tokens=900, ignore_eos=True))\n"
-        "next(stream); print('streaming', flush=True); time.sleep(300)\n")],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    client = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import time, grpc\n"
+                "from loadtest.server_process import request\n"
+                "from server.wire import pb_grpc\n"
+                f"stub = pb_grpc.InferenceStub(grpc.insecure_channel({tiny_server.address!r}))\n"
+                "stream = stub.GenerateStream(request('killed mid-stream', max_new_tokens=900, ignore_eos=True))\n"
+                "next(stream); print('streaming', flush=True); time.sleep(300)\n"
+            ),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert client.stdout.readline().strip() == "streaming"
         assert metric(tiny_server, "yayi_requests_running") == 1
@@ -175,8 +194,9 @@ def test_real_cuda_out_of_memory_hands_the_memory_back(loop):
     """The oom fault on CUDA fills the device until its allocator refuses (engines/hf.py)."""
     import torch
 
-    engine = create_engine("hf-kv", EngineConfig(model="tiny-llama", device="cuda",
-                                                 test_faults=faults.parse("oom:FAULT-OOM@2")))
+    engine = create_engine(
+        "hf-kv", EngineConfig(model="tiny-llama", device="cuda", test_faults=faults.parse("oom:FAULT-OOM@2"))
+    )
     loop.run(engine.start())
 
     async def generate(prompt):
@@ -200,8 +220,25 @@ def test_fault_variable_without_the_test_flag_refuses_to_start():
     """A stray YAYI_TEST_FAULTS in production must not hand every client a switch that breaks the engine."""
     import os
 
-    result = subprocess.run([sys.executable, "-m", "server.cli", "--engine", "hf-kv", "--model", "tiny-llama",
-                             "--port", "0", "--metrics-port", "-1"], env={**os.environ, faults.ENV_VAR: "error:X"},
-                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "--engine",
+            "hf-kv",
+            "--model",
+            "tiny-llama",
+            "--port",
+            "0",
+            "--metrics-port",
+            "-1",
+        ],
+        env={**os.environ, faults.ENV_VAR: "error:X"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert result.returncode != 0
     assert "--allow-test-faults" in result.stderr and faults.ENV_VAR in result.stderr

@@ -18,12 +18,31 @@ ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode
 CALL_TIMEOUT_S = 10
 
 texts = st.text(max_size=120)  # any code point but surrogates, which protobuf cannot carry
-prompts = st.one_of(texts, st.builds(lambda word, n: word * n, st.sampled_from(["word ", "中文", "🚀", " "]),
-                                     st.integers(0, 1500)))
+prompts = st.one_of(
+    texts, st.builds(lambda word, n: word * n, st.sampled_from(["word ", "中文", "🚀", " "]), st.integers(0, 1500))
+)
 # Edges where arithmetic breaks (a vanishing temperature once overflowed the sampler), valid
 # values so other fields do not mask a field's bug, and any float32 at all.
-edges = st.sampled_from([0.0, -0.0, 1e-45, 1e-40, 1e-6, 1e-5, 0.01, 0.5, 1.0, 2.0, 2.0000002, 100.0, 3.4e38,
-                         float("inf"), float("-inf"), float("nan")])
+edges = st.sampled_from(
+    [
+        0.0,
+        -0.0,
+        1e-45,
+        1e-40,
+        1e-6,
+        1e-5,
+        0.01,
+        0.5,
+        1.0,
+        2.0,
+        2.0000002,
+        100.0,
+        3.4e38,
+        float("inf"),
+        float("-inf"),
+        float("nan"),
+    ]
+)
 
 
 def floats(low: float, high: float):
@@ -51,8 +70,13 @@ def sampling_params(draw) -> pb.SamplingParams:
     return message
 
 
-requests = st.builds(pb.GenerateRequest, request_id=st.text(max_size=300), prompt=prompts, params=sampling_params(),
-                     use_chat_template=st.booleans())
+requests = st.builds(
+    pb.GenerateRequest,
+    request_id=st.text(max_size=300),
+    prompt=prompts,
+    params=sampling_params(),
+    use_chat_template=st.booleans(),
+)
 
 
 @settings(max_examples=80, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -63,8 +87,9 @@ def test_any_request_gets_a_result_or_a_client_error(tiny_server, message, strea
         if streamed:
             chunks = [pb.GenerateChunk.FromString(raw) for raw in raw_stream(tiny_server, message, CALL_TIMEOUT_S)]
         else:
-            unary = tiny_server.channel.unary_unary(f"/{SERVICE_NAME}/Generate",
-                                                    request_serializer=pb.GenerateRequest.SerializeToString)
+            unary = tiny_server.channel.unary_unary(
+                f"/{SERVICE_NAME}/Generate", request_serializer=pb.GenerateRequest.SerializeToString
+            )
             chunks = [pb.GenerateResponse.FromString(unary(message, timeout=CALL_TIMEOUT_S))]
     except grpc.RpcError as error:
         code = error.code()

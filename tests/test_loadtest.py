@@ -55,18 +55,23 @@ def test_percentile_and_summary_from_samples():
 
 def test_stream_clock_reads_a_grpc_stream_outside_locust():
     # The benchmarks' and scripts' TTFT: the same clock as the Locust users', fed chunk by chunk.
-    chunks = [pb.GenerateChunk(token_ids=[1, 2]), pb.GenerateChunk(token_ids=[3]),
-              pb.GenerateChunk(finish_reason="length", usage=pb.Usage(completion_tokens=3))]
+    chunks = [
+        pb.GenerateChunk(token_ids=[1, 2]),
+        pb.GenerateChunk(token_ids=[3]),
+        pb.GenerateChunk(finish_reason="length", usage=pb.Usage(completion_tokens=3)),
+    ]
     sample = StreamClock().read(iter(chunks))
     assert sample.status == OK and sample.tokens == 3 and sample.completion_tokens == 3
     assert 0 <= sample.ttft_s <= sample.duration_s and len(sample.itl_s) == 1
 
 
 def test_scrape_sums_series_over_labels():
-    body = ("# TYPE yayi_requests counter\n"
-            'yayi_requests_total{engine="hf-kv",status="OK"} 3\n'
-            'yayi_requests_total{engine="vllm",status="OK"} 2\n'
-            'yayi_requests_total{engine="hf-kv",status="CANCELLED"} 1\n')
+    body = (
+        "# TYPE yayi_requests counter\n"
+        'yayi_requests_total{engine="hf-kv",status="OK"} 3\n'
+        'yayi_requests_total{engine="vllm",status="OK"} 2\n'
+        'yayi_requests_total{engine="hf-kv",status="CANCELLED"} 1\n'
+    )
     samples = scrape.parse(body)
     assert scrape.by_label(samples, "yayi_requests_total", "status") == {"OK": 5.0, "CANCELLED": 1.0}
     assert scrape.total(samples, "yayi_requests_total", engine="hf-kv") == 4.0
@@ -81,8 +86,9 @@ def test_every_report_folder_follows_one_rule():
 def test_headless_locust_against_a_real_server(tiny_server, tmp_path):
     prefix = tmp_path / "run"
     before = generated_tokens(tiny_server)
-    summary = run_locust(SPEED, tiny_server.address, LoadSpec(users=2, duration_s=4, max_new_tokens=12,
-                                                            stop_timeout_s=30), prefix)
+    summary = run_locust(
+        SPEED, tiny_server.address, LoadSpec(users=2, duration_s=4, max_new_tokens=12, stop_timeout_s=30), prefix
+    )
     assert summary["requests_ok"] > 0 and summary["requests_failed"] == 0 and summary["requests_cut"] == 0
     assert summary["output_tokens_per_s"] > 0 and summary["ttft_p50_ms"] > 0 and summary["itl_p50_ms"] > 0
     # ignore_eos: every request streamed exactly max_new_tokens token ids.
@@ -102,8 +108,9 @@ def test_failures_are_counted_with_the_status_code(tiny_server, tmp_path):
     too_long = tmp_path / "prompts.txt"
     too_long.write_text("word " * 5000 + "\n")  # far past tiny-llama's 1024-token context
     prefix = tmp_path / "fail"
-    summary = run_locust(SPEED, tiny_server.address,
-                         LoadSpec(users=1, duration_s=3, prompts_file=str(too_long)), prefix)
+    summary = run_locust(
+        SPEED, tiny_server.address, LoadSpec(users=1, duration_s=3, prompts_file=str(too_long)), prefix
+    )
     assert summary["requests_ok"] == 0 and summary["requests_failed"] > 0
     assert summary["failures_by_status"] == f"INVALID_ARGUMENT={summary['requests_failed']}"
     with open(f"{prefix}_failures.csv", newline="") as handle:
@@ -117,8 +124,9 @@ def test_distributed_mode_gathers_every_workers_samples(tiny_server, tmp_path):
     prefix = tmp_path / "dist"
     load = LoadSpec(users=2, duration_s=5, max_new_tokens=8, stop_timeout_s=30, processes=2)
     before = generated_tokens(tiny_server)
-    completed = subprocess.run(locust_command(SPEED, tiny_server.address, load, prefix), capture_output=True,
-                               text=True, timeout=120)
+    completed = subprocess.run(
+        locust_command(SPEED, tiny_server.address, load, prefix), capture_output=True, text=True, timeout=120
+    )
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
     assert "worker" in completed.stderr.lower()  # it really ran as a master with workers
     summary = read_summary_csv(f"{prefix}_tokens.csv")
@@ -128,10 +136,27 @@ def test_distributed_mode_gathers_every_workers_samples(tiny_server, tmp_path):
 
 
 def test_report_cells_say_what_a_cpu_measures():
-    row = {"model": "m", "engine": "hf-kv", "users": 4, "speed_tokens_per_s": 12.34, "mem_mb": 900.4,
-           "util_pct": 48.2, "util_source": "CPU", "use_cache": True, "power_w": None, "power_source": "no RAPL",
-           "notes": "", "requests_per_s": 0.1, "ttft_p50_ms": 1, "ttft_p95_ms": 2, "itl_p50_ms": 3,
-           "e2e_p95_ms": 4, "errors": 0, "j_per_token": None, "pct_of_bound": 12.5}
+    row = {
+        "model": "m",
+        "engine": "hf-kv",
+        "users": 4,
+        "speed_tokens_per_s": 12.34,
+        "mem_mb": 900.4,
+        "util_pct": 48.2,
+        "util_source": "CPU",
+        "use_cache": True,
+        "power_w": None,
+        "power_source": "no RAPL",
+        "notes": "",
+        "requests_per_s": 0.1,
+        "ttft_p50_ms": 1,
+        "ttft_p95_ms": 2,
+        "itl_p50_ms": 3,
+        "e2e_p95_ms": 4,
+        "errors": 0,
+        "j_per_token": None,
+        "pct_of_bound": 12.5,
+    }
     cells = table_cells(row)
     assert cells[:7] == ["m", "hf-kv", "12.3", "900", "CPU 48%", "TRUE", "n/a (no RAPL)"]
     assert cells[-1] == "12.5%" and cells[-2] == "n/a"
@@ -141,9 +166,29 @@ def test_report_cells_say_what_a_cpu_measures():
 
 def test_compare_driver_writes_a_complete_report(tmp_path):
     out = tmp_path / "report"
-    command = [sys.executable, "-m", "loadtest.compare", "--engines", "hf-kv,hf-eager,no-such-engine",
-               "--model", "tiny-llama", "--users", "2", "--duration", "4s", "--max-new-tokens", "16",
-               "--idle-seconds", "1", "--stop-timeout", "30", "--probe-seconds", "0.4", "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "loadtest.compare",
+        "--engines",
+        "hf-kv,hf-eager,no-such-engine",
+        "--model",
+        "tiny-llama",
+        "--users",
+        "2",
+        "--duration",
+        "4s",
+        "--max-new-tokens",
+        "16",
+        "--idle-seconds",
+        "1",
+        "--stop-timeout",
+        "30",
+        "--probe-seconds",
+        "0.4",
+        "--out",
+        str(out),
+    ]
     completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=400)
     # An engine that cannot start makes the exit status 1, but the others still have their rows.
     assert completed.returncode == 1, completed.stderr[-3000:]
@@ -152,7 +197,12 @@ def test_compare_driver_writes_a_complete_report(tmp_path):
         assert (out / name).stat().st_size > 0, name
     rows = json.loads((out / "speed.json").read_text())["rows"]
     assert [(r["engine"], r["users"]) for r in rows] == [
-        ("hf-kv", 0), ("hf-kv", 2), ("hf-eager", 0), ("hf-eager", 2), ("no-such-engine", 0)]
+        ("hf-kv", 0),
+        ("hf-kv", 2),
+        ("hf-eager", 0),
+        ("hf-eager", 2),
+        ("no-such-engine", 0),
+    ]
     assert "invalid choice" in rows[-1]["notes"] and rows[-1]["failed"]
     for row in rows[1], rows[3]:
         assert row["speed_tokens_per_s"] > 0 and row["errors"] == 0 and row["requests_ok"] > 0
@@ -171,10 +221,32 @@ def test_compare_driver_writes_a_complete_report(tmp_path):
 def test_vllm_openai_baseline_is_measured_the_same_way(tmp_path):
     pytest.importorskip("vllm", reason="vllm is installed by `make venv`; this skip only shows where it is not")
     out = tmp_path / "baseline"
-    command = [sys.executable, "-m", "loadtest.compare", "--engines", "", "--baseline", "vllm-openai",
-               "--baseline-args=--enforce-eager", "--model", "tiny-llama", "--users", "2", "--duration", "4s",
-               "--max-new-tokens", "16", "--idle-seconds", "1", "--stop-timeout", "30", "--probe-seconds", "0",
-               "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "loadtest.compare",
+        "--engines",
+        "",
+        "--baseline",
+        "vllm-openai",
+        "--baseline-args=--enforce-eager",
+        "--model",
+        "tiny-llama",
+        "--users",
+        "2",
+        "--duration",
+        "4s",
+        "--max-new-tokens",
+        "16",
+        "--idle-seconds",
+        "1",
+        "--stop-timeout",
+        "30",
+        "--probe-seconds",
+        "0",
+        "--out",
+        str(out),
+    ]
     completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     rows = json.loads((out / "speed.json").read_text())["rows"]
@@ -189,22 +261,33 @@ def test_vllm_openai_baseline_is_measured_the_same_way(tmp_path):
 def test_vllm_rows_are_set_beside_vllms_own_server():
     def row(engine, users, speed, ttft):
         return {"engine": engine, "users": users, "speed_tokens_per_s": speed, "ttft_p50_ms": ttft}
-    rows = [row("vllm", 0, None, None), row("vllm", 1, 30.0, 50.0), row("vllm", 4, 120.0, 80.0),
-            row("vllm-openai", 1, 25.0, 60.0), row("vllm-openai", 4, 150.0, 70.0), row("hf-kv", 1, 18.0, 90.0)]
+
+    rows = [
+        row("vllm", 0, None, None),
+        row("vllm", 1, 30.0, 50.0),
+        row("vllm", 4, 120.0, 80.0),
+        row("vllm-openai", 1, 25.0, 60.0),
+        row("vllm-openai", 4, 150.0, 70.0),
+        row("hf-kv", 1, 18.0, 90.0),
+    ]
     versus = baseline_comparison(rows)
     assert [(v["users"], round(v["ratio"], 2), v["ttft_ours"], v["ttft_theirs"]) for v in versus] == [
-        (1, 1.2, 50.0, 60.0), (4, 0.8, 80.0, 70.0)]
+        (1, 1.2, 50.0, 60.0),
+        (4, 0.8, 80.0, 70.0),
+    ]
 
 
 def test_many_users_queued_behind_one_slot_still_receive_their_streams(tmp_path):
     # The case that once stalled every stream of a Locust process: more users than the engine
     # runs at once, each request long enough that most users wait with nothing to read.
-    server = ServerProcess("--engine", "hf-kv", "--model", "tiny-llama", "--max-concurrency", "1",
-                           "--max-queue", "64").wait_ready()
+    server = ServerProcess(
+        "--engine", "hf-kv", "--model", "tiny-llama", "--max-concurrency", "1", "--max-queue", "64"
+    ).wait_ready()
     try:
         before = generated_tokens(server)
-        summary = run_locust(SPEED, server.address, LoadSpec(users=16, duration_s=8, max_new_tokens=300),
-                             tmp_path / "queued")
+        summary = run_locust(
+            SPEED, server.address, LoadSpec(users=16, duration_s=8, max_new_tokens=300), tmp_path / "queued"
+        )
         generated = generated_tokens(server) - before
     finally:
         server.stop()

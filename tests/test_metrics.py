@@ -111,8 +111,10 @@ def test_cancelled_request_is_counted(fresh_server, traffic):
     next(stream)
     stream.cancel()
     deadline = time.monotonic() + 5
-    while value(samples(fresh_server), "yayi_requests_total", status="CANCELLED") == before \
-            and time.monotonic() < deadline:
+    while (
+        value(samples(fresh_server), "yayi_requests_total", status="CANCELLED") == before
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.05)
     assert value(samples(fresh_server), "yayi_requests_total", status="CANCELLED") == before + 1
 

@@ -6,25 +6,28 @@ from engines.errors import InvalidRequest
 from engines.params import SamplingParams, check_against_model
 
 
-@pytest.mark.parametrize("fields, field_named", [
-    (dict(max_new_tokens=0), "max_new_tokens"),
-    (dict(temperature=-0.1), "temperature"),
-    (dict(temperature=math.nan), "temperature"),
-    (dict(temperature=math.inf), "temperature"),
-    (dict(temperature=2.01), "temperature"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(top_p=-0.5), "top_p"),
-    (dict(top_p=1.01), "top_p"),
-    (dict(top_p=math.nan), "top_p"),
-    (dict(top_k=-1), "top_k"),
-    (dict(repetition_penalty=0.0), "repetition_penalty"),
-    (dict(repetition_penalty=-1.0), "repetition_penalty"),
-    (dict(repetition_penalty=1e-30), "repetition_penalty"),
-    (dict(repetition_penalty=1e30), "repetition_penalty"),
-    (dict(stop=("",)), "stop"),
-    (dict(stop=tuple(f"s{i}" for i in range(1000))), "stop"),
-    (dict(stop=("x" * 10_000,)), "stop"),
-])
+@pytest.mark.parametrize(
+    "fields, field_named",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(temperature=-0.1), "temperature"),
+        (dict(temperature=math.nan), "temperature"),
+        (dict(temperature=math.inf), "temperature"),
+        (dict(temperature=2.01), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=-0.5), "top_p"),
+        (dict(top_p=1.01), "top_p"),
+        (dict(top_p=math.nan), "top_p"),
+        (dict(top_k=-1), "top_k"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(repetition_penalty=-1.0), "repetition_penalty"),
+        (dict(repetition_penalty=1e-30), "repetition_penalty"),
+        (dict(repetition_penalty=1e30), "repetition_penalty"),
+        (dict(stop=("",)), "stop"),
+        (dict(stop=tuple(f"s{i}" for i in range(1000))), "stop"),
+        (dict(stop=("x" * 10_000,)), "stop"),
+    ],
+)
 def test_out_of_range_values_name_the_field(fields, field_named):
     with pytest.raises(InvalidRequest, match=field_named):
         SamplingParams(**fields)

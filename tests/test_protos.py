@@ -18,11 +18,21 @@ def test_generated_code_matches_proto(tmp_path):
 def test_contract_field_names():
     from server.wire import pb
 
-    fields = {m: {f.name for f in getattr(pb, m).DESCRIPTOR.fields} for m in
-              ["GenerateRequest", "SamplingParams", "GenerateResponse", "GenerateChunk", "Usage"]}
+    fields = {
+        m: {f.name for f in getattr(pb, m).DESCRIPTOR.fields}
+        for m in ["GenerateRequest", "SamplingParams", "GenerateResponse", "GenerateChunk", "Usage"]
+    }
     assert {"request_id", "prompt", "params"} <= fields["GenerateRequest"]
-    assert {"max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed",
-            "ignore_eos"} <= fields["SamplingParams"]
+    assert {
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "repetition_penalty",
+        "stop",
+        "seed",
+        "ignore_eos",
+    } <= fields["SamplingParams"]
     assert {"text", "token_ids", "finish_reason", "usage", "ttft_ms", "e2e_ms"} <= fields["GenerateResponse"]
     assert {"text", "token_ids", "finish_reason", "usage"} <= fields["GenerateChunk"]
     assert pb.DESCRIPTOR.package == "yayi.serving.v1"

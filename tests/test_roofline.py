@@ -11,22 +11,40 @@ from loadtest import roofline as rl  # the model
 
 # A toy device and shape whose figures are easy to follow: 100 weights, all read each step.
 DEVICE = rl.Device("toy", peak_flops=1000.0, bandwidth=100.0, memory_bytes=1e6, source="test")
-SHAPE = rl.ModelShape(name="toy", params=100, layers=2, hidden=4, heads=1, kv_heads=1, vocab=1, intermediate=None,
-                      source="test", tie_embeddings=True)
+SHAPE = rl.ModelShape(
+    name="toy",
+    params=100,
+    layers=2,
+    hidden=4,
+    heads=1,
+    kv_heads=1,
+    vocab=1,
+    intermediate=None,
+    source="test",
+    tie_embeddings=True,
+)
 
 
 def test_llama_parameter_count_by_hand():
     # head_dim 2: q 4x4, k and v 4x2 each, o 4x4 = 48; MLP 3x4x8 = 96; two norms 8;
     # untied embeddings 2x10x4 = 80; final norm 4.
-    assert rl.count_params("llama", layers=1, hidden=4, heads=2, kv_heads=1, vocab=10, intermediate=8,
-                           tie_embeddings=False) == 48 + 96 + 8 + 80 + 4
+    assert (
+        rl.count_params(
+            "llama", layers=1, hidden=4, heads=2, kv_heads=1, vocab=10, intermediate=8, tie_embeddings=False
+        )
+        == 48 + 96 + 8 + 80 + 4
+    )
 
 
 def test_bloom_parameter_count_by_hand():
     # fused qkv 4x12 + 12 bias, dense 4x4 + 4; MLP 4x16 + 16 and 16x4 + 4; two LayerNorms 16;
     # tied embedding 40; embedding and final LayerNorms 16.
-    assert rl.count_params("bloom", layers=1, hidden=4, heads=2, kv_heads=2, vocab=10, intermediate=None,
-                           tie_embeddings=True) == 60 + 20 + 80 + 68 + 16 + 40 + 16
+    assert (
+        rl.count_params(
+            "bloom", layers=1, hidden=4, heads=2, kv_heads=2, vocab=10, intermediate=None, tie_embeddings=True
+        )
+        == 60 + 20 + 80 + 68 + 16 + 40 + 16
+    )
 
 
 @pytest.mark.parametrize("architecture", ["llama", "bloom"])
@@ -35,8 +53,15 @@ def test_count_matches_a_real_transformers_model(architecture):
     from transformers import AutoModelForCausalLM, BloomConfig, LlamaConfig
 
     if architecture == "llama":
-        config = LlamaConfig(hidden_size=64, intermediate_size=172, num_hidden_layers=3, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False)
+        config = LlamaConfig(
+            hidden_size=64,
+            intermediate_size=172,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=300,
+            tie_word_embeddings=False,
+        )
     else:
         config = BloomConfig(hidden_size=64, n_layer=3, n_head=4, vocab_size=300)
     torch.manual_seed(0)

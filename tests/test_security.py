@@ -26,16 +26,33 @@ def pki(tmp_path_factory):
     (folder / "ca.crt").write_bytes(ca.cert)
     server_cert, server_key = ca.issue("localhost", server=True).write(folder, "server")
     (folder / "token").write_text(TOKEN + "\n")
-    return {"folder": folder, "ca": ca, "stranger_ca": stranger_ca, "server_cert": server_cert,
-            "server_key": server_key, "client": ca.issue("good client", server=False),
-            "stranger_client": stranger_ca.issue("stranger", server=False)}
+    return {
+        "folder": folder,
+        "ca": ca,
+        "stranger_ca": stranger_ca,
+        "server_cert": server_cert,
+        "server_key": server_key,
+        "client": ca.issue("good client", server=False),
+        "stranger_client": stranger_ca.issue("stranger", server=False),
+    }
 
 
 @pytest.fixture(scope="module")
 def token_server(pki):
     """Plaintext with token auth, one stream per connection, DEBUG logs (to catch a logged token)."""
-    server = ServerProcess("--engine", "hf-kv", "--model", "tiny-llama", "--auth-token-file", str(pki["folder"] / "token"),
-                           "--max-concurrent-streams", "1", "--log-level", "DEBUG", token=TOKEN).wait_ready()
+    server = ServerProcess(
+        "--engine",
+        "hf-kv",
+        "--model",
+        "tiny-llama",
+        "--auth-token-file",
+        str(pki["folder"] / "token"),
+        "--max-concurrent-streams",
+        "1",
+        "--log-level",
+        "DEBUG",
+        token=TOKEN,
+    ).wait_ready()
     yield server
     server.stop()
 
@@ -43,10 +60,21 @@ def token_server(pki):
 @pytest.fixture(scope="module")
 def mtls_server(pki):
     client = pki["client"]
-    server = ServerProcess("--engine", "hf-kv", "--model", "tiny-llama", "--metrics-port", "-1",
-                           "--tls-cert", str(pki["server_cert"]), "--tls-key", str(pki["server_key"]),
-                           "--tls-client-ca", str(pki["folder"] / "ca.crt"),
-                           credentials=tls_credentials(pki["ca"].cert, client.cert, client.key)).wait_ready()
+    server = ServerProcess(
+        "--engine",
+        "hf-kv",
+        "--model",
+        "tiny-llama",
+        "--metrics-port",
+        "-1",
+        "--tls-cert",
+        str(pki["server_cert"]),
+        "--tls-key",
+        str(pki["server_key"]),
+        "--tls-client-ca",
+        str(pki["folder"] / "ca.crt"),
+        credentials=tls_credentials(pki["ca"].cert, client.cert, client.key),
+    ).wait_ready()
     yield server
     server.stop()
 
@@ -56,14 +84,19 @@ def calls(channel: grpc.Channel) -> dict:
     stub = pb_grpc.InferenceStub(channel)
     reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
     return {
-        "Generate": lambda: stub.Generate(pb.GenerateRequest(prompt="hi", params=pb.SamplingParams(max_new_tokens=2)),
-                                          timeout=10),
-        "GenerateStream": lambda: list(stub.GenerateStream(
-            pb.GenerateRequest(prompt="hi", params=pb.SamplingParams(max_new_tokens=2)), timeout=10)),
+        "Generate": lambda: stub.Generate(
+            pb.GenerateRequest(prompt="hi", params=pb.SamplingParams(max_new_tokens=2)), timeout=10
+        ),
+        "GenerateStream": lambda: list(
+            stub.GenerateStream(pb.GenerateRequest(prompt="hi", params=pb.SamplingParams(max_new_tokens=2)), timeout=10)
+        ),
         "Score": lambda: stub.Score(pb.ScoreRequest(text="two words"), timeout=10),
         "GetModelInfo": lambda: stub.GetModelInfo(pb.ModelInfoRequest(), timeout=10),
-        "reflection": lambda: list(reflection.ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)),
+        "reflection": lambda: list(
+            reflection.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+            )
+        ),
     }
 
 
@@ -71,8 +104,15 @@ def health_of(channel: grpc.Channel) -> int:
     return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
 
 
-@pytest.mark.parametrize("token, refusal", [(None, "missing credentials"), ("wrong-token", "invalid bearer token"),
-                                            (TOKEN + "x", "invalid bearer token"), (TOKEN[:-1], "invalid bearer token")])
+@pytest.mark.parametrize(
+    "token, refusal",
+    [
+        (None, "missing credentials"),
+        ("wrong-token", "invalid bearer token"),
+        (TOKEN + "x", "invalid bearer token"),
+        (TOKEN[:-1], "invalid bearer token"),
+    ],
+)
 def test_token_auth_refuses_every_call_but_health(token_server, token, refusal):
     refused_before = metric(token_server, "yayi_requests_total", status="UNAUTHENTICATED")
     channel = grpc.insecure_channel(token_server.address) if token is None else token_server.open_channel(token=token)
@@ -90,8 +130,9 @@ def test_token_auth_admits_the_right_token_and_never_logs_it(token_server):
     for name, call in calls(token_server.channel).items():
         assert call(), name
     assert token_server.generate("hello", max_new_tokens=3).usage.completion_tokens == 3
-    assert any("refused /yayi.serving.v1.Inference/Generate" in line for line in token_server.lines), \
+    assert any("refused /yayi.serving.v1.Inference/Generate" in line for line in token_server.lines), (
         "refusals are logged at DEBUG, so the no-token check below looks at a log that had the chance"
+    )
     assert not any(TOKEN in line for line in token_server.lines)
 
 
@@ -100,7 +141,8 @@ def test_concurrent_streams_per_connection_are_bounded(token_server):
     # waits for the stream, but a second connection is served at once.
     holder = token_server.open_channel()
     stream = pb_grpc.InferenceStub(holder).GenerateStream(
-        pb.GenerateRequest(prompt="hold", params=pb.SamplingParams(max_new_tokens=900, ignore_eos=True)), timeout=60)
+        pb.GenerateRequest(prompt="hold", params=pb.SamplingParams(max_new_tokens=900, ignore_eos=True)), timeout=60
+    )
     next(stream)
     with pytest.raises(grpc.RpcError) as error:
         pb_grpc.InferenceStub(holder).GetModelInfo(pb.ModelInfoRequest(), timeout=1.5)
@@ -117,8 +159,9 @@ def test_mutual_tls_admits_a_client_certificate_from_the_ca(mtls_server):
     assert any("security: TLS with client certificates" in line for line in mtls_server.lines)
 
 
-@pytest.mark.parametrize("client", ["plaintext", "no client certificate", "client certificate from another CA",
-                                    "server CA not trusted"])
+@pytest.mark.parametrize(
+    "client", ["plaintext", "no client certificate", "client certificate from another CA", "server CA not trusted"]
+)
 def test_mutual_tls_refuses(mtls_server, pki, client):
     ca, stranger = pki["ca"], pki["stranger_client"]
     credentials = {
@@ -127,30 +170,44 @@ def test_mutual_tls_refuses(mtls_server, pki, client):
         "client certificate from another CA": tls_credentials(ca.cert, stranger.cert, stranger.key),
         "server CA not trusted": tls_credentials(pki["stranger_ca"].cert, pki["client"].cert, pki["client"].key),
     }[client]
-    channel = grpc.insecure_channel(mtls_server.address) if credentials is None else \
-        grpc.secure_channel(mtls_server.address, credentials)
+    channel = (
+        grpc.insecure_channel(mtls_server.address)
+        if credentials is None
+        else grpc.secure_channel(mtls_server.address, credentials)
+    )
     with channel, pytest.raises(grpc.RpcError) as error:
         health_of(channel)  # even the open health service sits behind the handshake
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
     assert mtls_server.health_status() == health_pb2.HealthCheckResponse.SERVING
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--tls-cert", "{folder}/server.crt"], "--tls-cert and --tls-key go together"),
-    (["--tls-client-ca", "{folder}/ca.crt"], "needs --tls-cert and --tls-key"),
-    (["--tls-cert", "{folder}/server.key", "--tls-key", "{folder}/server.key"], "not a PEM file holding a CERTIFICATE"),
-    (["--tls-cert", "{folder}/server.crt", "--tls-key", "{folder}/missing.key"], "--tls-key {folder}/missing.key"),
-    (["--auth-token-file", "{folder}/missing-token"], "--auth-token-file"),
-    (["--auth-token-file", "{folder}/empty-token"], "must be non-empty printable ASCII"),
-    (["--max-concurrent-streams", "0"], "--max-concurrent-streams must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--tls-cert", "{folder}/server.crt"], "--tls-cert and --tls-key go together"),
+        (["--tls-client-ca", "{folder}/ca.crt"], "needs --tls-cert and --tls-key"),
+        (
+            ["--tls-cert", "{folder}/server.key", "--tls-key", "{folder}/server.key"],
+            "not a PEM file holding a CERTIFICATE",
+        ),
+        (["--tls-cert", "{folder}/server.crt", "--tls-key", "{folder}/missing.key"], "--tls-key {folder}/missing.key"),
+        (["--auth-token-file", "{folder}/missing-token"], "--auth-token-file"),
+        (["--auth-token-file", "{folder}/empty-token"], "must be non-empty printable ASCII"),
+        (["--max-concurrent-streams", "0"], "--max-concurrent-streams must be at least 1"),
+    ],
+)
 def test_bad_security_flags_exit_with_a_message(pki, args, message):
     folder = pki["folder"]
     (folder / "empty-token").write_text("  \n")
     args = [a.format(folder=folder) for a in args]
     started = time.monotonic()
-    run = subprocess.run([sys.executable, "-m", "server.cli", "--model", "tiny-llama", "--port", "0",
-                          "--metrics-port", "-1", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "server.cli", "--model", "tiny-llama", "--port", "0", "--metrics-port", "-1", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode != 0
     assert message.format(folder=folder) in run.stderr
     assert "Traceback" not in run.stderr + run.stdout

