@@ -15,7 +15,8 @@ METRICS_PORT ?= 9400
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
-# make compare: the inference log's table for every engine at every concurrency (reports/<timestamp>/).
+# make compare: the inference log's table (docs/design.md) for every engine at every concurrency,
+# written to reports/speed-<UTC time>/.
 COMPARE_ENGINES ?= hf-eager,hf-kv,hf-flash,vllm
 COMPARE_USERS ?= 1,4,16
 COMPARE_DURATION ?= 60s
@@ -88,7 +89,7 @@ bench-metrics: venv
 soak: venv
 	$(BIN)/python -m bench.soak $(BENCH_ARGS)
 
-# The offline experiments (bench/, docs/experiments/): each writes reports/<name>-<time>/ (--out moves it).
+# The offline experiments (bench/, docs/experiments/): each writes reports/<name>-<UTC time>/ (--out moves it).
 bench-attention: venv
 	$(BIN)/python -m bench.attention_kernels $(BENCH_ARGS)
 

@@ -3,10 +3,10 @@
 Each engine's own decode loop (the code the server runs) generates greedily with
 ignore_eos, and every token's arrival time is recorded, so one generation of N tokens
 gives tokens/s at every output length up to N: tokens/s at L = L / (time to the L-th
-token), the inference log's "Speed".  Without a cache each step recomputes the whole
-sequence, so a step costs time proportional to the length and a generation its square;
-with a cache a step costs about the same at every length and a generation grows
-linearly.  The growth exponent is fitted on the upper half of the lengths.
+token), the inference log's "Speed" (docs/design.md).  Without a cache each step
+recomputes the whole sequence, so a step costs time proportional to the length and a
+generation its square; with a cache a step costs about the same at every length and a
+generation grows linearly.  The growth exponent is fitted on the upper half of the lengths.
 
 Memory is the peak tensor memory of the step that produces the L-th token, the KV cache
 it holds included (the weights are not counted): see ``bench/memory.py``; against prompt

@@ -1,9 +1,9 @@
 """Single-request speed of each engine through the real gRPC server (``make bench``).
 
 For each engine: start a server, warm it up, then send the inference log's three speed
-prompts one at a time (greedy, ignore_eos, N new tokens) over streaming gRPC.  Prints
-tokens/s (completion tokens over end-to-end time, the log's "Speed"), time to first
-token, the server's peak resident memory, and each engine's speed as a ratio to
+prompts (docs/design.md) one at a time (greedy, ignore_eos, N new tokens) over streaming
+gRPC.  Prints tokens/s (completion tokens over end-to-end time, the log's "Speed"), time
+to first token, the server's peak resident memory, and each engine's speed as a ratio to
 hf-eager, all from this one run.
 """
 

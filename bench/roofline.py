@@ -28,7 +28,7 @@ from loadtest.tables import markdown_table
 
 SHAPES_DIR = Path(__file__).with_name("shapes")
 
-# The inference log's one measured row: Yayi-base 7B, one A100-80G, tokens/s.
+# The inference log's one measured row (docs/design.md): Yayi-base 7B, one A100-80G, tokens/s.
 LOG_ROW = {"model": "7b", "device": "a100-80g", "tokens_per_s": 30.76, "memory_mb": 14814}
 
 

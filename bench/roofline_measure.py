@@ -9,8 +9,9 @@ or BLOOM-style as the shape says, in the serving dtype), prefill tokens/s at eac
 length and decode tokens/s with a KV cache after ``--context`` tokens, greedy, batch 1 or
 more.  Random weights run at the speed of trained ones: speed depends on the shape alone.
 
-Then the inference log's one row, 30.76 tokens/s for Yayi-base 7B on one A100-80G, as a
-share of the A100's decode bound, and what the bound lets the other sizes reach there.
+Then the inference log's one row (docs/design.md), 30.76 tokens/s for Yayi-base 7B on one
+A100-80G, as a share of the A100's decode bound, and what the bound lets the other sizes
+reach there.
 """
 
 from __future__ import annotations

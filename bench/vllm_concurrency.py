@@ -1,10 +1,10 @@
 """vLLM feasibility: aggregate throughput against concurrency, vllm vs hf-kv, through the same gRPC server.
 
 ``make bench-vllm``.  For each engine a server is started; at each concurrency c, c
-clients each send streaming requests (the log's prompts in turn, greedy, N new tokens,
-ignore_eos) so that c requests are always in flight, for ``--requests-per-client``
-requests each.  Printed per row: aggregate tokens/s (all completion tokens over the
-level's wall time), TTFT p50/p95 (loadtest's clock and percentile, as yayi-compare's).
+clients each send streaming requests (the inference log's prompts in turn, see
+docs/design.md; greedy, N new tokens, ignore_eos) so that c requests are always in
+flight, for ``--requests-per-client`` requests each.  Printed per row: aggregate tokens/s
+(all completion tokens over the level's wall time), TTFT p50/p95 (loadtest's clock and percentile, as yayi-compare's).
 Last, vLLM's own offline ``LLM.generate`` on the same 16 requests, in the same run, to
 show what the gRPC layer costs.
 """

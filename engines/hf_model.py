@@ -6,9 +6,10 @@ public surface: ``HFModel.load``, ``generate``, ``next_logits``, ``new_cache``,
 ``kernel`` and ``score_ids``.
 
 The decode loop is ours rather than ``model.generate`` so that each token leaves as soon
-as it exists, ``use_cache=False`` really recomputes the whole sequence every step (the
-inference log's use_cache FALSE row, docs/design.md), and a caller can stop between two
-steps simply by not asking for the next one.
+as it exists, ``use_cache=False`` really recomputes the whole sequence every step (what
+the inference log calls use_cache FALSE; in its one filled-in row, docs/design.md, TRUE and
+FALSE gave identical figures), and a caller can stop between two steps simply by not
+asking for the next one.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``yayi-compare``: the inference log's speed table as one command.
+"""``yayi-compare``: the inference log's speed table (docs/design.md) as one command.
 
 For each engine: start a server, wait for SERVING, warm up, record the idle row (the log's
 "空载"), run headless Locust at each concurrency while watching the server's metrics, stop

@@ -1,4 +1,4 @@
-"""The prompts load tests send: the model team's log's speed prompts unless a file says otherwise."""
+"""The prompts load tests send: the inference log's speed prompts (docs/design.md) unless a file says otherwise."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The comparison report: the inference log's table (speed.md), speed.csv, speed.json and plots.
+"""The comparison report: the inference log's table (docs/design.md) as speed.md, speed.csv, speed.json, plots.
 
 The log's columns come first and keep their names.  On a CPU the "GPU" columns say what they
 hold ("CPU 48%", "n/a (no RAPL)"): a blank or a made-up number would be read as a GPU figure.

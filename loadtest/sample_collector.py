@@ -22,6 +22,7 @@ def flag(value: str) -> bool:
 
 def add_load_arguments(parser) -> None:
     group = parser.add_argument_group("yayi-serve speed test")
+    # The default prompts are the inference log's three (docs/design.md), from loadtest/prompts.py.
     group.add_argument(
         "--prompts-file", default="", help="one prompt per line (default: the inference log's three speed prompts)"
     )

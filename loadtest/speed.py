@@ -1,4 +1,4 @@
-"""Locust load test of yayi-serve's streaming call: the inference log's speed test.
+"""Locust load test of yayi-serve's streaming call: the inference log's speed test (docs/design.md).
 
     locust -f loadtest/speed.py --host 127.0.0.1:50051                      # web UI
     locust -f loadtest/speed.py --host 127.0.0.1:50051 --headless -u 4 -r 4 -t 60s --csv out/run

@@ -43,7 +43,8 @@ K8S_VERSIONS = ("1.30", kubernetes_validate.utils.latest_version())
 BUILTIN_K8S_MANIFESTS = ["deployment.yaml", "deployment-gpu.yaml", "service.yaml"]
 DEPLOYMENTS = {"cpu": "deployment.yaml", "gpu": "deployment-gpu.yaml"}
 
-# DESIGN.md's metric names; histograms are listed without their _bucket/_sum/_count series.
+# Metric names from docs/design.md's Metrics table that the dashboard may query (the torch allocator,
+# KV-cache and stall series are not among them); histograms are listed without their _bucket/_sum/_count series.
 METRICS = {
     "yayi_requests_total",
     "yayi_prompt_tokens_total",

@@ -127,7 +127,7 @@ def test_log_row_against_the_a100_preset():
     bound = rl.decode_bound_tokens_per_s(seven, rl.DEVICES["a100-80g"], batch=1, context=0)
     assert bound == pytest.approx(2039e9 / (7_069_016_064 * 2))
     assert 0.2 < 30.76 / bound < 0.22
-    # The log's 14814 MB is the bf16 weights (14.1 GB) plus a little.
+    # The inference log's (docs/design.md) 14814 MB is the bf16 weights (14.1 GB) plus a little.
     assert rl.memory_bytes(seven, 1, 0) / 2**20 == pytest.approx(13483, rel=1e-3)
 
 

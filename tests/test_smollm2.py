@@ -12,7 +12,8 @@ from tests.conftest import LOG_PROMPTS
 
 pytestmark = pytest.mark.slow
 
-# Words any coherent English reply to the log's prompts is bound to use; random weights never do.
+# Words any coherent English reply to the inference log's prompts (docs/design.md) is bound to use;
+# random weights never do.
 COMMON_WORDS = {
     "i",
     "you",
