@@ -64,9 +64,11 @@ class Window:
 
 # ---- clients: one request each, reporting (tokens, arrival time) and the first token's time ----------
 
+
 async def grpc_request(stub, prompt: str, max_new_tokens: int, window: Window) -> None:
-    call = stub.GenerateStream(pb.GenerateRequest(prompt=prompt, params=pb.SamplingParams(
-        max_new_tokens=max_new_tokens, temperature=0.0)))
+    call = stub.GenerateStream(
+        pb.GenerateRequest(prompt=prompt, params=pb.SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
+    )
     sent, first = time.monotonic(), None
     try:
         async for chunk in call:
@@ -123,11 +125,13 @@ async def run_level(send, users: int, warmup_s: float, seconds: float) -> Window
 
 # ---- targets ------------------------------------------------------------------------------------------
 
+
 @contextlib.asynccontextmanager
 async def yayi_target(engine: str, args):
     extra = args.hf_cb_args if engine == "hf-cb" else []
-    server = ServerProcess("--engine", engine, "--model", args.model, "--dtype", args.dtype, *extra,
-                           ready_timeout=600).wait_ready(600)
+    server = ServerProcess(
+        "--engine", engine, "--model", args.model, "--dtype", args.dtype, *extra, ready_timeout=600
+    ).wait_ready(600)
     channel = grpc.aio.insecure_channel(server.address)
     stub = pb_grpc.InferenceStub(channel)
     info = await stub.GetModelInfo(pb.ModelInfoRequest(), timeout=10)
@@ -150,14 +154,34 @@ async def transformers_serve_target(args):
     model_dir = str(resolve_model(args.model))
     num_blocks, max_batch_tokens = same_cache_as_hf_cb(model_dir, args.dtype)
     port = free_port()
-    command = [str(ROOT / ".venv" / "bin" / "transformers"), "serve", model_dir, "--continuous-batching",
-               "--dtype", args.dtype, "--host", "127.0.0.1", "--port", str(port),
-               "--cb-num-blocks", str(num_blocks), "--cb-block-size", str(CBOptions().block_size),
-               "--cb-max-batch-tokens", str(max_batch_tokens or AUTO_MAX_BATCH_TOKENS["cpu"])]
+    command = [
+        str(Path(sys.executable).parent / "transformers"),
+        "serve",
+        model_dir,
+        "--continuous-batching",
+        "--dtype",
+        args.dtype,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--cb-num-blocks",
+        str(num_blocks),
+        "--cb-block-size",
+        str(CBOptions().block_size),
+        "--cb-max-batch-tokens",
+        str(max_batch_tokens or AUTO_MAX_BATCH_TOKENS["cpu"]),
+    ]
     print("# transformers-serve:", " ".join(command[1:]), flush=True)
     log = tempfile.NamedTemporaryFile("w", prefix="transformers-serve-", suffix=".log", delete=False)
-    process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=64)) as client:
@@ -168,8 +192,10 @@ async def transformers_serve_target(args):
                 if process.poll() is not None:
                     raise RuntimeError(f"transformers serve exited ({process.returncode}); see {log.name}")
                 await asyncio.sleep(1)
-            send = (lambda prompt, window: openai_request(client, f"{base}/v1/completions", model_dir, prompt,
-                                                          args.max_new_tokens, window))
+
+            def send(prompt, window):
+                return openai_request(client, f"{base}/v1/completions", model_dir, prompt, args.max_new_tokens, window)
+
             yield send, process.pid
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -191,8 +217,15 @@ def same_cache_as_hf_cb(model_dir: str, dtype: str) -> tuple[int, int]:
     from engines.hf_model import DTYPES
 
     options = CBOptions()
-    plan = plan_cache(AutoConfig.from_pretrained(model_dir).get_text_config(), DTYPES[dtype], torch.device("cpu"),
-                      options.num_blocks, options.block_size, options.max_batch_tokens, DEFAULT_MAX_RUNNING["cpu"])
+    plan = plan_cache(
+        AutoConfig.from_pretrained(model_dir).get_text_config(),
+        DTYPES[dtype],
+        torch.device("cpu"),
+        options.num_blocks,
+        options.block_size,
+        options.max_batch_tokens,
+        DEFAULT_MAX_RUNNING["cpu"],
+    )
     return plan.num_blocks, plan.max_batch_tokens
 
 
@@ -203,6 +236,7 @@ def free_port() -> int:
 
 
 # ---- the machine: this CPU is shared, so each point says how busy the rest of it was -----------------
+
 
 def _busy_jiffies() -> tuple[int, int]:
     with open("/proc/stat") as stat:
@@ -227,7 +261,7 @@ class OtherLoad:
     def __init__(self, pids: list[int]) -> None:
         self.pids = pids
 
-    def __enter__(self) -> "OtherLoad":
+    def __enter__(self) -> OtherLoad:
         self.busy, self.total = _busy_jiffies()
         self.ours = _process_jiffies(self.pids)
         return self
@@ -249,6 +283,7 @@ async def wait_for_quiet(pids: list[int], limit: float, timeout: float) -> float
 
 
 # ---- the run ------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Target:
@@ -280,11 +315,17 @@ async def measure(args) -> list[dict]:
                     with OtherLoad(pids) as load:
                         window = await run_level(target.send, users, args.warmup, args.seconds)
                     finite = [t for t in window.ttfts if math.isfinite(t)]
-                    row = {"round": round_, "target": target.name, "users": users,
-                           "tokens_per_s": window.tokens / args.seconds,
-                           "ttft_p50_ms": statistics.median(window.ttfts) * 1000 if window.ttfts else math.nan,
-                           "requests": window.requests, "without_first_token": len(window.ttfts) - len(finite),
-                           "other_load_before": quiet, "other_load": load.share}
+                    row = {
+                        "round": round_,
+                        "target": target.name,
+                        "users": users,
+                        "tokens_per_s": window.tokens / args.seconds,
+                        "ttft_p50_ms": statistics.median(window.ttfts) * 1000 if window.ttfts else math.nan,
+                        "requests": window.requests,
+                        "without_first_token": len(window.ttfts) - len(finite),
+                        "other_load_before": quiet,
+                        "other_load": load.share,
+                    }
                     print(format_row(row), flush=True)
                     rows.append(row)
     return rows
@@ -292,8 +333,10 @@ async def measure(args) -> list[dict]:
 
 def format_row(row: dict) -> str:
     ttft = "> window" if math.isinf(row["ttft_p50_ms"]) else f"{row['ttft_p50_ms']:.0f}"
-    return (f"| {row['round']} | {row['target']} | {row['users']} | {row['tokens_per_s']:.1f} | {ttft} | "
-            f"{row['requests']} ({row['without_first_token']} without a token) | {row['other_load']:.0%} |")
+    return (
+        f"| {row['round']} | {row['target']} | {row['users']} | {row['tokens_per_s']:.1f} | {ttft} | "
+        f"{row['requests']} ({row['without_first_token']} without a token) | {row['other_load']:.0%} |"
+    )
 
 
 def summary(rows: list[dict]) -> list[str]:
@@ -301,8 +344,10 @@ def summary(rows: list[dict]) -> list[str]:
     cells: dict[tuple[str, int], list[dict]] = {}
     for row in rows:
         cells.setdefault((row["target"], row["users"]), []).append(row)
-    median = {key: (statistics.median(r["tokens_per_s"] for r in group),
-                    statistics.median(r["ttft_p50_ms"] for r in group)) for key, group in cells.items()}
+    median = {
+        key: (statistics.median(r["tokens_per_s"] for r in group), statistics.median(r["ttft_p50_ms"] for r in group))
+        for key, group in cells.items()
+    }
     lines = ["", "medians over rounds:", "| target | users | tokens/s | TTFT p50 ms |", "| --- | ---: | ---: | ---: |"]
     lines += [f"| {t} | {u} | {tps:.1f} | {ttft:.0f} |" for (t, u), (tps, ttft) in sorted(median.items())]
     for (target, users), (tps, ttft) in sorted(median.items()):
@@ -311,36 +356,56 @@ def summary(rows: list[dict]) -> list[str]:
         for other in ("transformers-serve", "hf-kv"):
             if (other, users) in median and median[(other, users)][0] > 0:
                 other_tps, other_ttft = median[(other, users)]
-                lines.append(f"hf-cb / {other} at {users} users: {tps / other_tps:.2f}x tokens/s, "
-                             f"TTFT p50 {ttft:.0f} vs {other_ttft:.0f} ms")
+                lines.append(
+                    f"hf-cb / {other} at {users} users: {tps / other_tps:.2f}x tokens/s, "
+                    f"TTFT p50 {ttft:.0f} vs {other_ttft:.0f} ms"
+                )
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--targets", default="hf-cb,transformers-serve,hf-kv",
-                        help="comma-separated: hf-cb, transformers-serve, hf-kv (any yayi engine name works)")
+    parser.add_argument(
+        "--targets",
+        default="hf-cb,transformers-serve,hf-kv",
+        help="comma-separated: hf-cb, transformers-serve, hf-kv (any yayi engine name works)",
+    )
     parser.add_argument("--users", default="1,4,16")
     parser.add_argument("--hf-kv-users", default="16", help="the concurrencies hf-kv runs at (it serves one at a time)")
     parser.add_argument("--seconds", type=float, default=30.0, help="timed window per point")
     parser.add_argument("--warmup", type=float, default=5.0, help="untimed seconds before each window")
     parser.add_argument("--rounds", type=int, default=1, help="repeat the sweep; the summary gives medians")
-    parser.add_argument("--quiet-below", type=float, default=0.15,
-                        help="before each point, wait until other processes use less than this share of the CPU")
+    parser.add_argument(
+        "--quiet-below",
+        type=float,
+        default=0.15,
+        help="before each point, wait until other processes use less than this share of the CPU",
+    )
     parser.add_argument("--quiet-timeout", type=float, default=60.0, help="seconds to wait for that at most")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--hf-cb-arg", dest="hf_cb_args", action="append", default=[],
-                        help="extra yayi-serve argument for hf-cb (repeat), e.g. --hf-cb-arg=--block-size=64")
+    parser.add_argument(
+        "--hf-cb-arg",
+        dest="hf_cb_args",
+        action="append",
+        default=[],
+        help="extra yayi-serve argument for hf-cb (repeat), e.g. --hf-cb-arg=--block-size=64",
+    )
     args = parser.parse_args(argv)
     args.targets = args.targets.split(",")
     args.users = [int(u) for u in args.users.split(",")]
     args.hf_kv_users = [int(u) for u in args.hf_kv_users.split(",")]
-    print(f"# {args.model} {args.dtype}, greedy, up to {args.max_new_tokens} new tokens, EOS honoured, streaming; "
-          f"{args.warmup:g} s warm-up + {args.seconds:g} s window per point; {os.cpu_count()} CPUs", flush=True)
-    print("| round | target | users | tokens/s | TTFT p50 ms | requests in window | other processes' CPU |\n"
-          "| ---: | --- | ---: | ---: | ---: | --- | ---: |", flush=True)
+    print(
+        f"# {args.model} {args.dtype}, greedy, up to {args.max_new_tokens} new tokens, EOS honoured, streaming; "
+        f"{args.warmup:g} s warm-up + {args.seconds:g} s window per point; {os.cpu_count()} CPUs",
+        flush=True,
+    )
+    print(
+        "| round | target | users | tokens/s | TTFT p50 ms | requests in window | other processes' CPU |\n"
+        "| ---: | --- | ---: | ---: | ---: | --- | ---: |",
+        flush=True,
+    )
     rows = asyncio.run(measure(args))
     for line in summary(rows):
         print(line)

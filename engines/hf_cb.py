@@ -36,13 +36,20 @@ DEFAULT_MAX_RUNNING = {"cpu": 32, "cuda": 256}
 
 @dataclass(frozen=True)
 class CBOptions:
-    num_blocks: int | None = option(None, "KV-cache blocks (default: what fits 1 GiB on CPU, 8 GiB on CUDA, and "
-                                          "never less than one full-context request)")
+    num_blocks: int | None = option(
+        None,
+        "KV-cache blocks (default: what fits 1 GiB on CPU, 8 GiB on CUDA, and "
+        "never less than one full-context request)",
+    )
     block_size: int = option(256, "tokens per KV-cache block (transformers' page_size)")
-    max_batch_tokens: int | None = option(None, "tokens one forward pass may take, prefill chunks included "
-                                                "(default: 1024 on CPU, 8192 on CUDA)")
-    cuda_graphs: bool | None = option(None, "CUDA: replay CUDA graphs; greedy requests only, since per-request "
-                                            "sampling runs in Python, which a graph cannot hold (auto: off)")
+    max_batch_tokens: int | None = option(
+        None, "tokens one forward pass may take, prefill chunks included (default: 1024 on CPU, 8192 on CUDA)"
+    )
+    cuda_graphs: bool | None = option(
+        None,
+        "CUDA: replay CUDA graphs; greedy requests only, since per-request "
+        "sampling runs in Python, which a graph cannot hold (auto: off)",
+    )
 
 
 class ContinuousBatchingEngine(Engine):
@@ -67,14 +74,26 @@ class ContinuousBatchingEngine(Engine):
         kind = "cuda" if device.type == "cuda" else "cpu"
         self._max_running = self.config.max_concurrency or DEFAULT_MAX_RUNNING[kind]
         self._score_executor = ThreadPoolExecutor(1, thread_name_prefix="hf-cb-score")
-        runtime = await asyncio.to_thread(CBRuntime.build, self.config.model, self.config.dtype, self.config.device,
-                                          self.options, self._max_running)
+        runtime = await asyncio.to_thread(
+            CBRuntime.build, self.config.model, self.config.dtype, self.config.device, self.options, self._max_running
+        )
         self._runtime = runtime
-        log.info("hf-cb on %s: %s %s, attention %s, up to %d requests at once, %d tokens per step, context %d",
-                 runtime.device, self.config.model, _dtype_name(runtime.dtype), runtime.attention, self._max_running,
-                 runtime.max_batch_tokens, runtime.max_context)
-        self._open(runtime.tokenizer, runtime.max_context, runtime.vocab_size,
-                   Admission(self._max_running, self.config.max_queue))
+        log.info(
+            "hf-cb on %s: %s %s, attention %s, up to %d requests at once, %d tokens per step, context %d",
+            runtime.device,
+            self.config.model,
+            _dtype_name(runtime.dtype),
+            runtime.attention,
+            self._max_running,
+            runtime.max_batch_tokens,
+            runtime.max_context,
+        )
+        self._open(
+            runtime.tokenizer,
+            runtime.max_context,
+            runtime.vocab_size,
+            Admission(self._max_running, self.config.max_queue),
+        )
 
     async def shutdown(self) -> None:
         await super().shutdown()
@@ -89,11 +108,19 @@ class ContinuousBatchingEngine(Engine):
         self._require_ready()
         runtime = self._runtime
         return EngineInfo(
-            engine=self.name, model=self.config.model, dtype=_dtype_name(runtime.dtype), device=str(runtime.device),
-            attention=runtime.attention, use_cache=True, max_context=runtime.max_context,
-            vocab_size=runtime.vocab_size, max_concurrent_requests=self._max_running,
-            max_queue=self.config.max_queue, model_path=str(runtime.path),
-            kv_cache_tokens=runtime.num_blocks * runtime.block_size, kv_cache_bytes=runtime.kv_cache_bytes,
+            engine=self.name,
+            model=self.config.model,
+            dtype=_dtype_name(runtime.dtype),
+            device=str(runtime.device),
+            attention=runtime.attention,
+            use_cache=True,
+            max_context=runtime.max_context,
+            vocab_size=runtime.vocab_size,
+            max_concurrent_requests=self._max_running,
+            max_queue=self.config.max_queue,
+            model_path=str(runtime.path),
+            kv_cache_tokens=runtime.num_blocks * runtime.block_size,
+            kv_cache_bytes=runtime.kv_cache_bytes,
         )
 
     def load(self) -> EngineLoad:
@@ -101,8 +128,9 @@ class ContinuousBatchingEngine(Engine):
             return EngineLoad(running=0, waiting=0)
         running, waiting = self._runtime.counts()
         # Requests still waiting for an admission slot have not reached the manager yet.
-        return EngineLoad(running=running, waiting=waiting + self._admission.waiting,
-                          kv_cache_usage=self._runtime.kv_cache_usage())
+        return EngineLoad(
+            running=running, waiting=waiting + self._admission.waiting, kv_cache_usage=self._runtime.kv_cache_usage()
+        )
 
     @property
     def healthy(self) -> bool:
@@ -116,11 +144,14 @@ class ContinuousBatchingEngine(Engine):
             return
         # With CUDA graphs only the manager's greedy argmax runs: refuse what it would ignore.
         if not params.greedy:
-            raise InvalidRequest("temperature must be 0 (greedy) on this server: hf-cb runs with --cuda-graphs "
-                                 "true, which samples greedily only")
+            raise InvalidRequest(
+                "temperature must be 0 (greedy) on this server: hf-cb runs with --cuda-graphs "
+                "true, which samples greedily only"
+            )
         if params.repetition_penalty != 1.0:
-            raise InvalidRequest("repetition_penalty must be 1 on this server: hf-cb runs with --cuda-graphs true, "
-                                 "which cannot apply it")
+            raise InvalidRequest(
+                "repetition_penalty must be 1 on this server: hf-cb runs with --cuda-graphs true, which cannot apply it"
+            )
 
     # ---- generation ---------------------------------------------------------------------
 
@@ -142,8 +173,13 @@ class ContinuousBatchingEngine(Engine):
         manager.register_result_handler(request_id, snapshots.put_nowait)
         try:
             added = manager.add_request(
-                list(request.prompt_ids), request_id=request_id, max_new_tokens=params.max_new_tokens,
-                streaming=True, eos_token_id=-1 if params.ignore_eos else list(runtime.eos_ids), **extra)
+                list(request.prompt_ids),
+                request_id=request_id,
+                max_new_tokens=params.max_new_tokens,
+                streaming=True,
+                eos_token_id=-1 if params.ignore_eos else list(runtime.eos_ids),
+                **extra,
+            )
             if added is None:
                 runtime.raise_if_dead()
                 raise EngineUnavailable("the continuous-batching manager is not accepting requests")
@@ -218,13 +254,12 @@ class _TextStream:
         self.prompt_tokens = len(request.prompt_ids)
         self.eos_ids = frozenset(runtime.eos_ids)
         self.count = 0
-        self.detokenizer = IncrementalDetokenizer(
-            lambda ids: runtime.tokenizer.decode(ids, skip_special_tokens=True))
+        self.detokenizer = IncrementalDetokenizer(lambda ids: runtime.tokenizer.decode(ids, skip_special_tokens=True))
         self.stops = StopStringFilter(self.params.stop)
 
     def advance(self, tokens: list[int], finished: bool) -> GenerationOutput | None:
         """The output for the tokens not seen yet, or None when there are none."""
-        new = tokens[self.count:]
+        new = tokens[self.count :]
         if not new:
             return None
         pieces, taken, finish = [], [], None
@@ -246,12 +281,22 @@ class _TextStream:
                 pieces.append(self.stops.flush())
             if finish is not None:
                 break
-        return GenerationOutput(text="".join(pieces), token_ids=tuple(taken), prompt_tokens=self.prompt_tokens,
-                                completion_tokens=self.count, finish_reason=finish)
+        return GenerationOutput(
+            text="".join(pieces),
+            token_ids=tuple(taken),
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.count,
+            finish_reason=finish,
+        )
 
     def cancelled(self) -> GenerationOutput:
-        return GenerationOutput(text="", token_ids=(), prompt_tokens=self.prompt_tokens,
-                                completion_tokens=self.count, finish_reason="cancelled")
+        return GenerationOutput(
+            text="",
+            token_ids=(),
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.count,
+            finish_reason="cancelled",
+        )
 
 
 def _drop_handler(manager, request_id: str) -> None:
@@ -270,4 +315,3 @@ def _monotonic(perf_counter_time: float) -> float | None:
 
 def _dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
-

@@ -91,8 +91,9 @@ def test_eight_streams_all_start_before_any_ends(loop, started):
 
     async def one(i):
         first = None
-        async for out in engine.generate(LOG_PROMPTS[i % 3], SamplingParams(max_new_tokens=32, ignore_eos=True),
-                                         f"c{i}"):
+        async for out in engine.generate(
+            LOG_PROMPTS[i % 3], SamplingParams(max_new_tokens=32, ignore_eos=True), f"c{i}"
+        ):
             first = first or time.monotonic()
             last = out
         return first, time.monotonic(), last
@@ -111,8 +112,15 @@ def test_seed_reproduces_alone_and_batched(loop, started):
     alone = loop.run(collect(engine, "Once upon a time", seeded))
 
     async def batched():
-        others = [collect(engine, LOG_PROMPTS[i % 3], SamplingParams(max_new_tokens=16, temperature=1.5, seed=i,
-                                                                      ignore_eos=True), f"o{i}") for i in range(7)]
+        others = [
+            collect(
+                engine,
+                LOG_PROMPTS[i % 3],
+                SamplingParams(max_new_tokens=16, temperature=1.5, seed=i, ignore_eos=True),
+                f"o{i}",
+            )
+            for i in range(7)
+        ]
         results = await asyncio.gather(collect(engine, "Once upon a time", seeded, "s"), *others)
         return results[0]
 
@@ -120,16 +128,28 @@ def test_seed_reproduces_alone_and_batched(loop, started):
     assert token_ids(together) == token_ids(alone) and text(together) == text(alone)
     # Our sampler is hf-kv's code with a generator per request: the same draw from the same logits.
     assert token_ids(alone) == token_ids(loop.run(collect(started("hf-kv"), "Once upon a time", seeded)))
-    other_seed = loop.run(collect(engine, "Once upon a time", SamplingParams(
-        max_new_tokens=16, temperature=1.0, top_p=0.95, top_k=50, seed=99, ignore_eos=True)))
+    other_seed = loop.run(
+        collect(
+            engine,
+            "Once upon a time",
+            SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.95, top_k=50, seed=99, ignore_eos=True),
+        )
+    )
     assert token_ids(other_seed) != token_ids(alone)
 
 
 def test_top_k_one_is_greedy(loop, started):
     engine = started()
     greedy = token_ids(loop.run(collect(engine, "Hello there", SamplingParams(max_new_tokens=10, ignore_eos=True))))
-    top1 = token_ids(loop.run(collect(engine, "Hello there", SamplingParams(
-        max_new_tokens=10, temperature=2.0, top_k=1, seed=5, ignore_eos=True))))
+    top1 = token_ids(
+        loop.run(
+            collect(
+                engine,
+                "Hello there",
+                SamplingParams(max_new_tokens=10, temperature=2.0, top_k=1, seed=5, ignore_eos=True),
+            )
+        )
+    )
     assert top1 == greedy
 
 
@@ -142,7 +162,7 @@ def test_stop_string_ends_generation_and_is_not_returned(loop, started):
     assert stop.strip(), f"need a visible stop string from {full!r}"
     stopped = loop.run(collect(engine, "Hello", SamplingParams(stop=(stop,), **params)))
     assert stopped[-1].finish_reason == "stop"
-    assert text(stopped) == full[:full.index(stop)]
+    assert text(stopped) == full[: full.index(stop)]
     assert stopped[-1].completion_tokens < 30
     # The manager stopped too: its request was cancelled, not left generating.
     loop.run(wait_until(lambda: engine.load().running == 0, timeout=2))
@@ -195,8 +215,7 @@ def test_cancelled_streams_free_their_blocks_and_the_next_request_runs_at_once(l
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        freed_in = await wait_until(lambda: engine.load().running == 0 and engine.load().kv_cache_usage == 0,
-                                    timeout=2)
+        freed_in = await wait_until(lambda: engine.load().running == 0 and engine.load().kv_cache_usage == 0, timeout=2)
         begin = time.monotonic()
         nxt = await collect(engine, "Next", SamplingParams(max_new_tokens=2, ignore_eos=True))
         return busy, freed_in, time.monotonic() - begin, nxt
@@ -230,13 +249,16 @@ def test_queue_bound_refuses_at_once(loop, started):
     assert (load.running, load.waiting) == (0, 0)
 
 
-@pytest.mark.parametrize("prompt, params, message", [
-    ("", SamplingParams(), "prompt must not be empty"),
-    ("   \n", SamplingParams(), "prompt must not be empty"),
-    ("word " * 1100, SamplingParams(), "context is 1024"),
-    ("hi", SamplingParams(max_new_tokens=5000), "max_new_tokens=5000"),
-    ("hi", SamplingParams(top_k=60000), "top_k must be at most the vocabulary size 49152"),
-])
+@pytest.mark.parametrize(
+    "prompt, params, message",
+    [
+        ("", SamplingParams(), "prompt must not be empty"),
+        ("   \n", SamplingParams(), "prompt must not be empty"),
+        ("word " * 1100, SamplingParams(), "context is 1024"),
+        ("hi", SamplingParams(max_new_tokens=5000), "max_new_tokens=5000"),
+        ("hi", SamplingParams(top_k=60000), "top_k must be at most the vocabulary size 49152"),
+    ],
+)
 def test_bad_input_is_refused(loop, started, prompt, params, message):
     engine = started()
     with pytest.raises(InvalidRequest, match=message):
