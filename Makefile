@@ -24,7 +24,7 @@ COMPARE_ARGS ?=
 
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv model serve test lint format compare protos bench bench-vllm bench-metrics clean prometheus \
+.PHONY: venv model serve test lint format compare protos bench bench-vllm bench-compile bench-metrics clean prometheus \
 	bench-attention bench-length roofline rope-alibi eval-checkpoints
 
 $(STAMP): pyproject.toml Makefile
@@ -80,6 +80,10 @@ bench: venv
 
 bench-vllm: venv
 	$(BIN)/python -m bench.vllm_concurrency --model $(MODEL) $(BENCH_ARGS)
+
+# Batch-1 decode with and without --compile against transformers' generate (dynamic and static cache).
+bench-compile: venv model
+	$(BIN)/python -m bench.compile_speed --model $(MODEL) $(BENCH_ARGS)
 
 bench-metrics: venv
 	$(BIN)/python -m bench.metrics_overhead --model $(MODEL) $(BENCH_ARGS)

@@ -24,9 +24,26 @@ from .admission import Admission
 from .base import Engine, EngineInfo, EngineRequest, GenerationOutput, ScoreResult
 from .errors import EngineOutOfMemory, EngineUnavailable
 from .hf_model import HFModel
+from .hf_static import parse_buckets
 from .models import resolve_model
+from .options import NoOptions, option
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HFOptions:
+    compile: bool = option(
+        False,
+        "static KV cache and a compiled decode step (torch.compile; CUDA graphs on CUDA), compiled at start "
+        "for each --compile-buckets length (README: when to use it)",
+    )
+    compile_buckets: str = option(
+        "512,2048", "static-cache lengths (prompt + max_new_tokens) for --compile; longer requests run uncompiled"
+    )
+
+    def __post_init__(self) -> None:
+        parse_buckets(self.compile_buckets)  # a bad list fails on the command line, not at the first request
 
 
 @dataclass(eq=False)
@@ -42,6 +59,7 @@ class HFEngine(Engine):
     use_cache: bool = True
     flash: bool = False
     name = "hf"
+    Options = HFOptions
 
     def __init__(self, config) -> None:
         super().__init__(config)
@@ -58,21 +76,29 @@ class HFEngine(Engine):
         self._slots = self.config.max_concurrency or 1
         self._executor = ThreadPoolExecutor(self._slots, thread_name_prefix=f"{self.name}-worker")
         self.lm = await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
+        compiled = self.lm.compiled
         log.info(
-            "%s on %s: %s %s, attention kernel %s, use_cache=%s",
+            "%s on %s: %s %s, attention kernel %s, use_cache=%s, decode %s",
             self.name,
             self.lm.device,
             self.config.model,
             self.lm.dtype_name,
             self.lm.attention,
             self.use_cache,
+            f"compiled ({compiled.mode}) on static caches of {'/'.join(map(str, compiled.buckets))} tokens, "
+            f"warm-up {compiled.warm_up_s:.1f} s"
+            if compiled
+            else "eager (dynamic cache)",
         )
         self._open(
             self.lm.tokenizer, self.lm.max_context, self.lm.vocab_size, Admission(self._slots, self.config.max_queue)
         )
 
     def _load(self) -> HFModel:
-        return self.load_model(self.config.model, self.config.dtype, self.config.device)
+        lm = self.load_model(self.config.model, self.config.dtype, self.config.device)
+        if self.options.compile:
+            lm.enable_compile(parse_buckets(self.options.compile_buckets))
+        return lm
 
     @classmethod
     def load_model(cls, model: str, dtype: str = "auto", device: str = "auto") -> HFModel:
@@ -226,6 +252,7 @@ HFEngine.FaultInjection = _HFFaultInjection
 class EagerEngine(HFEngine):
     name = "hf-eager"
     use_cache = False
+    Options = NoOptions  # the log's use_cache FALSE row stays as it is: no static cache to compile
 
 
 class KVCacheEngine(HFEngine):

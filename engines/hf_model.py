@@ -25,7 +25,7 @@ from . import hf_attention
 from .base import GenerationOutput, ScoreResult
 from .errors import EngineUnavailable, InvalidRequest
 from .params import SamplingParams
-from .sampling import choose_next_token, make_generator
+from .sampling import make_generator, next_token
 from .text import IncrementalDetokenizer, StopStringFilter
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class HFModel:
         # projection of every earlier position, which is not what the cache comparison is about.
         accepts_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.keep_last = {"logits_to_keep": 1} if accepts_keep else {}
+        self.compiled = None  # a StaticDecoder once enable_compile() has run
         self.attention = self._probe_attention()
 
     @classmethod
@@ -120,22 +121,61 @@ class HFModel:
             out = self.model(input_ids=sequence, use_cache=False, **self.keep_last)
         return out.logits[0, -1].float()
 
+    def enable_compile(self, buckets: tuple[int, ...]) -> None:
+        """``--compile``: static caches and a compiled decode step (engines/hf_static.py), warmed up now."""
+        from .hf_static import StaticDecoder
+
+        if not self.use_cache:
+            raise ValueError("--compile needs a KV cache: it is for hf-kv and hf-flash")
+        self.compiled = StaticDecoder(self.model, self.device, self.max_context, buckets)
+        params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+        filler = self.tokenizer(_PROBE_PROMPT).input_ids
+
+        def run_one(length: int) -> None:
+            # A request needing exactly ``length`` positions lands in that bucket and compiles its step.
+            prompt = (filler * length)[: length - params.max_new_tokens]
+            for _ in self.generate(prompt, params):
+                pass
+
+        self.compiled.warm_up(run_one)
+
     def generate(self, prompt_ids: list[int] | tuple[int, ...], params: SamplingParams) -> Iterator[GenerationOutput]:
         """One output per token; the last has ``finish_reason``.  Stop iterating to stop the work."""
+        lease = None
+        if self.compiled is not None:
+            lease = self.compiled.acquire(len(prompt_ids) + params.max_new_tokens)
+            if lease is None:
+                log.warning(
+                    "request of %d tokens runs uncompiled: longer than the largest static cache (%d)",
+                    len(prompt_ids) + params.max_new_tokens,
+                    self.compiled.buckets[-1],
+                )
+        try:
+            yield from self._generate(prompt_ids, params, lease)
+        finally:
+            if lease is not None:
+                self.compiled.release(lease)
+
+    def _generate(self, prompt_ids, params: SamplingParams, lease) -> Iterator[GenerationOutput]:
         with torch.inference_mode(), self.kernel():
-            prompt = torch.tensor([list(prompt_ids)], device=self.device)
-            sequence = prompt
-            step_input = prompt
-            cache = self.new_cache()
+            n_prompt = len(prompt_ids)
+            # Every id of the request in one device buffer: the sampled id is written in place and fed
+            # back from there, so no step builds a tensor on the host or concatenates the sequence.
+            ids = torch.empty(n_prompt + params.max_new_tokens, dtype=torch.long, device=self.device)
+            ids[:n_prompt] = torch.tensor(list(prompt_ids))
+            cache = None if lease is not None else self.new_cache()
             generator = make_generator(params, self.device)
             detokenizer = IncrementalDetokenizer(self.decode_text)
             stops = StopStringFilter(params.stop)
+            if lease is not None:
+                logits = lease.first(self.model, ids, n_prompt, self.keep_last)
+            else:
+                logits = self.next_logits(ids[None, :n_prompt], ids[None, :n_prompt], cache)
             for step in range(params.max_new_tokens):
-                logits = self.next_logits(step_input, sequence, cache)
-                token = choose_next_token(logits, sequence[0], params, generator)
-                token_tensor = torch.tensor([[token]], device=self.device)
-                sequence = torch.cat([sequence, token_tensor], dim=1)
-                step_input = token_tensor
+                n = n_prompt + step
+                token_tensor = next_token(logits, ids[:n], params, generator)
+                ids[n] = token_tensor
+                token = int(token_tensor)  # the one device-to-host sync per token: the id goes to the client
                 finish = "eos" if token in self.eos_ids and not params.ignore_eos else None
                 if finish is None and step == params.max_new_tokens - 1:
                     finish = "length"
@@ -150,12 +190,16 @@ class HFModel:
                 yield GenerationOutput(
                     text=text,
                     token_ids=(token,),
-                    prompt_tokens=len(prompt_ids),
+                    prompt_tokens=n_prompt,
                     completion_tokens=step + 1,
                     finish_reason=finish,
                 )
                 if finish is not None:
                     return
+                if lease is not None:
+                    logits = lease.next(ids, n + 1)
+                else:
+                    logits = self.next_logits(ids[None, n : n + 1], ids[None, : n + 1], cache)
 
     def score_ids(self, ids: list[int]) -> ScoreResult:
         """Log-likelihood of ``ids[1:]``, each token given the ones before it."""

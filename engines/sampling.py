@@ -26,10 +26,18 @@ def choose_next_token(
     logits: torch.Tensor, seen_ids: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
 ) -> int:
     """``logits``: float32 (vocab,); ``seen_ids``: prompt and generated ids so far."""
+    return int(next_token(logits, seen_ids, params, generator))
+
+
+def next_token(
+    logits: torch.Tensor, seen_ids: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> torch.Tensor:
+    """As ``choose_next_token``, but the id stays a 0-d tensor on the model's device, so the decode
+    loop can feed it to the next step without a round trip through the host."""
     if params.repetition_penalty != 1.0:
         logits = _apply_repetition_penalty(logits, seen_ids, params.repetition_penalty)
     if params.greedy:
-        return int(torch.argmax(logits))
+        return torch.argmax(logits)
     logits = logits / params.temperature
     if params.top_k:
         kth_largest = torch.topk(logits, params.top_k).values[-1]
@@ -37,7 +45,7 @@ def choose_next_token(
     if params.top_p < 1.0:
         logits = _apply_top_p(logits, params.top_p)
     probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.multinomial(probs, 1, generator=generator)[0]
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, seen_ids: torch.Tensor, penalty: float) -> torch.Tensor:
