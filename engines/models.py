@@ -90,9 +90,17 @@ def _smollm2_gguf_folder() -> str:
     return spec.submodule_search_locations[0]
 
 
+# A folder holding SmolLM2's tokenizer files, for machines without the GGUF package (the lent
+# GPU machine, where scripts/gpu_check.sh points it at the carried files): the tiny models
+# then build from it, and their weights and vocabulary are the same as anywhere else.
+TOKENIZER_ENV = "YAYI_SMOLLM2_TOKENIZER"
+
+
 def _load_smollm2_tokenizer():
     from transformers import AutoTokenizer
 
+    if os.environ.get(TOKENIZER_ENV):
+        return AutoTokenizer.from_pretrained(os.environ[TOKENIZER_ENV])
     return AutoTokenizer.from_pretrained(_smollm2_gguf_folder(), gguf_file=SMOLLM2_GGUF)
 
 

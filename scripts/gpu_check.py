@@ -1,9 +1,11 @@
 """One short run on a CUDA machine that checks the CUDA paths and prints a table.
 
 What it checks: the three HF engines on CUDA through the real gRPC server (kernel that
-ran, tokens/s, TTFT), the NVML series on /metrics while they generate (memory, peak,
-utilisation, power, energy, torch allocator), and greedy agreement of the engines on
-CUDA.  The weights are random at SmolLM2-135M's shape (the GPU machine has no network
+ran, tokens/s, TTFT), hf-kv and hf-flash with ``--compile`` (static cache, CUDA graphs),
+transformers' own ``generate`` with a dynamic and with a static compiled cache as the
+batch-1 reference (bench/compile_speed.py), the NVML series on /metrics while they
+generate (memory, peak, utilisation, power, energy, torch allocator), and greedy
+agreement of the engines on CUDA.  The weights are random at SmolLM2-135M's shape (the GPU machine has no network
 and the real checkpoint is too large to carry); speed and kernels do not depend on them.
 Run it with scripts/gpu_check.sh; it needs no vllm and no flash-attn.
 """
@@ -44,7 +46,7 @@ def build_random_model(shape_folder: Path, out: Path) -> Path:
     return out
 
 
-def run_engine(engine: str, model: Path, dtype: str) -> dict:
+def run_engine(engine: str, model: Path, dtype: str, extra: tuple[str, ...] = ()) -> dict:
     server = ServerProcess(
         "--engine",
         engine,
@@ -56,6 +58,7 @@ def run_engine(engine: str, model: Path, dtype: str) -> dict:
         dtype,
         "--device-sample-period",
         "0.25",
+        *extra,
     ).wait_ready(300)
     try:
         info = server.stub.GetModelInfo(pb.ModelInfoRequest(), timeout=10)
@@ -86,7 +89,7 @@ def run_engine(engine: str, model: Path, dtype: str) -> dict:
 
         greedy = list(server.generate(LOG_SPEED_PROMPTS[0], max_new_tokens=32, ignore_eos=True, timeout=120).token_ids)
         return {
-            "engine": engine,
+            "engine": " ".join([engine, *extra[:1]]),
             "dtype": info.dtype,
             "device": info.device,
             "attention": info.attention,
@@ -102,6 +105,40 @@ def run_engine(engine: str, model: Path, dtype: str) -> dict:
         }
     finally:
         server.stop()
+
+
+def batch_one_reference(model: Path, served: list[dict]) -> str:
+    """transformers' generate, dynamic and static (compiled) cache, beside the served rows, as ratios."""
+    from bench.compile_speed import ENGINE_ATTENTION, generate_speed, ratios, table
+
+    rows = []
+    for attention in ("eager", "sdpa"):
+        for cache in ("dynamic", "static"):
+            print(f"# generate, {attention}, {cache} cache ...", flush=True)
+            try:
+                rows.append(generate_speed(model, attention, cache, "bfloat16", "cuda", NEW_TOKENS))
+            except Exception as exc:
+                rows.append(
+                    {
+                        "what": f"generate {attention} {cache}: error {str(exc)[-200:]}",
+                        "attention": attention,
+                        "cache": cache,
+                        "tokens_per_s": NAN,
+                    }
+                )
+    for row in served:
+        engine = row["engine"].split()[0]
+        if engine in ENGINE_ATTENTION and "error" not in row:
+            rows.append(
+                {
+                    "what": f"served {row['engine']}",
+                    "attention": ENGINE_ATTENTION[engine],
+                    "kernel": row["attention"],
+                    "cache": "static" if "--compile" in row["engine"] else "dynamic",
+                    "tokens_per_s": row["tok_s"],
+                }
+            )
+    return table(ratios(rows))
 
 
 def results_table(rows: list[dict]) -> str:
@@ -150,18 +187,20 @@ def main() -> None:
     carried = ROOT / ".gpu_carry" / "models"
     model = build_random_model(carried / "smollm2-shape", Path("/tmp/yayi-gpu/smollm2-shape-random"))
     rows = []
-    for engine, dtype in [
-        ("hf-eager", "bfloat16"),
-        ("hf-kv", "bfloat16"),
-        ("hf-flash", "bfloat16"),
-        ("hf-kv", "float32"),
-        ("hf-flash", "float32"),
+    compiled = ("--compile", "--compile-buckets", "256")  # one bucket: one graph to warm up, within the time limit
+    for engine, dtype, extra in [
+        ("hf-eager", "bfloat16", ()),
+        ("hf-kv", "bfloat16", ()),
+        ("hf-flash", "bfloat16", ()),
+        ("hf-kv", "bfloat16", compiled),
+        ("hf-flash", "bfloat16", compiled),
     ]:
-        print(f"# {engine} {dtype} ...", flush=True)
+        print(f"# {engine} {dtype} {' '.join(extra)} ...", flush=True)
         try:
-            rows.append(run_engine(engine, model, dtype))
+            rows.append(run_engine(engine, model, dtype, extra))
         except Exception as exc:  # one failing engine must not hide the others' results
             rows.append({"engine": engine, "dtype": dtype, "error": str(exc)[-400:]})
+    reference = batch_one_reference(model, rows)
     lines = [
         f"GPU check: {torch.cuda.get_device_name(0)}, random weights at SmolLM2-135M shape, "
         f"greedy, {NEW_TOKENS} new tokens, ignore_eos, one request at a time, mean of "
@@ -175,6 +214,7 @@ def main() -> None:
         for a, b in pairs:
             same = sum(x == y for x, y in zip(ok[a], ok[b]))
             lines.append(f"greedy agreement {a[0]} vs {b[0]} ({dtype}): {same}/{len(ok[a])} tokens identical")
+    lines += ["", "Batch 1 against transformers' generate (same cache kind and attention, bf16):", "", reference]
     table = "\n".join(lines)
     print(table, flush=True)
     (out_dir / "gpu_check.md").write_text(table + "\n")

@@ -9,6 +9,9 @@ smollm2=$(.venv/bin/python -m engines.models smollm2-135m | tail -1)
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d .gpu_carry/wheels grpcio==1.85.3 protobuf==7.36.2 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1
+# pytest for the CUDA-only tests (pure Python wheels)
+python3 -m pip download -q --no-deps --only-binary=:all: -d .gpu_carry/wheels \
+  pytest pluggy iniconfig packaging pytest-timeout
 for f in config.json generation_config.json tokenizer.json tokenizer_config.json chat_template.jinja; do
   cp "$smollm2/$f" .gpu_carry/models/smollm2-shape/
 done
