@@ -301,3 +301,25 @@ def test_real_server_streams_and_exports_kv_cache_usage():
         assert scrape.total(samples, "yayi_kv_cache_usage_ratio") == 0.0
     finally:
         server.stop()
+
+
+def test_a_dead_loop_fails_its_requests_as_unavailable_and_the_engine_unhealthy(loop):
+    """The manager's loop stops for every request when a step raises; the engine must say so, not hang."""
+    from engines.errors import EngineUnavailable
+
+    engine = create_engine("hf-cb", EngineConfig(model="tiny-llama"))
+    loop.run(engine.start())
+    try:
+        model = engine._runtime.model
+
+        def broken_forward(*args, **kwargs):
+            raise RuntimeError("injected step failure")
+
+        model.forward = broken_forward
+        with pytest.raises(EngineUnavailable, match="injected step failure"):
+            loop.run(collect(engine, "hello", SamplingParams(max_new_tokens=5)), timeout=10)
+        assert not engine.healthy
+        with pytest.raises(EngineUnavailable):
+            loop.run(collect(engine, "hello again", SamplingParams(max_new_tokens=5)), timeout=10)
+    finally:
+        loop.run(engine.shutdown())
