@@ -8,18 +8,55 @@ Two guards sit here because every engine shares them:
   characters it cannot fit, and a 4 MiB prompt costs a length check, not seconds of
   tokenizing and gigabytes of memory.  (This holds for tokenizers whose normalizer never
   shrinks text: byte-level BPE and SentencePiece, which is every model here.)
-- With the chat template, the user's text stays text: a ``<|im_start|>`` typed by the user
-  is split into ordinary tokens, so a prompt cannot forge a system or assistant turn.
+- With the chat template, the caller's text stays text: a ``<|im_start|>`` typed in any
+  message is split into ordinary tokens, so a prompt cannot forge a system or assistant turn.
+
+A prompt is either plain text (gRPC's ``prompt``, with ``use_chat_template`` for one user
+turn) or a ``Conversation``, a list of chat messages (the HTTP front end's chat completions).
+Both go through the one template path below, so a single user turn renders the same either way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
+from collections.abc import Iterable
 
 from .errors import InvalidRequest
 
-# Stands in for the user's text while the template is rendered; plain letters survive any template.
+# Stands in for each message's text while the template is rendered; plain letters and digits
+# survive any template, and the number says which message's text goes there.
 _USER_TEXT_MARKER = "YAYIUSERTEXTMARKER7f3a9c"
+_MARKER = re.compile(_USER_TEXT_MARKER + r"n(\d+)n")
+# The roles every chat template here knows. Any other string would be written into the template
+# as the caller gave it, which is a way to forge a turn.
+CHAT_ROLES = ("system", "user", "assistant")
+# Far more turns than any context here holds; it bounds the template's work for a hostile list.
+MAX_CHAT_MESSAGES = 1024
+
+
+class Conversation(str):
+    """Chat messages as a prompt that any engine takes where it takes text.
+
+    As a ``str`` it is the messages' texts joined by newlines: what the length guard, logs and
+    the test-only fault markers see.  ``messages`` holds the (role, text) pairs the chat
+    template renders.
+    """
+
+    messages: tuple[tuple[str, str], ...]
+
+    def __new__(cls, messages: Iterable[tuple[str, str]]) -> Conversation:
+        messages = tuple(messages)
+        if not messages:
+            raise InvalidRequest("messages must hold at least one message")
+        if len(messages) > MAX_CHAT_MESSAGES:
+            raise InvalidRequest(f"messages holds at most {MAX_CHAT_MESSAGES} messages, got {len(messages)}")
+        for index, (role, _) in enumerate(messages):
+            if role not in CHAT_ROLES:
+                raise InvalidRequest(f"messages[{index}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+        self = super().__new__(cls, "\n".join(text for _, text in messages))
+        self.messages = messages
+        return self
 
 
 def longest_token_chars(tokenizer) -> int:
@@ -58,22 +95,38 @@ class PromptTokenizer:
         return await asyncio.to_thread(lambda: self.tokenizer(text).input_ids)
 
     def encode_now(self, prompt: str, use_chat_template: bool) -> list[int]:
+        """Plain text as it is; with the template, one user turn; a Conversation always with the template."""
+        if isinstance(prompt, Conversation):
+            return self.encode_chat(prompt.messages)
         if not use_chat_template:
             return self.tokenizer(prompt).input_ids
+        return self.encode_chat((("user", prompt),))
+
+    def encode_chat(self, messages: tuple[tuple[str, str], ...]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
-            raise InvalidRequest(f"model {self.model_name!r} has no chat template; send use_chat_template=false")
-        rendered = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": _USER_TEXT_MARKER}], tokenize=False, add_generation_prompt=True
-        )
-        before, found, after = rendered.partition(_USER_TEXT_MARKER)
-        if not found or _USER_TEXT_MARKER in after:
             raise InvalidRequest(
-                f"model {self.model_name!r}: its chat template does not place the user's text "
-                "verbatim; send use_chat_template=false and format the prompt yourself"
+                f"model {self.model_name!r} has no chat template; send the prompt as plain text "
+                "(gRPC: use_chat_template=false; HTTP: /v1/completions)"
             )
-        # The template's own parts keep their special tokens; the user's part never gets any.
-        return (
-            self.tokenizer(before, add_special_tokens=False).input_ids
-            + self.tokenizer(prompt, add_special_tokens=False, split_special_tokens=True).input_ids
-            + self.tokenizer(after, add_special_tokens=False).input_ids
+        rendered = self.tokenizer.apply_chat_template(
+            [{"role": role, "content": f"{_USER_TEXT_MARKER}n{index}n"} for index, (role, _) in enumerate(messages)],
+            tokenize=False,
+            add_generation_prompt=True,
         )
+        # Even pieces are the template's own text, odd ones the number of the message placed there.
+        pieces = _MARKER.split(rendered)
+        placed = sorted(int(number) for number in pieces[1::2])
+        if placed != list(range(len(messages))) or _USER_TEXT_MARKER in "".join(pieces[::2]):
+            raise InvalidRequest(
+                f"model {self.model_name!r}: its chat template does not place each message's text "
+                "verbatim; send the prompt as plain text and format it yourself"
+            )
+        # The template's own parts keep their special tokens; the caller's parts never get any.
+        ids: list[int] = []
+        for position, piece in enumerate(pieces):
+            if position % 2 == 0:
+                ids += self.tokenizer(piece, add_special_tokens=False).input_ids if piece else []
+            else:
+                text = messages[int(piece)][1]
+                ids += self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+        return ids

@@ -2,9 +2,11 @@
 
 For each engine: start a server, wait for SERVING, warm up, record the idle row (the log's
 "空载"), run headless Locust at each concurrency while watching the server's metrics, stop
-the server.  Optionally the same load against vLLM's own OpenAI-compatible server, beside
-our vllm rows.  Writes reports/speed-<UTC time>/ (see loadtest/report.py and the folder
-rule in loadtest/report_folder.py); every figure in it comes from a raw file kept under raw/.
+the server.  With ``--apis grpc,http`` each engine is measured through both front ends (rows
+"vllm" and "vllm-http"), by the same Locust options and the same clock.  Optionally the
+same load against vLLM's own OpenAI-compatible server, beside our vllm rows.  Writes
+reports/speed-<UTC time>/ (see loadtest/report.py and the folder rule in
+loadtest/report_folder.py); every figure in it comes from a raw file kept under raw/.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from loadtest.roofline_column import RooflineColumn
 from loadtest.targets import OpenAIServerTarget, Reading, YayiTarget
 
 # Rough start-up times on a 2-core CPU, only for the "time left" estimate.
-START_ESTIMATE_S = {"vllm": 150.0, "vllm-openai": 150.0}
+START_ESTIMATE_S = {"vllm": 150.0, "vllm-http": 150.0, "vllm-openai": 150.0}
 DEFAULT_START_ESTIMATE_S = 20.0
 STEP_OVERHEAD_S = 8.0
 # The line of a failed start-up that says why: "yayi-serve: error: ...", "Value error, ...".
@@ -51,6 +53,13 @@ def parse_users(text: str) -> list[int]:
     return users
 
 
+def parse_apis(text: str) -> list[str]:
+    apis = [part.strip() for part in text.split(",") if part.strip()]
+    if not apis or set(apis) - {"grpc", "http"}:
+        raise argparse.ArgumentTypeError(f"--apis takes grpc, http or both separated by a comma, got {text!r}")
+    return apis
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="yayi-compare", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -59,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated engines; empty with --baseline vllm-openai loads only vLLM's own server",
     )
     parser.add_argument("--model", default="smollm2-135m", help="built-in model name or local folder")
+    parser.add_argument(
+        "--apis",
+        type=parse_apis,
+        default=["grpc"],
+        help="front ends each engine is measured through: grpc, http (the OpenAI-compatible one) or grpc,http",
+    )
     parser.add_argument("--users", type=parse_users, default=[1, 4, 16], help="concurrencies, e.g. 1,4,16")
     parser.add_argument("--duration", type=parse_duration, default=60.0, help="load per step, e.g. 60s")
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -142,7 +157,8 @@ def make_targets(args, engines: list[str], model_path: str, raw: Path) -> list:
         extra = ["--dtype", dtype, *common]
         if engine == "vllm":
             extra += ["--kv-cache-gb", f"{args.kv_cache_gb:g}", "--max-model-len", str(max_model_len(args, model_path))]
-        targets.append(YayiTarget(engine, args.model, extra, queue, args.sample_period))
+        for api in args.apis:
+            targets.append(YayiTarget(engine, args.model, extra, queue, args.sample_period, api))
     if want_baseline(args.baseline, engines):
         targets.append(
             OpenAIServerTarget(
@@ -299,11 +315,9 @@ def main(argv: list[str] | None = None) -> int:
             for users in args.users:
                 progress.step(target.label, f"{users} users for {args.duration:g} s")
                 prefix = raw / f"{target.label}_u{users}"
-                extra = ["--served-model", args.model] if isinstance(target, OpenAIServerTarget) else []
                 with target.watch(prefix) as watch:
-                    summary = run_locust(
-                        target.locustfile, target.host, LoadSpec(users, args.duration, **load), prefix, extra
-                    )
+                    spec = LoadSpec(users, args.duration, **load)
+                    summary = run_locust(target.locustfile, target.host, spec, prefix, target.locust_args())
                 row = load_row(base_row(args.model, target, info), users, summary, watch.reading, prefix, out)
                 roofline.fill(row)
                 rows.append(row)
@@ -356,6 +370,8 @@ def column_notes(args) -> list[str]:
         "% of bound: Speed over the decode roofline bound for this model on this device at batch = Users "
         "(engines that do not batch are still measured against the batched bound).",
         "vllm-openai: vLLM's own OpenAI-compatible server, same prompts and load through streaming /v1/completions.",
+        "ENGINE-http (hf-kv-http, vllm-http): the engine through our OpenAI-compatible front end (--http-port), "
+        "with the same streaming /v1/completions load and client as vllm-openai; a bare engine name is gRPC.",
     ]
 
 

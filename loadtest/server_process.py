@@ -1,8 +1,9 @@
 """A real ``yayi-serve`` process on free ports, and a real gRPC client for it.
 
 Used by the tests, the benchmarks and the comparison driver: each starts servers side by
-side on port 0 and reads the ports back from the start-up line.  A server with TLS or
-token auth is reached by passing ``credentials`` (from ``tls_credentials``) and ``token``.
+side on port 0 and reads the ports back from the start-up line (with ``--http-port 0``,
+``http_port`` and ``http_url`` too).  A server with TLS or token auth is reached by passing
+``credentials`` (from ``tls_credentials``) and ``token``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from loadtest import ROOT
 from server.wire import pb, pb_grpc
 
 _LISTENING = re.compile(r"grpc listening on [^:]+:(\d+)(?:, metrics on http://[^:]+:(\d+)/metrics)?")
+_HTTP = re.compile(r", http on (https?)://[^:]+:(\d+)/v1")
 
 
 class ServerProcess:
@@ -59,6 +61,10 @@ class ServerProcess:
         match = self.wait_for_line(_LISTENING, ready_timeout)
         self.port = int(match.group(1))
         self.metrics_port = int(match.group(2)) if match.group(2) else None
+        # The OpenAI-compatible front end, when started with --http-port.
+        http = _HTTP.search(match.string)
+        self.http_port = int(http.group(2)) if http else None
+        self.http_url = f"{http.group(1)}://127.0.0.1:{self.http_port}" if http else None
         self.address = f"127.0.0.1:{self.port}"
         self.credentials = credentials
         self.token = token

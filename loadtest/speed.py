@@ -1,14 +1,19 @@
-"""Locust load test of yayi-serve's streaming call: the inference log's speed test (docs/design.md).
+"""Locust load test of yayi-serve's streaming call: the inference log's speed test.
 
     locust -f loadtest/speed.py --host 127.0.0.1:50051                      # web UI
     locust -f loadtest/speed.py --host 127.0.0.1:50051 --headless -u 4 -r 4 -t 60s --csv out/run
     locust -f loadtest/speed.py --host 127.0.0.1:50051 --headless -u 64 -t 60s --processes 4
+    locust -f loadtest/speed.py --api http --host http://127.0.0.1:8000 --headless -u 4 -t 60s
 
 Each user sends the log's speed prompts in turn (or --prompts-file) with greedy decoding and
 exactly --max-new-tokens tokens (--ignore-eos), waiting for nothing between requests, so the
-number of users is the concurrency.  At the end the serving-benchmark summary is printed and,
-with --csv PREFIX, written to PREFIX_tokens.csv beside Locust's own CSVs.  In distributed
-mode workers ship their samples to the master, which writes the one summary.
+number of users is the concurrency.  ``--api grpc`` (the default) calls ``GenerateStream``;
+``--api http`` streams ``/v1/completions`` from the OpenAI-compatible front end
+(``yayi-serve --http-port``) with the same user that measures vLLM's own server
+(loadtest/openai_user.py), so the two front ends are measured by the same clock.  At the end
+the serving-benchmark summary is printed and, with --csv PREFIX, written to PREFIX_tokens.csv
+beside Locust's own CSVs.  In distributed mode workers ship their samples to the master,
+which writes the one summary.
 """
 
 from __future__ import annotations
@@ -18,12 +23,24 @@ import itertools
 from locust import constant, events, task
 
 from loadtest.grpc_user import StreamingGrpcUser
+from loadtest.openai_user import StreamingOpenAIUser, add_served_model_argument
 from loadtest.prompts import load_prompts
 from loadtest.sample_collector import install
 from loadtest.token_stats import RequestSample
 from server.wire import pb
 
-collector = install(events)
+
+def _arguments(group) -> None:
+    group.add_argument(
+        "--api",
+        choices=["grpc", "http"],
+        default="grpc",
+        help="front end: grpc (GenerateStream; --host HOST:PORT) or http (/v1/completions; --host http://HOST:PORT)",
+    )
+    add_served_model_argument(group)
+
+
+collector = install(events, _arguments)
 _prompt_turn = itertools.count()
 
 
@@ -49,3 +66,22 @@ class SpeedUser(StreamingGrpcUser):
 
     def record(self, sample: RequestSample) -> None:
         collector.add(sample)
+
+
+class HttpSpeedUser(StreamingOpenAIUser):
+    wait_time = constant(0)
+
+    @task
+    def generate(self) -> None:
+        super().generate()
+
+    def record(self, sample: RequestSample) -> None:
+        collector.add(sample)
+
+
+@events.init.add_listener
+def _one_front_end(environment, **_) -> None:
+    # Both users live in this file; --api picks the one that runs (the runner reads this list at start).
+    options = environment.parsed_options
+    chosen = HttpSpeedUser if options is not None and options.api == "http" else SpeedUser
+    environment.user_classes[:] = [chosen]

@@ -2,8 +2,11 @@
 
 A target starts, warms up, is watched while the load runs (device memory, utilisation,
 power, energy and the server's own token count) and stops.  ``YayiTarget`` is our server
-with one engine and reads its /metrics; ``OpenAIServerTarget`` is vLLM's own
-OpenAI-compatible server, whose process tree is read the way our CPU probe reads ours.
+with one engine, loaded through one front end (``api``: gRPC, or the OpenAI-compatible HTTP
+one), and reads its /metrics; ``OpenAIServerTarget`` is vLLM's own OpenAI-compatible server,
+whose process tree is read the way our CPU probe reads ours.  Every target says which
+locustfile drives it and with which extra options, and ``openai_url`` is where an OpenAI
+client (vLLM's benchmark client) reaches it.
 """
 
 from __future__ import annotations
@@ -38,10 +41,13 @@ class Reading:
 class YayiTarget:
     locustfile = ROOT / "loadtest" / "speed.py"
 
-    def __init__(self, engine: str, model: str, server_args: list[str], queue: int, sample_period: float) -> None:
-        self.label = engine
-        self.engine, self.model = engine, model
-        self.server_args = server_args
+    def __init__(
+        self, engine: str, model: str, server_args: list[str], queue: int, sample_period: float, api: str = "grpc"
+    ) -> None:
+        # Rows of the HTTP front end are labelled apart, so one report holds both front ends.
+        self.label = engine if api == "grpc" else f"{engine}-http"
+        self.engine, self.model, self.api = engine, model, api
+        self.server_args = server_args + (["--http-port", "0"] if api == "http" else [])
         self.queue = queue
         self.sample_period = sample_period
         self.server: ServerProcess | None = None
@@ -49,7 +55,14 @@ class YayiTarget:
 
     @property
     def host(self) -> str:
-        return self.server.address
+        return self.server.http_url if self.api == "http" else self.server.address
+
+    @property
+    def openai_url(self) -> str:
+        return self.server.http_url
+
+    def locust_args(self) -> list[str]:
+        return ["--api", "http", "--served-model", self.model] if self.api == "http" else []
 
     def start(self, timeout: float) -> dict:
         self.server = ServerProcess(
@@ -160,6 +173,11 @@ class OpenAIServerTarget:
     @property
     def host(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    openai_url = host
+
+    def locust_args(self) -> list[str]:
+        return ["--served-model", self.served_name]
 
     def start(self, timeout: float) -> dict:
         command = [

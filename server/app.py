@@ -1,9 +1,10 @@
-"""Wiring: the gRPC server with health and reflection, the engine, metrics, signals.
+"""Wiring: the gRPC server with health and reflection, the HTTP front end, the engine, metrics, signals.
 
-Start-up order matters to probes: the port is bound and health answers NOT_SERVING
-first, the model loads, and only then does health turn SERVING.  On SIGTERM or SIGINT
-the order reverses: NOT_SERVING, no new work, in-flight calls get the grace period,
-the engine shuts down, exit 0.  A second signal exits at once.
+Start-up order matters to probes: the ports are bound and health answers NOT_SERVING
+first (gRPC health and HTTP /health read the same state), the model loads, and only then
+does health turn SERVING.  On SIGTERM or SIGINT the order reverses: NOT_SERVING, no new
+work on either front end, in-flight calls get the grace period, the engine shuts down,
+exit 0.  A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from engines.base import EngineConfig
 from engines.registry import create_engine
 
 from .auth import TokenAuth
+from .calls import Calls
 from .config import ServerConfig
 from .device_sampler import DeviceSampler, make_probe
 from .gate import RequestGate
@@ -57,10 +59,12 @@ async def serve(config: ServerConfig, announce=print) -> int:
         ),
     )
     metrics = ServerMetrics(engine=config.engine, model=config.model)
-    servicer = InferenceServicer(engine, metrics, config.stream_stall_timeout_s, config.expose_model_path)
+    calls = Calls(engine, metrics)
+    servicer = InferenceServicer(calls, config.stream_stall_timeout_s, config.expose_model_path)
     health = BoundedHealth(config.max_health_watchers)
 
-    gate = RequestGate(metrics.count_request, TokenAuth(config.auth_token) if config.auth_token else None)
+    auth = TokenAuth(config.auth_token) if config.auth_token else None
+    gate = RequestGate(metrics.count_request, auth)
     server = grpc.aio.server(
         interceptors=[gate],
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
@@ -73,7 +77,7 @@ async def serve(config: ServerConfig, announce=print) -> int:
     pb_grpc.add_InferenceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection([SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME], server)
-    await _set_health(health, NOT_SERVING)
+    await _set_health(health, calls, NOT_SERVING)
 
     address = f"{config.host}:{config.port}"
     try:
@@ -87,20 +91,26 @@ async def serve(config: ServerConfig, announce=print) -> int:
         raise StartupError(str(exc)) from None
     except RuntimeError as exc:
         raise StartupError(f"cannot bind gRPC to {config.host}:{config.port} ({exc}); is the port in use?") from None
+    http = _http_server(config, calls, auth) if config.http_port is not None else None
     await server.start()
+    if http is not None:
+        await http.start()
     metrics_port = metrics.serve(config.metrics_host, config.metrics_port) if config.metrics_port is not None else None
     if config.host not in LOOPBACK:
         if config.auth_token and not config.tls_cert:
             log.warning("token auth without TLS on %s: the token crosses the network in plaintext", config.host)
         elif not config.auth_token and not config.tls_client_ca:
             log.warning(
-                "gRPC listens on %s without a token or client certificates: anyone who can reach the port "
+                "gRPC%s listens on %s without a token or client certificates: anyone who can reach the port "
                 "can use the model; see --auth-token-file, --tls-cert, or --host 127.0.0.1",
+                " and HTTP" if http is not None else "",
                 config.host,
             )
+    # One line with every port, so a script that reads it knows them all (loadtest/server_process.py).
     announce(
         f"yayi-serve: grpc listening on {config.host}:{port}"
         + (f", metrics on http://{config.metrics_host}:{metrics_port}/metrics" if metrics_port is not None else "")
+        + (f", http on {http.scheme}://{config.host}:{http.port}/v1" if http is not None else "")
     )
     announce(f"yayi-serve: security: {_describe_security(config)}")
 
@@ -120,9 +130,9 @@ async def serve(config: ServerConfig, announce=print) -> int:
         if config.metrics_port is not None:
             sampler = DeviceSampler(make_probe(info.device), metrics.record_device, config.device_sample_period_s)
             sampler.start()
-        servicer.accepting = True
-        await _set_health(health, SERVING)
-        engine_watch = asyncio.ensure_future(_watch_engine(engine, health, servicer))
+        calls.accepting = True
+        await _set_health(health, calls, SERVING)
+        engine_watch = asyncio.ensure_future(_watch_engine(engine, health, calls))
         announce(
             f"yayi-serve: ready: engine={info.engine} model={info.model} device={info.device} "
             f"dtype={info.dtype} attention={info.attention} use_cache={info.use_cache}"
@@ -130,18 +140,21 @@ async def serve(config: ServerConfig, announce=print) -> int:
         await stop.wait()
         engine_watch.cancel()
         announce(f"yayi-serve: draining (grace {config.grace_period_s:g}s)")
+        calls.serving = False
         await health.enter_graceful_shutdown()
-        # Our own drain rather than server.stop(grace): during it, new calls get a clear
-        # UNAVAILABLE from the servicer instead of grpc's bare CANCELLED.
-        drained = await servicer.drain(config.grace_period_s)
+        # Our own drain rather than server.stop(grace): during it, new calls on either front end
+        # get a clear UNAVAILABLE (HTTP 503) instead of grpc's bare CANCELLED or a refused connection.
+        drained = await calls.drain(config.grace_period_s)
         announce(
             "yayi-serve: drained, exiting"
             if drained
-            else f"yayi-serve: grace period over, cancelling {servicer.in_flight} calls"
+            else f"yayi-serve: grace period over, cancelling {calls.in_flight} calls"
         )
         return 0
     finally:
         await server.stop(0)
+        if http is not None:
+            await http.stop()
         await engine.shutdown()
         if sampler is not None:
             sampler.stop()
@@ -153,10 +166,10 @@ def _describe_security(config: ServerConfig) -> str:
     return transport + (", token auth" if config.auth_token else ", no auth")
 
 
-async def _watch_engine(engine, health: BoundedHealth, servicer: InferenceServicer) -> None:
+async def _watch_engine(engine, health: BoundedHealth, calls: Calls) -> None:
     """Turns health NOT_SERVING for good once the engine says it cannot recover.
 
-    The servicer reports a request whose failure left the engine unhealthy before that
+    The shared call path reports a request whose failure left the engine unhealthy before that
     request's error leaves, so a client that then asks health already reads NOT_SERVING; the
     poll catches what no request saw (a vLLM engine process that died while idle).  The
     server stays up so probes and logs can say why, and later calls get UNAVAILABLE with it.
@@ -168,17 +181,38 @@ async def _watch_engine(engine, health: BoundedHealth, servicer: InferenceServic
         if not reported:
             reported = True
             log.error("engine cannot recover: health is NOT_SERVING; restart the server")
-            await _set_health(health, NOT_SERVING)
+            await _set_health(health, calls, NOT_SERVING)
 
-    servicer.on_engine_failure = engine_failed
+    calls.on_engine_failure = engine_failed
     while engine.healthy:
         await asyncio.sleep(ENGINE_POLL_S)
     await engine_failed()
 
 
-async def _set_health(health: BoundedHealth, status) -> None:
+async def _set_health(health: BoundedHealth, calls: Calls, status) -> None:
+    calls.serving = status == SERVING  # what HTTP /health answers
     await health.set("", status)
     await health.set(SERVICE_NAME, status)
+
+
+def _http_server(config: ServerConfig, calls: Calls, auth: TokenAuth | None):
+    """The OpenAI-compatible front end; imported only when asked for, so a gRPC-only server never loads it."""
+    from .http_app import HttpFrontEnd
+    from .http_server import HttpBindError, HttpServer
+
+    front = HttpFrontEnd(calls, config.model, auth, config.stream_stall_timeout_s, config.max_receive_bytes)
+    try:
+        return HttpServer(
+            front.app,
+            config.host,
+            config.http_port,
+            config.tls_cert,
+            config.tls_key,
+            config.tls_client_ca,
+            max_connections=config.max_concurrent_rpcs,
+        )
+    except HttpBindError as exc:
+        raise StartupError(str(exc)) from None
 
 
 def _install_signal_handlers(stop: asyncio.Event) -> None:

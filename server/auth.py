@@ -1,9 +1,10 @@
-"""Bearer-token auth through call metadata: ``authorization: Bearer <token>``.
+"""Bearer-token auth: ``authorization: Bearer <token>`` in gRPC call metadata or an HTTP header.
 
 One shared token, set with ``--auth-token-file`` or ``YAYI_AUTH_TOKEN``: enough to keep
 strangers off expensive hardware without an identity provider, and the header is the one
 gRPC's own ``access_token_call_credentials`` sends.  The token is compared in constant
-time and never logged.  The check runs in server/gate.py, before a request is read.
+time and never logged.  The check runs before a request is read: in server/gate.py for
+gRPC, in server/http_app.py for HTTP.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class TokenAuth:
         """Why a call with this metadata is refused, or None; the reason never holds the token."""
         given = next((value for key, value in metadata or () if key == _HEADER), None)
         if given is None:
-            return "missing credentials: send the metadata 'authorization: Bearer <token>'"
+            return "missing credentials: send 'authorization: Bearer <token>' (gRPC metadata or HTTP header)"
         given = given.encode() if isinstance(given, str) else given
         # Constant time, so the time of a refusal does not tell how much of a guess was right.
         if not hmac.compare_digest(given, self._expected):

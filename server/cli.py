@@ -23,7 +23,9 @@ TOKEN_ENV = "YAYI_AUTH_TOKEN"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="yayi-serve", description="gRPC inference server for causal language models with pluggable engines."
+        prog="yayi-serve",
+        description="gRPC inference server for causal language models with pluggable engines, "
+        "with an optional OpenAI-compatible HTTP front end.",
     )
     parser.add_argument(
         "--engine", default=DEFAULTS.engine, choices=engine_names(), help="backend (default %(default)s)"
@@ -36,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", default=DEFAULTS.host, help="gRPC bind address (default %(default)s)")
     parser.add_argument("--port", type=int, default=DEFAULTS.port, help="gRPC port; 0 picks a free one")
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=DEFAULTS.http_port,
+        help="serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, /health) "
+        "on this port, same host, same engine; 0 picks a free one (default: off)",
+    )
     parser.add_argument(
         "--metrics-host",
         default=DEFAULTS.metrics_host,
@@ -210,6 +219,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise SystemExit("yayi-serve: error: --max-concurrent-streams must be at least 1")
     if args.max_concurrent_rpcs < 2:
         raise SystemExit("yayi-serve: error: --max-concurrent-rpcs must be at least 2 (health needs one)")
+    if args.http_port is not None and not 0 <= args.http_port <= 65535:
+        raise SystemExit("yayi-serve: error: --http-port must be between 0 and 65535")
     if args.stream_stall_timeout <= 0:
         raise SystemExit("yayi-serve: error: --stream-stall-timeout must be positive")
     if bool(args.tls_cert) != bool(args.tls_key):
@@ -223,6 +234,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         port=args.port,
         metrics_host=args.metrics_host,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        http_port=args.http_port,
         dtype=args.dtype,
         device=args.device,
         max_concurrency=args.max_concurrency,

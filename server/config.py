@@ -13,6 +13,7 @@ class ServerConfig:
     port: int = 50051
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = 9400  # None: no metrics endpoint
+    http_port: int | None = None  # the OpenAI-compatible HTTP front end, on --host; None: off
     dtype: str = "auto"
     device: str = "auto"
     max_concurrency: int | None = None  # None: the engine's default (1 for hf-*, vLLM's own for vllm)

@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 from engines.base import EngineInfo, ScoreResult
-from engines.params import DEFAULT_MAX_NEW_TOKENS, SamplingParams
+from engines.params import SamplingParams
 
 from .wire import pb
 
+# The `optional` fields of the wire's SamplingParams: absent means "the default".
+OPTIONAL_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
+
 
 def sampling_params(message: pb.SamplingParams) -> SamplingParams:
-    """Unset optional fields take defaults; set ones are validated by SamplingParams itself."""
-
-    def given(name: str, default):
-        return getattr(message, name) if message.HasField(name) else default
-
-    return SamplingParams(
-        max_new_tokens=given("max_new_tokens", DEFAULT_MAX_NEW_TOKENS),
-        temperature=given("temperature", 0.0),
-        top_p=given("top_p", 1.0),
-        top_k=given("top_k", 0),
-        repetition_penalty=given("repetition_penalty", 1.0),
-        stop=tuple(message.stop),
-        seed=given("seed", None),
-        ignore_eos=message.ignore_eos,
-    )
+    """Unset optional fields take SamplingParams' own defaults, as the HTTP front end's absent fields do;
+    set ones are validated by SamplingParams itself."""
+    given = {name: getattr(message, name) for name in OPTIONAL_FIELDS if message.HasField(name)}
+    return SamplingParams(**given, stop=tuple(message.stop), ignore_eos=message.ignore_eos)
 
 
 def model_info(info: EngineInfo) -> pb.ModelInfo:

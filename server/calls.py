@@ -1,0 +1,165 @@
+"""The request path every front end shares: gRPC (servicer.py) and HTTP (http_app.py) call into it.
+
+What a call goes through is written once, here, so the same input gets the same answer and
+the same count whichever front end it came by:
+
+- the accepting check (loading, draining);
+- claiming the request id (unique among the calls in flight on either front end);
+- generating, with each output recorded through the request's ``RequestRecorder`` (tokens,
+  time to first token, inter-token latency);
+- the outcome: what the call raised becomes a status name through server/errors.py, counted in
+  ``yayi_requests_total`` (with the front end's ``api`` label) before the answer leaves, and an
+  engine that cannot recover is reported at once.
+
+Front ends then deliver the outcome in their own form: ``CallFailed`` carries the status name
+and the message, never a protocol type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from engines.base import Engine, GenerationOutput
+from engines.errors import EngineUnavailable, InvalidRequest
+from engines.params import SamplingParams
+
+from .errors import status_for
+from .metrics import RequestRecorder, ServerMetrics
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_ID_CHARS = 256
+OK = "OK"
+CANCELLED = "CANCELLED"
+
+
+class StreamStalled(Exception):
+    """The client stopped reading a stream for longer than the stall timeout."""
+
+
+class CallFailed(Exception):
+    """A call's outcome, already counted: the status name (a gRPC code's name) and the message for the client.
+
+    ``stalled``: the client stopped reading, so nothing more can be sent to it.
+    """
+
+    def __init__(self, status: str, message: str, stalled: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.stalled = stalled
+
+
+class Calls:
+    def __init__(self, engine: Engine, metrics: ServerMetrics) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.accepting = False  # false while loading and once draining
+        self.serving = False  # what health reports (app.py sets it with gRPC health); read by HTTP /health
+        self.in_flight = 0
+        self._live_request_ids: set[str] = set()
+        # Called when a request's failure left the engine unable to serve again (app.py turns
+        # health NOT_SERVING); the engine's own errors tell each later caller why.
+        self.on_engine_failure: Callable[[], Awaitable[None]] | None = None
+
+    async def drain(self, grace_s: float) -> bool:
+        """Refuses new work and waits for calls in flight on every front end; true if all ended in time."""
+        self.accepting = False
+        deadline = asyncio.get_running_loop().time() + grace_s
+        while self.in_flight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        return self.in_flight == 0
+
+    def require_accepting(self) -> None:
+        if not self.accepting:
+            raise EngineUnavailable(
+                "server is not accepting work (model loading or shutting down); retry when health reports SERVING"
+            )
+
+    @contextlib.asynccontextmanager
+    async def claim_request_id(self, given: str):
+        if len(given) > MAX_REQUEST_ID_CHARS:
+            raise InvalidRequest(f"request_id is at most {MAX_REQUEST_ID_CHARS} characters, got {len(given)}")
+        request_id = given or uuid.uuid4().hex
+        if request_id in self._live_request_ids:
+            raise InvalidRequest(
+                f"request_id {request_id!r} is already used by a request in flight; use a unique id or leave it empty"
+            )
+        self._live_request_ids.add(request_id)
+        try:
+            yield request_id
+        finally:
+            self._live_request_ids.discard(request_id)
+
+    async def outputs(
+        self,
+        prompt: str,
+        params: SamplingParams,
+        request_id: str,
+        recorder: RequestRecorder,
+        use_chat_template: bool = False,
+    ) -> AsyncIterator[GenerationOutput]:
+        self.require_accepting()
+        # aclosing: when the call ends early the engine's generator is closed right here,
+        # which is what stops the model's work, rather than whenever it is garbage collected.
+        generation = self.engine.generate(prompt, params, request_id, use_chat_template=use_chat_template)
+        async with contextlib.aclosing(generation):
+            async for output in generation:
+                recorder.on_output(output.started_at, output.prompt_tokens, len(output.token_ids))
+                yield output
+
+    @contextlib.asynccontextmanager
+    async def call(
+        self,
+        recorder: RequestRecorder | None,
+        cancelled_status: Callable[[], str] = lambda: CANCELLED,
+        passthrough: tuple[type[BaseException], ...] = (),
+        client_gone: tuple[type[BaseException], ...] = (),
+    ):
+        """One call from start to outcome: counts its final status once, before the answer leaves.
+
+        A client that scrapes /metrics right after its answer must find that answer counted, so the
+        count comes before ``CallFailed`` reaches the front end that sends it.
+
+        ``cancelled_status``: the status of a call whose client went away (gRPC tells a passed deadline
+        from a cancel). ``passthrough``: a front end's own control flow, re-raised untouched.
+        ``client_gone``: a front end's exceptions that mean the client went away, counted as cancelled.
+        """
+        counted = False
+
+        def count(final: str) -> None:
+            nonlocal counted
+            if recorder is not None and not counted:
+                recorder.finish(final)
+            counted = True
+
+        self.in_flight += 1
+        try:
+            yield
+            count(OK)
+        except StreamStalled as exc:
+            log.warning("%s", exc)
+            self.metrics.count_stall()
+            count(CANCELLED)
+            raise CallFailed(CANCELLED, str(exc), stalled=True) from None
+        except (asyncio.CancelledError, GeneratorExit):
+            count(cancelled_status())
+            raise
+        except Exception as exc:
+            if isinstance(exc, passthrough):
+                raise
+            if isinstance(exc, client_gone):
+                count(cancelled_status())
+                raise
+            status, message = status_for(exc)
+            count(status.name)
+            if not self.engine.healthy and self.on_engine_failure is not None:
+                await self.on_engine_failure()
+            raise CallFailed(status.name, message) from exc
+        finally:
+            self.in_flight -= 1
+            count("UNKNOWN")  # only if nothing above counted: a bug here, still counted

@@ -1,0 +1,353 @@
+"""OpenAI's request and response bodies, for the HTTP front end: plain dicts in, plain dicts out.
+
+A request body becomes the prompt (text, or a ``Conversation`` for chat) and our neutral
+``SamplingParams``; the values themselves are validated there, by the same code as gRPC's,
+so the same bad value gets the same message.  What is checked here is only what JSON leaves
+open and protobuf would have settled: the types, the field names, and the fields we do not
+serve.  A field we cannot honour is refused by name rather than ignored, so no client
+believes it got ``n=2`` or logprobs when it did not.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, fields
+from typing import Any
+
+from engines.errors import InvalidRequest
+from engines.params import SamplingParams
+from engines.prompts import Conversation
+
+from .errors import http_status
+
+
+class FieldError(InvalidRequest):
+    """A bad request field; ``param`` is its name as the client sent it (OpenAI's error ``param``)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+# Fields that ask for something we do not do; accepted only with the value that asks for nothing.
+_NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
+    "n": (1,),
+    "best_of": (1,),
+    "echo": (False,),
+    "logprobs": (False,),  # completions: null; chat: false
+    "top_logprobs": (0,),
+    "frequency_penalty": (0, 0.0),
+    "presence_penalty": (0, 0.0),
+    "logit_bias": ({},),
+    "suffix": ("",),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "response_format": ({"type": "text"},),
+    "min_tokens": (0,),
+}
+_WHY_NOT = {
+    "n": "one choice per request",
+    "best_of": "one choice per request",
+    "echo": "the prompt is not echoed",
+    "logprobs": "no log-probabilities are returned",
+    "top_logprobs": "no log-probabilities are returned",
+    "suffix": "no insertion after a suffix",
+    "tools": "no tool calling",
+    "tool_choice": "no tool calling",
+    "response_format": "plain text only",
+}
+_COMMON = {
+    "model",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "repetition_penalty",
+    "ignore_eos",
+    "user",  # an end-user id for the caller's own abuse tracking: nothing to do with generation
+}
+COMPLETION_FIELDS = frozenset(_COMMON | {"prompt"} | _NO_OP_VALUES.keys() - {"tools", "tool_choice", "top_logprobs"})
+CHAT_FIELDS = frozenset(_COMMON | {"messages", "max_completion_tokens"} | _NO_OP_VALUES.keys() - {"echo", "suffix"})
+# What our SamplingParams' fields are called in an OpenAI body, for the ``param`` of a refused value.
+_HTTP_NAME = {"max_new_tokens": "max_tokens"}
+_SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
+# OpenAI's "developer" role is the newer name of "system"; chat templates know only "system".
+_ROLE_ALIASES = {"developer": "system"}
+_MESSAGE_KEYS = {"role", "content", "name"}
+
+
+@dataclass(frozen=True)
+class GenerateCall:
+    """One parsed /v1/completions or /v1/chat/completions request."""
+
+    prompt: str  # a Conversation for chat
+    params: SamplingParams
+    chat: bool
+    stream: bool
+    include_usage: bool  # stream_options.include_usage: a last chunk with the usage
+    continuous_usage: bool  # stream_options.continuous_usage_stats (vLLM's): usage on every chunk
+
+
+def parse_json(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"the request body is not valid JSON ({exc}); send a JSON object") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return body
+
+
+def parse_generate(body: dict, served_model: str, chat: bool) -> GenerateCall:
+    body = {key: value for key, value in body.items() if value is not None}  # null means "not given"
+    allowed = CHAT_FIELDS if chat else COMPLETION_FIELDS
+    for name in body:
+        if name not in allowed:
+            raise FieldError(
+                name, f"unsupported field {name!r}; this server takes {', '.join(sorted(allowed - {'user'}))}"
+            )
+    for name, no_op in _NO_OP_VALUES.items():
+        if name in body and not _equal_any(body[name], no_op):
+            why = f": {_WHY_NOT[name]}" if name in _WHY_NOT else ""
+            given, default = json.dumps(body[name]), json.dumps(no_op[0])
+            raise FieldError(name, f"{name}={given} is not supported{why}; leave it out or send {default}")
+    check_model(body.get("model"), served_model)
+    stream = _typed(body, "stream", bool, False)
+    options = body.get("stream_options")
+    if options is not None and not stream:
+        raise FieldError("stream_options", "stream_options is only allowed with stream=true")
+    options = _typed(body, "stream_options", dict, {})
+    for key in options:
+        if key not in ("include_usage", "continuous_usage_stats"):
+            raise FieldError(f"stream_options.{key}", f"unsupported field 'stream_options.{key}'")
+    include_usage = _typed(options, "include_usage", bool, False, "stream_options.")
+    continuous = _typed(options, "continuous_usage_stats", bool, False, "stream_options.")
+    prompt = _conversation(body) if chat else _prompt_text(body)
+    return GenerateCall(
+        prompt=prompt,
+        params=sampling_params(body, chat),
+        chat=chat,
+        stream=stream,
+        include_usage=include_usage or continuous,
+        continuous_usage=continuous,
+    )
+
+
+def check_model(name: object, served_model: str) -> None:
+    # No model at all is taken as "the one served", as vLLM does; a different one is refused by name.
+    if name in (None, ""):
+        return
+    if name != served_model:
+        raise FieldError("model", f"the model {name!r} does not exist; this server serves {served_model!r}")
+
+
+def sampling_params(body: dict, chat: bool) -> SamplingParams:
+    """Absent fields take SamplingParams' own defaults, as gRPC's unset fields do."""
+    given: dict[str, Any] = {}
+    limit_name = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
+    if limit_name in body:
+        given["max_new_tokens"] = _typed(body, limit_name, int)
+    for name in ("temperature", "top_p", "repetition_penalty"):
+        if name in body:
+            given[name] = float(_typed(body, name, float))
+    if "top_k" in body:
+        # vLLM's "off" is -1 (also accepted here, as vLLM accepts it); ours is 0.
+        top_k = _typed(body, "top_k", int)
+        given["top_k"] = 0 if top_k == -1 else top_k
+    if "seed" in body:
+        given["seed"] = _typed(body, "seed", int)
+    if "ignore_eos" in body:
+        given["ignore_eos"] = _typed(body, "ignore_eos", bool)
+    if "stop" in body:
+        stop = body["stop"]
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(text, str) for text in stop):
+            raise FieldError("stop", "stop must be a string or a list of strings")
+        given["stop"] = tuple(stop)
+    try:
+        return SamplingParams(**given)
+    except InvalidRequest as exc:
+        # The message is SamplingParams' own, word for word as gRPC gives it; only the param is added.
+        first_word = re.match(r"\w+", str(exc))
+        name = first_word.group(0) if first_word and first_word.group(0) in _SAMPLING_FIELDS else None
+        if name is None:
+            raise
+        raise FieldError(limit_name if name == "max_new_tokens" else _HTTP_NAME.get(name, name), str(exc)) from None
+
+
+def _prompt_text(body: dict) -> str:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]  # a list of one text is the same request
+    if isinstance(prompt, list):
+        raise FieldError("prompt", "prompt must be one string: token ids and several prompts are not supported")
+    if not isinstance(prompt, str):
+        raise FieldError("prompt", "prompt is required and must be a string")
+    return prompt
+
+
+def _conversation(body: dict) -> Conversation:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise FieldError("messages", "messages is required: a list of {role, content} objects")
+    turns = []
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise FieldError(where, f"{where} must be an object with role and content")
+        for key, value in message.items():
+            if key not in _MESSAGE_KEYS and value is not None:
+                raise FieldError(f"{where}.{key}", f"unsupported field '{where}.{key}': messages take role and content")
+        role = message.get("role")
+        if not isinstance(role, str):
+            raise FieldError(f"{where}.role", f"{where}.role must be a string")
+        turns.append((_ROLE_ALIASES.get(role, role), _content_text(message.get("content"), where)))
+    try:
+        return Conversation(turns)
+    except FieldError:
+        raise
+    except InvalidRequest as exc:
+        raise FieldError("messages", str(exc)) from None
+
+
+def _content_text(content: object, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for index, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise FieldError(
+                    f"{where}.content[{index}]",
+                    f"{where}.content[{index}] must be {{'type': 'text', 'text': ...}}: this server takes text only",
+                )
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise FieldError(f"{where}.content", f"{where}.content must be a string or a list of text parts")
+
+
+def _typed(body: dict, name: str, kind: type, default: Any = None, prefix: str = "") -> Any:
+    if name not in body or body[name] is None:
+        return default
+    value = body[name]
+    # bool is an int to Python, never to a client; an int is a fine float.
+    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    if kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok:
+        noun = {bool: "true or false", int: "an integer", float: "a number", dict: "an object"}[kind]
+        raise FieldError(prefix + name, f"{prefix}{name} must be {noun}, got {json.dumps(value)}")
+    return value
+
+
+def _equal_any(value: Any, allowed: tuple[Any, ...]) -> bool:
+    # True == 1 to Python, never to a client: n=true is not n=1.
+    return any(
+        value is option if isinstance(value, bool) or isinstance(option, bool) else value == option
+        for option in allowed
+    )
+
+
+# ---- response bodies ----------------------------------------------------------------------------
+
+# Our finish reasons in OpenAI's words: the end-of-sequence token is a stop like a stop string.
+_FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "abort"}
+
+
+def finish_reason(ours: str | None) -> str | None:
+    return None if ours is None else _FINISH.get(ours, ours)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def response_id(request_id: str, chat: bool) -> str:
+    return f"{'chatcmpl' if chat else 'cmpl'}-{request_id}"
+
+
+def completion(request_id: str, model: str, chat: bool, text: str, finish: str | None, usage_: dict) -> dict:
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None}
+    choice["finish_reason"] = finish_reason(finish)
+    return {
+        "id": response_id(request_id, chat),
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": usage_,
+    }
+
+
+class ChunkWriter:
+    """The server-sent events of one stream, in OpenAI's chunk shape, as bytes ready to send."""
+
+    def __init__(self, request_id: str, model: str, call: GenerateCall) -> None:
+        self._chat = call.chat
+        self._call = call
+        self._head = {
+            "id": response_id(request_id, call.chat),
+            "object": "chat.completion.chunk" if call.chat else "text_completion",
+            "created": int(time.time()),
+            "model": model,
+        }
+        self._role_sent = False
+
+    def chunk(self, text: str, finish: str | None, usage_: dict | None) -> bytes:
+        if self._chat:
+            delta = {"content": text} if text or finish is None else {}
+            if not self._role_sent:
+                delta = {"role": "assistant", **delta}  # the first chunk names the speaker, as OpenAI's does
+                self._role_sent = True
+            choice = {"index": 0, "delta": delta, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None}
+        choice["finish_reason"] = finish_reason(finish)
+        body = {**self._head, "choices": [choice]}
+        if self._call.include_usage:
+            body["usage"] = usage_ if self._call.continuous_usage else None
+        return event(body)
+
+    def end(self, usage_: dict | None) -> bytes:
+        """With include_usage, a last chunk with no choices and the usage; then [DONE]."""
+        tail = event({**self._head, "choices": [], "usage": usage_}) if self._call.include_usage and usage_ else b""
+        return tail + DONE
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+def event(body: dict) -> bytes:
+    return b"data: " + json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+_ERROR_TYPE = {
+    "INVALID_ARGUMENT": "invalid_request_error",
+    "UNAUTHENTICATED": "authentication_error",
+    "RESOURCE_EXHAUSTED": "rate_limit_error",
+    "UNAVAILABLE": "service_unavailable_error",
+    "DEADLINE_EXCEEDED": "timeout_error",
+    "UNIMPLEMENTED": "not_implemented_error",
+}
+
+
+def error_body(status: str, message: str, param: str | None = None) -> tuple[int, dict]:
+    """OpenAI's error shape; ``code`` is the gRPC status name, the same word /metrics counts."""
+    return http_status(status), {
+        "error": {"message": message, "type": _ERROR_TYPE.get(status, "server_error"), "param": param, "code": status}
+    }

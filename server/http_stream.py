@@ -1,0 +1,108 @@
+"""Noticing that an HTTP client hung up, and streaming server-sent events to one that has not.
+
+uvicorn says a client has gone only through ``receive()`` (an ``http.disconnect`` message);
+a send to a gone client is silently dropped.  So while a request generates, a second task
+listens, and a hang-up cancels the work: the engine's generator is closed and the request
+counts as CANCELLED, as a gRPC cancel does.  (Starlette's own StreamingResponse does the
+same listening but leaves the body generator to the garbage collector; sse-starlette also
+ends streams on its own shutdown watcher, where ours must drain.)
+
+A client that stays connected but stops reading is given ``--stream-stall-timeout``, as on
+gRPC: the held-back send is given up, ``StreamStalled`` is thrown into the generator where it
+waits (inside the shared call, which counts it), and the connection is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Mapping
+from typing import Any
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from .calls import StreamStalled
+
+log = logging.getLogger(__name__)
+
+
+class ClientGone(Exception):
+    """The client hung up before its answer was ready."""
+
+
+async def _until_disconnected(receive: Receive) -> None:
+    # Only after the request body has been read: until then receive() hands out the body.
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(work: Awaitable[Any], receive: Receive) -> Any:
+    """The result of ``work``; raises ClientGone (after ``work`` has been cancelled) if the client hangs up first."""
+    task = asyncio.ensure_future(work)
+    listener = asyncio.ensure_future(_until_disconnected(receive))
+    try:
+        await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        listener.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.done() or task.cancelled():
+        # Let the cancelled work finish its own clean-up (the engine's generator closes, the count is made).
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise ClientGone()
+    return task.result()
+
+
+class EventStream(Response):
+    """``text/event-stream`` from ``first`` (already made) and then ``rest``, with the stall timeout."""
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self, first: bytes, rest: AsyncGenerator[bytes, None], headers: Mapping[str, str], stall_timeout_s: float
+    ) -> None:
+        self.status_code = 200
+        self.background = None
+        self._first, self._rest = first, rest
+        self._stall_timeout_s = stall_timeout_s
+        self.init_headers({**headers, "cache-control": "no-store", "x-accel-buffering": "no"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        pump = asyncio.ensure_future(self._pump(send))
+        listener = asyncio.ensure_future(_until_disconnected(receive))
+        try:
+            await asyncio.wait({pump, listener}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            listener.cancel()
+            if not pump.done():
+                pump.cancel()  # the client hung up (or the server is stopping): the generator is closed
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+
+    async def _pump(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        async with contextlib.aclosing(self._rest) as rest:
+            chunk = self._first
+            while True:
+                try:
+                    await asyncio.wait_for(
+                        send({"type": "http.response.body", "body": chunk, "more_body": True}), self._stall_timeout_s
+                    )
+                except TimeoutError:
+                    stalled = StreamStalled(
+                        f"the stream was cancelled: the client read nothing for {self._stall_timeout_s:g} s "
+                        "(--stream-stall-timeout)"
+                    )
+                    # Thrown where the generator waits, inside the shared call that counts it; returning
+                    # without ending the response makes uvicorn close the connection.
+                    with contextlib.suppress(StopAsyncIteration, StreamStalled):
+                        await rest.athrow(stalled)
+                    return
+                try:
+                    chunk = await anext(rest)
+                except StopAsyncIteration:
+                    break
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
