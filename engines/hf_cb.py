@@ -170,6 +170,7 @@ class ContinuousBatchingEngine(Engine):
             sampler_key = runtime.samplers.add(request.prompt_ids, params)
             extra[SAMPLER_KWARG] = sampler_key
         done_inside = False
+        runtime.drop_stray_outputs()
         manager.register_result_handler(request_id, snapshots.put_nowait)
         try:
             added = manager.add_request(

@@ -72,11 +72,29 @@ def plan_cache(
     return CachePlan(num_blocks, block_size, max_batch_tokens or AUTO_MAX_BATCH_TOKENS[kind])
 
 
+@dataclass
 class CBRuntime:
     """A running manager, its model, the scoring model beside it, and what they are."""
 
-    def __init__(self, **facts) -> None:
-        self.__dict__.update(facts)
+    path: Path
+    model: object  # the manager's model: paged attention, never for a plain forward
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+    manager: object  # transformers' ContinuousBatchingManager
+    cache: object  # its PagedAttentionCache
+    scorer: HFModel  # the same weights, plain attention
+    samplers: object | None  # hf_cb_sampling.SamplerTable; None with CUDA graphs (greedy only)
+    eos_ids: tuple[int, ...]
+    graphs: bool
+    implementation: str
+    block_size: int
+    num_blocks: int
+    max_batch_tokens: int
+    kv_cache_bytes: int
+    max_context: int
+    vocab_size: int
+    kernel: str = "not probed"
 
     # ---- building ------------------------------------------------------------------------
 
@@ -159,7 +177,6 @@ class CBRuntime:
             kv_cache_bytes=int(cache.cache_tensor.numel() * cache.cache_tensor.element_size()),
             max_context=min(scorer.max_context, _longest_request(cache)),
             vocab_size=scorer.vocab_size,
-            kernel="not probed",
         )
         manager.start()
         runtime.kernel = runtime._probe_kernel()
@@ -248,6 +265,16 @@ class CBRuntime:
             used += len(blocks) * allocator.bytes_per_block
             total += allocator.num_blocks * allocator.bytes_per_block
         return min(1.0, used / total) if total else 0.0
+
+    def drop_stray_outputs(self) -> None:
+        """Empties the manager's shared output queue, which nobody here reads.
+
+        Outputs go there for a request without a handler: a cancelled request's handler is
+        dropped at once, and the step already under way may still deliver it one output.
+        """
+        stray = self.manager.output_router.output_queue
+        while not stray.empty():
+            stray.get_nowait()
 
     def stop(self) -> None:
         """Stops the loop now; requests still inside are failed, and their consumers told."""

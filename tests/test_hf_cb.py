@@ -224,6 +224,9 @@ def test_cancelled_streams_free_their_blocks_and_the_next_request_runs_at_once(l
     assert busy.running == 8 and busy.kv_cache_usage > 0
     assert engine.load().waiting == 0
     assert nxt[-1].completion_tokens == 2 and next_took < 2, (freed_in, next_took)
+    # Nothing left behind in the manager: no handler, no undelivered output.
+    router = engine._runtime.manager.output_router
+    assert not router.result_handlers and router.output_queue.empty()
 
 
 def test_queue_bound_refuses_at_once(loop, started):
