@@ -193,7 +193,10 @@ def engine_options_from_args(args: argparse.Namespace):
         name: options.TRISTATE[value] if options.is_tristate(options_class, name) else value
         for name, value in given.items()
     }
-    return options_class(**values)
+    try:
+        return options_class(**values)
+    except ValueError as exc:
+        raise SystemExit(f"yayi-serve: error: {exc}") from None
 
 
 def _test_faults(allowed: bool) -> tuple:
