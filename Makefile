@@ -93,6 +93,20 @@ bench-metrics: venv
 soak: venv
 	$(BIN)/python -m bench.soak $(BENCH_ARGS)
 
+# The OpenAI-compatible front end (yayi-serve --http-port) measured by clients nobody here wrote or by ours.
+# vLLM's own benchmark client (module vllm.benchmarks.serve) against ENGINES behind --http-port and against
+# vLLM's own OpenAI server, one random dataset: reports/vllm-bench-<UTC time>/ with vLLM's JSON under raw/.
+VLLM_BENCH_ENGINES ?= vllm
+VLLM_BENCH_ARGS ?=
+.PHONY: vllm-bench compare-apis
+vllm-bench: venv model
+	$(BIN)/python -m loadtest.vllm_bench --engines $(VLLM_BENCH_ENGINES) --model $(MODEL) $(VLLM_BENCH_ARGS)
+
+# make compare with every engine measured through gRPC and through the HTTP front end, in one report.
+compare-apis: model
+	$(BIN)/yayi-compare --engines $(COMPARE_ENGINES) --apis grpc,http --model $(MODEL) --users $(COMPARE_USERS) \
+	  --duration $(COMPARE_DURATION) $(COMPARE_ARGS)
+
 # The offline experiments (bench/, docs/experiments/): each writes reports/<name>-<UTC time>/ (--out moves it).
 bench-attention: venv
 	$(BIN)/python -m bench.attention_kernels $(BENCH_ARGS)

@@ -24,6 +24,7 @@ from loadtest.machine import describe, machine_info
 from loadtest.report import write_report
 from loadtest.report_folder import default_out
 from loadtest.roofline_column import RooflineColumn
+from loadtest.tables import markdown_table
 from loadtest.targets import OpenAIServerTarget, Reading, YayiTarget
 
 # Rough start-up times on a 2-core CPU, only for the "time left" estimate.
@@ -351,8 +352,40 @@ def main(argv: list[str] | None = None) -> int:
         "column_notes": column_notes(args),
     }
     paths = write_report(out, rows, context)
+    versus = api_comparison(rows)
+    if versus:
+        text = (
+            "# gRPC against the HTTP front end\n\nThe same engine, load and prompts; "
+            "HTTP's figures over gRPC's (1.00: the same).\n\n" + markdown_table(versus) + "\n"
+        )
+        (out / "api_comparison.md").write_text(text)
+        print(text, flush=True)
     print(f"report: {paths[0]}", flush=True)
     return 0 if not failures else 1
+
+
+def api_comparison(rows: list[dict]) -> list[dict]:
+    """For each engine measured through both front ends: HTTP's tokens/s and TTFT p50 over gRPC's, per step."""
+    loaded = {(r["engine"], r["users"]): r for r in rows if r.get("users") and r.get("speed_tokens_per_s")}
+    out = []
+    for (engine, users), http in loaded.items():
+        grpc = loaded.get((engine.removesuffix("-http"), users)) if engine.endswith("-http") else None
+        if grpc is None:
+            continue
+        out.append(
+            {
+                "Engine": grpc["engine"],
+                "Users": users,
+                "tokens/s gRPC": grpc["speed_tokens_per_s"],
+                "tokens/s HTTP": http["speed_tokens_per_s"],
+                "tokens/s HTTP/gRPC": http["speed_tokens_per_s"] / grpc["speed_tokens_per_s"],
+                "TTFT p50 gRPC (ms)": grpc["ttft_p50_ms"],
+                "TTFT p50 HTTP (ms)": http["ttft_p50_ms"],
+                "ITL p50 gRPC (ms)": grpc["itl_p50_ms"],
+                "ITL p50 HTTP (ms)": http["itl_p50_ms"],
+            }
+        )
+    return out
 
 
 def column_notes(args) -> list[str]:
