@@ -21,11 +21,16 @@ COMPARE_ENGINES ?= hf-eager,hf-kv,hf-flash,vllm
 COMPARE_USERS ?= 1,4,16
 COMPARE_DURATION ?= 60s
 COMPARE_ARGS ?=
+# make replicas: N replicas of ENGINE/MODEL behind HAProxy, called at REPLICAS_HOST:REPLICAS_PORT.
+N ?= 2
+REPLICAS_HOST ?= 127.0.0.1
+REPLICAS_PORT ?= 50050
+REPLICAS_ARGS ?=
 
 STAMP := $(VENV)/.installed-stamp
 
 .PHONY: venv model serve test lint format compare protos bench bench-vllm bench-compile bench-metrics clean prometheus \
-	bench-attention bench-length roofline rope-alibi eval-checkpoints
+	bench-attention bench-length roofline rope-alibi eval-checkpoints haproxy replicas bench-replicas
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,7 +55,7 @@ model: venv
 serve: model
 	$(BIN)/yayi-serve --engine $(ENGINE) --model $(MODEL) --port $(PORT) --metrics-port $(METRICS_PORT) $(SERVE_ARGS)
 
-test: venv prometheus lint
+test: venv prometheus haproxy lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # ruff's lint and format rules are in pyproject.toml ([tool.ruff]); `make format` applies the formatting.
@@ -67,6 +72,23 @@ prometheus:
 	@command -v prometheus >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus >/dev/null; }
+
+# HAProxy for `make replicas` and tests/test_replicas.py: Debian's package, installed when missing
+# (needs root or sudo). Debian puts it in /usr/sbin, so that is looked at too.
+haproxy:
+	@command -v haproxy >/dev/null || test -x /usr/sbin/haproxy || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq haproxy >/dev/null; }
+
+# N replicas behind HAProxy (per-call balancing on outstanding calls, /health checks), until Ctrl-C:
+#   make replicas N=2 ENGINE=hf-kv MODEL=tiny-llama [REPLICAS_PORT=50050] [SERVE_ARGS=...] [REPLICAS_ARGS=...]
+replicas: model haproxy
+	$(BIN)/python -m loadtest.replicas --replicas $(N) --host $(REPLICAS_HOST) --port $(REPLICAS_PORT) $(REPLICAS_ARGS) \
+	  -- --engine $(ENGINE) --model $(MODEL) $(SERVE_ARGS)
+
+# Locust through HAProxy in front of N replicas against one replica directly (README "More than one replica").
+bench-replicas: model haproxy
+	$(BIN)/python -m bench.replicas_proxy --model $(MODEL) --engine $(ENGINE) --replicas $(N) $(BENCH_ARGS)
 
 compare: model
 	$(BIN)/yayi-compare --engines $(COMPARE_ENGINES) --model $(MODEL) --users $(COMPARE_USERS) \
