@@ -1,0 +1,257 @@
+"""Two real replicas of tiny-llama (hf-kv) behind a real HAProxy, on 127.0.0.1 (loadtest/replicas.py).
+
+Balancing (every call counted by the replica that served it), a replica killed mid-stream, a
+replica drained through HAProxy, and one signalled behind HAProxy's back.  Which replica served a
+call comes from the header HAProxy sets on every response (``x-yayi-replica``), checked against the
+replicas' own /metrics.  The tests share one set of replicas and run in file order.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import grpc
+import pytest
+
+from loadtest import scrape
+from loadtest.replicas import (
+    REPLICA_HEADER,
+    RETRY_CHANNEL_OPTIONS,
+    Replica,
+    Replicas,
+    find_haproxy,
+)
+from loadtest.server_process import open_channel, request
+from server.wire import pb_grpc
+
+pytestmark = pytest.mark.skipif(
+    find_haproxy() is None, reason="haproxy not installed (Debian package `haproxy`; `make test` installs it)"
+)
+
+SERVE = ["--engine", "hf-kv", "--model", "tiny-llama"]
+CHECK_INTERVAL_S = 0.5
+GENERATING = ("Generate", "GenerateStream")
+
+
+@pytest.fixture(scope="module")
+def replicas():
+    with Replicas(2, SERVE, check_interval_ms=int(CHECK_INTERVAL_S * 1000), grace_period_s=30) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def stub(replicas):
+    channel = open_channel(replicas.address)
+    yield pb_grpc.InferenceStub(channel)
+    channel.close()
+
+
+@dataclass
+class Outcome:
+    status: str
+    replica: str | None  # from HAProxy's header; None when no response header came back
+    tokens: int
+    started: float
+    first_token_at: float | None
+    ended: float
+
+
+def call_stream(stub, prompt: str, max_new_tokens: int, progress: dict | None = None, key=None) -> Outcome:
+    started, first, tokens, status = time.monotonic(), None, 0, "OK"
+    call = stub.GenerateStream(request(prompt, max_new_tokens=max_new_tokens, ignore_eos=True), timeout=90)
+    try:
+        for chunk in call:
+            if first is None:
+                first = time.monotonic()
+                if progress is not None:
+                    progress[key] = (dict(call.initial_metadata()).get(REPLICA_HEADER), first)
+            tokens += len(chunk.token_ids)
+    except grpc.RpcError as error:
+        status = error.code().name
+    replica = dict(call.initial_metadata() or ()).get(REPLICA_HEADER)
+    return Outcome(status, replica, tokens, started, first, time.monotonic())
+
+
+def call_unary(stub, prompt: str, max_new_tokens: int) -> Outcome:
+    started = time.monotonic()
+    try:
+        response, call = stub.Generate.with_call(
+            request(prompt, max_new_tokens=max_new_tokens, ignore_eos=True), timeout=90
+        )
+    except grpc.RpcError as error:
+        return Outcome(error.code().name, None, 0, started, None, time.monotonic())
+    replica = dict(call.initial_metadata()).get(REPLICA_HEADER)
+    return Outcome("OK", replica, len(response.token_ids), started, started, time.monotonic())
+
+
+class Load:
+    """``users`` threads streaming one call after another through the proxy until stopped."""
+
+    def __init__(self, stub, users: int = 6, max_new_tokens: int = 16) -> None:
+        self.outcomes: list[Outcome] = []
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._user, args=(stub, i, max_new_tokens), daemon=True) for i in range(users)
+        ]
+
+    def _user(self, stub, index: int, max_new_tokens: int) -> None:
+        while not self._stop.is_set():
+            self.outcomes.append(call_stream(stub, f"user {index} asks", max_new_tokens))
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(120)
+
+
+def generating(samples: scrape.Samples, name: str) -> float:
+    """A per-method counter summed over the generating methods (health checks and the like left out)."""
+    return sum(scrape.total(samples, name, method=m) or 0.0 for m in GENERATING)
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+# ---- the configuration, without starting anything -------------------------------------------------
+
+
+def test_rendered_config_passes_haproxys_own_check(tmp_path):
+    proxy = Replicas(3, SERVE, workdir=tmp_path)
+    proxy.replicas = [
+        Replica(f"r{i}", SimpleNamespace(port=41000 + i, http_port=42000 + i, metrics_port=43000 + i)) for i in range(3)
+    ]
+    config = proxy.render_config()
+    assert "$" not in config.split("\nglobal", 1)[1], "a template field left unfilled"
+    assert f"bind 127.0.0.1:{proxy.port} proto h2" in config
+    assert "balance leastconn" in config and "option httpchk GET /health" in config
+    for i in range(3):
+        assert f"server r{i} 127.0.0.1:{41000 + i} proto h2 port {42000 + i} check-proto h1" in config
+    proxy.config_path.write_text(config)
+    result = subprocess.run([find_haproxy(), "-c", "-f", str(proxy.config_path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---- the running pair -------------------------------------------------------------------------------
+
+
+def test_calls_reach_both_replicas_and_every_token_is_counted_once(replicas, stub):
+    before = [scrape.read(r.server.metrics_port) for r in replicas.replicas]
+    # Unary and streaming calls of different lengths, four at a time: leastconn spreads them.
+    jobs = [(i, i % 2 == 0, 3 + i % 9) for i in range(40)]
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(lambda j: (call_stream if j[1] else call_unary)(stub, f"request {j[0]}", j[2]), jobs))
+    after = [scrape.read(r.server.metrics_port) for r in replicas.replicas]
+
+    assert [o.status for o in outcomes] == ["OK"] * 40
+    served = {
+        r.name: generating(a, "yayi_requests_total") - generating(b, "yayi_requests_total")
+        for r, b, a in zip(replicas.replicas, before, after)
+    }
+    assert all(count > 0 for count in served.values()), served
+    assert sum(served.values()) == 40
+    # The header says which replica answered; each replica's own counter agrees.
+    assert Counter(o.replica for o in outcomes) == served
+    # `or 0`: a counter's series appears with its first increment.
+    counted = sum(
+        (scrape.total(a, "yayi_generation_tokens_total") or 0) - (scrape.total(b, "yayi_generation_tokens_total") or 0)
+        for b, a in zip(before, after)
+    )
+    received = sum(o.tokens for o in outcomes)
+    assert received == counted == sum(j[2] for j in jobs)
+    print(f"\nserved per replica: {served}; tokens received {received}, counted by the replicas {counted:g}")
+
+
+def test_sigkill_fails_only_the_streams_it_was_sending_and_traffic_returns(replicas, stub):
+    victim = replicas.replicas[0].name
+    progress: dict[int, tuple[str, float]] = {}
+
+    # Six long streams: three on each replica; hf-kv generates one at a time, so each replica
+    # streams one of its three and queues the other two (no response sent yet).
+    def marked_down() -> float:
+        replicas.wait_state(0, "DOWN", timeout=10)
+        return time.monotonic()
+
+    with ThreadPoolExecutor(7) as pool:
+        streams = [pool.submit(call_stream, stub, f"long {i}", 48, progress, i) for i in range(6)]
+        wait_for(lambda: any(r == victim for r, _ in progress.values()), 60, f"a token streamed from {victim}")
+        killed_at = time.monotonic()
+        replicas.kill(0)
+        down = pool.submit(marked_down)
+        streaming_from_victim = {i for i, (r, first) in progress.items() if r == victim and first < killed_at}
+        # Calls made after the kill, some of them before HAProxy has noticed: none may fail.
+        later = [call_unary(stub, f"after the kill {i}", 4) for i in range(8)]
+        down_after = down.result()
+        outcomes = [s.result() for s in streams]
+
+    failed = {i for i, o in enumerate(outcomes) if o.status != "OK"}
+    assert failed == streaming_from_victim and failed, (failed, streaming_from_victim, outcomes)
+    # HAProxy ends a stream whose server vanished with END_STREAM and no grpc-status, which gRPC
+    # reports as UNKNOWN ("Stream removed"); a direct connection would have given UNAVAILABLE.
+    assert {outcomes[i].status for i in failed} <= {"UNKNOWN", "UNAVAILABLE"}, outcomes
+    # The victim's queued streams had no response yet: HAProxy retried them on the other replica.
+    assert all(o.replica != victim for i, o in enumerate(outcomes) if i not in failed)
+    assert [(o.status, o.replica) for o in later] == [("OK", replicas.replicas[1].name)] * 8
+    assert down_after - killed_at <= CHECK_INTERVAL_S + 1.0, f"DOWN {down_after - killed_at:.2f}s after the kill"
+    print(f"\n{len(failed)} stream(s) cut; HAProxy had {victim} DOWN {down_after - killed_at:.2f}s after the kill")
+
+    replicas.restart(0)  # the same ports, so HAProxy's server line finds it
+    with ThreadPoolExecutor(4) as pool:
+        back = list(pool.map(lambda i: call_unary(stub, f"back {i}", 4), range(12)))
+    assert all(o.status == "OK" for o in back)
+    assert Counter(o.replica for o in back)[victim] > 0, back
+
+
+def test_drain_through_haproxy_under_load_fails_nothing(replicas, stub):
+    draining = replicas.replicas[0]
+    with Load(stub) as load:
+        wait_for(lambda: Counter(o.replica for o in load.outcomes)[draining.name] >= 2, 60, "calls on both")
+        signalled_at = time.monotonic()
+        exit_code = replicas.drain(0)  # HAProxy first: state drain; then SIGTERM; waits for the exit
+        time.sleep(1.0)
+    outcomes = load.outcomes
+    assert exit_code == 0 and "yayi-serve: drained, exiting" in draining.server.lines
+    assert [o.status for o in outcomes if o.status != "OK"] == []
+    # Calls it already had finished during the drain; none started afterwards reached it.
+    assert any(o.replica == draining.name and o.ended > signalled_at for o in outcomes)
+    assert not any(o.replica == draining.name and o.started > signalled_at for o in outcomes)
+    replicas.restart(0)
+
+
+def test_sigterm_behind_haproxys_back_fails_nothing_for_clients_that_retry(replicas):
+    # No HAProxy drain first: the replica refuses new calls at once while HAProxy still sends it
+    # some until its next check sees the 503; gRPC's retry policy on UNAVAILABLE absorbs those.
+    channel = open_channel(replicas.address, options=RETRY_CHANNEL_OPTIONS)
+    retrying = pb_grpc.InferenceStub(channel)
+    target = replicas.replicas[0]
+    try:
+        with Load(retrying) as load:
+            wait_for(lambda: Counter(o.replica for o in load.outcomes)[target.name] >= 2, 60, "calls on both")
+            sent_before = int(replicas.stats()[target.name]["stot"])
+            signalled_at = time.monotonic()
+            target.server.signal(signal.SIGTERM)
+            replicas.wait_state(0, "DOWN", timeout=10)
+            sent_after = int(replicas.stats()[target.name]["stot"])
+            assert target.server.process.wait(60) == 0
+            time.sleep(1.0)
+    finally:
+        channel.close()
+    outcomes = load.outcomes
+    assert [o.status for o in outcomes if o.status != "OK"] == []
+    assert any(o.replica == target.name and o.ended > signalled_at for o in outcomes), "in-flight calls finished"
+    print(f"\ncalls HAProxy sent to the draining replica before its check saw the 503: {sent_after - sent_before}")
