@@ -3,7 +3,8 @@
 For each engine: start a server, wait for SERVING, warm up, record the idle row (the log's
 "空载"), run headless Locust at each concurrency while watching the server's metrics, stop
 the server.  With ``--apis grpc,http`` each engine is measured through both front ends (rows
-"vllm" and "vllm-http"), by the same Locust options and the same clock.  Optionally the
+"vllm" and "vllm-http"), on one server process, back to back, by the same Locust options and
+the same clock.  Optionally the
 same load against vLLM's own OpenAI-compatible server, beside our vllm rows.  Writes
 reports/speed-<UTC time>/ (see loadtest/report.py and the folder rule in
 loadtest/report_folder.py); every figure in it comes from a raw file kept under raw/.
@@ -28,7 +29,7 @@ from loadtest.tables import markdown_table
 from loadtest.targets import OpenAIServerTarget, Reading, YayiTarget
 
 # Rough start-up times on a 2-core CPU, only for the "time left" estimate.
-START_ESTIMATE_S = {"vllm": 150.0, "vllm-http": 150.0, "vllm-openai": 150.0}
+START_ESTIMATE_S = {"vllm": 150.0, "vllm-openai": 150.0}
 DEFAULT_START_ESTIMATE_S = 20.0
 STEP_OVERHEAD_S = 8.0
 # The line of a failed start-up that says why: "yayi-serve: error: ...", "Value error, ...".
@@ -158,8 +159,11 @@ def make_targets(args, engines: list[str], model_path: str, raw: Path) -> list:
         extra = ["--dtype", dtype, *common]
         if engine == "vllm":
             extra += ["--kv-cache-gb", f"{args.kv_cache_gb:g}", "--max-model-len", str(max_model_len(args, model_path))]
+        previous = None
         for api in args.apis:
-            targets.append(YayiTarget(engine, args.model, extra, queue, args.sample_period, api))
+            # The second front end of an engine is measured on the first one's server, right after it.
+            previous = YayiTarget(engine, args.model, extra, queue, args.sample_period, api, shares_with=previous)
+            targets.append(previous)
     if want_baseline(args.baseline, engines):
         targets.append(
             OpenAIServerTarget(

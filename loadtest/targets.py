@@ -42,16 +42,32 @@ class YayiTarget:
     locustfile = ROOT / "loadtest" / "speed.py"
 
     def __init__(
-        self, engine: str, model: str, server_args: list[str], queue: int, sample_period: float, api: str = "grpc"
+        self,
+        engine: str,
+        model: str,
+        server_args: list[str],
+        queue: int,
+        sample_period: float,
+        api: str = "grpc",
+        shares_with: YayiTarget | None = None,
     ) -> None:
+        """``shares_with``: the target just before this one, of the same engine through the other front
+        end; its server is handed over rather than stopped and started again, so both front ends are
+        measured on one process, back to back (and a vllm start, minutes on a CPU, is paid once)."""
         # Rows of the HTTP front end are labelled apart, so one report holds both front ends.
         self.label = engine if api == "grpc" else f"{engine}-http"
         self.engine, self.model, self.api = engine, model, api
-        self.server_args = server_args + (["--http-port", "0"] if api == "http" else [])
+        sharing = shares_with is not None or api == "http"
+        self.server_args = server_args + (["--http-port", "0"] if sharing else [])
         self.queue = queue
         self.sample_period = sample_period
         self.server: ServerProcess | None = None
         self.info: dict = {}
+        self.shares_with = shares_with
+        self.hands_over = False  # set on the target whose server the next one takes
+        if shares_with is not None:
+            shares_with.hands_over = True
+            shares_with.server_args = self.server_args
 
     @property
     def host(self) -> str:
@@ -65,6 +81,10 @@ class YayiTarget:
         return ["--api", "http", "--served-model", self.model] if self.api == "http" else []
 
     def start(self, timeout: float) -> dict:
+        handed = self.shares_with.server if self.shares_with is not None else None
+        if handed is not None and handed.process.poll() is None:
+            self.server, self.info = handed, self.shares_with.info
+            return self.info
         self.server = ServerProcess(
             "--engine",
             self.engine,
@@ -101,7 +121,7 @@ class YayiTarget:
         return MetricsWatch(self, raw_prefix)
 
     def stop(self) -> None:
-        if self.server is not None:
+        if self.server is not None and not self.hands_over:
             self.server.stop()
 
     def startup_output(self) -> str:
