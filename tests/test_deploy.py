@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import dockerfile
+import jsonschema
 import kubernetes_validate
 import pydantic
 import pytest
@@ -25,6 +26,7 @@ from click.testing import CliRunner
 from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor
 
 from server.cli import build_parser, config_from_args
+from server.metrics import ServerMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -192,6 +194,209 @@ def test_deployment_probes_drain_and_scrape(variant):
     else:
         assert config.device == "cpu"
         assert not any(key.startswith("nvidia.com/") for key in main["resources"]["limits"])
+
+
+# ---- the llm-d router (Kubernetes, deploy/k8s/llm-d) ---------------------------------------
+# Never applied to a cluster here. The InferencePool is checked against the Inference Extension's
+# own CRD (committed in crds/), the router's config against a schema written from its Go types
+# (schemas/), the rest against Kubernetes' schemas, and all of them against each other.
+
+LLMD = K8S / "llm-d"
+LLMD_BUILTIN = ["yayi-serve.yaml", "epp-config.yaml", "epp.yaml"]
+INFERENCEPOOL_CRD = LLMD / "crds" / "inference.networking.k8s.io_inferencepools.yaml"
+EPP_CONFIG_SCHEMA = LLMD / "schemas" / "endpointpickerconfig-v0.9.0.schema.json"
+EPP_FLAGS = LLMD / "schemas" / "epp-flags-v0.9.0.txt"
+EPP_CONFIG_KEY = "yayi.yaml"
+
+
+def llmd_docs(name: str) -> dict[str, dict]:
+    """A multi-document manifest's objects by kind."""
+    return {doc["kind"]: doc for doc in yaml.safe_load_all((LLMD / name).read_text())}
+
+
+def strict_openapi(schema):
+    """A CRD's openAPIV3Schema for jsonschema, with unknown fields refused as kubectl --validate=strict does.
+
+    The API server prunes unknown fields of a structural schema silently; here each object that lists
+    its properties allows no others (metadata, which lists none, stays open).
+    """
+    if isinstance(schema, dict):
+        schema = {k: strict_openapi(v) for k, v in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema:
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [strict_openapi(v) for v in schema]
+    return schema
+
+
+def check_inferencepool(doc: dict) -> None:
+    crd = load_yaml(INFERENCEPOOL_CRD)
+    assert doc["apiVersion"] == f"{crd['spec']['group']}/v1" and doc["kind"] == crd["spec"]["names"]["kind"]
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1" and v["served"]]
+    jsonschema.Draft7Validator(strict_openapi(version["schema"]["openAPIV3Schema"])).validate(doc)
+    # The CRD's CEL rules (x-kubernetes-validations), which jsonschema does not run.
+    ref = doc["spec"]["endpointPickerRef"]
+    assert ref.get("kind", "Service") != "Service" or "port" in ref, "port is required when kind is 'Service'"
+    numbers = [p["number"] for p in doc["spec"]["targetPorts"]]
+    assert len(numbers) == len(set(numbers)), "port number must be unique"
+
+
+def test_inferencepool_matches_the_inference_extension_crd():
+    check_inferencepool(load_yaml(LLMD / "inferencepool.yaml"))
+
+
+def test_inferencepool_check_rejects_broken_pools():
+    doc = load_yaml(LLMD / "inferencepool.yaml")
+    for breaks in (
+        lambda d: d["spec"].update(appProtocol="h2c"),  # only http and kubernetes.io/h2c exist
+        lambda d: d["spec"].update(appprotocol=d["spec"].pop("appProtocol")),  # optional, so only strictness sees it
+        lambda d: d["spec"].update(targetPort=d["spec"].pop("targetPorts")),
+        lambda d: d["spec"]["endpointPickerRef"].pop("port"),
+        lambda d: d["spec"]["targetPorts"].append({"number": 50051}),
+    ):
+        broken = json.loads(json.dumps(doc))
+        breaks(broken)
+        with pytest.raises((jsonschema.ValidationError, AssertionError)):
+            check_inferencepool(broken)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("name", LLMD_BUILTIN)
+def test_llmd_manifest_matches_the_kubernetes_schema(name, version):
+    for doc in yaml.safe_load_all((LLMD / name).read_text()):
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_every_llmd_manifest_is_checked_and_applied():
+    checked = {*LLMD_BUILTIN, "inferencepool.yaml", "kustomization.yaml"}
+    assert {p.name for p in LLMD.glob("*.y*ml")} == checked
+    assert set(load_yaml(LLMD / "kustomization.yaml")["resources"]) == checked - {"kustomization.yaml"}
+
+
+def test_pool_pods_are_the_cpu_deployment_labelled_for_the_router():
+    pool = load_yaml(LLMD / "yayi-serve.yaml")
+    cpu = load_yaml(K8S / "deployment.yaml")
+    # The same server, probes, drain and resources: only the labels and the replica count differ.
+    assert container(pool) == container(cpu)
+    assert pool["spec"]["template"]["spec"] == cpu["spec"]["template"]["spec"]
+    assert pool["spec"]["template"]["metadata"]["annotations"] == cpu["spec"]["template"]["metadata"]["annotations"]
+    labels = pool["spec"]["template"]["metadata"]["labels"]
+    assert labels["llm-d.ai/engine-type"] == "yayi"
+    assert pool["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_inferencepool_selects_the_pool_pods_and_names_the_picker():
+    pool = load_yaml(LLMD / "inferencepool.yaml")["spec"]
+    pods = load_yaml(LLMD / "yayi-serve.yaml")
+    labels = pods["spec"]["template"]["metadata"]["labels"]
+    assert pool["selector"]["matchLabels"].items() <= labels.items()
+    # Only the pods labelled for the router: the plain Deployment's pods are not in the pool.
+    assert (
+        not pool["selector"]["matchLabels"].items()
+        <= load_yaml(K8S / "deployment.yaml")["spec"]["template"]["metadata"]["labels"].items()
+    )
+    ports = {p["name"]: p["containerPort"] for p in container(pods)["ports"]}
+    assert [p["number"] for p in pool["targetPorts"]] == [ports["grpc"]] == [GRPC_PORT]
+    assert pool["appProtocol"] == "kubernetes.io/h2c"
+    epp = llmd_docs("epp.yaml")
+    service = epp["Service"]
+    assert pool["endpointPickerRef"]["name"] == service["metadata"]["name"]
+    (ext_proc,) = [p for p in service["spec"]["ports"] if p["port"] == pool["endpointPickerRef"]["port"]["number"]]
+    assert ext_proc["appProtocol"] == "kubernetes.io/h2c"
+    assert service["spec"]["selector"].items() <= epp["Deployment"]["spec"]["template"]["metadata"]["labels"].items()
+    # The router v0.9.0 ships the Inference Extension's v1.5.0 CRD, where the picker is required.
+    assert "endpointPickerRef" in pool
+
+
+def epp_config() -> dict:
+    return yaml.safe_load(load_yaml(LLMD / "epp-config.yaml")["data"][EPP_CONFIG_KEY])
+
+
+def check_epp_config(config: dict) -> None:
+    schema = json.loads(EPP_CONFIG_SCHEMA.read_text())
+    jsonschema.Draft202012Validator(schema).validate(config)
+
+
+def test_epp_config_matches_the_routers_types():
+    check_epp_config(epp_config())
+
+
+def test_epp_config_check_rejects_what_the_router_would():
+    for breaks in (
+        lambda c: c["plugins"][2]["parameters"]["engineConfigs"][0].update(queuedRequestSpec="x"),  # misspelt
+        lambda c: c["plugins"].append({"type": "queue-scorers"}),  # no such plugin
+        lambda c: c["plugins"][1]["parameters"].update(port=9400),  # not in v0.9.0: a flag there
+        lambda c: c.update(parsers=c.pop("requestHandler")),
+    ):
+        broken = epp_config()
+        breaks(broken)
+        with pytest.raises(jsonschema.ValidationError):
+            check_epp_config(broken)
+
+
+def test_epp_config_reads_yayi_metrics_and_passes_grpc_through():
+    config = epp_config()
+    plugins = {p.get("name", p["type"]): p for p in config["plugins"]}
+    refs = [
+        *(p["pluginRef"] for profile in config["schedulingProfiles"] for p in profile["plugins"]),
+        *(s["pluginRef"] for s in config["dataLayer"]["sources"]),
+        *(e["pluginRef"] for s in config["dataLayer"]["sources"] for e in s["extractors"]),
+        *(p["pluginRef"] for p in config["requestHandler"]["parsers"]),
+    ]
+    assert set(refs) <= plugins.keys()
+    extractor = plugins["core-metrics-extractor"]["parameters"]
+    (yayi,) = [e for e in extractor["engineConfigs"] if e["name"] == "yayi"]
+    assert (yayi["queuedRequestsSpec"], yayi["runningRequestsSpec"], yayi["kvUsageSpec"]) == (
+        "yayi_requests_waiting",
+        "yayi_requests_running",
+        "yayi_kv_cache_usage_ratio",
+    )
+    # Names the server really exports (ServerMetrics' families), in Prometheus' legacy name syntax.
+    exported = {family.name for family in ServerMetrics("hf-kv", "m").registry.collect()}
+    for spec in (yayi["queuedRequestsSpec"], yayi["runningRequestsSpec"], yayi["kvUsageSpec"]):
+        assert re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", spec) and spec in exported, spec
+    pods = load_yaml(LLMD / "yayi-serve.yaml")
+    assert pods["spec"]["template"]["metadata"]["labels"][extractor["engineLabelKey"]] == "yayi"
+    # Our bodies are protobuf: the passthrough parser alone, which claims no protocol, so the EPP's
+    # check of parsers against the pool's appProtocol (h2c) passes.
+    assert [plugins[p["pluginRef"]]["type"] for p in config["requestHandler"]["parsers"]] == ["passthrough-parser"]
+
+
+def test_epp_runs_with_flags_it_has_and_finds_its_config_pool_and_metrics():
+    epp = llmd_docs("epp.yaml")
+    deployment = epp["Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    main = container(deployment)
+    known = {line for line in EPP_FLAGS.read_text().splitlines() if line and not line.startswith("#")}
+    args = dict(arg.removeprefix("--").split("=", 1) for arg in main["args"])
+    assert all(arg.startswith("--") and "=" in arg for arg in main["args"]), main["args"]
+    assert args.keys() <= known, args.keys() - known
+    assert args["pool-name"] == load_yaml(LLMD / "inferencepool.yaml")["metadata"]["name"]
+    assert args["pool-group"] == load_yaml(INFERENCEPOOL_CRD)["spec"]["group"]
+    # The config file is the ConfigMap's key, mounted where --config-file points.
+    (mount,) = main["volumeMounts"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["configMap"]["name"] == load_yaml(LLMD / "epp-config.yaml")["metadata"]["name"]
+    assert args["config-file"] == f"{mount['mountPath']}/{EPP_CONFIG_KEY}"
+    # The router scrapes each pod where yayi-serve serves /metrics.
+    pods = load_yaml(LLMD / "yayi-serve.yaml")
+    config = serve_config([*container(pods)["command"], *container(pods)["args"]])
+    assert int(args["model-server-metrics-port"]) == config.metrics_port == METRICS_PORT
+    assert config.metrics_host == "0.0.0.0"
+    ports = {p["name"]: p["containerPort"] for p in main["ports"]}
+    assert int(args["grpc-port"]) == ports["grpc"] and int(args["grpc-health-port"]) == ports["grpc-health"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert main[probe]["grpc"]["port"] == ports["grpc-health"]
+    service_ports = {p["port"]: p["targetPort"] for p in epp["Service"]["spec"]["ports"]}
+    assert service_ports[int(args["grpc-port"])] == "grpc"
+    # RBAC for the service account the picker runs as: pods and the pool.
+    assert pod["serviceAccountName"] == epp["ServiceAccount"]["metadata"]["name"]
+    assert epp["RoleBinding"]["subjects"][0]["name"] == epp["ServiceAccount"]["metadata"]["name"]
+    assert epp["RoleBinding"]["roleRef"]["name"] == epp["Role"]["metadata"]["name"]
+    granted = {(g, r) for rule in epp["Role"]["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    assert {("", "pods"), ("inference.networking.k8s.io", "inferencepools")} <= granted
+    assert pod["terminationGracePeriodSeconds"] >= pods["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert main["image"].endswith(":v0.9.0") == EPP_FLAGS.name.endswith("-v0.9.0.txt")
 
 
 # ---- docker compose -----------------------------------------------------------------------
