@@ -88,9 +88,9 @@ class EventStream(Response):
             chunk = self._first
             while True:
                 try:
-                    await asyncio.wait_for(
-                        send({"type": "http.response.body", "body": chunk, "more_body": True}), self._stall_timeout_s
-                    )
+                    # asyncio.timeout, not wait_for: no task per event on a path taken for every token.
+                    async with asyncio.timeout(self._stall_timeout_s):
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 except TimeoutError:
                     stalled = StreamStalled(
                         f"the stream was cancelled: the client read nothing for {self._stall_timeout_s:g} s "
