@@ -525,6 +525,23 @@ def test_dashboard_covers_what_the_operator_asked_for():
         assert wanted in exprs, wanted
 
 
+def test_dashboard_groups_by_replica_as_well():
+    # Behind a load balancer (make replicas, the llm-d pool) each replica is one Prometheus instance.
+    exprs = "\n".join(all_exprs())
+    for wanted in (
+        "sum by (instance) (rate(yayi_generation_tokens_total[1m]))",
+        "sum by (instance) (rate(yayi_requests_total[1m])) / scalar(sum(rate(yayi_requests_total[1m])))",
+        "histogram_quantile(0.5, sum by (le, instance) (rate(yayi_time_to_first_token_seconds_bucket[1m])))",
+        "histogram_quantile(0.95, sum by (le, instance) (rate(yayi_time_to_first_token_seconds_bucket[1m])))",
+        "sum by (instance) (yayi_requests_running)",
+        "sum by (instance) (yayi_requests_waiting)",
+        "sum by (instance, status) (rate(yayi_requests_total[1m]))",
+    ):
+        assert wanted in exprs, wanted
+    per_replica = [p for p in panels() if any("instance" in t["expr"] for t in p["targets"])]
+    assert all("{{instance}}" in t["legendFormat"] for p in per_replica for t in p["targets"] if "by (" in t["expr"])
+
+
 def test_power_panels_are_honest_about_missing_readings():
     for panel in panels():
         exprs = [t["expr"] for t in panel["targets"]]

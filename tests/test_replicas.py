@@ -8,10 +8,14 @@ replicas' own /metrics.  The tests share one set of replicas and run in file ord
 
 from __future__ import annotations
 
+import json
+import shutil
 import signal
 import subprocess
 import threading
 import time
+import urllib.parse
+import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,13 +24,15 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
-from loadtest import scrape
+from loadtest import ROOT, scrape
 from loadtest.replicas import (
     REPLICA_HEADER,
     RETRY_CHANNEL_OPTIONS,
+    RETRY_SERVICE_CONFIG,
     Replica,
     Replicas,
     find_haproxy,
+    free_port,
 )
 from loadtest.server_process import open_channel, request
 from server.wire import pb_grpc
@@ -36,6 +42,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 SERVE = ["--engine", "hf-kv", "--model", "tiny-llama"]
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "yayi-serve.json"
 CHECK_INTERVAL_S = 0.5
 GENERATING = ("Generate", "GenerateStream")
 
@@ -177,6 +184,64 @@ def test_calls_reach_both_replicas_and_every_token_is_counted_once(replicas, stu
     print(f"\nserved per replica: {served}; tokens received {received}, counted by the replicas {counted:g}")
 
 
+def prometheus_scraping(targets: list[str], workdir) -> tuple[subprocess.Popen, str]:
+    """A real Prometheus scraping ``targets`` every second; its process and URL once ready."""
+    port = free_port()
+    config = workdir / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: yayi-serve\n"
+        f"    static_configs:\n      - targets: {json.dumps(targets)}\n"
+    )
+    process = subprocess.Popen(
+        [
+            shutil.which("prometheus"),
+            f"--config.file={config}",
+            f"--storage.tsdb.path={workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_for(lambda: _ready(url), 60, "prometheus ready")
+    return process, url
+
+
+def _ready(url: str) -> bool:
+    try:
+        urllib.request.urlopen(f"{url}/-/ready", timeout=1)
+        return True
+    except OSError:
+        return False
+
+
+def query(url: str, expr: str) -> list[dict]:
+    answer = json.loads(urllib.request.urlopen(f"{url}/api/v1/query?{urllib.parse.urlencode({'query': expr})}").read())
+    assert answer["status"] == "success", (expr, answer)
+    return answer["data"]["result"]
+
+
+@pytest.mark.skipif(not shutil.which("prometheus"), reason="no prometheus (Debian package: `make test` installs it)")
+def test_dashboard_shows_each_replica(replicas, stub, tmp_path):
+    targets = [f"127.0.0.1:{r.server.metrics_port}" for r in replicas.replicas]
+    process, url = prometheus_scraping(targets, tmp_path)
+    try:
+        with Load(stub, users=4):
+            # A few scrapes of each replica under load, so every rate() has two samples or more.
+            wait_for(lambda: len(query(url, "count_over_time(yayi_requests_running[1m]) >= 4")) == 2, 60, "scrapes")
+        dashboard = json.loads(DASHBOARD.read_text())
+        exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", []) if "instance" in t["expr"]]
+        assert len(exprs) >= 5
+        for expr in exprs:
+            instances = {series["metric"].get("instance") for series in query(url, expr)}
+            assert instances == set(targets), (expr, instances)
+        share = query(url, next(e for e in exprs if "scalar(" in e))
+        assert sum(float(s["value"][1]) for s in share) == pytest.approx(1.0)
+    finally:
+        process.terminate()
+        process.wait(20)
+
+
 def test_sigkill_fails_only_the_streams_it_was_sending_and_traffic_returns(replicas, stub):
     victim = replicas.replicas[0].name
     progress: dict[int, tuple[str, float]] = {}
@@ -255,3 +320,25 @@ def test_sigterm_behind_haproxys_back_fails_nothing_for_clients_that_retry(repli
     assert [o.status for o in outcomes if o.status != "OK"] == []
     assert any(o.replica == target.name and o.ended > signalled_at for o in outcomes), "in-flight calls finished"
     print(f"\ncalls HAProxy sent to the draining replica before its check saw the 503: {sent_after - sent_before}")
+
+
+def test_retry_policy_retries_a_refused_call_four_times(replicas):
+    # The mechanism the test above relies on, made certain: a replica held draining by a call in
+    # flight refuses every attempt, and the replica itself counts them. It is the last replica left.
+    last = replicas.replicas[1]
+    held = last.server.stream("hold the drain open", max_new_tokens=1000, ignore_eos=True, timeout=120)
+    next(held)
+    last.server.signal(signal.SIGTERM)
+    last.server.wait_for_line("yayi-serve: draining", 30)
+    before = scrape.total(scrape.read(last.server.metrics_port), "yayi_requests_total", status="UNAVAILABLE") or 0
+    channel = open_channel(last.server.address, options=RETRY_CHANNEL_OPTIONS)
+    try:
+        with pytest.raises(grpc.RpcError) as refused:
+            pb_grpc.InferenceStub(channel).Generate(request("refused", max_new_tokens=4), timeout=30)
+        after = scrape.total(scrape.read(last.server.metrics_port), "yayi_requests_total", status="UNAVAILABLE")
+    finally:
+        channel.close()
+        held.cancel()
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert after - before == RETRY_SERVICE_CONFIG["methodConfig"][0]["retryPolicy"]["maxAttempts"]
+    assert last.server.process.wait(60) == 0
