@@ -1,0 +1,117 @@
+"""Locust through HAProxy in front of N replicas against one replica directly (``make bench-replicas``).
+
+The same Locust load three times (the log's speed prompts, greedy, exactly --max-new-tokens each):
+
+1. one replica, called directly;
+2. the same replica behind HAProxy: what the proxy itself costs (TTFT p50, proxied minus direct);
+3. N replicas behind HAProxy: how evenly it spreads the calls (each replica's own count of the
+   calls it served) and what N replicas give on this machine.
+
+Absolute speed only scales where the machine has the cores for every replica: on a 2-core machine
+two replicas share the same two cores. The load average before and after each run is in the report,
+since other processes on a shared machine move every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from loadtest import ROOT, scrape
+from loadtest.locust_run import LoadSpec, run_locust
+from loadtest.replicas import Replicas
+from loadtest.report_folder import Report
+from loadtest.server_process import open_channel, request
+from server.wire import pb_grpc
+
+LOCUSTFILE = ROOT / "loadtest" / "speed.py"
+COLUMNS = [
+    "run",
+    "replicas",
+    "users",
+    "requests_ok",
+    "requests_failed",
+    "ttft_p50_ms",
+    "ttft_p95_ms",
+    "itl_p50_ms",
+    "e2e_p50_ms",
+    "output_tokens_per_s",
+    "share_per_replica",
+    "load_avg_1m_before",
+    "load_avg_1m_after",
+]
+
+
+def served(replicas: Replicas) -> list[float]:
+    """Streaming calls each replica has finished, whatever their status (its own counter)."""
+    return [
+        scrape.total(scrape.read(r.server.metrics_port), "yayi_requests_total", method="GenerateStream") or 0.0
+        for r in replicas.replicas
+    ]
+
+
+def warm_up(host: str, calls: int) -> None:
+    """A few calls first, so no run pays for a replica's first requests (lazy initialisation)."""
+    channel = open_channel(host)
+    stub = pb_grpc.InferenceStub(channel)
+    for i in range(calls):
+        stub.Generate(request(f"warm-up {i}", max_new_tokens=8), timeout=120)
+    channel.close()
+
+
+def run(name: str, host: str, replicas: Replicas, load: LoadSpec, report: Report) -> dict:
+    warm_up(host, 2 * len(replicas.replicas))
+    print(f"# {name}: {load.users} users for {load.duration_s:g}s against {host}", flush=True)
+    before = served(replicas)
+    load_before = os.getloadavg()[0]
+    summary = run_locust(LOCUSTFILE, host, load, report.dir / "raw" / name)
+    counts = [after - b for after, b in zip(served(replicas), before)]
+    total = sum(counts) or 1.0
+    return {
+        "run": name,
+        "replicas": len(replicas.replicas),
+        **summary,
+        "share_per_replica": " / ".join(f"{c / total:.0%}" for c in counts),
+        "load_avg_1m_before": round(load_before, 2),
+        "load_avg_1m_after": round(os.getloadavg()[0], 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--engine", default="hf-kv")
+    parser.add_argument("--model", default="tiny-llama")
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--users", type=int, default=16)
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds of load per run")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--out", help="report folder (default reports/replicas-<UTC time>)")
+    args = parser.parse_args(argv)
+    report = Report("replicas", args.out, "bench.replicas_proxy", argv)
+    (report.dir / "raw").mkdir(exist_ok=True)
+    load = LoadSpec(users=args.users, duration_s=args.duration, max_new_tokens=args.max_new_tokens)
+    serve = ["--engine", args.engine, "--model", args.model]
+    rows = []
+    with Replicas(1, serve) as one:
+        rows.append(run("direct", one.replicas[0].server.address, one, load, report))
+        rows.append(run("haproxy-1", one.address, one, load, report))
+    with Replicas(args.replicas, serve) as many:
+        rows.append(run(f"haproxy-{args.replicas}", many.address, many, load, report))
+    direct, proxied, spread = (row["ttft_p50_ms"] for row in rows)
+    report.table(
+        "runs",
+        rows,
+        COLUMNS,
+        title=f"{args.engine} on {args.model}, {args.users} users, {args.duration:g} s each",
+        note=(
+            f"The proxy's cost in TTFT p50 (the same replica behind HAProxy minus directly): "
+            f"{proxied - direct:+.1f} ms ({(proxied - direct) / direct:+.1%}); "
+            f"{args.replicas} replicas behind HAProxy against one directly: {spread - direct:+.1f} ms "
+            f"({(spread - direct) / direct:+.1%}). Requests per replica behind HAProxy: {rows[2]['share_per_replica']}."
+        ),
+    )
+    print(report.markdown_path.read_text())
+
+
+if __name__ == "__main__":
+    main()
