@@ -213,7 +213,8 @@ class ContinuousBatchingEngine(Engine):
         """The newest snapshot of the request: the manager's carry every token so far, so a backlog collapses."""
         while True:
             try:
-                snapshot = await asyncio.wait_for(snapshots.get(), timeout=_LIVENESS_CHECK_S)
+                async with asyncio.timeout(_LIVENESS_CHECK_S):  # no task per token, unlike wait_for
+                    snapshot = await snapshots.get()
             except TimeoutError:
                 # The loop fails requests it holds when it dies; this catches a thread gone without a word.
                 if not self._closing:
@@ -224,9 +225,9 @@ class ContinuousBatchingEngine(Engine):
             return snapshot
 
     def _failed(self, error: str) -> Exception:
-        if self._runtime.fatal_error is None:
+        if not self._runtime.loop_failed():
             return RuntimeError(f"hf-cb request failed inside the manager: {error}")
-        self._failure = f"the continuous-batching loop failed: {self._runtime.fatal_error}"
+        self._failure = f"the continuous-batching loop failed: {error}"
         log.error("%s; the engine stops serving", self._failure)
         if "out of memory" in error.lower():
             return EngineOutOfMemory(f"device out of memory while generating: {error}")

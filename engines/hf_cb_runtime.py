@@ -235,6 +235,15 @@ class CBRuntime:
     def fatal_error(self) -> BaseException | None:
         return self.manager.background_thread_status.fatal_error
 
+    def loop_failed(self) -> bool:
+        """Whether the loop is failing or has failed for good.
+
+        The manager stops itself (hard stop) before it fails the requests it holds and
+        records the error only after, so a request's failure can arrive before the error.
+        """
+        status = self.manager.background_thread_status
+        return status.fatal_error is not None or status.local_status >= status.HARD_STOP
+
     def raise_if_dead(self) -> None:
         if self.fatal_error is not None:
             raise EngineUnavailable(f"the continuous-batching loop failed: {self.fatal_error}")
