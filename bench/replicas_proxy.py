@@ -4,6 +4,7 @@ The same Locust load three times (the log's speed prompts, greedy, exactly --max
 
 1. one replica, called directly;
 2. the same replica behind HAProxy: what the proxy itself costs (TTFT p50, proxied minus direct);
+   before the load, 1-token calls one at a time, alternating, show its cost per call with no queue;
 3. N replicas behind HAProxy: how evenly it spreads the calls (each replica's own count of the
    calls it served) and what N replicas give on this machine.
 
@@ -16,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 from loadtest import ROOT, scrape
 from loadtest.locust_run import LoadSpec, run_locust
 from loadtest.replicas import Replicas
 from loadtest.report_folder import Report
 from loadtest.server_process import open_channel, request
+from loadtest.token_stats import percentile
 from server.wire import pb_grpc
 
 LOCUSTFILE = ROOT / "loadtest" / "speed.py"
@@ -59,6 +62,19 @@ def warm_up(host: str, calls: int) -> None:
     channel.close()
 
 
+def call_latency(hosts: dict[str, str], calls: int) -> dict[str, float]:
+    """p50 ms of a 1-token Generate per host, one call at a time, the hosts alternating: the proxy's own
+    cost per call, which a loaded run's TTFT (mostly time queued for the engine) cannot show."""
+    stubs = {name: pb_grpc.InferenceStub(open_channel(host)) for name, host in hosts.items()}
+    times: dict[str, list[float]] = {name: [] for name in hosts}
+    for i in range(calls):
+        for name, stub in stubs.items():
+            started = time.perf_counter()
+            stub.Generate(request(f"ping {i}", max_new_tokens=1), timeout=60)
+            times[name].append(time.perf_counter() - started)
+    return {name: percentile(values, 50) * 1000 for name, values in times.items()}
+
+
 def run(name: str, host: str, replicas: Replicas, load: LoadSpec, report: Report) -> dict:
     warm_up(host, 2 * len(replicas.replicas))
     print(f"# {name}: {load.users} users for {load.duration_s:g}s against {host}", flush=True)
@@ -85,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--users", type=int, default=16)
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of load per run")
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--calls", type=int, default=200, help="1-token calls per host for the no-load latency")
     parser.add_argument("--out", help="report folder (default reports/replicas-<UTC time>)")
     args = parser.parse_args(argv)
     report = Report("replicas", args.out, "bench.replicas_proxy", argv)
@@ -93,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     serve = ["--engine", args.engine, "--model", args.model]
     rows = []
     with Replicas(1, serve) as one:
+        warm_up(one.address, 2)
+        idle = call_latency({"direct": one.replicas[0].server.address, "haproxy": one.address}, args.calls)
         rows.append(run("direct", one.replicas[0].server.address, one, load, report))
         rows.append(run("haproxy-1", one.address, one, load, report))
     with Replicas(args.replicas, serve) as many:
@@ -107,7 +126,10 @@ def main(argv: list[str] | None = None) -> None:
             f"The proxy's cost in TTFT p50 (the same replica behind HAProxy minus directly): "
             f"{proxied - direct:+.1f} ms ({(proxied - direct) / direct:+.1%}); "
             f"{args.replicas} replicas behind HAProxy against one directly: {spread - direct:+.1f} ms "
-            f"({(spread - direct) / direct:+.1%}). Requests per replica behind HAProxy: {rows[2]['share_per_replica']}."
+            f"({(spread - direct) / direct:+.1%}). "
+            f"Requests per replica behind HAProxy: {rows[2]['share_per_replica']}. "
+            f"With no load, a 1-token Generate took {idle['direct']:.2f} ms directly and {idle['haproxy']:.2f} ms "
+            f"through HAProxy (p50 of {args.calls} each, alternating): {idle['haproxy'] - idle['direct']:+.2f} ms."
         ),
     )
     print(report.markdown_path.read_text())
