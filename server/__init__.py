@@ -1,1 +1,1 @@
-"""The gRPC side of yayi-serve: servicer, app wiring, CLI, metrics."""
+"""The server side of yayi-serve: the gRPC servicer, the OpenAI-compatible HTTP front end, app wiring, CLI, metrics."""
