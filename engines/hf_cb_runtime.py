@@ -179,7 +179,16 @@ class CBRuntime:
             vocab_size=scorer.vocab_size,
         )
         manager.start()
-        runtime.kernel = runtime._probe_kernel()
+        try:
+            if graphs:
+                # A graph replay runs no Python forward to watch, and a recorder inside a capture could spoil it.
+                runtime.kernel = "not observed under CUDA graphs"
+                runtime._first_request()
+            else:
+                runtime.kernel = runtime._probe_kernel()
+        except BaseException:
+            runtime.stop()  # its thread is not a daemon: left running, the process could never exit
+            raise
         return runtime
 
     def _probe_kernel(self) -> str:
@@ -202,25 +211,24 @@ class CBRuntime:
 
         self.model.forward = recording_forward
         try:
-            ids = self.tokenizer(_PROBE_PROMPT).input_ids
-            request_id = self.manager.add_request(
-                ids, request_id="yayi-kernel-probe", max_new_tokens=2, eos_token_id=-1
-            )
-            deadline = time.monotonic() + _PROBE_TIMEOUT_S
-            while time.monotonic() < deadline:
-                result = self.manager.get_result(request_id=request_id, timeout=1)
-                if result is not None and result.is_finished():
-                    if result.error is not None:
-                        raise EngineUnavailable(
-                            f"the continuous-batching manager failed its first request: {result.error}"
-                        )
-                    break
-                self.raise_if_dead()
-            else:
-                raise EngineUnavailable(f"the continuous-batching manager gave no token in {_PROBE_TIMEOUT_S} s")
+            self._first_request()
         finally:
             del self.model.forward  # back to the class's forward
         return seen.get("kernel", "not observed")
+
+    def _first_request(self) -> None:
+        """One short request through the running manager; raises if it does not come back."""
+        ids = self.tokenizer(_PROBE_PROMPT).input_ids
+        request_id = self.manager.add_request(ids, request_id="yayi-first-request", max_new_tokens=2, eos_token_id=-1)
+        deadline = time.monotonic() + _PROBE_TIMEOUT_S
+        while time.monotonic() < deadline:
+            result = self.manager.get_result(request_id=request_id, timeout=1)
+            if result is not None and result.is_finished():
+                if result.error is not None:
+                    raise EngineUnavailable(f"the continuous-batching manager failed its first request: {result.error}")
+                return
+            self.raise_if_dead()
+        raise EngineUnavailable(f"the continuous-batching manager gave no token in {_PROBE_TIMEOUT_S} s")
 
     # ---- what the engine reads -----------------------------------------------------------
 
