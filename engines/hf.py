@@ -96,7 +96,7 @@ class HFEngine(Engine):
 
     def _load(self) -> HFModel:
         lm = self.load_model(self.config.model, self.config.dtype, self.config.device)
-        if self.options.compile:
+        if isinstance(self.options, HFOptions) and self.options.compile:  # hf-eager has no options
             lm.enable_compile(parse_buckets(self.options.compile_buckets))
         return lm
 
