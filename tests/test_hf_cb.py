@@ -92,7 +92,7 @@ def test_eight_streams_all_start_before_any_ends(loop, started):
     async def one(i):
         first = None
         async for out in engine.generate(
-            LOG_PROMPTS[i % 3], SamplingParams(max_new_tokens=32, ignore_eos=True), f"c{i}"
+            LOG_PROMPTS[i % 3], SamplingParams(max_new_tokens=200, ignore_eos=True), f"c{i}"
         ):
             first = first or time.monotonic()
             last = out
@@ -103,7 +103,7 @@ def test_eight_streams_all_start_before_any_ends(loop, started):
 
     results = loop.run(eight())
     assert max(first for first, _, _ in results) < min(end for _, end, _ in results)
-    assert all(last.finish_reason == "length" and last.completion_tokens == 32 for _, _, last in results)
+    assert all(last.finish_reason == "length" and last.completion_tokens == 200 for _, _, last in results)
 
 
 def test_seed_reproduces_alone_and_batched(loop, started):
