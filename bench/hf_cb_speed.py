@@ -55,6 +55,7 @@ class Window:
     tokens: int = 0
     ttfts: list[float] = field(default_factory=list)
     requests: int = 0
+    server_cpu_s: float = 0.0
 
     def add_tokens(self, count: int, at: float) -> None:
         if self.start <= at < self.end:
@@ -114,8 +115,8 @@ async def openai_request(client, url: str, model: str, prompt: str, max_new_toke
         window.add_request(sent, first)
 
 
-async def run_level(send, users: int, warmup_s: float, seconds: float) -> Window:
-    """``users`` closed-loop users for warm-up + window; the window's figures."""
+async def run_level(send, users: int, warmup_s: float, seconds: float, server_pid: int) -> Window:
+    """``users`` closed-loop users for warm-up + window; the window's figures, the server's CPU time in it."""
     start = time.monotonic() + warmup_s
     window = Window(start, start + seconds)
     turn = iter(range(10**9))
@@ -126,7 +127,10 @@ async def run_level(send, users: int, warmup_s: float, seconds: float) -> Window
             await send(prompt, window)
 
     tasks = [asyncio.ensure_future(user(i)) for i in range(users)]
+    await asyncio.sleep(max(0.0, window.start - time.monotonic()))
+    cpu_start = _process_jiffies([server_pid])
     await asyncio.sleep(max(0.0, window.end - time.monotonic()))
+    window.server_cpu_s = (_process_jiffies([server_pid]) - cpu_start) / os.sysconf("SC_CLK_TCK")
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -323,7 +327,7 @@ async def measure(args) -> list[dict]:
                         continue
                     quiet = await wait_for_quiet(pids, args.quiet_below, args.quiet_timeout)
                     with OtherLoad(pids) as load:
-                        window = await run_level(target.send, users, args.warmup, args.seconds)
+                        window = await run_level(target.send, users, args.warmup, args.seconds, target.pid)
                     finite = [t for t in window.ttfts if math.isfinite(t)]
                     row = {
                         "round": round_,
@@ -335,6 +339,7 @@ async def measure(args) -> list[dict]:
                         "without_first_token": len(window.ttfts) - len(finite),
                         "other_load_before": quiet,
                         "other_load": load.share,
+                        "server_cpu_ms_per_token": window.server_cpu_s * 1000 / max(window.tokens, 1),
                     }
                     print(format_row(row), flush=True)
                     rows.append(row)
@@ -345,27 +350,42 @@ def format_row(row: dict) -> str:
     ttft = "> window" if math.isinf(row["ttft_p50_ms"]) else f"{row['ttft_p50_ms']:.0f}"
     return (
         f"| {row['round']} | {row['target']} | {row['users']} | {row['tokens_per_s']:.1f} | {ttft} | "
-        f"{row['requests']} ({row['without_first_token']} without a token) | {row['other_load']:.0%} |"
+        f"{row['requests']} ({row['without_first_token']} without a token) | "
+        f"{row['server_cpu_ms_per_token']:.1f} | {row['other_load']:.0%} |"
     )
 
 
-def summary(rows: list[dict]) -> list[str]:
-    """Medians over rounds, and hf-cb's ratios to the others."""
+def summary(rows: list[dict], clean_below: float) -> list[str]:
+    """Medians over rounds, from the points the rest of the machine left alone where there are any
+    (marked * where there are none), and hf-cb's ratios to the others."""
     cells: dict[tuple[str, int], list[dict]] = {}
     for row in rows:
         cells.setdefault((row["target"], row["users"]), []).append(row)
-    median = {
-        key: (statistics.median(r["tokens_per_s"] for r in group), statistics.median(r["ttft_p50_ms"] for r in group))
-        for key, group in cells.items()
-    }
-    lines = ["", "medians over rounds:", "| target | users | tokens/s | TTFT p50 ms |", "| --- | ---: | ---: | ---: |"]
-    lines += [f"| {t} | {u} | {tps:.1f} | {ttft:.0f} |" for (t, u), (tps, ttft) in sorted(median.items())]
-    for (target, users), (tps, ttft) in sorted(median.items()):
+    median, marks = {}, {}
+    for key, group in cells.items():
+        clean = [r for r in group if r["other_load"] < clean_below]
+        marks[key] = f"{len(clean)}/{len(group)}" if clean else f"0/{len(group)} *"
+        group = clean or group
+        median[key] = tuple(
+            statistics.median(r[name] for r in group)
+            for name in ("tokens_per_s", "ttft_p50_ms", "server_cpu_ms_per_token")
+        )
+    lines = [
+        "",
+        f"medians over the rounds where other processes took under {clean_below:.0%} of the CPU:",
+        "| target | users | tokens/s | TTFT p50 ms | server CPU ms/token | rounds used |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    lines += [
+        f"| {t} | {u} | {tps:.1f} | {ttft:.0f} | {cpu:.1f} | {marks[(t, u)]} |"
+        for (t, u), (tps, ttft, cpu) in sorted(median.items())
+    ]
+    for (target, users), (tps, ttft, _) in sorted(median.items()):
         if target != "hf-cb":
             continue
         for other in ("transformers-serve", "hf-kv"):
             if (other, users) in median and median[(other, users)][0] > 0:
-                other_tps, other_ttft = median[(other, users)]
+                other_tps, other_ttft, _ = median[(other, users)]
                 lines.append(
                     f"hf-cb / {other} at {users} users: {tps / other_tps:.2f}x tokens/s, "
                     f"TTFT p50 {ttft:.0f} vs {other_ttft:.0f} ms"
@@ -412,12 +432,13 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     print(
-        "| round | target | users | tokens/s | TTFT p50 ms | requests in window | other processes' CPU |\n"
-        "| ---: | --- | ---: | ---: | ---: | --- | ---: |",
+        "| round | target | users | tokens/s | TTFT p50 ms | requests in window | server CPU ms/token "
+        "| other processes' CPU |\n"
+        "| ---: | --- | ---: | ---: | ---: | --- | ---: | ---: |",
         flush=True,
     )
     rows = asyncio.run(measure(args))
-    for line in summary(rows):
+    for line in summary(rows, args.quiet_below):
         print(line)
     return 0
 
