@@ -146,7 +146,9 @@ class CBRuntime:
         )
         # Greedy by default; EOS is given per request, so ignore_eos can drop it.
         generation_config = GenerationConfig(
-            do_sample=False, eos_token_id=eos_ids or -1, pad_token_id=model.generation_config.pad_token_id
+            do_sample=False,
+            eos_token_id=eos_ids or -1,
+            pad_token_id=getattr(model.generation_config, "pad_token_id", None),
         )
         manager = model.init_continuous_batching(
             generation_config=generation_config, continuous_batching_config=cb_config
