@@ -11,10 +11,10 @@ retries on another replica a call that a replica never answered.
 Draining one replica: the server refuses new calls with UNAVAILABLE the moment it is signalled,
 as its health turns 503, and HAProxy only learns of the 503 at its next check.  A refusal is an
 HTTP 200 carrying grpc-status 14, which HAProxy cannot retry, so ``drain`` first tells HAProxy
-(runtime API: state drain, no new calls) and only then signals the replica, which finishes its
-calls in flight within ``--grace-period``.  A replica signalled behind HAProxy's back refuses the
-calls sent to it until the next check (at most one ``check_interval_ms``): clients that retry
-UNAVAILABLE (``RETRY_SERVICE_CONFIG``, gRPC's own retry policy) never see those refusals.
+(runtime API: state drain, no new calls), waits until the replica's calls are answered and only
+then signals it.  A replica signalled behind HAProxy's back refuses the calls sent to it until the
+next check (at most one ``check_interval_ms``): clients that retry UNAVAILABLE
+(``RETRY_SERVICE_CONFIG``, gRPC's own retry policy) never see those refusals.
 """
 
 from __future__ import annotations
@@ -130,7 +130,9 @@ class Replicas:
         self.stream_timeout = stream_timeout
         self.ready_timeout = ready_timeout
         self.env = replica_env(count, threads_per_replica)
+        # Kept after stop(): HAProxy's log says which replica served what and when it went DOWN.
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="yayi-replicas-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.workdir / "haproxy.cfg"
         self.log_path = self.workdir / "haproxy.log"
         self.stats_socket = self.workdir / "haproxy.sock"
@@ -286,15 +288,29 @@ class Replicas:
         process.wait()
 
     def drain(self, index: int) -> int:
-        """Take the replica out gracefully: no new calls from HAProxy, then SIGTERM; its exit code.
+        """Take the replica out gracefully: no new calls from HAProxy, its calls finished, then SIGTERM.
 
-        After the state change HAProxy sends no new call to it, so the server's refusals while
-        it drains reach no one; the calls it already has finish within the grace period.
+        After the state change HAProxy sends no new call to it, so nothing meets the refusals of a
+        draining server.  The signal then waits, up to the grace period, until HAProxy has no call
+        open to it, each answered to the end (status included): the server's own drain, which ends
+        when its handlers return, can stop the transport before the last one's status has left.
+        Returns the replica's exit code.
         """
         replica = self.replicas[index]
-        self.command(f"set server {BACKEND}/{replica.name} state drain")
+        self.take_out(index)
+        deadline = time.monotonic() + self.grace_period_s
+        while self.forwarded(index) and time.monotonic() < deadline:
+            time.sleep(0.02)
         replica.server.signal(signal.SIGTERM)
         return replica.server.process.wait(self.grace_period_s + 15)
+
+    def take_out(self, index: int) -> None:
+        """HAProxy sends the replica no new call (state drain); the calls it has carry on."""
+        self.command(f"set server {BACKEND}/{self.replicas[index].name} state drain")
+
+    def forwarded(self, index: int) -> int:
+        """Calls HAProxy has open to the replica now."""
+        return int(self.stats()[self.replicas[index].name]["scur"])
 
     def restart(self, index: int) -> None:
         """Start the replica again on the same ports, so HAProxy's server line finds it; wait until UP."""

@@ -49,9 +49,10 @@ GENERATING = ("Generate", "GenerateStream")
 
 
 @pytest.fixture(scope="module")
-def replicas():
-    with Replicas(2, SERVE, check_interval_ms=int(CHECK_INTERVAL_S * 1000), grace_period_s=30) as started:
-        yield started
+def replicas(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("replicas")  # HAProxy's config, socket and log
+    with Replicas(2, SERVE, check_interval_ms=int(CHECK_INTERVAL_S * 1000), grace_period_s=30, workdir=workdir) as r:
+        yield r
 
 
 @pytest.fixture(scope="module")
@@ -307,15 +308,17 @@ def test_drain_through_haproxy_under_load_fails_nothing(replicas, stub):
     draining = replicas.replicas[0]
     with Load(stub) as load:
         wait_for(lambda: Counter(o.replica for o in load.outcomes)[draining.name] >= 2, 60, "calls on both")
-        signalled_at = time.monotonic()
-        exit_code = replicas.drain(0)  # HAProxy first: state drain; then SIGTERM; waits for the exit
+        wait_for(lambda: replicas.forwarded(0) > 0, 30, "calls open on the replica")
+        replicas.take_out(0)
+        taken_out_at = time.monotonic()
+        exit_code = replicas.drain(0)  # its calls answered, then SIGTERM; waits for the exit
         time.sleep(1.0)
     outcomes = load.outcomes
     assert exit_code == 0 and "yayi-serve: drained, exiting" in draining.server.lines
     assert [o.status for o in outcomes if o.status != "OK"] == []
     # Calls it already had finished during the drain; none started afterwards reached it.
-    assert any(o.replica == draining.name and o.ended > signalled_at for o in outcomes)
-    assert not any(o.replica == draining.name and o.started > signalled_at for o in outcomes)
+    assert any(o.replica == draining.name and o.ended > taken_out_at for o in outcomes)
+    assert not any(o.replica == draining.name and o.started > taken_out_at for o in outcomes)
     replicas.restart(0)
 
 
