@@ -16,7 +16,7 @@ from engines import EngineConfig, SamplingParams, create_engine
 from engines.hf import HFOptions
 from loadtest.server_process import ROOT, ServerProcess
 from tests.conftest import LOG_PROMPTS
-from tests.test_e2e import metric
+from tests.observe import metric, wait_until
 
 GREEDY = SamplingParams(max_new_tokens=40, ignore_eos=True)
 BUCKETS = "64,256"
@@ -103,16 +103,11 @@ def test_served_compiled_cancel_and_deadline_stop_the_work(compiled_server):
     stream = compiled_server.stream("cancel me", max_new_tokens=900, ignore_eos=True)
     next(stream), next(stream)
     stream.cancel()
-    deadline = time.monotonic() + 5
-    while metric(compiled_server, "yayi_requests_running") != 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert metric(compiled_server, "yayi_requests_running") == 0
+    assert wait_until(lambda: metric(compiled_server, "yayi_requests_running") == 0)
     with pytest.raises(grpc.RpcError) as error:
         compiled_server.generate("slow", max_new_tokens=900, ignore_eos=True, timeout=0.3)
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    deadline = time.monotonic() + 5
-    while metric(compiled_server, "yayi_requests_running") != 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert wait_until(lambda: metric(compiled_server, "yayi_requests_running") == 0)
     tokens = metric(compiled_server, "yayi_generation_tokens_total")
     time.sleep(0.5)
     assert metric(compiled_server, "yayi_generation_tokens_total") == tokens, "work went on past the deadline"

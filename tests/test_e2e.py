@@ -13,18 +13,10 @@ import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from loadtest import scrape
 from loadtest.server_process import ROOT, ServerProcess, request
 from server.wire import SERVICE_NAME, pb
 from tests.conftest import LOG_PROMPTS
-
-
-def metric(server: ServerProcess, name: str, **labels) -> float:
-    """Sum of the matching series; 0 before a labelled counter's first increment."""
-    return (
-        scrape.total(scrape.parse(scrape.fetch(f"http://127.0.0.1:{server.metrics_port}/metrics")), name, **labels)
-        or 0.0
-    )
+from tests.observe import metric, wait_until
 
 
 def test_unary_generate(tiny_server):
@@ -88,10 +80,7 @@ def test_cancel_mid_stream_stops_generation_and_frees_the_slot(tiny_server):
     stream = tiny_server.stream("Tell me everything", max_new_tokens=900, ignore_eos=True)
     next(stream), next(stream)
     stream.cancel()
-    deadline = time.monotonic() + 5
-    while metric(tiny_server, "yayi_requests_running") != 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert metric(tiny_server, "yayi_requests_running") == 0
+    assert wait_until(lambda: metric(tiny_server, "yayi_requests_running") == 0)
     tokens_after_cancel = metric(tiny_server, "yayi_generation_tokens_total")
     time.sleep(0.5)
     assert metric(tiny_server, "yayi_generation_tokens_total") == tokens_after_cancel, "work went on after cancel"
@@ -220,10 +209,7 @@ def test_deadline_shorter_than_generation(tiny_server):
     with pytest.raises(grpc.RpcError) as error:
         tiny_server.generate("slow", max_new_tokens=900, ignore_eos=True, timeout=0.3)
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    deadline = time.monotonic() + 5
-    while metric(tiny_server, "yayi_requests_running") != 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert metric(tiny_server, "yayi_requests_running") == 0
+    assert wait_until(lambda: metric(tiny_server, "yayi_requests_running") == 0)
     tokens_after = metric(tiny_server, "yayi_generation_tokens_total")
     time.sleep(0.5)
     assert metric(tiny_server, "yayi_generation_tokens_total") == tokens_after, "work went on past the deadline"

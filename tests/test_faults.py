@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2
 from engines import EngineConfig, SamplingParams, create_engine, faults
 from engines.errors import EngineOutOfMemory
 from loadtest.server_process import ROOT, ServerProcess
-from tests.test_e2e import metric
+from tests.observe import idle, metric, wait_until
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 FAULTS = "error:FAULT-ERROR@2,oom:FAULT-OOM@1,fatal:FAULT-FATAL@1"
@@ -41,17 +41,6 @@ def fault_server():
     ).wait_ready()
     yield server
     server.stop()
-
-
-def wait_until(condition, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return condition()
-
-
-def idle(server: ServerProcess) -> bool:
-    return metric(server, "yayi_requests_running") + metric(server, "yayi_requests_waiting") == 0
 
 
 class Bystander:

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loadtest.server_process import ServerProcess, request
 from server.wire import pb, pb_grpc
-from tests.test_e2e import metric
+from tests.observe import metric, wait_until
 
 STALL_S = 2.0
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # channels to one address share a connection otherwise
@@ -46,13 +46,6 @@ def one_slot():
 
 def rss(server: ServerProcess) -> int:
     return psutil.Process(server.process.pid).memory_info().rss
-
-
-def wait_until(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return condition()
 
 
 def test_a_reader_that_stalls_loses_its_slot_and_the_next_caller_is_served(one_slot):

@@ -9,7 +9,6 @@ import signal
 import socket
 import ssl
 import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -20,20 +19,11 @@ import pytest
 from loadtest.server_process import ServerProcess
 from tests.certs import CertificateAuthority
 from tests.conftest import LOG_PROMPTS
-from tests.test_e2e import metric
+from tests.observe import metric, wait_until
 
 MODEL = "tiny-llama"
 TOKEN = "http-t0ken-7f3a9c"
 LONG = 1000  # tokens: long enough to be cut mid-way (tiny-llama's context is 1024)
-
-
-def wait_until(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 @pytest.fixture(scope="module")

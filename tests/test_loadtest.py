@@ -19,7 +19,7 @@ from loadtest.server_process import ROOT, ServerProcess
 from loadtest.stream_clock import StreamClock
 from loadtest.token_stats import CUT, OK, RequestSample, percentile, read_summary_csv, summarize
 from server.wire import pb
-from tests.test_e2e import metric
+from tests.observe import metric
 
 SPEED = ROOT / "loadtest" / "speed.py"
 

@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from loadtest.server_process import ROOT, ServerProcess, tls_credentials
 from server.wire import pb, pb_grpc
 from tests.certs import CertificateAuthority
-from tests.test_e2e import metric
+from tests.observe import metric
 
 TOKEN = "t0ken-under-test-7f3a9c"
 

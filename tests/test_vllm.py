@@ -16,7 +16,7 @@ from engines.vllm_engine import VLLMOptions
 from loadtest.server_process import ROOT, ServerProcess
 from server.wire import pb
 from tests.conftest import LOG_PROMPTS
-from tests.test_e2e import metric
+from tests.observe import metric
 
 pytest.importorskip("vllm", reason="vllm is installed by `make venv`; this skip only shows where it is not")
 
