@@ -8,6 +8,7 @@ replicas' own /metrics.  The tests share one set of replicas and run in file ord
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import signal
@@ -355,7 +356,11 @@ def test_retry_policy_retries_a_refused_call_four_times(replicas):
     last.server.signal(signal.SIGTERM)
     last.server.wait_for_line("yayi-serve: draining", 30)
     before = scrape.total(scrape.read(last.server.metrics_port), "yayi_requests_total", status="UNAVAILABLE") or 0
-    channel = open_channel(last.server.address, options=RETRY_CHANNEL_OPTIONS)
+    # The policy as shipped but with short backoffs, so every attempt lands while the held call lasts.
+    config = copy.deepcopy(RETRY_SERVICE_CONFIG)
+    config["methodConfig"][0]["retryPolicy"].update(initialBackoff="0.01s", maxBackoff="0.02s")
+    options = [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config))]
+    channel = open_channel(last.server.address, options=options)
     try:
         with pytest.raises(grpc.RpcError) as refused:
             pb_grpc.InferenceStub(channel).Generate(request("refused", max_new_tokens=4), timeout=30)
