@@ -91,6 +91,10 @@ def replica_env(count: int, threads: int | None) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(threads or max(1, (os.cpu_count() or 1) // count))}
 
 
+def draining(server: ServerProcess) -> bool:
+    return any(line.startswith("yayi-serve: draining") for line in server.lines)
+
+
 @dataclass
 class Replica:
     name: str  # HAProxy's server name, and what REPLICA_HEADER says
@@ -186,7 +190,7 @@ class Replicas:
         for server in alive:
             # Not twice: a second signal makes yayi-serve exit at once, cutting its drain short (a
             # Ctrl-C in the terminal has already reached every replica of the process group).
-            if not any(line.startswith("yayi-serve: draining") for line in server.lines):
+            if not draining(server):
                 server.signal(signal.SIGTERM)
         for server in alive:
             try:
@@ -395,6 +399,10 @@ def main(argv: list[str] | None = None) -> int:
             states = current
             time.sleep(0.5)
         print("yayi-serve replicas: stopping (each replica drains its calls)", flush=True)
+        # A Ctrl-C reached the replicas too; let them say so before stop() decides whom to signal.
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and not all(draining(r.server) for r in replicas.replicas):
+            time.sleep(0.05)
     return 0
 
 
