@@ -109,12 +109,13 @@ def main(argv: list[str] | None = None) -> None:
     load = LoadSpec(users=args.users, duration_s=args.duration, max_new_tokens=args.max_new_tokens)
     serve = ["--engine", args.engine, "--model", args.model]
     rows = []
-    with Replicas(1, serve) as one:
+    # HAProxy's config and log beside the report.
+    with Replicas(1, serve, workdir=report.dir / "haproxy-1") as one:
         warm_up(one.address, 2)
         idle = call_latency({"direct": one.replicas[0].server.address, "haproxy": one.address}, args.calls)
         rows.append(run("direct", one.replicas[0].server.address, one, load, report))
         rows.append(run("haproxy-1", one.address, one, load, report))
-    with Replicas(args.replicas, serve) as many:
+    with Replicas(args.replicas, serve, workdir=report.dir / f"haproxy-{args.replicas}") as many:
         rows.append(run(f"haproxy-{args.replicas}", many.address, many, load, report))
     direct, proxied, spread = (row["ttft_p50_ms"] for row in rows)
     report.table(

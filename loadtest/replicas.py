@@ -140,6 +140,8 @@ class Replicas:
         self.config_path = self.workdir / "haproxy.cfg"
         self.log_path = self.workdir / "haproxy.log"
         self.stats_socket = self.workdir / "haproxy.sock"
+        if len(str(self.stats_socket)) > 100:  # a Unix socket's path holds at most 107 bytes
+            self.stats_socket = Path(tempfile.mkdtemp(prefix="yayi-haproxy-")) / "haproxy.sock"
         self.replicas: list[Replica] = []
         self.haproxy: subprocess.Popen | None = None
         self._log = None
