@@ -152,6 +152,9 @@ async def yayi_target(engine: str, args):
     print(f"# {engine}: attention {info.attention}; KV cache {info.kv_cache_tokens} tokens", flush=True)
     try:
         yield (lambda prompt, window: grpc_request(stub, prompt, args.max_new_tokens, window)), server.process.pid
+    except BaseException:
+        print(f"# {engine} server's last lines:", *server.lines[-15:], sep="\n#   ", flush=True)
+        raise
     finally:
         await channel.close()
         server.stop()
