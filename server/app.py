@@ -39,6 +39,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 ENGINE_POLL_S = 1.0
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+STATUS_FLUSH_S = 2.0
 
 
 class StartupError(RuntimeError):
@@ -152,7 +153,9 @@ async def serve(config: ServerConfig, announce=print) -> int:
         )
         return 0
     finally:
-        await server.stop(0)
+        # A short grace, not 0: our count of calls in flight drops when a handler returns, a moment
+        # before grpc has sent that call's status, and stop(0) could cut the last status off.
+        await server.stop(STATUS_FLUSH_S)
         if http is not None:
             await http.stop()
         await engine.shutdown()
