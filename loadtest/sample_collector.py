@@ -4,6 +4,10 @@ serving-benchmark summary at the end.  ``install()`` wires it to Locust's events
 
 from __future__ import annotations
 
+import time
+
+import gevent
+from locust.rpc import Message
 from locust.runners import MasterRunner, WorkerRunner
 
 from loadtest.token_stats import RequestSample, format_summary, summarize, write_summary_csv
@@ -81,13 +85,10 @@ class SampleCollector:
         self.samples.extend(RequestSample.from_wire(item) for item in data.get(_WIRE_KEY, ()))
 
     def on_test_stop(self, environment, **_) -> None:
-        if isinstance(environment.runner, WorkerRunner):
-            # Ship the last samples now, ahead of this worker's "stopped" message: otherwise they
-            # wait for the final report at quit, which a busy master gives only half a second.
-            environment.runner._send_stats()
-        elif not isinstance(environment.runner, MasterRunner):
+        # A worker ships its last samples in its final report at quit; a master reports at
+        # quitting, once every worker has sent that report (wait_for_workers_at_quit).
+        if not isinstance(environment.runner, (MasterRunner, WorkerRunner)):
             self.report(environment)
-        # A master reports at quitting, once every worker has said it stopped.
 
     def on_quitting(self, environment, **_) -> None:
         if not isinstance(environment.runner, WorkerRunner):
@@ -110,6 +111,30 @@ class SampleCollector:
             write_summary_csv(summary, path)
 
 
+def wait_for_workers_at_quit(environment, runner=None, **_) -> None:
+    """Make a master's quit wait for every worker's last samples instead of a fixed half second.
+
+    A headless run with --run-time ends with the master's ``quit()``: it sends "quit" to each
+    worker and gives them 0.5 s for a final report (locust/runners.py ``MasterRunner.quit``).  A
+    worker first stops its users, which may take up to --stop-timeout while their last requests
+    finish, so a loaded worker's last samples arrived after the master had summarised.  Each
+    worker sends "quit" back after its final report, and the master then drops it from
+    ``clients``; this quit waits for that, bounded by the stop timeout and a margin."""
+    if not isinstance(runner, MasterRunner):
+        return
+
+    def quit() -> None:
+        runner.stop(send_stop_to_client=False)
+        for client in runner.clients.all:
+            runner.server.send_to_client(Message("quit", None, client.id))
+        deadline = time.monotonic() + (environment.stop_timeout or 0) + 10
+        while runner.clients.all and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        runner.greenlet.kill(block=True)
+
+    runner.quit = quit
+
+
 def install(events, add_arguments=None) -> SampleCollector:
     collector = SampleCollector()
 
@@ -119,6 +144,7 @@ def install(events, add_arguments=None) -> SampleCollector:
             add_arguments(group)
 
     events.init_command_line_parser.add_listener(arguments)
+    events.init.add_listener(wait_for_workers_at_quit)
     events.test_start.add_listener(collector.reset)
     events.report_to_master.add_listener(collector.ship)
     events.worker_report.add_listener(collector.receive)

@@ -122,7 +122,10 @@ def test_failures_are_counted_with_the_status_code(tiny_server, tmp_path):
 
 def test_distributed_mode_gathers_every_workers_samples(tiny_server, tmp_path):
     prefix = tmp_path / "dist"
-    load = LoadSpec(users=2, duration_s=5, max_new_tokens=8, stop_timeout_s=30, processes=2)
+    # Requests long enough (about a second each on tiny-llama) that the run ends with one in flight
+    # on one worker and one queued behind it on the other: each worker needs longer than Locust's
+    # fixed half second at quit to ship its last samples.
+    load = LoadSpec(users=2, duration_s=5, max_new_tokens=512, stop_timeout_s=30, processes=2)
     before = generated_tokens(tiny_server)
     completed = subprocess.run(
         locust_command(SPEED, tiny_server.address, load, prefix), capture_output=True, text=True, timeout=120
@@ -132,7 +135,7 @@ def test_distributed_mode_gathers_every_workers_samples(tiny_server, tmp_path):
     summary = read_summary_csv(f"{prefix}_tokens.csv")
     assert summary["requests_ok"] > 0
     # The master's summary holds what both workers' users received, no more, no less.
-    assert generated_tokens(tiny_server) - before == summary["output_tokens"] == 8 * summary["requests_ok"]
+    assert generated_tokens(tiny_server) - before == summary["output_tokens"] == 512 * summary["requests_ok"]
 
 
 def test_report_cells_say_what_a_cpu_measures():
