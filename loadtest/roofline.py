@@ -209,6 +209,12 @@ def kv_bytes_per_token(shape: ModelShape, bytes_per_value: float = 2) -> float:
     return 2 * shape.layers * shape.kv_heads * shape.dim_head * bytes_per_value
 
 
+def _kv_cache_bytes(shape: ModelShape, batch: int, tokens: int, per_param: float, per_kv_value: float | None) -> float:
+    # Unless told otherwise the cache is held at the weights' precision.
+    kv_value = per_param if per_kv_value is None else per_kv_value
+    return batch * tokens * kv_bytes_per_token(shape, kv_value)
+
+
 def memory_bytes(
     shape: ModelShape,
     batch: int = 1,
@@ -217,8 +223,7 @@ def memory_bytes(
     kv_bytes_per_value: float | None = None,
 ) -> float:
     """Weights plus a KV cache holding ``context`` tokens for each of ``batch`` sequences."""
-    kv_value = bytes_per_param if kv_bytes_per_value is None else kv_bytes_per_value
-    return shape.params * bytes_per_param + batch * context * kv_bytes_per_token(shape, kv_value)
+    return shape.params * bytes_per_param + _kv_cache_bytes(shape, batch, context, bytes_per_param, kv_bytes_per_value)
 
 
 def decode_flops_per_token(shape: ModelShape, context: int = 0) -> float:
@@ -232,8 +237,8 @@ def decode_step_bytes(
     bytes_per_param: float = 2,
     kv_bytes_per_value: float | None = None,
 ) -> float:
-    kv_value = bytes_per_param if kv_bytes_per_value is None else kv_bytes_per_value
-    return shape.streamed_params * bytes_per_param + batch * context * kv_bytes_per_token(shape, kv_value)
+    kv_bytes = _kv_cache_bytes(shape, batch, context, bytes_per_param, kv_bytes_per_value)
+    return shape.streamed_params * bytes_per_param + kv_bytes
 
 
 def decode_bound_tokens_per_s(
@@ -265,9 +270,9 @@ def prefill_bound_tokens_per_s(
     kv_bytes_per_value: float | None = None,
 ) -> float:
     """Prompt tokens/s over the batch: FLOP-bound unless the prompt is short enough to be bandwidth-bound."""
-    kv_value = bytes_per_param if kv_bytes_per_value is None else kv_bytes_per_value
     flops = batch * prefill_flops(shape, prompt)
-    moved = shape.streamed_params * bytes_per_param + batch * prompt * kv_bytes_per_token(shape, kv_value)
+    # A decode step's traffic with the prompt as its context: the weights once, the prompts' cache written.
+    moved = decode_step_bytes(shape, batch, prompt, bytes_per_param, kv_bytes_per_value)
     seconds = max(flops / device.peak_flops, moved / device.bandwidth)
     return batch * prompt / seconds
 
