@@ -29,72 +29,63 @@ class ServerMetrics:
         self.registry = registry or CollectorRegistry()
         self.labels = {"engine": engine, "model": model}
         base = ["engine", "model"]
-        r = self.registry
-        self._requests = Counter(
+        device = [*base, "device"]
+
+        def metric(kind, name: str, documentation: str, labels: list[str] = base, **options):
+            # Every series carries the server's labels and lives in this server's registry.
+            return kind(name, documentation, labels, registry=self.registry, **options)
+
+        self._requests = metric(
+            Counter,
             "yayi_requests",
             "Finished requests by gRPC status, method and front end (api)",
             [*base, "status", "method", "api"],
-            registry=r,
         )
-        self._stalls = Counter(
-            "yayi_stream_stalls", "Streams cancelled because the client stopped reading", base, registry=r
+        self._stalls = metric(Counter, "yayi_stream_stalls", "Streams cancelled because the client stopped reading")
+        self._prompt_tokens = metric(Counter, "yayi_prompt_tokens", "Prompt tokens processed")
+        self._generation_tokens = metric(Counter, "yayi_generation_tokens", "Tokens generated")
+        self._ttft = metric(
+            Histogram, "yayi_time_to_first_token_seconds", "Request arrival to first token", buckets=_TTFT_BUCKETS
         )
-        self._prompt_tokens = Counter("yayi_prompt_tokens", "Prompt tokens processed", base, registry=r)
-        self._generation_tokens = Counter("yayi_generation_tokens", "Tokens generated", base, registry=r)
-        self._ttft = Histogram(
-            "yayi_time_to_first_token_seconds",
-            "Request arrival to first token",
-            base,
-            buckets=_TTFT_BUCKETS,
-            registry=r,
+        self._itl = metric(
+            Histogram, "yayi_inter_token_latency_seconds", "Gap between successive tokens", buckets=_ITL_BUCKETS
         )
-        self._itl = Histogram(
-            "yayi_inter_token_latency_seconds", "Gap between successive tokens", base, buckets=_ITL_BUCKETS, registry=r
+        self._duration = metric(
+            Histogram, "yayi_request_duration_seconds", "Request arrival to last token", buckets=_DURATION_BUCKETS
         )
-        self._duration = Histogram(
-            "yayi_request_duration_seconds",
-            "Request arrival to last token",
-            base,
-            buckets=_DURATION_BUCKETS,
-            registry=r,
+        self._queue = metric(
+            Histogram, "yayi_request_queue_seconds", "Request arrival to start of work", buckets=_QUEUE_BUCKETS
         )
-        self._queue = Histogram(
-            "yayi_request_queue_seconds", "Request arrival to start of work", base, buckets=_QUEUE_BUCKETS, registry=r
+        self._running = metric(Gauge, "yayi_requests_running", "Requests being generated now")
+        self._waiting = metric(Gauge, "yayi_requests_waiting", "Requests waiting for a slot now")
+        self._kv_cache_usage = metric(
+            Gauge, "yayi_kv_cache_usage_ratio", "0..1: KV-cache blocks in use over blocks (engines with a paged cache)"
         )
-        self._running = Gauge("yayi_requests_running", "Requests being generated now", base, registry=r)
-        self._waiting = Gauge("yayi_requests_waiting", "Requests waiting for a slot now", base, registry=r)
-        self._kv_cache_usage = Gauge(
-            "yayi_kv_cache_usage_ratio",
-            "0..1: KV-cache blocks in use over blocks (engines with a paged cache)",
-            base,
-            registry=r,
-        )
-        self._engine_info = Info("yayi_engine", "What is really running", base, registry=r)
-        device = [*base, "device"]
-        self._memory_used = Gauge(
+        self._engine_info = metric(Info, "yayi_engine", "What is really running")
+        self._memory_used = metric(
+            Gauge,
             "yayi_device_memory_used_bytes",
             "GPU memory in use (NVML), or on CPU the server's resident memory",
             device,
-            registry=r,
         )
-        self._memory_peak = Gauge(
-            "yayi_device_memory_peak_bytes", "Peak of yayi_device_memory_used_bytes since start", device, registry=r
+        self._memory_peak = metric(
+            Gauge, "yayi_device_memory_peak_bytes", "Peak of yayi_device_memory_used_bytes since start", device
         )
-        self._utilization = Gauge(
+        self._utilization = metric(
+            Gauge,
             "yayi_device_utilization_ratio",
             "0..1: GPU busy (NVML), or the server's CPU share of the machine",
             device,
-            registry=r,
         )
-        self._power = Gauge(
-            "yayi_device_power_watts", "Device power (NVML, or CPU package power from RAPL)", device, registry=r
+        self._power = metric(
+            Gauge, "yayi_device_power_watts", "Device power (NVML, or CPU package power from RAPL)", device
         )
-        self._energy = Counter("yayi_energy_joules", "Device energy used since start", device, registry=r)
-        self._torch_allocated = Gauge(
-            "yayi_torch_memory_allocated_bytes", "torch's CUDA allocator: allocated now", device, registry=r
+        self._energy = metric(Counter, "yayi_energy_joules", "Device energy used since start", device)
+        self._torch_allocated = metric(
+            Gauge, "yayi_torch_memory_allocated_bytes", "torch's CUDA allocator: allocated now", device
         )
-        self._torch_peak = Gauge(
-            "yayi_torch_memory_peak_allocated_bytes", "torch's CUDA allocator: peak allocated", device, registry=r
+        self._torch_peak = metric(
+            Gauge, "yayi_torch_memory_peak_allocated_bytes", "torch's CUDA allocator: peak allocated", device
         )
         self._peak_seen: dict[str, float] = {}
         self._http = None
