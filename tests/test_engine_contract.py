@@ -6,9 +6,17 @@ import asyncio
 
 import pytest
 
-from engines import EngineConfig, SamplingParams, create_engine
-from engines.errors import InvalidRequest, QueueFull
+from engines import SamplingParams
+from engines.errors import QueueFull
 from tests.conftest import LOG_PROMPTS
+from tests.engine_calls import (
+    TINY_LLAMA_BAD_INPUTS,
+    assert_refused,
+    collect,
+    generated_ids,
+    started_engines,
+    token_ids,
+)
 
 ENGINES = ["hf-eager", "hf-kv", "hf-flash"]
 MODELS = ["tiny-llama", "tiny-bloom"]
@@ -16,27 +24,7 @@ MODELS = ["tiny-llama", "tiny-bloom"]
 
 @pytest.fixture(scope="module")
 def started(loop):
-    engines = {}
-
-    def get(name: str, model: str = "tiny-llama", **options):
-        key = (name, model, tuple(sorted(options.items())))
-        if key not in engines:
-            engine = create_engine(name, EngineConfig(model=model, **options))
-            loop.run(engine.start())
-            engines[key] = engine
-        return engines[key]
-
-    yield get
-    for engine in engines.values():
-        loop.run(engine.shutdown())
-
-
-async def collect(engine, prompt, params, request_id="r"):
-    return [out async for out in engine.generate(prompt, params, request_id)]
-
-
-def token_ids(outputs):
-    return [t for out in outputs for t in out.token_ids]
+    yield from started_engines(loop)
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -81,43 +69,27 @@ def test_flash_engine_reports_the_kernel_that_ran(started):
 @pytest.mark.parametrize("name", ENGINES)
 def test_seed_reproduces_and_differs(loop, started, name):
     engine = started(name)
-    params = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.95, seed=1234, ignore_eos=True)
-    first = token_ids(loop.run(collect(engine, "Once upon a time", params)))
-    again = token_ids(loop.run(collect(engine, "Once upon a time", params)))
-    other = token_ids(
-        loop.run(
-            collect(
-                engine,
-                "Once upon a time",
-                SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.95, seed=99, ignore_eos=True),
-            )
-        )
-    )
+    params = dict(max_new_tokens=16, temperature=1.0, top_p=0.95, ignore_eos=True)
+    first = generated_ids(loop, engine, "Once upon a time", seed=1234, **params)
+    again = generated_ids(loop, engine, "Once upon a time", seed=1234, **params)
+    other = generated_ids(loop, engine, "Once upon a time", seed=99, **params)
     assert first == again
     assert first != other
 
 
 def test_top_k_one_is_greedy(loop, started):
     engine = started("hf-kv")
-    greedy = token_ids(loop.run(collect(engine, "Hello there", SamplingParams(max_new_tokens=10, ignore_eos=True))))
-    top1 = token_ids(
-        loop.run(
-            collect(
-                engine,
-                "Hello there",
-                SamplingParams(max_new_tokens=10, temperature=2.0, top_k=1, seed=5, ignore_eos=True),
-            )
-        )
+    greedy = generated_ids(loop, engine, "Hello there", max_new_tokens=10, ignore_eos=True)
+    top1 = generated_ids(
+        loop, engine, "Hello there", max_new_tokens=10, temperature=2.0, top_k=1, seed=5, ignore_eos=True
     )
     assert top1 == greedy
 
 
 def test_repetition_penalty_changes_greedy_output(loop, started):
     engine = started("hf-kv")
-    plain = token_ids(loop.run(collect(engine, "a a a a", SamplingParams(max_new_tokens=16, ignore_eos=True))))
-    penalised = token_ids(
-        loop.run(collect(engine, "a a a a", SamplingParams(max_new_tokens=16, repetition_penalty=5.0, ignore_eos=True)))
-    )
+    plain = generated_ids(loop, engine, "a a a a", max_new_tokens=16, ignore_eos=True)
+    penalised = generated_ids(loop, engine, "a a a a", max_new_tokens=16, repetition_penalty=5.0, ignore_eos=True)
     assert plain != penalised
     # A strong penalty makes a greedy random model cycle through more distinct tokens.
     assert len(set(penalised)) > len(set(plain))
@@ -232,18 +204,6 @@ def test_score_equal_across_engines_and_finite(loop, started, name):
     assert result.perplexity > 1 and result.perplexity == pytest.approx(reference.perplexity, rel=1e-4)
 
 
-@pytest.mark.parametrize(
-    "prompt, params, message",
-    [
-        ("", SamplingParams(), "prompt must not be empty"),
-        ("   \n", SamplingParams(), "prompt must not be empty"),
-        ("word " * 1100, SamplingParams(), "context is 1024"),
-        ("hi", SamplingParams(max_new_tokens=5000), "max_new_tokens=5000"),
-        ("hi", SamplingParams(top_k=60000), "top_k must be at most the vocabulary size 49152"),
-    ],
-)
+@pytest.mark.parametrize("prompt, params, message", TINY_LLAMA_BAD_INPUTS)
 def test_model_dependent_checks(loop, started, prompt, params, message):
-    engine = started("hf-kv")
-    with pytest.raises(InvalidRequest, match=message):
-        loop.run(collect(engine, prompt, params))
-    assert engine.load().running == 0
+    assert_refused(loop, started("hf-kv"), prompt, params, message)

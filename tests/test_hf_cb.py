@@ -14,31 +14,19 @@ from loadtest import scrape
 from loadtest.server_process import ServerProcess
 from server.wire import pb
 from tests.conftest import LOG_PROMPTS
+from tests.engine_calls import (
+    TINY_LLAMA_BAD_INPUTS,
+    assert_refused,
+    collect,
+    generated_ids,
+    started_engines,
+    token_ids,
+)
 
 
 @pytest.fixture(scope="module")
 def started(loop):
-    engines = {}
-
-    def get(name: str = "hf-cb", **config):
-        key = (name, tuple(sorted(config.items())))
-        if key not in engines:
-            engine = create_engine(name, EngineConfig(model="tiny-llama", **config))
-            loop.run(engine.start())
-            engines[key] = engine
-        return engines[key]
-
-    yield get
-    for engine in engines.values():
-        loop.run(engine.shutdown())
-
-
-async def collect(engine, prompt, params, request_id="r"):
-    return [out async for out in engine.generate(prompt, params, request_id)]
-
-
-def token_ids(outputs):
-    return [t for out in outputs for t in out.token_ids]
+    yield from started_engines(loop, "hf-cb")
 
 
 def text(outputs):
@@ -128,27 +116,25 @@ def test_seed_reproduces_alone_and_batched(loop, started):
     assert token_ids(together) == token_ids(alone) and text(together) == text(alone)
     # Our sampler is hf-kv's code with a generator per request: the same draw from the same logits.
     assert token_ids(alone) == token_ids(loop.run(collect(started("hf-kv"), "Once upon a time", seeded)))
-    other_seed = loop.run(
-        collect(
-            engine,
-            "Once upon a time",
-            SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.95, top_k=50, seed=99, ignore_eos=True),
-        )
+    other_seed = generated_ids(
+        loop,
+        engine,
+        "Once upon a time",
+        max_new_tokens=16,
+        temperature=1.0,
+        top_p=0.95,
+        top_k=50,
+        seed=99,
+        ignore_eos=True,
     )
-    assert token_ids(other_seed) != token_ids(alone)
+    assert other_seed != token_ids(alone)
 
 
 def test_top_k_one_is_greedy(loop, started):
     engine = started()
-    greedy = token_ids(loop.run(collect(engine, "Hello there", SamplingParams(max_new_tokens=10, ignore_eos=True))))
-    top1 = token_ids(
-        loop.run(
-            collect(
-                engine,
-                "Hello there",
-                SamplingParams(max_new_tokens=10, temperature=2.0, top_k=1, seed=5, ignore_eos=True),
-            )
-        )
+    greedy = generated_ids(loop, engine, "Hello there", max_new_tokens=10, ignore_eos=True)
+    top1 = generated_ids(
+        loop, engine, "Hello there", max_new_tokens=10, temperature=2.0, top_k=1, seed=5, ignore_eos=True
     )
     assert top1 == greedy
 
@@ -252,21 +238,9 @@ def test_queue_bound_refuses_at_once(loop, started):
     assert (load.running, load.waiting) == (0, 0)
 
 
-@pytest.mark.parametrize(
-    "prompt, params, message",
-    [
-        ("", SamplingParams(), "prompt must not be empty"),
-        ("   \n", SamplingParams(), "prompt must not be empty"),
-        ("word " * 1100, SamplingParams(), "context is 1024"),
-        ("hi", SamplingParams(max_new_tokens=5000), "max_new_tokens=5000"),
-        ("hi", SamplingParams(top_k=60000), "top_k must be at most the vocabulary size 49152"),
-    ],
-)
+@pytest.mark.parametrize("prompt, params, message", TINY_LLAMA_BAD_INPUTS)
 def test_bad_input_is_refused(loop, started, prompt, params, message):
-    engine = started()
-    with pytest.raises(InvalidRequest, match=message):
-        loop.run(collect(engine, prompt, params))
-    assert engine.load().running == 0
+    assert_refused(loop, started(), prompt, params, message)
 
 
 def test_with_cuda_graphs_sampling_is_refused_by_name(started):

@@ -16,6 +16,7 @@ from engines.vllm_engine import VLLMOptions
 from loadtest.server_process import ROOT, ServerProcess
 from server.wire import pb
 from tests.conftest import LOG_PROMPTS
+from tests.engine_calls import collect, token_ids
 from tests.observe import metric
 
 pytest.importorskip("vllm", reason="vllm is installed by `make venv`; this skip only shows where it is not")
@@ -45,14 +46,6 @@ def hf_engine(loop):
     loop.run(engine.shutdown())
 
 
-async def collect(engine, prompt, params, request_id="r"):
-    return [out async for out in engine.generate(prompt, params, request_id)]
-
-
-def ids_of(outputs):
-    return [t for out in outputs for t in out.token_ids]
-
-
 def test_info_reports_paged_cache_and_kernel(vllm_engine):
     info = vllm_engine.info()
     assert (info.engine, info.dtype, info.device) == ("vllm", "float32", "cpu")
@@ -66,7 +59,7 @@ def test_greedy_equals_hf_kv_token_for_token(loop, vllm_engine, hf_engine, promp
     params = SamplingParams(max_new_tokens=32, ignore_eos=True)
     from_vllm = loop.run(collect(vllm_engine, prompt, params))
     from_hf = loop.run(collect(hf_engine, prompt, params))
-    assert ids_of(from_vllm) == ids_of(from_hf)
+    assert token_ids(from_vllm) == token_ids(from_hf)
     assert "".join(o.text for o in from_vllm) == "".join(o.text for o in from_hf)
     assert from_vllm[-1].prompt_tokens == from_hf[-1].prompt_tokens
 
@@ -75,24 +68,24 @@ def test_stream_shape_usage_and_queue_time(loop, vllm_engine):
     outputs = loop.run(collect(vllm_engine, LOG_PROMPTS[0], SamplingParams(max_new_tokens=12, ignore_eos=True)))
     assert [o.finish_reason for o in outputs][-1] == "length"
     assert all(o.finish_reason is None for o in outputs[:-1])
-    assert outputs[-1].completion_tokens == len(ids_of(outputs)) == 12
+    assert outputs[-1].completion_tokens == len(token_ids(outputs)) == 12
     assert outputs[0].started_at is not None and outputs[0].started_at <= time.monotonic()
 
 
 def test_seed_stop_and_repetition_penalty_are_honoured(loop, vllm_engine):
     sampled = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=7, ignore_eos=True)
-    first = ids_of(loop.run(collect(vllm_engine, "Once upon a time", sampled)))
-    assert first == ids_of(loop.run(collect(vllm_engine, "Once upon a time", sampled)))
+    first = token_ids(loop.run(collect(vllm_engine, "Once upon a time", sampled)))
+    assert first == token_ids(loop.run(collect(vllm_engine, "Once upon a time", sampled)))
     other = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=8, ignore_eos=True)
-    assert first != ids_of(loop.run(collect(vllm_engine, "Once upon a time", other)))
+    assert first != token_ids(loop.run(collect(vllm_engine, "Once upon a time", other)))
     free = "".join(o.text for o in loop.run(collect(vllm_engine, LOG_PROMPTS[0], SamplingParams(max_new_tokens=30))))
     stop = " here"
     assert stop in free
     stopped = loop.run(collect(vllm_engine, LOG_PROMPTS[0], SamplingParams(max_new_tokens=30, stop=(stop,))))
     assert stopped[-1].finish_reason == "stop"
     assert "".join(o.text for o in stopped) == free[: free.index(stop)]
-    plain = ids_of(loop.run(collect(vllm_engine, "a a a a", SamplingParams(max_new_tokens=16, ignore_eos=True))))
-    penalised = ids_of(
+    plain = token_ids(loop.run(collect(vllm_engine, "a a a a", SamplingParams(max_new_tokens=16, ignore_eos=True))))
+    penalised = token_ids(
         loop.run(
             collect(vllm_engine, "a a a a", SamplingParams(max_new_tokens=16, repetition_penalty=3.0, ignore_eos=True))
         )
