@@ -24,28 +24,16 @@ import time
 from loadtest.prompts import LOG_SPEED_PROMPTS
 
 
-def _plan(model_dir, dtype, device, max_running: int):
-    from transformers import AutoConfig
-
-    from engines.hf_cb import CBOptions
-    from engines.hf_cb_runtime import plan_cache
-
-    options = CBOptions()
-    config = AutoConfig.from_pretrained(model_dir).get_text_config()
-    return plan_cache(
-        config, dtype, device, options.num_blocks, options.block_size, options.max_batch_tokens, max_running
-    )
-
-
 def generate_batch_tokens_per_s(model_dir, dtype, device, prompts: list[list[int]], new_tokens: int) -> float:
     import torch
     from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
 
-    from engines.hf_cb_runtime import _implementation
+    from engines.hf_cb import default_cache_plan
+    from engines.hf_cb_runtime import paged_implementation
 
-    plan = _plan(model_dir, dtype, device, len(prompts))
+    plan = default_cache_plan(str(model_dir), str(dtype).removeprefix("torch."), str(device), len(prompts))
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype, attn_implementation=_implementation(model_dir, device)
+        model_dir, dtype=dtype, attn_implementation=paged_implementation(model_dir, device)
     )
     model.to(device).eval()
     graphs = device.type == "cuda"

@@ -52,6 +52,28 @@ class CBOptions:
     )
 
 
+def default_cache_plan(model: str, dtype: str, device: str = "cpu", max_running: int | None = None):
+    """The KV cache hf-cb builds with its default options, for a peer (transformers serve, generate_batch)
+    that is to get the same."""
+    from transformers import AutoConfig
+
+    from .hf_cb_runtime import plan_cache
+    from .hf_model import resolve_device, resolve_dtype
+    from .models import resolve_model
+
+    where = resolve_device(device)
+    options = CBOptions()
+    return plan_cache(
+        AutoConfig.from_pretrained(resolve_model(model)).get_text_config(),
+        resolve_dtype(dtype, where),
+        where,
+        options.num_blocks,
+        options.block_size,
+        options.max_batch_tokens,
+        max_running or DEFAULT_MAX_RUNNING["cuda" if where.type == "cuda" else "cpu"],
+    )
+
+
 class ContinuousBatchingEngine(Engine):
     name = "hf-cb"
     Options = CBOptions

@@ -108,7 +108,7 @@ class CBRuntime:
         device = resolve_device(device_name)
         dtype = resolve_dtype(dtype_name, device)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        implementation = _implementation(path, device)
+        implementation = paged_implementation(path, device)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=implementation)
         model.to(device).eval()
         # Before the manager touches the model: the scorer keeps plain (eager) attention, as hf-kv scores.
@@ -302,7 +302,7 @@ class CBRuntime:
         self.manager.destroy()
 
 
-def _implementation(path: Path, device: torch.device) -> str:
+def paged_implementation(path: Path, device: torch.device) -> str:
     """The paged attention kernel: flash-attn on CUDA when installed, else SDPA, else eager."""
     if hf_attention.flash_attn_package_usable(device):
         return "flash_attention_2"

@@ -4,8 +4,9 @@ For each engine: start a server, wait for SERVING, warm up, record the idle row 
 "空载"), run headless Locust at each concurrency while watching the server's metrics, stop
 the server.  With ``--apis grpc,http`` each engine is measured through both front ends (rows
 "vllm" and "vllm-http"), on one server process, back to back, by the same Locust options and
-the same clock.  Optionally the
-same load against vLLM's own OpenAI-compatible server, beside our vllm rows.  Writes
+the same clock.  Beside our engines, the same load against outside servers: vLLM's own
+OpenAI-compatible server beside our vllm rows, ``transformers serve --continuous-batching``
+beside our hf-cb rows (loadtest/targets.py).  Writes
 reports/speed-<UTC time>/ (see loadtest/report.py and the folder rule in
 loadtest/report_folder.py); every figure in it comes from a raw file kept under raw/.
 """
@@ -26,10 +27,18 @@ from loadtest.report import write_report
 from loadtest.report_folder import default_out
 from loadtest.roofline_column import RooflineColumn
 from loadtest.tables import markdown_table
-from loadtest.targets import OpenAIServerTarget, Reading, YayiTarget
+from loadtest.targets import (
+    Reading,
+    TransformersServeTarget,
+    YayiTarget,
+    baseline_target,
+    chosen_baselines,
+    parse_baselines,
+    vllm_engine_args,
+)
 
 # Rough start-up times on a 2-core CPU, only for the "time left" estimate.
-START_ESTIMATE_S = {"vllm": 150.0, "vllm-openai": 150.0}
+START_ESTIMATE_S = {"vllm": 150.0, "vllm-openai": 150.0, "hf-cb": 40.0, "transformers-serve": 40.0}
 DEFAULT_START_ESTIMATE_S = 20.0
 STEP_OVERHEAD_S = 8.0
 # The line of a failed start-up that says why: "yayi-serve: error: ...", "Value error, ...".
@@ -92,12 +101,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--baseline",
-        choices=["auto", "vllm-openai", "none"],
+        type=parse_baselines,
         default="auto",
-        help="also load vLLM's own OpenAI server (auto: when vllm is among the engines and installed)",
+        help="outside servers loaded too: vllm-openai, transformers-serve (comma-separated), none, or auto: "
+        "vLLM's own server when vllm is among the engines and installed, transformers serve when hf-cb is",
+    )
+    parser.add_argument(
+        "--ignore-eos",
+        choices=["auto", "true", "false"],
+        default="auto",
+        help="true: every request makes exactly --max-new-tokens; false: requests end at EOS; auto: true "
+        "unless transformers-serve is loaded, which cannot ignore EOS (then false for every target)",
     )
     parser.add_argument("--server-args", default="", help="extra yayi-serve arguments for every engine, one string")
     parser.add_argument("--baseline-args", default="", help="extra arguments for vLLM's own server, one string")
+    parser.add_argument(
+        "--transformers-serve-args", default="", help="extra arguments for transformers serve, one string"
+    )
     parser.add_argument("--idle-seconds", type=float, default=5.0, help="how long the idle row is watched")
     parser.add_argument("--sample-period", type=float, default=1.0, help="seconds between device readings")
     parser.add_argument(
@@ -155,48 +175,25 @@ def make_targets(args, engines: list[str], model_path: str, raw: Path) -> list:
     common = shlex.split(args.server_args)
     targets = []
     for engine in engines:
-        dtype = args.vllm_dtype if engine == "vllm" else args.dtype
-        extra = ["--dtype", dtype, *common]
-        if engine == "vllm":
-            extra += ["--kv-cache-gb", f"{args.kv_cache_gb:g}", "--max-model-len", str(max_model_len(args, model_path))]
+        extra = vllm_engine_args(args, model_path) if engine == "vllm" else ["--dtype", args.dtype]
         previous = None
         for api in args.apis:
             # The second front end of an engine is measured on the first one's server, right after it.
-            previous = YayiTarget(engine, args.model, extra, queue, args.sample_period, api, shares_with=previous)
-            targets.append(previous)
-    if want_baseline(args.baseline, engines):
-        targets.append(
-            OpenAIServerTarget(
-                model_path,
-                served_name=args.model,
-                dtype=args.vllm_dtype,
-                kv_cache_gb=args.kv_cache_gb,
-                max_model_len=max_model_len(args, model_path),
-                extra_args=shlex.split(args.baseline_args),
-                log_path=raw / "vllm-openai_server.log",
-                sample_period=args.sample_period,
+            previous = YayiTarget(
+                engine, args.model, extra + common, queue, args.sample_period, api, shares_with=previous
             )
-        )
+            targets.append(previous)
+    for name in chosen_baselines(args.baseline, engines):
+        targets.append(baseline_target(name, args, model_path, raw, args.sample_period))
     return targets
 
 
-def max_model_len(args, model_path: str) -> int:
-    if args.max_model_len:
-        return args.max_model_len
-    import json
-
-    config = json.loads((Path(model_path) / "config.json").read_text())
-    return min(2048, config.get("max_position_embeddings") or 2048)
-
-
-def want_baseline(choice: str, engines: list[str]) -> bool:
-    if choice == "none":
-        return False
-    if choice == "vllm-openai":
-        return True
-    import importlib.util
-
-    return "vllm" in engines and importlib.util.find_spec("vllm") is not None
+def ignores_eos(args, targets: list) -> bool:
+    """--ignore-eos auto: exactly --max-new-tokens per request, unless a target cannot be told to ignore
+    EOS (transformers serve): then every target honours it, so all do the same work."""
+    if args.ignore_eos != "auto":
+        return args.ignore_eos == "true"
+    return not any(isinstance(target, TransformersServeTarget) for target in targets)
 
 
 def reading_fields(reading: Reading) -> dict:
@@ -289,8 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         progress.step("roofline", "probing this machine's bandwidth and FLOP/s")
         roofline.probe({args.vllm_dtype, args.dtype, "float32"} - {"auto"}, args.probe_seconds)
 
+    eos_ignored = ignores_eos(args, targets)
     load = dict(
         max_new_tokens=args.max_new_tokens,
+        ignore_eos=eos_ignored,
         prompts_file=args.prompts_file,
         chat_template=args.chat_template,
         stop_timeout_s=args.stop_timeout,
@@ -353,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_new_tokens": args.max_new_tokens,
         "failures": failures,
         "roofline": roofline.describe(),
-        "column_notes": column_notes(args),
+        "column_notes": column_notes(args, eos_ignored),
     }
     paths = write_report(out, rows, context)
     versus = api_comparison(rows)
@@ -392,9 +391,14 @@ def api_comparison(rows: list[dict]) -> list[dict]:
     return out
 
 
-def column_notes(args) -> list[str]:
+def column_notes(args, eos_ignored: bool) -> list[str]:
+    length = (
+        f"exactly {args.max_new_tokens} new tokens (ignore_eos)"
+        if eos_ignored
+        else f"up to {args.max_new_tokens} new tokens, ending at EOS (transformers serve cannot ignore it)"
+    )
     return [
-        f"Load: each user sends the prompts in turn, greedy, exactly {args.max_new_tokens} new tokens (ignore_eos), "
+        f"Load: each user sends the prompts in turn, greedy, {length}, "
         f"no pause between requests, for {args.duration:g} s per step; Users is the concurrency.",
         "Speed: output tokens over the step (first request sent to last token received), all users together; "
         "tokens of requests cut by the end of the step count, their latencies do not.",
@@ -407,6 +411,9 @@ def column_notes(args) -> list[str]:
         "% of bound: Speed over the decode roofline bound for this model on this device at batch = Users "
         "(engines that do not batch are still measured against the batched bound).",
         "vllm-openai: vLLM's own OpenAI-compatible server, same prompts and load through streaming /v1/completions.",
+        "transformers-serve: `transformers serve MODEL_DIR --continuous-batching` with hf-cb's KV cache (blocks, "
+        "block size, tokens per step), same prompts and load through streaming /v1/completions; it sends usage "
+        "only at the end, so each text chunk counts as a token as it arrives and the final usage adds the rest.",
         "ENGINE-http (hf-kv-http, vllm-http): the engine through our OpenAI-compatible front end (--http-port), "
         "with the same streaming /v1/completions load and client as vllm-openai; a bare engine name is gRPC.",
     ]

@@ -5,7 +5,11 @@ OpenAI-compatible server and measures each request itself: vLLM's own server
 Tokens per chunk come from the usage the server puts on every chunk
 (``stream_options.continuous_usage_stats``, vLLM's extension, which our front end serves
 too), so a chunk of several tokens counts as several, exactly as the gRPC user counts token
-ids.  ``OPENAI_API_KEY``, when set, is sent as the bearer token, as OpenAI's clients do.
+ids.  A server that gives usage only at the end (``transformers serve``) has each text chunk
+counted as one token as it arrives, and the final usage adds any the chunks held back.
+``ignore_eos`` is sent only when asked for: it is vLLM's extension, and a strict server
+(``transformers serve``) refuses a field it does not know.  ``OPENAI_API_KEY``, when set, is
+sent as the bearer token, as OpenAI's clients do.
 """
 
 from __future__ import annotations
@@ -44,10 +48,11 @@ class StreamingOpenAIUser(User):
             "model": options.served_model,
             "max_tokens": options.max_new_tokens,
             "temperature": options.temperature,
-            "ignore_eos": options.ignore_eos,
             "stream": True,
             "stream_options": {"include_usage": True, "continuous_usage_stats": True},
         }
+        if options.ignore_eos:
+            self.body["ignore_eos"] = True
         self.chat_template = options.chat_template
         self.timeout = options.request_timeout
         self.session = requests.Session()
@@ -74,9 +79,14 @@ class StreamingOpenAIUser(User):
                 # chunk_size=None: hand over each line as it arrives (the default waits for 512 bytes).
                 for line in response.iter_lines(chunk_size=None):
                     if line.startswith(b"data: ") and line != b"data: [DONE]":
-                        usage = json.loads(line[6:]).get("usage") or {}
-                        clock.tokens((usage.get("completion_tokens") or 0) - clock.sample.tokens)
-            clock.sample.completion_tokens = clock.sample.tokens
+                        chunk = json.loads(line[6:])
+                        if usage := chunk.get("usage"):
+                            clock.tokens(usage["completion_tokens"] - clock.sample.tokens)
+                            clock.sample.completion_tokens = usage["completion_tokens"]
+                        elif any(_text(choice) for choice in chunk.get("choices") or ()):
+                            clock.tokens(1)
+            if clock.sample.completion_tokens is None:
+                clock.sample.completion_tokens = clock.sample.tokens
         except GreenletExit:
             self.record(clock.finish(CUT))
             raise
@@ -93,6 +103,11 @@ class StreamingOpenAIUser(User):
 
     def record(self, sample: RequestSample) -> None:
         """Where samples go: the locustfile's collector.  Subclasses override it."""
+
+
+def _text(choice: dict) -> str:
+    """A choice's new text: ``text`` in a completion chunk, ``delta.content`` in a chat one."""
+    return choice.get("text") or (choice.get("delta") or {}).get("content") or ""
 
 
 class HttpStatus(Exception):

@@ -142,28 +142,29 @@ def markdown_report(rows: list[dict], context: dict, plots: list[Path]) -> str:
         "",
     ]
     lines += ["## What the columns hold", ""] + [f"- {note}" for note in context["column_notes"]] + [""]
-    versus = baseline_comparison(rows)
-    if versus:
-        lines += [
-            "## Our vllm engine against vLLM's own OpenAI server",
-            "",
-            "Same prompts, same load, same client; ratios of yayi-serve's vllm rows to vllm-openai's.",
-            "",
-            markdown_table(
-                [
-                    {
-                        "Users": v["users"],
-                        "tokens/s vllm": f"{v['ours']:.1f}",
-                        "tokens/s vllm-openai": f"{v['theirs']:.1f}",
-                        "ratio": f"{v['ratio']:.2f}",
-                        "TTFT p50 vllm (ms)": f"{v['ttft_ours']:.0f}",
-                        "TTFT p50 vllm-openai (ms)": f"{v['ttft_theirs']:.0f}",
-                    }
-                    for v in versus
-                ]
-            ),
-            "",
-        ]
+    for ours, theirs, title in VERSUS:
+        versus = baseline_comparison(rows, ours, theirs)
+        if versus:
+            lines += [
+                f"## {title}",
+                "",
+                f"Same prompts, same load, same client; ratios of the {ours} rows to the {theirs} rows.",
+                "",
+                markdown_table(
+                    [
+                        {
+                            "Users": v["users"],
+                            f"tokens/s {ours}": f"{v['ours']:.1f}",
+                            f"tokens/s {theirs}": f"{v['theirs']:.1f}",
+                            "ratio": f"{v['ratio']:.2f}",
+                            f"TTFT p50 {ours} (ms)": f"{v['ttft_ours']:.0f}",
+                            f"TTFT p50 {theirs} (ms)": f"{v['ttft_theirs']:.0f}",
+                        }
+                        for v in versus
+                    ]
+                ),
+                "",
+            ]
     if context.get("roofline"):
         lines += ["## Roofline bound", ""] + [f"- {line}" for line in context["roofline"]] + [""]
     if context.get("failures"):
@@ -225,11 +226,20 @@ def write_plots(out: Path, rows: list[dict]) -> list[Path]:
     return paths
 
 
-def baseline_comparison(rows: list[dict]) -> list[dict]:
+# The comparisons a report spells out when it holds both sides: each engine against the outside
+# server it must match, and the batched hf engine against the one-at-a-time one.
+VERSUS = (
+    ("vllm", "vllm-openai", "Our vllm engine against vLLM's own OpenAI server"),
+    ("hf-cb", "transformers-serve", "Our hf-cb engine against `transformers serve --continuous-batching`"),
+    ("hf-cb", "hf-kv", "hf-cb (continuous batching) against hf-kv (one request at a time)"),
+)
+
+
+def baseline_comparison(rows: list[dict], ours: str = "vllm", theirs: str = "vllm-openai") -> list[dict]:
     def loaded(engine: str) -> dict[int, dict]:
         return {r["users"]: r for r in rows if r["engine"] == engine and r["users"] > 0 and r.get("speed_tokens_per_s")}
 
-    ours, theirs = loaded("vllm"), loaded("vllm-openai")
+    ours, theirs = loaded(ours), loaded(theirs)
     return [
         {
             "users": users,

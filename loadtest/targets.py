@@ -3,15 +3,19 @@
 A target starts, warms up, is watched while the load runs (device memory, utilisation,
 power, energy and the server's own token count) and stops.  ``YayiTarget`` is our server
 with one engine, loaded through one front end (``api``: gRPC, or the OpenAI-compatible HTTP
-one), and reads its /metrics; ``OpenAIServerTarget`` is vLLM's own OpenAI-compatible server,
-whose process tree is read the way our CPU probe reads ours.  Every target says which
+one), and reads its /metrics; an ``OutsideServerTarget`` is a peer's OpenAI-compatible server
+(vLLM's own, ``transformers serve``), whose process tree is read the way our CPU probe reads
+ours.  Every target says which
 locustfile drives it and with which extra options, and ``openai_url`` is where an OpenAI
 client (vLLM's benchmark client) reaches it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -166,26 +170,20 @@ def _delta(before: scrape.Samples, after: scrape.Samples, name: str) -> float | 
     return None if end is None else end - (start or 0.0)
 
 
-class OpenAIServerTarget:
-    """vLLM's own server (``python -m vllm.entrypoints.openai.api_server``), for the baseline rows."""
+class OutsideServerTarget:
+    """An outside OpenAI-compatible server for the baseline rows: started on a free port as its own
+    process group (so its children go with it), watched by our CPU probe, loaded through streaming
+    ``/v1/completions``.  A subclass says how to start it and what it counts."""
 
     locustfile = ROOT / "loadtest" / "openai_speed.py"
-    label = "vllm-openai"
+    label = ""
+    name = ""  # how the log's Engine column names it
+    attention = ""
+    tokens_counter: str | None = None  # its own Prometheus counter of generated tokens, if it has one
 
-    def __init__(
-        self,
-        model_path: str,
-        served_name: str,
-        dtype: str,
-        kv_cache_gb: float,
-        max_model_len: int,
-        extra_args: list[str],
-        log_path: Path,
-        sample_period: float,
-    ) -> None:
-        self.model_path, self.served_name = model_path, served_name
-        self.dtype, self.kv_cache_gb, self.max_model_len = dtype, kv_cache_gb, max_model_len
-        self.extra_args, self.log_path, self.sample_period = extra_args, log_path, sample_period
+    def __init__(self, model_path: str, served_name: str, dtype: str, log_path: Path, sample_period: float) -> None:
+        self.model_path, self.served_name, self.dtype = model_path, served_name, dtype
+        self.log_path, self.sample_period = log_path, sample_period
         self.process: subprocess.Popen | None = None
         self.port = _free_port()
         self.info: dict = {}
@@ -194,13 +192,105 @@ class OpenAIServerTarget:
     def host(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    openai_url = host
+    @property
+    def openai_url(self) -> str:
+        return self.host
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ)
 
     def locust_args(self) -> list[str]:
         return ["--served-model", self.served_name]
 
     def start(self, timeout: float) -> dict:
-        command = [
+        command = self.command()
+        self._log = open(self.log_path, "w")
+        # The exact command first, so the raw folder says how the peer was run.
+        self._log.write(f"$ {shlex.join(command)}\n")
+        self._log.flush()
+        self.process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env(),
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.label} exited ({self.process.returncode}):\n{self.startup_output()}")
+            try:
+                with urllib.request.urlopen(f"{self.host}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            time.sleep(1)
+        else:
+            raise TimeoutError(f"{self.label} not healthy after {timeout:.0f} s:\n{self.startup_output()}")
+        self.info = {
+            "engine": self.name,
+            "dtype": self.dtype,
+            "device": "cpu",
+            "attention": self.attention,
+            "use_cache": True,
+            "model_path": self.model_path,
+        }
+        return self.info
+
+    def warm_up(self) -> None:
+        import json
+
+        body = json.dumps({"model": self.served_name, "prompt": "Warm up.", "max_tokens": 8}).encode()
+        request = urllib.request.Request(
+            f"{self.host}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+        )
+        urllib.request.urlopen(request, timeout=300).read()
+
+    def metrics_text(self) -> str:
+        return scrape.fetch(f"{self.host}/metrics") if self.tokens_counter else ""
+
+    def watch(self, raw_prefix: Path) -> ProcessWatch:
+        return ProcessWatch(self, raw_prefix)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if self.process is not None:
+            self._log.close()
+
+    def startup_output(self) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-20:])
+        except OSError:
+            return ""
+
+
+class VLLMServerTarget(OutsideServerTarget):
+    """vLLM's own server (``python -m vllm.entrypoints.openai.api_server``), beside our vllm rows."""
+
+    label = "vllm-openai"
+    name = "vllm (OpenAI server)"
+    attention = "vLLM's own"
+    tokens_counter = "vllm:generation_tokens_total"
+
+    def __init__(self, *args, kv_cache_gb: float, max_model_len: int, extra_args: list[str], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.kv_cache_gb, self.max_model_len, self.extra_args = kv_cache_gb, max_model_len, extra_args
+
+    def command(self) -> list[str]:
+        return [
             sys.executable,
             "-m",
             "vllm.entrypoints.openai.api_server",
@@ -220,79 +310,72 @@ class OpenAIServerTarget:
             "0",
             *self.extra_args,
         ]
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": f"{self.kv_cache_gb:g}"}
-        self._log = open(self.log_path, "w")
-        self.process = subprocess.Popen(command, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"vLLM's server exited ({self.process.returncode}):\n{self.startup_output()}")
-            try:
-                with urllib.request.urlopen(f"{self.host}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            time.sleep(1)
-        else:
-            raise TimeoutError(f"vLLM's server not healthy after {timeout:.0f} s:\n{self.startup_output()}")
-        self.info = {
-            "engine": "vllm (OpenAI server)",
-            "dtype": self.dtype,
-            "device": "cpu",
-            "attention": "vLLM's own",
-            "use_cache": True,
-            "model_path": self.model_path,
-        }
-        return self.info
 
-    def warm_up(self) -> None:
-        import json
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "VLLM_CPU_KVCACHE_SPACE": f"{self.kv_cache_gb:g}"}
 
-        body = json.dumps({"model": self.served_name, "prompt": "Warm up.", "max_tokens": 8}).encode()
-        request = urllib.request.Request(
-            f"{self.host}/v1/completions", data=body, headers={"Content-Type": "application/json"}
-        )
-        urllib.request.urlopen(request, timeout=300).read()
 
-    def metrics_text(self) -> str:
-        return scrape.fetch(f"{self.host}/metrics")
+class TransformersServeTarget(OutsideServerTarget):
+    """``transformers serve MODEL_DIR --continuous-batching``, beside our hf-cb rows, with hf-cb's KV
+    cache (blocks, block size, tokens per step): left to itself on a CPU it sizes its cache from
+    90 % of the machine's memory.  It serves the model under its path and counts no tokens in
+    Prometheus; its /v1/completions knows no ignore_eos, so its load honours EOS."""
 
-    def watch(self, raw_prefix: Path) -> ProcessWatch:
-        return ProcessWatch(self, raw_prefix)
+    label = "transformers-serve"
+    name = "transformers serve --continuous-batching"
+    attention = "paged (transformers' default)"
 
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.process is not None:
-            self._log.close()
+    def __init__(self, model_path: str, dtype: str, log_path: Path, sample_period: float, extra_args: list[str]):
+        import torch
 
-    def startup_output(self) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-20:])
-        except OSError:
-            return ""
+        from engines.hf_model import resolve_dtype
+
+        # Our "auto" (float32 on a CPU) named as transformers takes it; its own "auto" is the checkpoint's.
+        dtype = str(resolve_dtype(dtype, torch.device("cpu"))).removeprefix("torch.")
+        super().__init__(model_path, model_path, dtype, log_path, sample_period)
+        self.extra_args = extra_args
+
+    def command(self) -> list[str]:
+        from engines.hf_cb import default_cache_plan
+
+        plan = default_cache_plan(self.model_path, self.dtype)
+        return [
+            str(Path(sys.executable).parent / "transformers"),
+            "serve",
+            self.model_path,
+            "--continuous-batching",
+            "--dtype",
+            self.dtype,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--cb-num-blocks",
+            str(plan.num_blocks),
+            "--cb-block-size",
+            str(plan.block_size),
+            "--cb-max-batch-tokens",
+            str(plan.max_batch_tokens),
+            *self.extra_args,
+        ]
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
 class ProcessWatch:
     """The server's process tree read by our own CPU probe, so its memory and CPU share mean
-    what ours mean; its token count from vLLM's own counter."""
+    what ours mean; its token count from its own counter, where it has one."""
 
-    TOKENS = "vllm:generation_tokens_total"
-
-    def __init__(self, target: OpenAIServerTarget, raw_prefix: Path) -> None:
+    def __init__(self, target: OutsideServerTarget, raw_prefix: Path) -> None:
         self.target, self.raw_prefix = target, raw_prefix
         self.reading = Reading(device="cpu")
         self._stop = threading.Event()
 
     def __enter__(self) -> ProcessWatch:
         body = self.target.metrics_text()
-        Path(f"{self.raw_prefix}_metrics_before.txt").write_text(body)
+        if body:
+            Path(f"{self.raw_prefix}_metrics_before.txt").write_text(body)
         self.before = scrape.parse(body)
         self.probe = CpuProbe(pid=self.target.process.pid)
         self.memory: list[float] = []
@@ -316,15 +399,93 @@ class ProcessWatch:
         self._stop.set()
         self._thread.join()
         body = self.target.metrics_text()
-        Path(f"{self.raw_prefix}_metrics_after.txt").write_text(body)
+        if body:
+            Path(f"{self.raw_prefix}_metrics_after.txt").write_text(body)
         self.reading.memory_peak_bytes = max(self.memory) if self.memory else None
         self.reading.utilization_mean = sum(self.shares) / len(self.shares) if self.shares else None
         self.reading.power_mean_w = sum(self.powers) / len(self.powers) if self.powers else None
         self.reading.energy_j = self.energy
-        self.reading.server_tokens = _delta(self.before, scrape.parse(body), self.TOKENS)
+        if self.target.tokens_counter:
+            self.reading.server_tokens = _delta(self.before, scrape.parse(body), self.target.tokens_counter)
 
 
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+# ---- the outside baselines, as both drivers (compare, vllm_bench) choose and build them ----------
+
+BASELINES = ("vllm-openai", "transformers-serve")
+# The engine each outside baseline stands beside: it runs under "auto" when that engine does.
+BASELINE_PEER = {"vllm-openai": "vllm", "transformers-serve": "hf-cb"}
+
+
+def parse_baselines(text: str) -> list[str] | str:
+    """``auto``, ``none``, or outside servers by name separated by commas."""
+    import argparse
+
+    text = text.strip()
+    if text in ("auto", "none"):
+        return text
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in BASELINES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"--baseline takes auto, none, or any of {', '.join(BASELINES)} separated by commas, got {text!r}"
+        )
+    return names
+
+
+def chosen_baselines(choice: list[str] | str, engines: list[str]) -> list[str]:
+    """``auto``: each baseline whose peer engine is measured and whose software is installed."""
+    if choice == "none":
+        return []
+    if choice != "auto":
+        return [choice] if isinstance(choice, str) else list(choice)
+    import importlib.util
+
+    installed = {"vllm-openai": importlib.util.find_spec("vllm") is not None, "transformers-serve": True}
+    return [name for name in BASELINES if BASELINE_PEER[name] in engines and installed[name]]
+
+
+def max_model_len(args, model_path: str) -> int:
+    """The context both vLLM servers serve: --max-model-len, else the model's, at most 2048 (as our engine)."""
+    if args.max_model_len:
+        return args.max_model_len
+    import json
+
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    return min(2048, config.get("max_position_embeddings") or 2048)
+
+
+def vllm_engine_args(args, model_path: str) -> list[str]:
+    """Our vllm engine's flags that must match vLLM's own server's (dtype, KV cache, context)."""
+    return [
+        "--dtype",
+        args.vllm_dtype,
+        "--kv-cache-gb",
+        f"{args.kv_cache_gb:g}",
+        "--max-model-len",
+        str(max_model_len(args, model_path)),
+    ]
+
+
+def baseline_target(name: str, args, model_path: str, raw: Path, sample_period: float) -> OutsideServerTarget:
+    """An outside server set up as its peer engine is: the same dtype, KV cache and context."""
+    log_path = raw / f"{name}_server.log"
+    if name == "vllm-openai":
+        return VLLMServerTarget(
+            model_path,
+            args.model,
+            args.vllm_dtype,
+            log_path,
+            sample_period,
+            kv_cache_gb=args.kv_cache_gb,
+            max_model_len=max_model_len(args, model_path),
+            extra_args=shlex.split(args.baseline_args),
+        )
+    return TransformersServeTarget(
+        model_path, args.dtype, log_path, sample_period, shlex.split(getattr(args, "transformers_serve_args", ""))
+    )

@@ -29,9 +29,9 @@ import sys
 from pathlib import Path
 
 from loadtest import ROOT
-from loadtest.compare import max_model_len, parse_users, want_baseline
+from loadtest.compare import parse_users
 from loadtest.report_folder import Report
-from loadtest.targets import OpenAIServerTarget, YayiTarget
+from loadtest.targets import YayiTarget, baseline_target, chosen_baselines, vllm_engine_args
 
 # The figures of vLLM's result JSON the table shows, and the names it shows them under.
 COLUMNS = {
@@ -143,7 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input-len", type=int, default=128, help="random prompt length, tokens")
     parser.add_argument("--output-len", type=int, default=128, help="tokens generated per request (ignore_eos)")
     parser.add_argument("--seed", type=int, default=0, help="the random dataset's seed, the same for every server")
-    parser.add_argument("--baseline", choices=["auto", "vllm-openai", "none"], default="auto")
+    parser.add_argument(
+        "--baseline",
+        choices=["auto", "vllm-openai", "none"],
+        default="auto",
+        help="vLLM's own server too (auto: when vllm is among the engines and installed)",
+    )
     parser.add_argument("--vllm-dtype", default="bfloat16", help="dtype of the vllm engine and of vLLM's server")
     parser.add_argument("--kv-cache-gb", type=float, default=1.0, help="vLLM's CPU KV cache (both vLLM servers)")
     parser.add_argument("--max-model-len", type=int, default=None, help="context both vLLM servers serve")
@@ -161,24 +166,11 @@ def make_targets(args, model_path: str, raw: Path) -> list:
     queue = max(64, 2 * max(args.concurrency))
     targets = []
     for engine in engines:
-        extra = list(common)
-        if engine == "vllm":
-            extra += ["--dtype", args.vllm_dtype, "--kv-cache-gb", f"{args.kv_cache_gb:g}"]
-            extra += ["--max-model-len", str(max_model_len(args, model_path))]
-        targets.append(YayiTarget(engine, args.model, extra, queue, sample_period=1.0, api="http"))
-    if want_baseline(args.baseline, engines):
-        targets.append(
-            OpenAIServerTarget(
-                model_path,
-                served_name=args.model,
-                dtype=args.vllm_dtype,
-                kv_cache_gb=args.kv_cache_gb,
-                max_model_len=max_model_len(args, model_path),
-                extra_args=shlex.split(args.baseline_args),
-                log_path=raw / "vllm-openai_server.log",
-                sample_period=1.0,
-            )
-        )
+        extra = vllm_engine_args(args, model_path) if engine == "vllm" else []
+        targets.append(YayiTarget(engine, args.model, extra + common, queue, sample_period=1.0, api="http"))
+    # vLLM's client asks for ignore_eos, which transformers serve refuses: vLLM's own server only.
+    if "vllm-openai" in chosen_baselines(args.baseline, engines):
+        targets.append(baseline_target("vllm-openai", args, model_path, raw, sample_period=1.0))
     return targets
 
 

@@ -215,6 +215,13 @@ def main() -> None:
             same = sum(x == y for x, y in zip(ok[a], ok[b]))
             lines.append(f"greedy agreement {a[0]} vs {b[0]} ({dtype}): {same}/{len(ok[a])} tokens identical")
     lines += ["", "Batch 1 against transformers' generate (same cache kind and attention, bf16):", "", reference]
+    lines += ["", "hf-cb against transformers' generate_batch, 64 requests x 128 tokens, CUDA graphs, bf16:", ""]
+    try:
+        from bench.hf_cb_batch import run as hf_cb_batch
+
+        lines += [f"| {r['what']} | {r['tokens_per_s']:.2f} |" for r in hf_cb_batch(str(model), "cuda", "bfloat16")]
+    except Exception as exc:  # the lines above must still be printed
+        lines.append(f"hf-cb batch run failed: {str(exc)[-400:]}")
     table = "\n".join(lines)
     print(table, flush=True)
     (out_dir / "gpu_check.md").write_text(table + "\n")
