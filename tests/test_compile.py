@@ -5,8 +5,6 @@ stopping the work, and bad options refused on the command line."""
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 import time
 
 import grpc
@@ -14,9 +12,10 @@ import pytest
 
 from engines import EngineConfig, SamplingParams, create_engine
 from engines.hf import HFOptions
-from loadtest.server_process import ROOT, ServerProcess
+from loadtest.server_process import ServerProcess
 from tests.conftest import LOG_PROMPTS
 from tests.observe import metric, wait_until
+from tests.servers import run_cli
 
 GREEDY = SamplingParams(max_new_tokens=40, ignore_eos=True)
 BUCKETS = "64,256"
@@ -122,12 +121,6 @@ def test_served_compiled_cancel_and_deadline_stop_the_work(compiled_server):
     ],
 )
 def test_bad_compile_options_exit_with_a_message(args, message):
-    run = subprocess.run(
-        [sys.executable, "-m", "server.cli", "--model", "tiny-llama", "--port", "0", "--metrics-port", "-1", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
+    run = run_cli("--model", "tiny-llama", *args, timeout=60)
     assert run.returncode != 0 and message in run.stderr
     assert "Traceback" not in run.stderr

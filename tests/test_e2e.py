@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import grpc
@@ -17,6 +16,7 @@ from loadtest.server_process import ROOT, ServerProcess, request
 from server.wire import SERVICE_NAME, pb
 from tests.conftest import LOG_PROMPTS
 from tests.observe import metric, wait_until
+from tests.servers import run_cli
 
 
 def test_unary_generate(tiny_server):
@@ -257,13 +257,7 @@ def test_second_signal_exits_at_once():
     ],
 )
 def test_bad_startup_arguments_exit_with_a_message(args, code, message):
-    run = subprocess.run(
-        [sys.executable, "-m", "server.cli", "--port", "0", "--metrics-port", "-1", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    run = run_cli(*args, timeout=120)
     assert run.returncode == code
     assert message in run.stderr
     assert "Traceback" not in run.stderr + run.stdout

@@ -19,6 +19,7 @@ from engines import EngineConfig, SamplingParams, create_engine, faults
 from engines.errors import EngineOutOfMemory
 from loadtest.server_process import ROOT, ServerProcess
 from tests.observe import idle, metric, wait_until
+from tests.servers import TINY_KV, run_cli, served
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 FAULTS = "error:FAULT-ERROR@2,oom:FAULT-OOM@1,fatal:FAULT-FATAL@1"
@@ -27,20 +28,9 @@ FAULTS = "error:FAULT-ERROR@2,oom:FAULT-OOM@1,fatal:FAULT-FATAL@1"
 @pytest.fixture(scope="module")
 def fault_server():
     """Two requests at once, so a failing request can share the engine with a healthy one."""
-    server = ServerProcess(
-        "--engine",
-        "hf-kv",
-        "--model",
-        "tiny-llama",
-        "--max-concurrency",
-        "2",
-        "--max-queue",
-        "4",
-        "--allow-test-faults",
-        env={faults.ENV_VAR: FAULTS},
-    ).wait_ready()
-    yield server
-    server.stop()
+    yield from served(
+        *TINY_KV, "--max-concurrency", "2", "--max-queue", "4", "--allow-test-faults", env={faults.ENV_VAR: FAULTS}
+    )
 
 
 class Bystander:
@@ -209,25 +199,6 @@ def test_fault_variable_without_the_test_flag_refuses_to_start():
     """A stray YAYI_TEST_FAULTS in production must not hand every client a switch that breaks the engine."""
     import os
 
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "server.cli",
-            "--engine",
-            "hf-kv",
-            "--model",
-            "tiny-llama",
-            "--port",
-            "0",
-            "--metrics-port",
-            "-1",
-        ],
-        env={**os.environ, faults.ENV_VAR: "error:X"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
+    result = run_cli(*TINY_KV, env={**os.environ, faults.ENV_VAR: "error:X"}, timeout=60)
     assert result.returncode != 0
     assert "--allow-test-faults" in result.stderr and faults.ENV_VAR in result.stderr

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loadtest.server_process import ServerProcess, request
 from server.wire import pb, pb_grpc
 from tests.observe import metric, wait_until
+from tests.servers import TINY_KV, served
 
 STALL_S = 2.0
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # channels to one address share a connection otherwise
@@ -28,20 +29,7 @@ GENERATE = "/yayi.serving.v1.Inference/Generate"
 @pytest.fixture(scope="module")
 def one_slot():
     """One request at a time and a short stall timeout."""
-    server = ServerProcess(
-        "--engine",
-        "hf-kv",
-        "--model",
-        "tiny-llama",
-        "--max-concurrency",
-        "1",
-        "--max-queue",
-        "4",
-        "--stream-stall-timeout",
-        str(STALL_S),
-    ).wait_ready()
-    yield server
-    server.stop()
+    yield from served(*TINY_KV, "--max-concurrency", "1", "--max-queue", "4", "--stream-stall-timeout", str(STALL_S))
 
 
 def rss(server: ServerProcess) -> int:
@@ -252,11 +240,7 @@ def test_partial_messages_on_one_connection_hold_at_most_the_stated_bound(one_sl
 def token_slot(tmp_path_factory):
     token_file = tmp_path_factory.mktemp("token") / "token"
     token_file.write_text("s3cret-token")
-    server = ServerProcess(
-        "--engine", "hf-kv", "--model", "tiny-llama", "--auth-token-file", str(token_file), token="s3cret-token"
-    ).wait_ready()
-    yield server
-    server.stop()
+    yield from served(*TINY_KV, "--auth-token-file", str(token_file), token="s3cret-token")
 
 
 def test_a_caller_without_the_token_cannot_make_the_server_hold_its_messages(token_slot):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 import grpc
@@ -11,10 +9,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from loadtest.server_process import ROOT, ServerProcess, tls_credentials
+from loadtest.server_process import ServerProcess, tls_credentials
 from server.wire import pb, pb_grpc
 from tests.certs import CertificateAuthority
 from tests.observe import metric
+from tests.servers import run_cli
 
 TOKEN = "t0ken-under-test-7f3a9c"
 
@@ -201,13 +200,7 @@ def test_bad_security_flags_exit_with_a_message(pki, args, message):
     (folder / "empty-token").write_text("  \n")
     args = [a.format(folder=folder) for a in args]
     started = time.monotonic()
-    run = subprocess.run(
-        [sys.executable, "-m", "server.cli", "--model", "tiny-llama", "--port", "0", "--metrics-port", "-1", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    run = run_cli("--model", "tiny-llama", *args, timeout=120)
     assert run.returncode != 0
     assert message.format(folder=folder) in run.stderr
     assert "Traceback" not in run.stderr + run.stdout

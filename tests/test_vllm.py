@@ -18,6 +18,7 @@ from server.wire import pb
 from tests.conftest import LOG_PROMPTS
 from tests.engine_calls import collect, token_ids
 from tests.observe import metric
+from tests.servers import run_cli
 
 pytest.importorskip("vllm", reason="vllm is installed by `make venv`; this skip only shows where it is not")
 
@@ -220,13 +221,7 @@ def test_server_cancel_returns_running_to_zero(vllm_server):
     ],
 )
 def test_startup_failures_exit_with_a_message(args, message):
-    run = subprocess.run(
-        [sys.executable, "-m", "server.cli", "--engine", "vllm", "--port", "0", "--metrics-port", "-1", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run = run_cli("--engine", "vllm", *args, timeout=300)
     assert run.returncode == 1
     assert message in run.stderr
 
