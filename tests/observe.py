@@ -1,8 +1,11 @@
-"""What tests read from a running server: a /metrics series, and waiting for a condition."""
+"""What tests read from a running server: a /metrics series, waiting for a condition, work that stops."""
 
 from __future__ import annotations
 
 import time
+
+import grpc
+import pytest
 
 from loadtest import scrape
 from loadtest.server_process import ServerProcess
@@ -28,3 +31,14 @@ def wait_until(condition, timeout: float = 5.0) -> bool:
 
 def idle(server: ServerProcess) -> bool:
     return metric(server, "yayi_requests_running") + metric(server, "yayi_requests_waiting") == 0
+
+
+def assert_deadline_stops_the_work(server: ServerProcess) -> None:
+    """A call whose deadline passes mid-generation fails so, and no token is generated after it."""
+    with pytest.raises(grpc.RpcError) as error:
+        server.generate("slow", max_new_tokens=900, ignore_eos=True, timeout=0.3)
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_until(lambda: metric(server, "yayi_requests_running") == 0)
+    tokens = metric(server, "yayi_generation_tokens_total")
+    time.sleep(0.5)
+    assert metric(server, "yayi_generation_tokens_total") == tokens, "work went on past the deadline"
