@@ -28,6 +28,32 @@ def generated_tokens(server) -> float:
     return metric(server, "yayi_generation_tokens_total")
 
 
+def compare_command(out, *targets: str, probe_seconds: str) -> list[str]:
+    """loadtest.compare on tiny-llama, as short as a full report allows: 2 users for 4 s, 16 tokens each."""
+    return [
+        sys.executable,
+        "-m",
+        "loadtest.compare",
+        *targets,
+        "--model",
+        "tiny-llama",
+        "--users",
+        "2",
+        "--duration",
+        "4s",
+        "--max-new-tokens",
+        "16",
+        "--idle-seconds",
+        "1",
+        "--stop-timeout",
+        "30",
+        "--probe-seconds",
+        probe_seconds,
+        "--out",
+        str(out),
+    ]
+
+
 def locust_stats(prefix) -> dict[str, dict]:
     with open(f"{prefix}_stats.csv", newline="") as handle:
         return {row["Name"]: row for row in csv.DictReader(handle)}
@@ -169,29 +195,7 @@ def test_report_cells_say_what_a_cpu_measures():
 
 def test_compare_driver_writes_a_complete_report(tmp_path):
     out = tmp_path / "report"
-    command = [
-        sys.executable,
-        "-m",
-        "loadtest.compare",
-        "--engines",
-        "hf-kv,hf-eager,no-such-engine",
-        "--model",
-        "tiny-llama",
-        "--users",
-        "2",
-        "--duration",
-        "4s",
-        "--max-new-tokens",
-        "16",
-        "--idle-seconds",
-        "1",
-        "--stop-timeout",
-        "30",
-        "--probe-seconds",
-        "0.4",
-        "--out",
-        str(out),
-    ]
+    command = compare_command(out, "--engines", "hf-kv,hf-eager,no-such-engine", probe_seconds="0.4")
     completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=400)
     # An engine that cannot start makes the exit status 1, but the others still have their rows.
     assert completed.returncode == 1, completed.stderr[-3000:]
@@ -224,32 +228,9 @@ def test_compare_driver_writes_a_complete_report(tmp_path):
 def test_vllm_openai_baseline_is_measured_the_same_way(tmp_path):
     pytest.importorskip("vllm", reason="vllm is installed by `make venv`; this skip only shows where it is not")
     out = tmp_path / "baseline"
-    command = [
-        sys.executable,
-        "-m",
-        "loadtest.compare",
-        "--engines",
-        "",
-        "--baseline",
-        "vllm-openai",
-        "--baseline-args=--enforce-eager",
-        "--model",
-        "tiny-llama",
-        "--users",
-        "2",
-        "--duration",
-        "4s",
-        "--max-new-tokens",
-        "16",
-        "--idle-seconds",
-        "1",
-        "--stop-timeout",
-        "30",
-        "--probe-seconds",
-        "0",
-        "--out",
-        str(out),
-    ]
+    command = compare_command(
+        out, "--engines", "", "--baseline", "vllm-openai", "--baseline-args=--enforce-eager", probe_seconds="0"
+    )
     completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     rows = json.loads((out / "speed.json").read_text())["rows"]
