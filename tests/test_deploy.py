@@ -86,6 +86,12 @@ def load_yaml(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
+def validate_manifests(path: Path, version: str) -> None:
+    for doc in yaml.safe_load_all(path.read_text()):
+        # strict: unknown fields (a misspelt probe, say) are errors, as with kubectl --validate=strict.
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
 def serve_config(argv: list[str]):
     """The ServerConfig yayi-serve would run with: argparse exits (SystemExit) on an unknown flag."""
     assert argv[0] == "yayi-serve", argv
@@ -103,9 +109,7 @@ def container(deployment: dict) -> dict:
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 @pytest.mark.parametrize("name", BUILTIN_K8S_MANIFESTS)
 def test_manifest_matches_the_kubernetes_schema(name, version):
-    for doc in yaml.safe_load_all((K8S / name).read_text()):
-        # strict: unknown fields (a misspelt probe, say) are errors, as with kubectl --validate=strict.
-        kubernetes_validate.validate(doc, version, strict=True)
+    validate_manifests(K8S / name, version)
 
 
 def test_kubernetes_validator_rejects_a_broken_manifest():
@@ -263,8 +267,7 @@ def test_inferencepool_check_rejects_broken_pools():
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 @pytest.mark.parametrize("name", LLMD_BUILTIN)
 def test_llmd_manifest_matches_the_kubernetes_schema(name, version):
-    for doc in yaml.safe_load_all((LLMD / name).read_text()):
-        kubernetes_validate.validate(doc, version, strict=True)
+    validate_manifests(LLMD / name, version)
 
 
 def test_every_llmd_manifest_is_checked_and_applied():
