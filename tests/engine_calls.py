@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from engines import EngineConfig, SamplingParams, create_engine
-from engines.errors import InvalidRequest
+from engines.errors import InvalidRequest, QueueFull
 
 # What tiny-llama (context 1024, SmolLM2's vocabulary) must refuse, and the words that say why.
 TINY_LLAMA_BAD_INPUTS = [
@@ -50,6 +52,21 @@ def token_ids(outputs):
 def generated_ids(loop, engine, prompt, **params) -> list[int]:
     """The tokens of one request run to its end, ``params`` being its SamplingParams."""
     return token_ids(loop.run(collect(engine, prompt, SamplingParams(**params))))
+
+
+async def overflow_a_queue_of_one(engine):
+    """With one request running and one waiting, a third is refused at once; returns the two streams
+    and the waiting one's cancelled first read, for the caller to clean up as its engine needs."""
+    params = SamplingParams(max_new_tokens=200, ignore_eos=True)
+    streams = [engine.generate("busy", params, f"q{i}") for i in range(2)]
+    await streams[0].__anext__()
+    waiting = asyncio.ensure_future(streams[1].__anext__())
+    await asyncio.sleep(0.2)
+    assert engine.load().waiting == 1
+    with pytest.raises(QueueFull, match="queue bound 1"):
+        await engine.generate("one too many", params, "q3").__anext__()
+    waiting.cancel()
+    return streams, waiting
 
 
 def assert_refused(loop, engine, prompt, params, message) -> None:

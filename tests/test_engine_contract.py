@@ -7,13 +7,13 @@ import asyncio
 import pytest
 
 from engines import SamplingParams
-from engines.errors import QueueFull
 from tests.conftest import LOG_PROMPTS
 from tests.engine_calls import (
     TINY_LLAMA_BAD_INPUTS,
     assert_refused,
     collect,
     generated_ids,
+    overflow_a_queue_of_one,
     started_engines,
     token_ids,
 )
@@ -177,16 +177,7 @@ def test_queue_bound_refuses_at_once(loop, started):
     engine = started("hf-kv", max_queue=1)
 
     async def overload():
-        params = SamplingParams(max_new_tokens=200, ignore_eos=True)
-        streams = [engine.generate("busy", params, f"q{i}") for i in range(2)]
-        running = asyncio.ensure_future(streams[0].__anext__())
-        await running
-        waiting = asyncio.ensure_future(streams[1].__anext__())
-        await asyncio.sleep(0.2)
-        assert engine.load().waiting == 1
-        with pytest.raises(QueueFull, match="queue bound 1"):
-            await engine.generate("one too many", params, "q3").__anext__()
-        waiting.cancel()
+        streams, _ = await overflow_a_queue_of_one(engine)
         for stream in streams:
             await stream.aclose()
         return engine.load()

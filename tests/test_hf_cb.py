@@ -9,7 +9,7 @@ import time
 import pytest
 
 from engines import EngineConfig, SamplingParams, create_engine
-from engines.errors import InvalidRequest, QueueFull
+from engines.errors import InvalidRequest
 from loadtest import scrape
 from loadtest.server_process import ServerProcess
 from server.wire import pb
@@ -19,6 +19,7 @@ from tests.engine_calls import (
     assert_refused,
     collect,
     generated_ids,
+    overflow_a_queue_of_one,
     started_engines,
     token_ids,
 )
@@ -96,7 +97,8 @@ def test_eight_streams_all_start_before_any_ends(loop, started):
 
 def test_seed_reproduces_alone_and_batched(loop, started):
     engine = started()
-    seeded = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
+    sampled = dict(max_new_tokens=16, temperature=1.0, top_p=0.95, top_k=50, ignore_eos=True)
+    seeded = SamplingParams(seed=1234, **sampled)
     alone = loop.run(collect(engine, "Once upon a time", seeded))
 
     async def batched():
@@ -116,17 +118,7 @@ def test_seed_reproduces_alone_and_batched(loop, started):
     assert token_ids(together) == token_ids(alone) and text(together) == text(alone)
     # Our sampler is hf-kv's code with a generator per request: the same draw from the same logits.
     assert token_ids(alone) == token_ids(loop.run(collect(started("hf-kv"), "Once upon a time", seeded)))
-    other_seed = generated_ids(
-        loop,
-        engine,
-        "Once upon a time",
-        max_new_tokens=16,
-        temperature=1.0,
-        top_p=0.95,
-        top_k=50,
-        seed=99,
-        ignore_eos=True,
-    )
+    other_seed = generated_ids(loop, engine, "Once upon a time", seed=99, **sampled)
     assert other_seed != token_ids(alone)
 
 
@@ -219,15 +211,7 @@ def test_queue_bound_refuses_at_once(loop, started):
     engine = started(max_concurrency=1, max_queue=1)
 
     async def overload():
-        params = SamplingParams(max_new_tokens=200, ignore_eos=True)
-        streams = [engine.generate("busy", params, f"q{i}") for i in range(2)]
-        await streams[0].__anext__()
-        waiting = asyncio.ensure_future(streams[1].__anext__())
-        await asyncio.sleep(0.2)
-        assert engine.load().waiting == 1
-        with pytest.raises(QueueFull, match="queue bound 1"):
-            await engine.generate("one too many", params, "q3").__anext__()
-        waiting.cancel()
+        streams, waiting = await overflow_a_queue_of_one(engine)
         await asyncio.gather(waiting, return_exceptions=True)
         for stream in streams:
             await stream.aclose()
