@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from engines.hf_cb import default_cache_plan
 from loadtest import scrape
 from loadtest.locust_run import LoadSpec, locust_command, run_locust
 from loadtest.report import baseline_comparison, table_cells
@@ -28,7 +29,7 @@ def generated_tokens(server) -> float:
     return metric(server, "yayi_generation_tokens_total")
 
 
-def compare_command(out, *targets: str, probe_seconds: str) -> list[str]:
+def compare_command(out, *targets: str, probe_seconds: str, max_new_tokens: int = 16) -> list[str]:
     """loadtest.compare on tiny-llama, as short as a full report allows: 2 users for 4 s, 16 tokens each."""
     return [
         sys.executable,
@@ -42,7 +43,7 @@ def compare_command(out, *targets: str, probe_seconds: str) -> list[str]:
         "--duration",
         "4s",
         "--max-new-tokens",
-        "16",
+        str(max_new_tokens),
         "--idle-seconds",
         "1",
         "--stop-timeout",
@@ -242,6 +243,32 @@ def test_vllm_openai_baseline_is_measured_the_same_way(tmp_path):
     assert loaded["mem_mb"] > 100 and loaded["ttft_p50_ms"] > 0
 
 
+def test_transformers_serve_baseline_is_measured_the_same_way(tmp_path):
+    out, most = tmp_path / "baseline", 32
+    command = compare_command(
+        out, "--engines", "", "--baseline", "transformers-serve", probe_seconds="0", max_new_tokens=most
+    )
+    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads((out / "speed.json").read_text())
+    rows = report["rows"]
+    assert [(r["engine"], r["users"]) for r in rows] == [("transformers-serve", 0), ("transformers-serve", 2)]
+    loaded = rows[1]
+    # No request refused: the load sent no ignore_eos, which transformers serve answers with 422.
+    assert loaded["errors"] == 0 and loaded["requests_ok"] > 0 and loaded["speed_tokens_per_s"] > 0
+    assert loaded["requests_ok"] <= loaded["client_tokens"] <= most * loaded["requests_ok"]
+    # Usage comes only with the last chunk: tokens are counted as their text arrives, or the
+    # first token would be timed at the end of the request.
+    assert loaded["ttft_p50_ms"] < loaded["e2e_p50_ms"] / 2
+    assert loaded["attention"] == "paged (transformers' default)" and loaded["dtype"] == "float32"
+    # It ran with hf-cb's KV cache, and the report says the load honoured EOS for it.
+    plan = default_cache_plan("tiny-llama", "float32")
+    started = (out / "raw" / "transformers-serve_server.log").read_text().splitlines()[0]
+    assert " serve " in started and "--continuous-batching" in started
+    assert f"--cb-num-blocks {plan.num_blocks} --cb-block-size {plan.block_size}" in started
+    assert any("ending at EOS" in note for note in report["context"]["column_notes"])
+
+
 def test_vllm_rows_are_set_beside_vllms_own_server():
     def row(engine, users, speed, ttft):
         return {"engine": engine, "users": users, "speed_tokens_per_s": speed, "ttft_p50_ms": ttft}
@@ -259,6 +286,9 @@ def test_vllm_rows_are_set_beside_vllms_own_server():
         (1, 1.2, 50.0, 60.0),
         (4, 0.8, 80.0, 70.0),
     ]
+    # Any pair of rows: hf-cb against hf-kv has one point in common.
+    rows.append(row("hf-cb", 1, 36.0, 45.0))
+    assert [(v["users"], v["ratio"]) for v in baseline_comparison(rows, "hf-cb", "hf-kv")] == [(1, 2.0)]
 
 
 def test_many_users_queued_behind_one_slot_still_receive_their_streams(tmp_path):
