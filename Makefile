@@ -29,7 +29,7 @@ REPLICAS_ARGS ?=
 
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv model serve test lint format compare protos bench bench-vllm bench-compile bench-metrics clean prometheus \
+.PHONY: venv model serve test lint format compare protos bench bench-vllm bench-compile bench-hf-cb bench-metrics clean prometheus \
 	bench-attention bench-length roofline rope-alibi eval-checkpoints haproxy replicas bench-replicas
 
 $(STAMP): pyproject.toml Makefile
@@ -102,6 +102,10 @@ bench: venv
 
 bench-vllm: venv
 	$(BIN)/python -m bench.vllm_concurrency --model $(MODEL) $(BENCH_ARGS)
+
+# hf-cb against transformers' own generate_batch on one batch, in one process (the GPU target of issue 12).
+bench-hf-cb: venv model
+	$(BIN)/python -m bench.hf_cb_batch --model $(MODEL) $(BENCH_ARGS)
 
 # Batch-1 decode with and without --compile against transformers' generate (dynamic and static cache).
 bench-compile: venv model
