@@ -36,6 +36,7 @@ from loadtest.targets import (
     parse_baselines,
     vllm_engine_args,
 )
+from loadtest.token_stats import LATENCY_FIELDS
 
 # Rough start-up times on a 2-core CPU, only for the "time left" estimate.
 START_ESTIMATE_S = {"vllm": 150.0, "vllm-openai": 150.0, "hf-cb": 40.0, "transformers-serve": 40.0}
@@ -233,14 +234,7 @@ def load_row(row: dict, users: int, summary: dict, reading: Reading, raw_prefix:
             **{
                 key: summary[key]
                 for key in (
-                    "ttft_p50_ms",
-                    "ttft_p95_ms",
-                    "ttft_p99_ms",
-                    "itl_p50_ms",
-                    "itl_p95_ms",
-                    "e2e_p50_ms",
-                    "e2e_p95_ms",
-                    "e2e_p99_ms",
+                    *LATENCY_FIELDS,
                     "requests_ok",
                     "requests_cut",
                     "duration_s",

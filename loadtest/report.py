@@ -14,6 +14,7 @@ from pathlib import Path
 
 from loadtest.plots import pyplot
 from loadtest.tables import markdown_table
+from loadtest.token_stats import LATENCY_FIELDS
 
 LOG_COLUMNS = ["Model", "Engine", "Speed (tokens/s)", "Mem (MB)", "GPU-UTL (%)", "use_cache", "Pwr_usg (W)", "Notes"]
 EXTRA_COLUMNS = [
@@ -42,14 +43,7 @@ CSV_FIELDS = [
     "power_source",
     "notes",
     "requests_per_s",
-    "ttft_p50_ms",
-    "ttft_p95_ms",
-    "ttft_p99_ms",
-    "itl_p50_ms",
-    "itl_p95_ms",
-    "e2e_p50_ms",
-    "e2e_p95_ms",
-    "e2e_p99_ms",
+    *LATENCY_FIELDS,
     "per_user_tokens_per_s",
     "errors",
     "failures_by_status",
