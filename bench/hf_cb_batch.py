@@ -26,7 +26,7 @@ from loadtest.prompts import LOG_SPEED_PROMPTS
 
 def generate_batch_tokens_per_s(model_dir, dtype, device, prompts: list[list[int]], new_tokens: int) -> float:
     import torch
-    from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     from engines.hf_cb import default_cache_plan
     from engines.hf_cb_runtime import paged_implementation
@@ -37,13 +37,7 @@ def generate_batch_tokens_per_s(model_dir, dtype, device, prompts: list[list[int
     )
     model.to(device).eval()
     graphs = device.type == "cuda"
-    config = ContinuousBatchingConfig(
-        page_size=plan.block_size,
-        num_blocks=plan.num_blocks,
-        max_batch_tokens=plan.max_batch_tokens,
-        use_cuda_graph=graphs,
-        auto_switch_to_flash=False,
-    )
+    config = plan.manager_config(graphs)
     generation = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1)
     try:
         for _ in ("warm-up (graph capture)", "timed"):  # the manager persists, so the second run is warm

@@ -45,6 +45,21 @@ class CachePlan:
     block_size: int
     max_batch_tokens: int
 
+    def manager_config(self, graphs: bool, max_running: int | None = None):
+        """transformers' ContinuousBatchingConfig for this cache (the engine's and bench/hf_cb_batch.py's)."""
+        from transformers import ContinuousBatchingConfig
+
+        bound = {} if max_running is None else {"max_requests_per_batch": max_running}
+        return ContinuousBatchingConfig(
+            page_size=self.block_size,
+            num_blocks=self.num_blocks,
+            max_batch_tokens=self.max_batch_tokens,
+            use_cuda_graph=graphs,
+            # We choose the kernel; the manager's own switch may fetch flash kernels from the Hub.
+            auto_switch_to_flash=False,
+            **bound,
+        )
+
 
 def plan_cache(
     text_config,
@@ -100,7 +115,7 @@ class CBRuntime:
 
     @classmethod
     def build(cls, model_name: str, dtype_name: str, device_name: str, options, max_running: int) -> CBRuntime:
-        from transformers import AutoModelForCausalLM, AutoTokenizer, ContinuousBatchingConfig, GenerationConfig
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
         from . import hf_cb_sampling
 
@@ -135,15 +150,7 @@ class CBRuntime:
             options.max_batch_tokens,
             max_running,
         )
-        cb_config = ContinuousBatchingConfig(
-            page_size=plan.block_size,
-            num_blocks=plan.num_blocks,
-            max_batch_tokens=plan.max_batch_tokens,
-            max_requests_per_batch=max_running,
-            use_cuda_graph=graphs,
-            # We choose the kernel; the manager's own switch may fetch flash kernels from the Hub.
-            auto_switch_to_flash=False,
-        )
+        cb_config = plan.manager_config(graphs, max_running)
         # Greedy by default; EOS is given per request, so ignore_eos can drop it.
         generation_config = GenerationConfig(
             do_sample=False,
