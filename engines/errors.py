@@ -9,7 +9,15 @@ class EngineError(Exception):
 
 
 class InvalidRequest(EngineError):
-    """The request cannot be served as asked (bad prompt or sampling values)."""
+    """The request cannot be served as asked (bad prompt or sampling values).
+
+    ``field``: the neutral name of the field at fault (``prompt``, ``max_new_tokens``, ...), or
+    None; each front end names it in its own words (HTTP's ``max_tokens``).
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class QueueFull(EngineError):

@@ -76,15 +76,18 @@ class SamplingParams:
 def check_against_model(params: SamplingParams, prompt_tokens: int, max_context: int, vocab_size: int) -> None:
     """Reject what this model cannot do: prompts or completions past its context."""
     if prompt_tokens == 0:
-        raise InvalidRequest("prompt must not be empty")
+        raise InvalidRequest("prompt must not be empty", field="prompt")
     if prompt_tokens >= max_context:
         raise InvalidRequest(
-            f"prompt is {prompt_tokens} tokens but the model's context is {max_context} tokens; shorten the prompt"
+            f"prompt is {prompt_tokens} tokens but the model's context is {max_context} tokens; shorten the prompt",
+            field="prompt",
         )
     if prompt_tokens + params.max_new_tokens > max_context:
+        # Worded without the field's name: gRPC calls it max_new_tokens, HTTP max_tokens.
         raise InvalidRequest(
-            f"max_new_tokens={params.max_new_tokens} with a {prompt_tokens}-token prompt exceeds the "
-            f"model's context of {max_context} tokens; ask for at most {max_context - prompt_tokens}"
+            f"{params.max_new_tokens} new tokens after a {prompt_tokens}-token prompt exceed the "
+            f"model's context of {max_context} tokens; ask for at most {max_context - prompt_tokens}",
+            field="max_new_tokens",
         )
     if params.top_k > vocab_size:
         raise InvalidRequest(f"top_k must be at most the vocabulary size {vocab_size}, got {params.top_k}")

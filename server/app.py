@@ -201,18 +201,33 @@ async def _set_health(health: BoundedHealth, calls: Calls, status) -> None:
 def _http_server(config: ServerConfig, calls: Calls, auth: TokenAuth | None):
     """The OpenAI-compatible front end; imported only when asked for, so a gRPC-only server never loads it."""
     from .http_app import HttpFrontEnd
+    from .http_limits import ConnectionLimits
     from .http_server import HttpBindError, HttpServer
 
-    front = HttpFrontEnd(calls, config.model, auth, config.stream_stall_timeout_s, config.max_receive_bytes)
+    front = HttpFrontEnd(
+        calls,
+        config.model,
+        auth,
+        config.stream_stall_timeout_s,
+        config.max_receive_bytes,
+        read_timeout_s=config.http_read_timeout_s,
+        max_requests=config.max_concurrent_rpcs,
+    )
+    limits = ConnectionLimits(
+        max_connections=config.http_max_connections,
+        read_timeout_s=config.http_read_timeout_s,
+        max_head_bytes=config.http_max_header_bytes,
+        on_close=calls.metrics.count_http_close,
+    )
     try:
         return HttpServer(
-            front.app,
+            front,
             config.host,
             config.http_port,
             config.tls_cert,
             config.tls_key,
             config.tls_client_ca,
-            max_connections=config.max_concurrent_rpcs,
+            limits=limits,
         )
     except HttpBindError as exc:
         raise StartupError(str(exc)) from None

@@ -18,7 +18,7 @@ class TokenAuth:
     def __init__(self, token: str) -> None:
         if not token:
             raise ValueError("the auth token must not be empty")
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
 
     def refusal(self, metadata) -> str | None:
         """Why a call with this metadata is refused, or None; the reason never holds the token."""
@@ -26,7 +26,11 @@ class TokenAuth:
         if given is None:
             return "missing credentials: send 'authorization: Bearer <token>' (gRPC metadata or HTTP header)"
         given = given.encode() if isinstance(given, str) else given
+        # The scheme's name is case-insensitive (RFC 7235): "bearer" is "Bearer".
+        scheme, _, credentials = given.strip().partition(b" ")
+        if scheme.lower() != b"bearer":
+            return "the authorization header must be 'Bearer <token>'"
         # Constant time, so the time of a refusal does not tell how much of a guess was right.
-        if not hmac.compare_digest(given, self._expected):
+        if not hmac.compare_digest(credentials.strip(), self._expected):
             return "invalid bearer token"
         return None

@@ -117,6 +117,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULTS.device_sample_period_s,
         help="seconds between device memory/utilisation/power readings (default %(default)s)",
     )
+    http = parser.add_argument_group("HTTP front end (with --http-port)")
+    http.add_argument(
+        "--http-read-timeout",
+        type=float,
+        default=DEFAULTS.http_read_timeout_s,
+        help="seconds a connection gets to send a request's line and headers, and then its body; "
+        "past it 408 and the connection closes (default %(default)g)",
+    )
+    http.add_argument(
+        "--http-max-header-kb",
+        type=int,
+        default=DEFAULTS.http_max_header_bytes // 1024,
+        help="largest request line plus headers, in KiB; past it 431 (default %(default)s)",
+    )
+    http.add_argument(
+        "--http-max-connections",
+        type=int,
+        default=DEFAULTS.http_max_connections,
+        help="HTTP connections open at once, apart from requests in flight (--max-concurrent-rpcs): at the cap "
+        "a new connection closes the oldest idle one, or gets 503 if none is idle (default %(default)s)",
+    )
     security = parser.add_argument_group("security")
     security.add_argument("--tls-cert", help="PEM server certificate (chain): serve TLS instead of plaintext")
     security.add_argument("--tls-key", help="PEM private key of --tls-cert")
@@ -226,6 +247,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise SystemExit("yayi-serve: error: --http-port must be between 0 and 65535")
     if args.stream_stall_timeout <= 0:
         raise SystemExit("yayi-serve: error: --stream-stall-timeout must be positive")
+    if args.http_read_timeout <= 0:
+        raise SystemExit("yayi-serve: error: --http-read-timeout must be positive")
+    if args.http_max_header_kb < 1:
+        raise SystemExit("yayi-serve: error: --http-max-header-kb must be at least 1")
+    if args.http_max_connections < 1:
+        raise SystemExit("yayi-serve: error: --http-max-connections must be at least 1")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("yayi-serve: error: --tls-cert and --tls-key go together")
     if args.tls_client_ca and not args.tls_cert:
@@ -248,6 +275,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_concurrent_streams=args.max_concurrent_streams,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         stream_stall_timeout_s=args.stream_stall_timeout,
+        http_read_timeout_s=args.http_read_timeout,
+        http_max_header_bytes=args.http_max_header_kb * 1024,
+        http_max_connections=args.http_max_connections,
         expose_model_path=args.expose_model_path,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,

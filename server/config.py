@@ -26,6 +26,10 @@ class ServerConfig:
     max_concurrent_rpcs: int = 256  # server-wide; past it a call is refused with RESOURCE_EXHAUSTED at once
     max_health_watchers: int = 64  # Health.Watch streams at once: probes use Check, so few are needed
     stream_stall_timeout_s: float = 20.0  # a stream whose client reads nothing this long is cancelled
+    # The HTTP front end's bounds on a connection before it is a request (server/http_limits.py).
+    http_read_timeout_s: float = 10.0  # a request's head, and then its body, must each arrive in this time
+    http_max_header_bytes: int = 32 * 1024  # request line and headers; more is a 431
+    http_max_connections: int = 1024  # open at once; at the cap the oldest idle one is closed for a new one
     expose_model_path: bool = False  # GetModelInfo.model_path: the server's disk layout, only on request
     tls_cert: str | None = None  # PEM paths; cert and key together turn TLS on
     tls_key: str | None = None

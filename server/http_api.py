@@ -24,11 +24,10 @@ from .errors import http_status
 
 
 class FieldError(InvalidRequest):
-    """A bad request field; ``param`` is its name as the client sent it (OpenAI's error ``param``)."""
+    """A bad request field; ``field`` is its name as the client sent it (OpenAI's error ``param``)."""
 
     def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
+        super().__init__(message, field=param)
 
 
 # Fields that ask for something we do not do; accepted only with the value that asks for nothing.
@@ -95,13 +94,64 @@ class GenerateCall:
 
 
 def parse_json(raw: bytes) -> dict:
+    """The body as a dict, or InvalidRequest: whatever the bytes, nothing else is raised."""
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        body = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise InvalidRequest("the request body nests too deeply to parse; send a flatter JSON object") from None
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError among them
         raise InvalidRequest(f"the request body is not valid JSON ({exc}); send a JSON object") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
+    # A lone surrogate can only come from a \uD800-\uDFFF escape; where none is, none is looked for.
+    if _SURROGATE_ESCAPE.search(raw):
+        _check_unicode(body)
     return body
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
+
+
+def _no_constant(name: str) -> None:
+    # Python's json takes NaN and Infinity, which JSON does not have and no field here can use.
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _check_unicode(body: dict) -> None:
+    """Refuses a string (value or key, at any depth) holding a lone UTF-16 surrogate, naming where."""
+    stack: list[tuple[str, object]] = [("", body)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(key, f"{path}.{_safe(key)}" if path else _safe(key), "the key")
+                stack.append((f"{path}.{_safe(key)}" if path else _safe(key), item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{index}]", item) for index, item in enumerate(value))
+        elif isinstance(value, str):
+            _check_text(value, path, "the value of")
+
+
+def _check_text(text: str, path: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FieldError(
+            path,
+            f"{what} '{path}' holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not "
+            "valid Unicode; send UTF-8 text",
+        ) from None
+
+
+def _safe(text: str) -> str:
+    """A client's key as it can be echoed back: what UTF-8 cannot encode is escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    """A client's value as an error message quotes it: JSON, cut short."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def parse_generate(body: dict, served_model: str, chat: bool) -> GenerateCall:
@@ -115,7 +165,7 @@ def parse_generate(body: dict, served_model: str, chat: bool) -> GenerateCall:
     for name, no_op in _NO_OP_VALUES.items():
         if name in body and not _equal_any(body[name], no_op):
             why = f": {_WHY_NOT[name]}" if name in _WHY_NOT else ""
-            given, default = json.dumps(body[name]), json.dumps(no_op[0])
+            given, default = _shown(body[name]), json.dumps(no_op[0])
             raise FieldError(name, f"{name}={given} is not supported{why}; leave it out or send {default}")
     check_model(body.get("model"), served_model)
     stream = _typed(body, "stream", bool, False)
@@ -139,6 +189,11 @@ def parse_generate(body: dict, served_model: str, chat: bool) -> GenerateCall:
     )
 
 
+def http_param(field: str | None) -> str | None:
+    """A field named by the engine (SamplingParams' names) as an OpenAI body names it."""
+    return None if field is None else _HTTP_NAME.get(field, field)
+
+
 def check_model(name: object, served_model: str) -> None:
     # No model at all is taken as "the one served", as vLLM does; a different one is refused by name.
     if name in (None, ""):
@@ -155,7 +210,10 @@ def sampling_params(body: dict, chat: bool) -> SamplingParams:
         given["max_new_tokens"] = _typed(body, limit_name, int)
     for name in ("temperature", "top_p", "repetition_penalty"):
         if name in body:
-            given[name] = float(_typed(body, name, float))
+            try:
+                given[name] = float(_typed(body, name, float))
+            except OverflowError:  # an integer of hundreds of digits
+                raise FieldError(name, f"{name} is out of range, got {_shown(body[name])}") from None
     if "top_k" in body:
         # vLLM's "off" is -1 (also accepted here, as vLLM accepts it); ours is 0.
         top_k = _typed(body, "top_k", int)
@@ -242,7 +300,7 @@ def _typed(body: dict, name: str, kind: type, default: Any = None, prefix: str =
         ok = isinstance(value, int | float) and not isinstance(value, bool)
     if not ok:
         noun = {bool: "true or false", int: "an integer", float: "a number", dict: "an object"}[kind]
-        raise FieldError(prefix + name, f"{prefix}{name} must be {noun}, got {json.dumps(value)}")
+        raise FieldError(prefix + name, f"{prefix}{name} must be {noun}, got {_shown(value)}")
     return value
 
 

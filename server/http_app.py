@@ -9,21 +9,30 @@ from the gRPC status name through the one table in server/errors.py.
 
 What happens before the shared path mirrors server/gate.py: the token is checked before a
 byte of the body is read, and a body over ``--max-receive-mb`` is refused; both counted.
+Before that, ``_guard`` bounds the requests in flight (``--max-concurrent-rpcs``, health
+exempt, as on gRPC) apart from the connections (server/http_limits.py), and turns whatever
+no route answered (an unknown path, a wrong method, a bug) into OpenAI's error shape.
+
+Past the drain's grace period, ``end_calls`` ends what is still open with an answer: a
+request still waiting gets 503, a running stream an error event and ``[DONE]``, each counted
+UNAVAILABLE, rather than being torn down by uvicorn's own shutdown.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .auth import TokenAuth
-from .calls import MAX_REQUEST_ID_CHARS, CallFailed, Calls
+from .calls import CANCELLED, MAX_REQUEST_ID_CHARS, CallFailed, Calls, forget_traceback
 from .http_api import (
     DONE,
     ChunkWriter,
@@ -31,6 +40,7 @@ from .http_api import (
     completion,
     error_body,
     event,
+    http_param,
     parse_generate,
     parse_json,
     usage,
@@ -44,6 +54,10 @@ API = "http"
 REQUEST_ID_HEADER = "x-request-id"
 # The ``method`` label of each route in yayi_requests_total: a fixed set, never the raw path.
 COMPLETIONS, CHAT, MODELS = "/v1/completions", "/v1/chat/completions", "/v1/models"
+HEALTH = "/health"
+ROUTES = (COMPLETIONS, CHAT, MODELS)
+UNAVAILABLE = "UNAVAILABLE"
+ENDED = "the server is shutting down and its grace period (--grace-period) is over; retry on another replica"
 
 
 class HttpFrontEnd:
@@ -54,6 +68,8 @@ class HttpFrontEnd:
         auth: TokenAuth | None = None,
         stall_timeout_s: float = 20.0,
         max_body_bytes: int = 1024 * 1024,
+        read_timeout_s: float = 10.0,
+        max_requests: int = 256,
     ) -> None:
         self._calls = calls
         self._metrics = calls.metrics
@@ -61,15 +77,67 @@ class HttpFrontEnd:
         self._auth = auth
         self._stall_timeout_s = stall_timeout_s
         self._max_body_bytes = max_body_bytes
+        self._read_timeout_s = read_timeout_s
+        self._max_requests = max_requests
+        self._in_flight = 0  # requests past _guard, health excepted
+        self._work: set[asyncio.Task] = set()  # the tasks generating answers, ended by end_calls
+        self._ending = False
         self._created = int(time.time())
-        self.app = Starlette(
+        self._routes = Starlette(
             routes=[
-                Route("/health", self.health, methods=["GET"]),
+                Route(HEALTH, self.health, methods=["GET"]),
                 Route(MODELS, self.models, methods=["GET"]),
                 Route(COMPLETIONS, self.completions, methods=["POST"]),
                 Route(CHAT, self.chat_completions, methods=["POST"]),
-            ]
+            ],
+            exception_handlers={HTTPException: _http_exception, Exception: _internal},
         )
+
+    # ---- the ASGI app: the in-flight bound around the routes ----------------------------------
+
+    async def app(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] == HEALTH:
+            await self._routes(scope, receive, send)
+            return
+        if self._in_flight >= self._max_requests:
+            if scope["path"] in ROUTES:
+                self._metrics.count_request("RESOURCE_EXHAUSTED", scope["path"], API)
+            status, body = error_body(
+                "RESOURCE_EXHAUSTED",
+                f"{self._max_requests} HTTP requests are in flight (--max-concurrent-rpcs); retry shortly",
+            )
+            await JSONResponse(body, status_code=status)(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        self._in_flight += 1
+        try:
+            await self._routes(scope, receive, tracked)
+        except asyncio.CancelledError:
+            # uvicorn gives up on a call only when it stops; one not yet answered gets a refusal.
+            if started or not self._ending:
+                raise
+            _, body = error_body(UNAVAILABLE, ENDED)
+            await JSONResponse(body, status_code=503, headers={"connection": "close"})(scope, receive, send)
+        finally:
+            self._in_flight -= 1
+
+    async def end_calls(self, timeout_s: float) -> None:
+        """Ends every call still open, each with its answer (see the module's docstring)."""
+        self._ending = True
+        for task in list(self._work):
+            task.cancel()
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self._in_flight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+
+    def _cancelled_status(self) -> str:
+        return UNAVAILABLE if self._ending else CANCELLED
 
     # ---- routes -------------------------------------------------------------------------------
 
@@ -122,16 +190,18 @@ class HttpFrontEnd:
         try:
             # The first event is made before any header is sent, so a refusal (bad input, a full
             # queue) is a real HTTP status and not an error inside a 200 stream.
-            first = await unless_disconnected(anext(events), request.receive)
+            first = await unless_disconnected(anext(events), request.receive, self._work)
         except CallFailed as failure:
             return _error(failure, headers)
         except ClientGone:
+            if self._ending:
+                return _error(CallFailed(UNAVAILABLE, ENDED), {**headers, "connection": "close"})
             return Response(status_code=499)  # nobody reads it; the work is stopped and counted
         if isinstance(first, dict):  # not streamed: the whole completion
             with contextlib.suppress(StopAsyncIteration):
                 await anext(events)  # lets the call end, counted, before the answer leaves
             return JSONResponse(first, headers=headers)
-        return EventStream(first, events, headers, self._stall_timeout_s)
+        return EventStream(first, events, headers, self._stall_timeout_s, self._work, self._cut_event)
 
     async def _events(self, raw: bytes, given_id: str, chat: bool, recorder: RequestRecorder, headers: dict):
         """The whole call: a completion dict (not streamed) or the stream's events, as bytes."""
@@ -140,7 +210,7 @@ class HttpFrontEnd:
         last = None
         try:
             async with (
-                self._calls.call(recorder),
+                self._calls.call(recorder, cancelled_status=self._cancelled_status),
                 self._calls.claim_request_id(given_id) as request_id,
             ):
                 headers[REQUEST_ID_HEADER] = request_id
@@ -164,11 +234,14 @@ class HttpFrontEnd:
             if not started or failure.stalled:
                 raise  # before the first event: a real HTTP status; stalled: nobody reads anything more
             # Mid-stream, the status line has gone: the error travels as an event, as vLLM sends it.
-            _, body = error_body(failure.status, failure.message, _param(failure))
-            yield event(body) + DONE
+            yield _error_event(failure.status, failure.message, _param(failure))
             return
         # Counted OK by now: the usage and [DONE] are sent after the count, as gRPC's status is.
         yield writer.end(usage(last.prompt_tokens, last.completion_tokens) if last else None)
+
+    def _cut_event(self) -> bytes | None:
+        """What a stream ends with when its work was stopped under it: the error, if the server stopped it."""
+        return _error_event(UNAVAILABLE, ENDED) if self._ending else None
 
     async def _whole(self, outputs, request_id: str, call: GenerateCall) -> dict:
         parts: list[str] = []
@@ -205,14 +278,23 @@ class HttpFrontEnd:
             return self._too_large(method, headers)
         chunks, size = [], 0
         try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > self._max_body_bytes:
-                    return self._too_large(method, headers)
-                chunks.append(chunk)
+            # The body's own deadline: a head that arrived in time must not trickle its body for ever.
+            async with asyncio.timeout(self._read_timeout_s):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > self._max_body_bytes:
+                        return self._too_large(method, headers)
+                    chunks.append(chunk)
         except ClientDisconnect:
             self._metrics.count_request("CANCELLED", method, API)
             return Response(status_code=499)
+        except TimeoutError:
+            self._metrics.count_request("DEADLINE_EXCEEDED", method, API)
+            _, body = error_body(
+                "DEADLINE_EXCEEDED",
+                f"the request body did not arrive within {self._read_timeout_s:g} s (--http-read-timeout)",
+            )
+            return JSONResponse(body, status_code=408, headers={**headers, "connection": "close"})
         return b"".join(chunks)
 
     def _too_large(self, method: str, headers: dict) -> Response:
@@ -222,13 +304,41 @@ class HttpFrontEnd:
         _, body = error_body(
             "RESOURCE_EXHAUSTED", f"the request body is over {self._max_body_bytes} bytes (--max-receive-mb)"
         )
+        body["error"]["type"] = "invalid_request_error"  # too large is the request's fault, not a rate limit
         return JSONResponse(body, status_code=413, headers={**headers, "connection": "close"})
 
 
 def _param(failure: CallFailed) -> str | None:
-    return getattr(failure.__cause__, "param", None)
+    return http_param(failure.field)
 
 
 def _error(failure: CallFailed, headers: dict | None = None) -> JSONResponse:
     status, body = error_body(failure.status, failure.message, _param(failure))
+    forget_traceback(failure)
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _error_event(status: str, message: str, param: str | None = None) -> bytes:
+    _, body = error_body(status, message, param)
+    return event(body) + DONE
+
+
+# Starlette's own answers for an unknown path or a wrong method, and for a bug, in OpenAI's shape.
+_HTTP_EXCEPTION_CODE = {404: "NOT_FOUND", 405: "UNIMPLEMENTED"}
+
+
+async def _http_exception(request: Request, exc: HTTPException) -> Response:
+    code = _HTTP_EXCEPTION_CODE.get(exc.status_code, "INVALID_ARGUMENT")
+    message = {
+        404: f"no route {request.url.path!r}; this server serves {', '.join((HEALTH, *ROUTES))}",
+        405: f"{request.method} is not allowed on {request.url.path!r}",
+    }.get(exc.status_code, str(exc.detail))
+    _, body = error_body(code, message)
+    body["error"]["type"] = "invalid_request_error"
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _internal(request: Request, exc: Exception) -> Response:
+    log.error("internal error in the HTTP front end: %r", exc, exc_info=exc)
+    _, body = error_body("INTERNAL", f"internal error ({type(exc).__name__}); the server log has the details")
+    return JSONResponse(body, status_code=500)

@@ -16,6 +16,8 @@ import ssl
 
 import uvicorn
 
+from .http_limits import ConnectionLimits
+
 log = logging.getLogger(__name__)
 # uvicorn's start and stop lines would only repeat ours (app.py announces the port); its warnings stay.
 logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
@@ -38,19 +40,22 @@ class _Server(uvicorn.Server):
 class HttpServer:
     def __init__(
         self,
-        app,
+        front,
         host: str,
         port: int,
         tls_cert: str | None = None,
         tls_key: str | None = None,
         tls_client_ca: str | None = None,
-        max_connections: int | None = None,
+        limits: ConnectionLimits | None = None,
     ) -> None:
+        limits = limits or ConnectionLimits()
         self._socket = _bind(host, port)
         self.port = self._socket.getsockname()[1]
         self.scheme = "https" if tls_cert else "http"
+        self._front = front  # an HttpFrontEnd: its calls are ended, answered, before uvicorn stops
         config = uvicorn.Config(
-            app,
+            front.app,
+            interface="asgi3",  # a bound method, which uvicorn's guess takes for ASGI 2
             lifespan="off",
             log_config=None,  # the server's logging as configured by the command line
             access_log=False,  # a line per request would drown the log under load
@@ -58,7 +63,11 @@ class HttpServer:
             ssl_keyfile=tls_key,
             ssl_ca_certs=tls_client_ca,
             ssl_cert_reqs=ssl.CERT_REQUIRED if tls_client_ca else ssl.CERT_NONE,
-            limit_concurrency=max_connections,
+            # Connections and their heads are bounded in http_limits.py; requests in flight by the
+            # front end. uvicorn's own limit counted idle sockets as requests (see http_limits.py).
+            http=limits.protocol_class(),
+            h11_max_incomplete_event_size=limits.max_head_bytes,
+            limit_concurrency=None,
             timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S,
         )
         config.load()  # here, so a certificate uvicorn cannot use fails start-up rather than a task
@@ -77,6 +86,9 @@ class HttpServer:
         if self._task is None:
             self._socket.close()
             return
+        # Past the drain, the calls still open are ended by the front end, each with its answer (a 503,
+        # or a stream's error event), before uvicorn's own shutdown would cancel them mid-word.
+        await self._front.end_calls(SHUTDOWN_TIMEOUT_S)
         self._server.should_exit = True
         try:
             await self._task

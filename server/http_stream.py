@@ -17,13 +17,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from .calls import StreamStalled
+from .calls import CallFailed, StreamStalled
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,15 @@ async def _until_disconnected(receive: Receive) -> None:
         pass
 
 
-async def unless_disconnected(work: Awaitable[Any], receive: Receive) -> Any:
-    """The result of ``work``; raises ClientGone (after ``work`` has been cancelled) if the client hangs up first."""
+async def unless_disconnected(work: Awaitable[Any], receive: Receive, tasks: set[asyncio.Task]) -> Any:
+    """The result of ``work``; raises ClientGone (after ``work`` has been cancelled) if the client hangs up first.
+
+    ``work`` runs as a task held in ``tasks`` while it runs, so the server can end it (a cancel
+    that also reads here as ClientGone).
+    """
     task = asyncio.ensure_future(work)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
     listener = asyncio.ensure_future(_until_disconnected(receive))
     try:
         await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
@@ -53,7 +59,13 @@ async def unless_disconnected(work: Awaitable[Any], receive: Receive) -> Any:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
         raise ClientGone()
-    return task.result()
+    error = task.exception()
+    if error is None:
+        return task.result()
+    # Raised without this frame holding the task: a task -> exception -> traceback -> this frame ->
+    # task cycle would keep the request alive until a full collection.
+    del task
+    raise error
 
 
 class EventStream(Response):
@@ -62,25 +74,43 @@ class EventStream(Response):
     media_type = "text/event-stream"
 
     def __init__(
-        self, first: bytes, rest: AsyncGenerator[bytes, None], headers: Mapping[str, str], stall_timeout_s: float
+        self,
+        first: bytes,
+        rest: AsyncGenerator[bytes, None],
+        headers: Mapping[str, str],
+        stall_timeout_s: float,
+        tasks: set[asyncio.Task],
+        cut: Callable[[], bytes | None],
     ) -> None:
+        """``tasks``: where the pump is held while it runs, so the server can end it; ``cut``: the
+        closing events of a stream whose pump was ended that way (None: the client left)."""
         self.status_code = 200
         self.background = None
         self._first, self._rest = first, rest
         self._stall_timeout_s = stall_timeout_s
+        self._tasks, self._cut = tasks, cut
+        self._ended = False  # the last body message went out
         self.init_headers({**headers, "cache-control": "no-store", "x-accel-buffering": "no"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         pump = asyncio.ensure_future(self._pump(send))
+        self._tasks.add(pump)
+        pump.add_done_callback(self._tasks.discard)
         listener = asyncio.ensure_future(_until_disconnected(receive))
         try:
             await asyncio.wait({pump, listener}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             listener.cancel()
             if not pump.done():
-                pump.cancel()  # the client hung up (or the server is stopping): the generator is closed
+                pump.cancel()  # the client hung up: the generator is closed
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
+        closing = self._cut() if pump.cancelled() and not listener.done() and not self._ended else None
+        if closing is not None:
+            # The server ended the stream under a client still there: it is told why, then [DONE].
+            with contextlib.suppress(OSError, TimeoutError):
+                async with asyncio.timeout(self._stall_timeout_s):
+                    await send({"type": "http.response.body", "body": closing, "more_body": False})
 
     async def _pump(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
@@ -96,13 +126,15 @@ class EventStream(Response):
                         f"the stream was cancelled: the client read nothing for {self._stall_timeout_s:g} s "
                         "(--stream-stall-timeout)"
                     )
-                    # Thrown where the generator waits, inside the shared call that counts it; returning
-                    # without ending the response makes uvicorn close the connection.
-                    with contextlib.suppress(StopAsyncIteration, StreamStalled):
+                    # Thrown where the generator waits, inside the shared call that counts it (which
+                    # answers with CallFailed); returning without ending the response makes uvicorn
+                    # close the connection.
+                    with contextlib.suppress(StopAsyncIteration, StreamStalled, CallFailed):
                         await rest.athrow(stalled)
                     return
                 try:
                     chunk = await anext(rest)
                 except StopAsyncIteration:
                     break
+        self._ended = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -42,6 +42,12 @@ class ServerMetrics:
             [*base, "status", "method", "api"],
         )
         self._stalls = metric(Counter, "yayi_stream_stalls", "Streams cancelled because the client stopped reading")
+        self._http_closed = metric(
+            Counter,
+            "yayi_http_connections_closed",
+            "HTTP connections the server closed before they made a request, by reason (server/http_limits.py)",
+            [*base, "reason"],
+        )
         self._prompt_tokens = metric(Counter, "yayi_prompt_tokens", "Prompt tokens processed")
         self._generation_tokens = metric(Counter, "yayi_generation_tokens", "Tokens generated")
         self._ttft = metric(
@@ -133,6 +139,9 @@ class ServerMetrics:
 
     def count_request(self, status: str, method: str, api: str = "grpc") -> None:
         self._requests.labels(**self.labels, status=status, method=method, api=api).inc()
+
+    def count_http_close(self, reason: str) -> None:
+        self._http_closed.labels(**self.labels, reason=reason).inc()
 
     def count_stall(self) -> None:
         self._stalls.labels(**self.labels).inc()

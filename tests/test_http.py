@@ -338,6 +338,23 @@ def test_wrong_or_missing_token_is_401_on_every_route_but_health(secure_server, 
         assert health.status == 200, "probes carry no token"
 
 
+@pytest.mark.parametrize(
+    "header, status",
+    [(f"bearer {TOKEN}", 200), (f"BEARER  {TOKEN}", 200), (f"Basic {TOKEN}", 401), (TOKEN, 401)],
+)
+def test_the_bearer_scheme_is_case_insensitive(secure_server, header, status):
+    # RFC 7235: the scheme's name is case-insensitive; only the token itself must match exactly.
+    server, context = secure_server
+    request = urllib.request.Request(f"{server.http_url}/v1/models", headers={"authorization": header})
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
+            got = response.status
+    except urllib.error.HTTPError as error:
+        got = error.code
+        assert TOKEN not in json.loads(error.read())["error"]["message"]
+    assert got == status
+
+
 def test_right_token_over_tls(secure_server):
     server, context = secure_server
     with _secure_client(server, context, TOKEN) as client:
@@ -401,7 +418,7 @@ def test_request_parsing_types_and_names():
     ]:
         with pytest.raises(FieldError) as error:
             parse_generate(body, MODEL, chat="messages" in body)
-        assert error.value.param == param, body
+        assert error.value.field == param, body
         assert isinstance(error.value, InvalidRequest)
     chat = parse_generate(
         {"messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}]},
@@ -471,6 +488,7 @@ def _stream_parts(never_sent: int | None = None, hang_up_after: float | None = N
                     yield f"data: {index}\n\n".encode()
         except CallFailed as failure:
             assert failure.stalled
+            raise  # as http_app's generator does: the stream must not let it escape
         finally:
             closed.append(True)
 
@@ -494,7 +512,8 @@ def _stream_parts(never_sent: int | None = None, hang_up_after: float | None = N
     async def run():
         generator = events()
         first = await anext(generator)
-        await EventStream(first, generator, {}, stall_timeout_s=0.2)({"type": "http"}, receive, send)
+        stream = EventStream(first, generator, {}, stall_timeout_s=0.2, tasks=set(), cut=lambda: None)
+        await stream({"type": "http"}, receive, send)
 
     return run, calls, metrics, count, closed, sent
 
