@@ -1,0 +1,517 @@
+"""``make eval``: lm-evaluation-harness through our server, beside lm-eval's in-process model.
+
+    python -m loadtest.evaluate --engine hf-kv --model smollm2-135m --tasks yayi_local [--num-concurrent 8]
+
+Starts ``yayi-serve`` with its HTTP front end on free ports, runs lm-eval's own
+``local-completions`` model against ``/v1/completions`` (lm-eval's defaults: token-id prompts,
+the model folder's tokenizer on the client), scraping ``/metrics`` throughout; stops the
+server; runs the same tasks through lm-eval's in-process ``hf`` model on the same weights,
+dtype and device; and writes ``reports/eval-<UTC time>/``: ``eval.md`` (the two runs side by
+side, whether they agree, the server's tokens/s and memory), ``eval.json``, and lm-eval's own
+results and per-document samples under ``raw/``.
+
+Exit status: 0 when every metric agrees (accuracy equal, perplexity within 1 %), 1 when one
+does not, 2 when the server refuses what a task needs (the report then holds the tasks that
+could run, and names the others with the server's answer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from loadtest import ROOT, scrape
+from loadtest.eval_results import agreement, metric_values, sample_differences
+from loadtest.report_folder import Report
+
+TASKS_DIR = ROOT / "loadtest" / "eval_tasks"
+LOCAL_TAG = "yayi_local"
+# lm-eval's request kinds that need log-probabilities of the prompt (echo) from the server.
+SCORING_TYPES = frozenset({"loglikelihood", "loglikelihood_rolling", "multiple_choice"})
+GAUGES = (
+    "yayi_device_memory_used_bytes",
+    "yayi_device_utilization_ratio",
+    "yayi_device_power_watts",
+    "yayi_requests_running",
+    "yayi_requests_waiting",
+)
+# The lm-eval data files are named relative to the repository root, and nothing may be fetched.
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+EXIT_DISAGREE, EXIT_BLOCKED = 1, 2
+
+
+@dataclass(frozen=True)
+class Support:
+    """What the server accepted of lm-eval's two request shapes, with its answer when it refused."""
+
+    token_ids: bool
+    token_ids_error: str
+    echo: bool
+    echo_error: str
+
+
+def post_json(url: str, body: dict, timeout: float = 120.0) -> tuple[int, dict | str]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        text = error.read().decode(errors="replace")
+        try:
+            return error.code, json.loads(text)
+        except ValueError:
+            return error.code, text
+
+
+def _error_text(status: int, body: dict | str) -> str:
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return f"{status} {body['error'].get('message', '')}".strip()
+    return f"{status} {str(body)[:300]}"
+
+
+def served_model(http_url: str) -> str:
+    with urllib.request.urlopen(f"{http_url}/v1/models", timeout=10) as response:
+        return json.loads(response.read())["data"][0]["id"]
+
+
+def probe(http_url: str, model: str, ids: list[int]) -> Support:
+    """One request of each shape lm-eval sends: a generation from token ids, and an echoed score.
+    Both ask for a single token, so the probe costs two forward passes."""
+    url = f"{http_url}/v1/completions"
+    status, body = post_json(url, {"model": model, "prompt": [ids], "max_tokens": 1, "temperature": 0})
+    token_ids = status == 200
+    token_ids_error = "" if token_ids else _error_text(status, body)
+    score = {"model": model, "prompt": [ids] if token_ids else "Hello there", "echo": True, "logprobs": 1}
+    status, body = post_json(url, {**score, "max_tokens": 1, "temperature": 0, "seed": 1234})
+    echo = status == 200 and _echo_shape_ok(body)
+    echo_error = "" if echo else _error_text(status, body) if status != 200 else "200 without echoed logprobs"
+    return Support(token_ids, token_ids_error, echo, echo_error)
+
+
+def _echo_shape_ok(body: dict | str) -> bool:
+    # lm-eval reads choices[i].logprobs.token_logprobs and top_logprobs over the prompt's positions.
+    try:
+        logprobs = body["choices"][0]["logprobs"]
+        return len(logprobs["token_logprobs"]) >= 2 and len(logprobs["top_logprobs"]) >= 2
+    except (KeyError, IndexError, TypeError):
+        return False
+
+
+def task_manager():
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(TASKS_DIR))
+
+
+def leaf_output_types(names: list[str], manager) -> dict[str, str]:
+    """Each task the names expand to (groups and tags opened) and its lm-eval output type."""
+    from lm_eval.tasks import get_task_dict
+
+    found: dict[str, str] = {}
+
+    def walk(node: dict) -> None:
+        for value in node.values():
+            if isinstance(value, dict):
+                walk(value)
+            else:
+                found[value.config.task] = value.OUTPUT_TYPE
+
+    walk(get_task_dict(names, manager))
+    return found
+
+
+def blocked_tasks(output_types: dict[str, str], support: Support, tokenized: bool) -> dict[str, str]:
+    """Tasks the server cannot run as configured, each with the reason (the server's own answer)."""
+    blocked = {}
+    for task, kind in output_types.items():
+        if tokenized and not support.token_ids:
+            blocked[task] = f"token-id prompts refused: {support.token_ids_error}"
+        elif kind in SCORING_TYPES and not support.echo:
+            blocked[task] = f"echo with logprobs refused: {support.echo_error}"
+    return blocked
+
+
+def run_lm_eval(model: str, model_args: dict, tasks: list[str], args, manager) -> tuple[dict, float]:
+    from lm_eval import simple_evaluate
+
+    started = time.perf_counter()
+    results = simple_evaluate(
+        model=model,
+        model_args=model_args,
+        tasks=tasks,
+        task_manager=manager,
+        # The in-process side is lm-eval's plain reference: one document at a time.
+        batch_size=args.batch_size if model != "hf" else 1,
+        limit=args.limit,
+        log_samples=True,
+        bootstrap_iters=args.bootstrap_iters,
+    )
+    return results, time.perf_counter() - started
+
+
+def write_raw(raw: Path, side: str, results: dict) -> None:
+    from lm_eval.utils import handle_non_serializable
+
+    raw.mkdir(parents=True, exist_ok=True)
+    samples = results.get("samples", {})
+    summary = {key: value for key, value in results.items() if key != "samples"}
+    (raw / f"{side}_results.json").write_text(json.dumps(summary, indent=1, default=handle_non_serializable) + "\n")
+    for task, rows in samples.items():
+        with open(raw / f"{side}_samples_{task}.jsonl", "w") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, default=handle_non_serializable, ensure_ascii=False) + "\n")
+
+
+def server_figures(before: scrape.Samples, after: scrape.Samples, sampler: scrape.GaugeSampler, wall: float) -> dict:
+    def delta(name: str) -> float | None:
+        b, a = scrape.total(before, name), scrape.total(after, name)
+        return None if a is None else a - (b or 0.0)
+
+    prompt, generated = delta("yayi_prompt_tokens_total"), delta("yayi_generation_tokens_total")
+    energy = delta("yayi_energy_joules_total")
+    statuses = {
+        status: count - scrape.by_label(before, "yayi_requests_total", "status").get(status, 0.0)
+        for status, count in scrape.by_label(after, "yayi_requests_total", "status").items()
+    }
+    devices = {dict(series).get("device") for (name, series) in after if name == "yayi_device_memory_used_bytes"}
+    mib = 2**20
+
+    def scaled(value: float | None, factor: float) -> float | None:
+        return None if value is None else value * factor
+
+    return {
+        "device": ",".join(sorted(d for d in devices if d)) or "n/a",
+        "wall_s": wall,
+        "requests": {k: int(v) for k, v in statuses.items() if v},
+        "prompt_tokens": prompt,
+        "generation_tokens": generated,
+        "prompt_tokens_per_s": scaled(prompt, 1 / wall) if wall else None,
+        "generation_tokens_per_s": scaled(generated, 1 / wall) if wall else None,
+        "memory_mean_mb": scaled(sampler.mean("yayi_device_memory_used_bytes"), 1 / mib),
+        "memory_max_mb": scaled(sampler.max("yayi_device_memory_used_bytes"), 1 / mib),
+        "memory_peak_since_start_mb": scaled(scrape.total(after, "yayi_device_memory_peak_bytes"), 1 / mib),
+        "utilization_mean_pct": scaled(sampler.mean("yayi_device_utilization_ratio"), 100),
+        "power_mean_w": sampler.mean("yayi_device_power_watts"),
+        "energy_j": energy,
+        "requests_waiting_max": sampler.max("yayi_requests_waiting"),
+    }
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _util(pct: float | None, cpu: bool) -> str:
+    if pct is None:
+        return "n/a"
+    return f"CPU {pct:.0f}%" if cpu else f"{pct:.0f}"
+
+
+def figure_rows(figures: dict, cpu: bool) -> list[dict]:
+    """The server's figures as the report prints them: on a CPU the "GPU" figures say what they are."""
+    util = figures["utilization_mean_pct"]
+    power = figures["power_mean_w"]
+    return [
+        {"figure": "wall time (s)", "value": _num(figures["wall_s"])},
+        {"figure": "requests by status", "value": ", ".join(f"{k} {v}" for k, v in figures["requests"].items())},
+        {"figure": "prompt tokens", "value": _num(figures["prompt_tokens"], 0)},
+        {"figure": "generated tokens", "value": _num(figures["generation_tokens"], 0)},
+        {"figure": "prompt tokens/s", "value": _num(figures["prompt_tokens_per_s"])},
+        {"figure": "generated tokens/s", "value": _num(figures["generation_tokens_per_s"])},
+        {
+            "figure": "Mem (MB): mean / max during the run, peak since start",
+            "value": " / ".join(
+                _num(figures[k], 0) for k in ("memory_mean_mb", "memory_max_mb", "memory_peak_since_start_mb")
+            ),
+        },
+        {
+            "figure": "GPU-UTL (%), mean",
+            "value": ("n/a" if util is None else f"CPU {util:.0f}%") if cpu else _num(util),
+        },
+        {
+            "figure": "Pwr_usg (W), mean",
+            "value": ("n/a (no RAPL)" if cpu else "n/a") if power is None else _num(power),
+        },
+        {"figure": "energy (J)", "value": _num(figures["energy_j"])},
+        {"figure": "most requests waiting at once", "value": _num(figures["requests_waiting_max"], 0)},
+    ]
+
+
+CPU_NOTE = (
+    "On a CPU the device figures are the server's own: Mem is the resident memory of the server process "
+    "and its children (psutil), GPU-UTL is the server's CPU share of the whole machine (all cores = 100 %), "
+    "and power is RAPL package power where Linux exposes it, n/a where it does not (never 0)."
+)
+
+
+def format_value(value: float | None) -> str:
+    return "—" if value is None else f"{value:.6g}"
+
+
+def agreement_table(rows: list[dict]) -> list[dict]:
+    return [
+        {
+            "task": r["task"],
+            "metric": r["metric"] + ("" if r["filter"] == "none" else f" ({r['filter']})"),
+            "server": format_value(r["server"]),
+            "in_process": format_value(r["in_process"]),
+            "difference": "—" if r["relative_difference"] is None else f"{r['relative_difference']:.2e}",
+            "rule": r["rule"],
+            "agree": "yes" if r["agree"] else "NO",
+        }
+        for r in rows
+    ]
+
+
+def parse_args(argv: list[str] | None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--engine", default="hf-kv")
+    parser.add_argument("--model", default="smollm2-135m", help="a built-in model name or a local folder")
+    parser.add_argument(
+        "--tasks",
+        default=LOCAL_TAG,
+        help=f"comma-separated lm-eval tasks, groups or tags (default {LOCAL_TAG}: the repo's local set)",
+    )
+    parser.add_argument("--num-concurrent", type=int, default=1, help="lm-eval's requests in flight at once")
+    parser.add_argument("--batch-size", type=int, default=1, help="prompts per HTTP request (lm-eval's batch_size)")
+    parser.add_argument("--limit", type=float, default=None, help="documents per task (lm-eval's --limit)")
+    parser.add_argument(
+        "--tokenized-requests",
+        choices=("auto", "true", "false"),
+        default="auto",
+        help="send prompts as token ids (lm-eval's default, true) or text; auto: token ids when the "
+        "server takes them, else text for generation tasks (the report says which)",
+    )
+    parser.add_argument(
+        "--tokenizer-backend",
+        choices=("huggingface", "remote"),
+        default="huggingface",
+        help="huggingface: the model folder's tokenizer on the client; remote: the server's /tokenize",
+    )
+    parser.add_argument("--dtype", default="auto", help="the server's --dtype; the in-process run uses what it chose")
+    parser.add_argument("--device", default="auto", help="the server's --device; the in-process run uses the same")
+    parser.add_argument("--serve-args", default="", help="more yayi-serve flags, one shell-quoted string")
+    parser.add_argument("--bootstrap-iters", type=int, default=0, help="lm-eval's stderr bootstrap (0: none)")
+    parser.add_argument("--skip-in-process", action="store_true", help="only the server run (no agreement check)")
+    parser.add_argument("--out", help="report folder (default reports/eval-<UTC time>)")
+    return parser.parse_args(argv)
+
+
+@dataclass
+class Outcome:
+    """What one ``make eval`` found, as the report writes it."""
+
+    info: object  # the server's ModelInfo
+    support: Support
+    tokenized: bool
+    blocked: dict[str, str]
+    api_args: dict
+    server_results: dict | None = None
+    figures: dict | None = None
+    hf_args: dict | None = None
+    hf_results: dict | None = None
+    hf_wall: float | None = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    for key, value in OFFLINE.items():
+        os.environ.setdefault(key, value)
+    os.chdir(ROOT)
+    from engines.models import resolve_model
+    from loadtest.server_process import ServerProcess
+    from server.wire import pb
+
+    folder = resolve_model(args.model)
+    names = [n.strip() for n in args.tasks.split(",") if n.strip()]
+    manager = task_manager()
+    output_types = leaf_output_types(names, manager)
+    report = Report("eval", args.out, "loadtest.evaluate", argv)
+    raw = report.dir / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+
+    serve = ["--engine", args.engine, "--model", args.model, "--http-port", "0"]
+    serve += ["--dtype", args.dtype, "--device", args.device, *shlex.split(args.serve_args)]
+    print(f"# serving: yayi-serve {shlex.join(serve)}", flush=True)
+    server = ServerProcess(*serve).wait_ready(900)
+    try:
+        info = server.stub.GetModelInfo(pb.ModelInfoRequest(), timeout=30)
+        model_name = served_model(server.http_url)
+        from transformers import AutoTokenizer
+
+        probe_ids = AutoTokenizer.from_pretrained(folder)("Hey, are you conscious?", add_special_tokens=False).input_ids
+        support = probe(server.http_url, model_name, probe_ids)
+        tokenized = {"true": True, "false": False}.get(args.tokenized_requests, support.token_ids)
+        blocked = blocked_tasks(output_types, support, tokenized)
+        runnable = [t for t in output_types if t not in blocked]
+        max_length = info.max_context or 2048
+        api_args = {
+            "model": model_name,
+            "base_url": f"{server.http_url}/v1/completions",
+            "tokenizer_backend": args.tokenizer_backend,
+            "tokenized_requests": tokenized,
+            "num_concurrent": args.num_concurrent,
+            "max_length": max_length,
+        }
+        if args.tokenizer_backend == "huggingface":
+            api_args["tokenizer"] = str(folder)
+        outcome = Outcome(info, support, tokenized, blocked, api_args)
+        print(f"# server: {info.engine} {info.model} {info.dtype} on {info.device}, context {max_length}", flush=True)
+        print(f"# support: {support}", flush=True)
+        for task, why in blocked.items():
+            print(f"# blocked: {task}: {why}", flush=True)
+        # Named as asked (a group keeps its aggregate) unless some of it cannot run.
+        tasks = names if not blocked else runnable
+        if runnable:
+            metrics = scrape.metrics_url(server.metrics_port)
+            before_text = scrape.fetch(metrics)
+            with scrape.GaugeSampler(metrics, GAUGES, period=1.0) as sampler:
+                outcome.server_results, wall = run_lm_eval("local-completions", api_args, tasks, args, manager)
+            after_text = scrape.fetch(metrics)
+            outcome.figures = server_figures(scrape.parse(before_text), scrape.parse(after_text), sampler, wall)
+            (raw / "metrics_before.txt").write_text(before_text)
+            (raw / "metrics_after.txt").write_text(after_text)
+            write_raw(raw, "server", outcome.server_results)
+    finally:
+        server.stop()
+        (raw / "server.log").write_text("\n".join(server.lines) + "\n")
+
+    if runnable and not args.skip_in_process:
+        # The same weights, dtype and device as the server chose. lm-eval's hf model scores windows
+        # of max_length tokens where the API model scores max_length - 2 (one for the generated
+        # token, one for context), so this keeps their rolling windows identical.
+        outcome.hf_args = {
+            "pretrained": str(folder),
+            "dtype": info.dtype,
+            "device": info.device,
+            "max_length": max_length - 2,
+        }
+        print(f"# in-process: lm-eval hf {outcome.hf_args}", flush=True)
+        outcome.hf_results, outcome.hf_wall = run_lm_eval("hf", outcome.hf_args, tasks, args, manager)
+        write_raw(raw, "in_process", outcome.hf_results)
+    return write_report(report, args, outcome)
+
+
+def write_report(report: Report, args, outcome: Outcome) -> int:
+    info, figures = outcome.info, outcome.figures
+    cpu = info.device.startswith("cpu")
+    lines = [
+        f"lm-eval {lm_eval_version()} `local-completions` against `yayi-serve --engine {info.engine} "
+        f"--model {args.model}` ({info.dtype} on {info.device}, attention {info.attention}), "
+        f"`num_concurrent={args.num_concurrent}`, `batch_size={args.batch_size}`, prompts sent as "
+        f"{'token ids' if outcome.tokenized else 'text'}, tokenizer `{args.tokenizer_backend}`; beside it "
+        f"lm-eval's in-process `hf` model on the same folder, dtype and device, batch size 1.",
+    ]
+    if args.tokenized_requests == "auto" and not outcome.tokenized:
+        lines.append(
+            "**Prompts went as text, not lm-eval's default token ids**: the server refused token-id prompts "
+            f"(`{outcome.support.token_ids_error}`)."
+        )
+    report.text("\n\n".join(lines))
+    rows = (
+        agreement(outcome.server_results, outcome.hf_results) if outcome.server_results and outcome.hf_results else []
+    )
+    if rows:
+        report.table(
+            "agreement",
+            agreement_table(rows),
+            headers={"in_process": "in-process (hf)"},
+            title="Each metric through the server and in process",
+            note="Accuracy-like metrics must be equal; perplexities and bits per byte within 1 % (relative).",
+        )
+        report.table(
+            "samples",
+            sample_differences(outcome.server_results.get("samples", {}), outcome.hf_results.get("samples", {})),
+            title="Where the two runs differ, document by document",
+            note="A document differs when its score or generated answer does; the gap is the largest "
+            "difference between the two runs' log-likelihoods for the same request (nats).",
+        )
+    elif outcome.server_results:
+        values = metric_values(outcome.server_results)
+        report.table(
+            "server_metrics",
+            [
+                {"task": t, "metric": m, "filter": f, "server": format_value(v)}
+                for (t, m, f), v in sorted(values.items())
+            ],
+            title="Through the server (no in-process run)",
+        )
+    if outcome.blocked:
+        report.table(
+            "blocked",
+            [{"task": task, "why": why} for task, why in outcome.blocked.items()],
+            title="Tasks the server could not run",
+        )
+    if figures:
+        report.table(
+            "runs",
+            [
+                {"run": "server (local-completions over HTTP)", "wall_s": f"{figures['wall_s']:.1f}"},
+                {"run": "in process (hf)", "wall_s": "—" if outcome.hf_wall is None else f"{outcome.hf_wall:.1f}"},
+            ],
+            headers={"wall_s": "wall time (s)"},
+            title="Wall time of each run",
+        )
+        report.table(
+            "server",
+            figure_rows(figures, cpu),
+            title=f"The server during its run ({figures['device']}), from /metrics",
+            note=CPU_NOTE if cpu else "",
+        )
+    disagree = [r for r in rows if not r["agree"]]
+    if disagree:
+        verdict = f"**{len(disagree)} of {len(rows)} metrics disagree.**"
+    elif rows:
+        verdict = f"All {len(rows)} metrics agree."
+    else:
+        verdict = "No agreement check: nothing ran on both sides."
+    if outcome.blocked:
+        verdict += f" **{len(outcome.blocked)} task(s) blocked by the server.**"
+    report.text(
+        verdict + "\n\n`raw/`: lm-eval's results and per-document samples of each run, /metrics "
+        "before and after the server's run, and the server's log."
+    )
+    summary = {
+        "engine": info.engine,
+        "model": args.model,
+        "dtype": info.dtype,
+        "device": info.device,
+        "lm_eval_version": lm_eval_version(),
+        "local_completions_args": outcome.api_args,
+        "hf_args": outcome.hf_args,
+        "support": asdict(outcome.support),
+        "tokenized_requests": outcome.tokenized,
+        "blocked": outcome.blocked,
+        "agreement": rows,
+        "server": figures,
+        "in_process_wall_s": outcome.hf_wall,
+        "agree": bool(rows) and not disagree,
+    }
+    (report.dir / "eval.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    print(report.markdown_path.read_text())
+    print(f"report: {report.markdown_path}", flush=True)
+    if disagree:
+        return EXIT_DISAGREE
+    if outcome.blocked or (not rows and not args.skip_in_process):
+        return EXIT_BLOCKED
+    return 0
+
+
+def lm_eval_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm_eval")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
