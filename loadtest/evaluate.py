@@ -12,7 +12,8 @@ results and per-document samples under ``raw/``.
 
 Exit status: 0 when every metric agrees (accuracy equal, perplexity within 1 %), 1 when one
 does not, 2 when the server refuses what a task needs (the report then holds the tasks that
-could run, and names the others with the server's answer).
+could run, and names the others with the server's answer), 3 when a run failed part-way (the
+report says where, and the server's log is under raw/).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from loadtest import ROOT, scrape
@@ -45,7 +46,7 @@ GAUGES = (
 )
 # The lm-eval data files are named relative to the repository root, and nothing may be fetched.
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-EXIT_DISAGREE, EXIT_BLOCKED = 1, 2
+EXIT_DISAGREE, EXIT_BLOCKED, EXIT_FAILED = 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -321,6 +322,7 @@ class Outcome:
     hf_args: dict | None = None
     hf_results: dict | None = None
     hf_wall: float | None = None
+    failures: dict[str, str] = field(default_factory=dict)  # run -> the exception that ended it
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -375,13 +377,19 @@ def main(argv: list[str] | None = None) -> int:
         if runnable:
             metrics = scrape.metrics_url(server.metrics_port)
             before_text = scrape.fetch(metrics)
+            started = time.perf_counter()
             with scrape.GaugeSampler(metrics, GAUGES, period=1.0) as sampler:
-                outcome.server_results, wall = run_lm_eval("local-completions", api_args, tasks, args, manager)
+                try:
+                    outcome.server_results, wall = run_lm_eval("local-completions", api_args, tasks, args, manager)
+                except Exception as error:  # the report still says what the server did until then
+                    outcome.failures["server"] = f"{type(error).__name__}: {error}"
+                    wall = time.perf_counter() - started
             after_text = scrape.fetch(metrics)
             outcome.figures = server_figures(scrape.parse(before_text), scrape.parse(after_text), sampler, wall)
             (raw / "metrics_before.txt").write_text(before_text)
             (raw / "metrics_after.txt").write_text(after_text)
-            write_raw(raw, "server", outcome.server_results)
+            if outcome.server_results:
+                write_raw(raw, "server", outcome.server_results)
     finally:
         server.stop()
         (raw / "server.log").write_text("\n".join(server.lines) + "\n")
@@ -397,8 +405,11 @@ def main(argv: list[str] | None = None) -> int:
             "max_length": max_length - 2,
         }
         print(f"# in-process: lm-eval hf {outcome.hf_args}", flush=True)
-        outcome.hf_results, outcome.hf_wall = run_lm_eval("hf", outcome.hf_args, tasks, args, manager)
-        write_raw(raw, "in_process", outcome.hf_results)
+        try:
+            outcome.hf_results, outcome.hf_wall = run_lm_eval("hf", outcome.hf_args, tasks, args, manager)
+            write_raw(raw, "in_process", outcome.hf_results)
+        except Exception as error:
+            outcome.failures["in_process"] = f"{type(error).__name__}: {error}"
     return write_report(report, args, outcome)
 
 
@@ -477,6 +488,8 @@ def write_report(report: Report, args, outcome: Outcome) -> int:
         verdict = "No agreement check: nothing ran on both sides."
     if outcome.blocked:
         verdict += f" **{len(outcome.blocked)} task(s) blocked by the server.**"
+    for run, why in outcome.failures.items():
+        verdict += f"\n\n**The {run.replace('_', '-')} run failed**: `{why}`."
     report.text(
         verdict + "\n\n`raw/`: lm-eval's results and per-document samples of each run, /metrics "
         "before and after the server's run, and the server's log."
@@ -495,6 +508,7 @@ def write_report(report: Report, args, outcome: Outcome) -> int:
         "agreement": rows,
         "server": figures,
         "in_process_wall_s": outcome.hf_wall,
+        "failures": outcome.failures,
         "agree": bool(rows) and not disagree,
     }
     (report.dir / "eval.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
@@ -502,6 +516,8 @@ def write_report(report: Report, args, outcome: Outcome) -> int:
     print(f"report: {report.markdown_path}", flush=True)
     if disagree:
         return EXIT_DISAGREE
+    if outcome.failures:
+        return EXIT_FAILED
     if outcome.blocked or (not rows and not args.skip_in_process):
         return EXIT_BLOCKED
     return 0
