@@ -19,7 +19,7 @@ class ServerConfig:
     max_concurrency: int | None = None  # None: the engine's default (1 for hf-*, vLLM's own for vllm)
     max_queue: int = 64
     grace_period_s: float = 30.0
-    # What one caller can make the server hold (README, "Limits and failure behaviour"): a prompt
+    # What one caller can make the server hold (docs/operations.md, "Limits and failure behaviour"): a prompt
     # that fits any model here is far below 1 MiB; 64 streams per connection cover the load tests.
     max_receive_bytes: int = 1024 * 1024
     max_concurrent_streams: int = 64  # per connection; more wait on the client's side
