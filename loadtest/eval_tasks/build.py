@@ -24,7 +24,7 @@ SEED = 20
 CHOICES = 4
 # The copy task's worked example is the first sentence, so it is never also a question.
 COPY_EXAMPLE_INDEX = 0
-COPY_DOCS = 24
+COPY_DOCS = 16
 MIN_MC_WORDS = 8
 
 
