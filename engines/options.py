@@ -20,16 +20,51 @@ class NoOptions:
     """For engines without options of their own."""
 
 
-def option(default, help: str, *, choices: tuple[str, ...] | None = None):
-    """A field of an engine's Options: its default (one place) and the flag's help text.
+def option(
+    default,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    flag: str | None = None,
+    group: str | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    positive: bool = False,
+):
+    """A field of an engine's Options (or of the server's config): its default (one place), its
+    flag's help text and the range the command line holds it to.
 
-    ``bool | None`` options take ``auto|true|false`` on the command line (None = auto).
+    ``flag``: the flag's name when it is not the field's (``grace_period_s`` -> ``--grace-period``);
+    ``group``: the heading it is listed under in ``--help``.  ``bool | None`` options take
+    ``auto|true|false`` on the command line (None = auto).
     """
-    return field(default=default, metadata={"help": help, "choices": choices})
+    metadata = {"help": help, "choices": choices, "flag": flag, "group": group}
+    metadata.update(minimum=minimum, maximum=maximum, positive=positive)
+    return field(default=default, metadata=metadata)
 
 
-def flag(name: str) -> str:
+def flag(name: str, options_class: type | None = None) -> str:
+    """A field's flag: its declared ``flag``, else the field's name (``max_model_len`` -> ``--max-model-len``)."""
+    if options_class is not None:
+        declared = {f.name: f.metadata.get("flag") for f in dataclasses.fields(options_class)}.get(name)
+        if declared:
+            return "--" + declared
     return "--" + name.replace("_", "-")
+
+
+def out_of_range(options_class: type, name: str, value) -> str | None:
+    """Why ``value`` is outside the field's declared range, or None."""
+    meta = {f.name: f.metadata for f in dataclasses.fields(options_class)}[name]
+    if value is None or isinstance(value, bool):
+        return None
+    low, high = meta.get("minimum"), meta.get("maximum")
+    if low is not None and high is not None and not low <= value <= high:
+        return f"must be between {low:g} and {high:g}"
+    if low is not None and value < low:
+        return f"must be at least {low:g}" if low else "must be 0 or more"
+    if meta.get("positive") and value <= 0:
+        return "must be positive"
+    return None
 
 
 def fields(options_class: type) -> list[dataclasses.Field]:

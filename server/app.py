@@ -96,7 +96,7 @@ async def serve(config: ServerConfig, announce=print) -> int:
     await server.start()
     if http is not None:
         await http.start()
-    metrics_port = metrics.serve(config.metrics_host, config.metrics_port) if config.metrics_port is not None else None
+    metrics_port = metrics.serve(config.metrics_host, config.metrics_port) if config.metrics_enabled else None
     if config.host not in LOOPBACK:
         if config.auth_token and not config.tls_cert:
             log.warning("token auth without TLS on %s: the token crosses the network in plaintext", config.host)
@@ -128,7 +128,7 @@ async def serve(config: ServerConfig, announce=print) -> int:
         info = engine.info()
         metrics.set_engine_info(info)
         metrics.watch_load(engine.load)
-        if config.metrics_port is not None:
+        if config.metrics_enabled:
             sampler = DeviceSampler(make_probe(info.device), metrics.record_device, config.device_sample_period_s)
             sampler.start()
         calls.accepting = True

@@ -15,9 +15,8 @@ from engines.models import ModelNotFound, builtin_models
 from engines.registry import EngineNotInstalled, UnknownEngine, engine_class, engine_names
 
 from .app import StartupError, serve
-from .config import ServerConfig
+from .config import SECURITY, ServerConfig
 
-DEFAULTS = ServerConfig()
 TOKEN_ENV = "YAYI_AUTH_TOKEN"
 
 
@@ -27,122 +26,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="gRPC inference server for causal language models with pluggable engines, "
         "with an optional OpenAI-compatible HTTP front end.",
     )
-    parser.add_argument(
-        "--engine", default=DEFAULTS.engine, choices=engine_names(), help="backend (default %(default)s)"
-    )
-    parser.add_argument(
-        "--model",
-        default=DEFAULTS.model,
-        help=f"a built-in model ({', '.join(builtin_models())}) or a path to a local "
-        "Hugging Face causal-LM folder (default %(default)s)",
-    )
-    parser.add_argument("--host", default=DEFAULTS.host, help="gRPC bind address (default %(default)s)")
-    parser.add_argument("--port", type=int, default=DEFAULTS.port, help="gRPC port; 0 picks a free one")
-    parser.add_argument(
-        "--http-port",
-        type=int,
-        default=DEFAULTS.http_port,
-        help="serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, /health) "
-        "on this port, same host, same engine; 0 picks a free one (default: off)",
-    )
-    parser.add_argument(
-        "--metrics-host",
-        default=DEFAULTS.metrics_host,
-        help="bind address of /metrics (default %(default)s: loopback only)",
-    )
-    parser.add_argument(
-        "--metrics-port",
-        type=int,
-        default=DEFAULTS.metrics_port,
-        help="Prometheus port; 0 picks a free one, -1 turns metrics off (default %(default)s)",
-    )
-    parser.add_argument(
-        "--dtype",
-        default=DEFAULTS.dtype,
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="weights dtype; auto is float32 on CPU, bfloat16 on CUDA",
-    )
-    parser.add_argument("--device", default=DEFAULTS.device, help="auto, cpu, cuda or cuda:N (default auto)")
-    parser.add_argument(
-        "--max-concurrency",
-        type=int,
-        default=DEFAULTS.max_concurrency,
-        help="requests generated at once (default: 1 for hf-*, vLLM's max_num_seqs for vllm)",
-    )
-    parser.add_argument(
-        "--max-queue",
-        type=int,
-        default=DEFAULTS.max_queue,
-        help="requests that may wait for a slot; beyond it RESOURCE_EXHAUSTED (default %(default)s)",
-    )
-    parser.add_argument(
-        "--grace-period",
-        type=float,
-        default=DEFAULTS.grace_period_s,
-        help="seconds in-flight requests get to finish on SIGTERM (default %(default)s)",
-    )
-    parser.add_argument(
-        "--max-receive-mb",
-        type=float,
-        default=DEFAULTS.max_receive_bytes / 2**20,
-        help="largest request accepted, in MiB (default %(default)g)",
-    )
-    parser.add_argument(
-        "--max-concurrent-streams",
-        type=int,
-        default=DEFAULTS.max_concurrent_streams,
-        help="calls one client connection may have open at once (default %(default)s)",
-    )
-    parser.add_argument(
-        "--max-concurrent-rpcs",
-        type=int,
-        default=DEFAULTS.max_concurrent_rpcs,
-        help="calls open on the whole server, health included; past it RESOURCE_EXHAUSTED (default %(default)s)",
-    )
-    parser.add_argument(
-        "--stream-stall-timeout",
-        type=float,
-        default=DEFAULTS.stream_stall_timeout_s,
-        help="seconds a stream may wait on a client that reads nothing before it is cancelled "
-        "and its slot freed (default %(default)g)",
-    )
-    parser.add_argument(
-        "--expose-model-path",
-        action="store_true",
-        help="GetModelInfo includes the model's path on the server's disk (default: name only)",
-    )
-    parser.add_argument(
-        "--device-sample-period",
-        type=float,
-        default=DEFAULTS.device_sample_period_s,
-        help="seconds between device memory/utilisation/power readings (default %(default)s)",
-    )
-    http = parser.add_argument_group("HTTP front end (with --http-port)")
-    http.add_argument(
-        "--http-read-timeout",
-        type=float,
-        default=DEFAULTS.http_read_timeout_s,
-        help="seconds a connection gets to send a request's line and headers, and then its body; "
-        "past it 408 and the connection closes (default %(default)g)",
-    )
-    http.add_argument(
-        "--http-max-header-kb",
-        type=int,
-        default=DEFAULTS.http_max_header_bytes // 1024,
-        help="largest request line plus headers, in KiB; past it 431 (default %(default)s)",
-    )
-    http.add_argument(
-        "--http-max-connections",
-        type=int,
-        default=DEFAULTS.http_max_connections,
-        help="HTTP connections open at once, apart from requests in flight (--max-concurrent-rpcs): at the cap "
-        "a new connection closes the oldest idle one, or gets 503 if none is idle (default %(default)s)",
-    )
-    security = parser.add_argument_group("security")
-    security.add_argument("--tls-cert", help="PEM server certificate (chain): serve TLS instead of plaintext")
-    security.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    security.add_argument("--tls-client-ca", help="PEM CA: clients must present a certificate it signed (mutual TLS)")
-    security.add_argument(
+    groups: dict[str | None, argparse._ActionsContainer] = {None: parser}
+    for field in options.fields(ServerConfig):
+        if "help" not in field.metadata:
+            continue  # not a flag (the token, the engine's options, test faults)
+        group = field.metadata["group"]
+        if group not in groups:
+            groups[group] = parser.add_argument_group(group)
+        _add_flag(
+            groups[group],
+            ServerConfig,
+            field,
+            dest=field.name,
+            default=field.default,
+            **_SERVER_EXTRAS.get(field.name, {}),
+        )
+    groups[SECURITY].add_argument(
         "--auth-token-file",
         help=f"file holding the bearer token every call but health must send as 'authorization: "
         f"Bearer <token>' (or set {TOKEN_ENV}; never on the command line, where ps shows it)",
@@ -156,6 +55,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_options(parser)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
+
+
+# What the registry and the model table add to two server flags at run time.
+_SERVER_EXTRAS = {
+    "engine": {"choices": engine_names()},
+    "model": {"help_suffix": f" ({', '.join(builtin_models())} are built in)"},
+}
+
+
+def _add_flag(group, options_class: type, field, dest: str, default, choices=None, help_suffix: str = "") -> None:
+    """One option() field as a flag: the same for the server's config and every engine's options."""
+    flag = options.flag(field.name, options_class)
+    help_text = field.metadata.get("help", "") + help_suffix
+    choices = choices or field.metadata.get("choices")
+    if options.is_tristate(options_class, field.name):
+        group.add_argument(
+            flag,
+            dest=dest,
+            default=default,
+            choices=list(options.TRISTATE),
+            type=str.lower,
+            help=f"{help_text} (default auto)",
+        )
+        return
+    kind = options.value_type(options_class, field.name)
+    if kind is bool:
+        group.add_argument(flag, dest=dest, default=default, action="store_true", help=help_text)
+        return
+    shown = field.default
+    if shown is not None and "(default" not in help_text:
+        help_text += f" (default {shown:g})" if isinstance(shown, float) else f" (default {shown})"
+    extra = {"choices": list(choices)} if choices else {"metavar": field.name.removesuffix("_s").split("_")[-1].upper()}
+    group.add_argument(flag, dest=dest, default=default, type=kind, help=help_text, **extra)
 
 
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -176,27 +108,8 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
             continue
         group = parser.add_argument_group(f"{', '.join(names)} engine options")
         for field in options.fields(options_class):
-            help_text = field.metadata.get("help", "")
-            common = dict(dest=f"option_{field.name}", default=argparse.SUPPRESS)
-            if options.is_tristate(options_class, field.name):
-                group.add_argument(
-                    options.flag(field.name),
-                    choices=list(options.TRISTATE),
-                    type=str.lower,
-                    help=f"{help_text} (default auto)",
-                    **common,
-                )
-            elif options.value_type(options_class, field.name) is bool:
-                group.add_argument(options.flag(field.name), action="store_true", help=help_text, **common)
-            else:
-                default = "" if field.default is None else f" (default {field.default})"
-                group.add_argument(
-                    options.flag(field.name),
-                    type=options.value_type(options_class, field.name),
-                    metavar=field.name.split("_")[-1].upper(),
-                    help=help_text + default,
-                    **common,
-                )
+            # Absent flags stay absent (SUPPRESS): the chosen engine's dataclass supplies its defaults.
+            _add_flag(group, options_class, field, dest=f"option_{field.name}", default=argparse.SUPPRESS)
 
 
 def engine_options_from_args(args: argparse.Namespace):
@@ -235,53 +148,23 @@ def _test_faults(allowed: bool) -> tuple:
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    if args.max_concurrency is not None and args.max_concurrency < 1:
-        raise SystemExit("yayi-serve: error: --max-concurrency must be at least 1")
-    if args.max_queue < 0:
-        raise SystemExit("yayi-serve: error: --max-queue must be 0 or more")
-    if args.max_concurrent_streams < 1:
-        raise SystemExit("yayi-serve: error: --max-concurrent-streams must be at least 1")
-    if args.max_concurrent_rpcs < 2:
-        raise SystemExit("yayi-serve: error: --max-concurrent-rpcs must be at least 2 (health needs one)")
-    if args.http_port is not None and not 0 <= args.http_port <= 65535:
-        raise SystemExit("yayi-serve: error: --http-port must be between 0 and 65535")
-    if args.stream_stall_timeout <= 0:
-        raise SystemExit("yayi-serve: error: --stream-stall-timeout must be positive")
-    if args.http_read_timeout <= 0:
-        raise SystemExit("yayi-serve: error: --http-read-timeout must be positive")
-    if args.http_max_header_kb < 1:
-        raise SystemExit("yayi-serve: error: --http-max-header-kb must be at least 1")
-    if args.http_max_connections < 1:
-        raise SystemExit("yayi-serve: error: --http-max-connections must be at least 1")
+    values = {}
+    for field in options.fields(ServerConfig):
+        if "help" not in field.metadata:
+            continue
+        value = getattr(args, field.name)
+        why = options.out_of_range(ServerConfig, field.name, value)
+        if why is not None:
+            flag = options.flag(field.name, ServerConfig)
+            extra = " (health needs one)" if field.name == "max_concurrent_rpcs" else ""
+            raise SystemExit(f"yayi-serve: error: {flag} {why}{extra}")
+        values[field.name] = value
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("yayi-serve: error: --tls-cert and --tls-key go together")
     if args.tls_client_ca and not args.tls_cert:
         raise SystemExit("yayi-serve: error: --tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
     return ServerConfig(
-        engine=args.engine,
-        model=args.model,
-        host=args.host,
-        port=args.port,
-        metrics_host=args.metrics_host,
-        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-        http_port=args.http_port,
-        dtype=args.dtype,
-        device=args.device,
-        max_concurrency=args.max_concurrency,
-        max_queue=args.max_queue,
-        grace_period_s=args.grace_period,
-        max_receive_bytes=int(args.max_receive_mb * 2**20),
-        device_sample_period_s=args.device_sample_period,
-        max_concurrent_streams=args.max_concurrent_streams,
-        max_concurrent_rpcs=args.max_concurrent_rpcs,
-        stream_stall_timeout_s=args.stream_stall_timeout,
-        http_read_timeout_s=args.http_read_timeout,
-        http_max_header_bytes=args.http_max_header_kb * 1024,
-        http_max_connections=args.http_max_connections,
-        expose_model_path=args.expose_model_path,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca,
+        **values,
         auth_token=_auth_token(args.auth_token_file),
         engine_options=engine_options_from_args(args),
         test_faults=_test_faults(args.allow_test_faults),

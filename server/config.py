@@ -1,40 +1,106 @@
-"""Everything the command line can set, in one frozen object."""
+"""Everything the command line can set, in one frozen object: each field is its flag.
+
+A field made with ``option(...)`` (engines/options.py, the mechanism engine options use) has
+its one default, its ``--help`` text, its group there and the range the command line holds it
+to; server/cli.py builds the parser from these fields.  Fields are in the flag's own unit
+(``max_receive_mb``), and what the server needs in other units is a property beside them.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engines.options import option
+
+HTTP = "HTTP front end (with --http-port)"
+SECURITY = "security"
+
 
 @dataclass(frozen=True)
 class ServerConfig:
-    engine: str = "hf-kv"
-    model: str = "smollm2-135m"
-    host: str = "0.0.0.0"
-    port: int = 50051
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int | None = 9400  # None: no metrics endpoint
-    http_port: int | None = None  # the OpenAI-compatible HTTP front end, on --host; None: off
-    dtype: str = "auto"
-    device: str = "auto"
-    max_concurrency: int | None = None  # None: the engine's default (1 for hf-*, vLLM's own for vllm)
-    max_queue: int = 64
-    grace_period_s: float = 30.0
+    engine: str = option("hf-kv", "backend")  # its choices are the registry's, added by the command line
+    model: str = option("smollm2-135m", "a built-in model or a path to a local Hugging Face causal-LM folder")
+    host: str = option("0.0.0.0", "gRPC bind address")
+    port: int = option(50051, "gRPC port; 0 picks a free one", minimum=0, maximum=65535)
+    http_port: int | None = option(
+        None,
+        "serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, /health) "
+        "on this port, same host, same engine; 0 picks a free one (default: off)",
+        minimum=0,
+        maximum=65535,
+    )
+    metrics_host: str = option("127.0.0.1", "bind address of /metrics: loopback only by default")
+    metrics_port: int = option(9400, "Prometheus port; 0 picks a free one, -1 turns metrics off", minimum=-1)
+    dtype: str = option(
+        "auto",
+        "weights dtype; auto is float32 on CPU, bfloat16 on CUDA",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    max_concurrency: int | None = option(
+        None, "requests generated at once (default: 1 for hf-*, vLLM's max_num_seqs for vllm)", minimum=1
+    )
+    max_queue: int = option(64, "requests that may wait for a slot; beyond it RESOURCE_EXHAUSTED", minimum=0)
+    grace_period_s: float = option(
+        30.0, "seconds in-flight requests get to finish on SIGTERM", flag="grace-period", minimum=0
+    )
     # What one caller can make the server hold (docs/operations.md, "Limits and failure behaviour"): a prompt
     # that fits any model here is far below 1 MiB; 64 streams per connection cover the load tests.
-    max_receive_bytes: int = 1024 * 1024
-    max_concurrent_streams: int = 64  # per connection; more wait on the client's side
-    max_concurrent_rpcs: int = 256  # server-wide; past it a call is refused with RESOURCE_EXHAUSTED at once
-    max_health_watchers: int = 64  # Health.Watch streams at once: probes use Check, so few are needed
-    stream_stall_timeout_s: float = 20.0  # a stream whose client reads nothing this long is cancelled
+    max_receive_mb: float = option(1.0, "largest request accepted, in MiB", positive=True)
+    max_concurrent_streams: int = option(64, "calls one client connection may have open at once", minimum=1)
+    max_concurrent_rpcs: int = option(
+        256, "calls open on the whole server, health included; past it RESOURCE_EXHAUSTED", minimum=2
+    )
+    stream_stall_timeout_s: float = option(
+        20.0,
+        "seconds a stream may wait on a client that reads nothing before it is cancelled and its slot freed",
+        flag="stream-stall-timeout",
+        positive=True,
+    )
+    expose_model_path: bool = option(False, "GetModelInfo includes the model's path on the server's disk")
+    device_sample_period_s: float = option(
+        1.0, "seconds between device memory/utilisation/power readings", flag="device-sample-period", positive=True
+    )
     # The HTTP front end's bounds on a connection before it is a request (server/http_limits.py).
-    http_read_timeout_s: float = 10.0  # a request's head, and then its body, must each arrive in this time
-    http_max_header_bytes: int = 32 * 1024  # request line and headers; more is a 431
-    http_max_connections: int = 1024  # open at once; at the cap the oldest idle one is closed for a new one
-    expose_model_path: bool = False  # GetModelInfo.model_path: the server's disk layout, only on request
-    tls_cert: str | None = None  # PEM paths; cert and key together turn TLS on
-    tls_key: str | None = None
-    tls_client_ca: str | None = None  # mutual TLS: clients must present a certificate signed by this CA
+    http_read_timeout_s: float = option(
+        10.0,
+        "seconds a connection gets to send a request's line and headers, and then its body; past it 408 and the "
+        "connection closes",
+        flag="http-read-timeout",
+        group=HTTP,
+        positive=True,
+    )
+    http_max_header_kb: int = option(
+        32, "largest request line plus headers, in KiB; past it 431", group=HTTP, minimum=1
+    )
+    http_max_connections: int = option(
+        1024,
+        "HTTP connections open at once, apart from requests in flight (--max-concurrent-rpcs): at the cap a new "
+        "connection closes the oldest idle one, or gets 503 if none is idle",
+        group=HTTP,
+        minimum=1,
+    )
+    tls_cert: str | None = option(
+        None, "PEM server certificate (chain): serve TLS instead of plaintext", group=SECURITY
+    )
+    tls_key: str | None = option(None, "PEM private key of --tls-cert", group=SECURITY)
+    tls_client_ca: str | None = option(
+        None, "PEM CA: clients must present a certificate it signed (mutual TLS)", group=SECURITY
+    )
+    # Not flags: the token is read from --auth-token-file, the rest is built by the command line.
+    max_health_watchers: int = 64  # Health.Watch streams at once: probes use Check, so few are needed
     auth_token: str | None = field(default=None, repr=False)  # a secret: kept out of any printed config
-    device_sample_period_s: float = 1.0
     engine_options: object | None = None  # the engine's own Options instance (engines/options.py); None: defaults
     test_faults: tuple = ()  # engines/faults.py; only with --allow-test-faults
+
+    @property
+    def max_receive_bytes(self) -> int:
+        return int(self.max_receive_mb * 2**20)
+
+    @property
+    def http_max_header_bytes(self) -> int:
+        return self.http_max_header_kb * 1024
+
+    @property
+    def metrics_enabled(self) -> bool:
+        return self.metrics_port >= 0
