@@ -80,32 +80,52 @@ def _error_text(status: int, body: dict | str) -> str:
     return f"{status} {str(body)[:300]}"
 
 
+TEXT_PROBE = "Hey, are you conscious? Can you talk to me?"
+
+
 def served_model(http_url: str) -> str:
     with urllib.request.urlopen(f"{http_url}/v1/models", timeout=10) as response:
         return json.loads(response.read())["data"][0]["id"]
 
 
 def probe(http_url: str, model: str, ids: list[int]) -> Support:
-    """One request of each shape lm-eval sends: a generation from token ids, and an echoed score.
-    Both ask for a single token, so the probe costs two forward passes."""
+    """One request of each shape lm-eval sends, verbatim: a generation from token ids (a batch of
+    one: a list holding one list of ids), and an echoed score of the same ids.  Both ask for one
+    token, so the probe costs two forward passes."""
     url = f"{http_url}/v1/completions"
-    status, body = post_json(url, {"model": model, "prompt": [ids], "max_tokens": 1, "temperature": 0})
+    generate = {"prompt": [ids], "model": model, "max_tokens": 1, "temperature": 0.0, "stop": ["\n"], "seed": 1234}
+    status, body = post_json(url, generate)
     token_ids = status == 200
     token_ids_error = "" if token_ids else _error_text(status, body)
-    score = {"model": model, "prompt": [ids] if token_ids else "Hello there", "echo": True, "logprobs": 1}
-    status, body = post_json(url, {**score, "max_tokens": 1, "temperature": 0, "seed": 1234})
-    echo = status == 200 and _echo_shape_ok(body)
-    echo_error = "" if echo else _error_text(status, body) if status != 200 else "200 without echoed logprobs"
-    return Support(token_ids, token_ids_error, echo, echo_error)
+    prompt = [ids] if token_ids else TEXT_PROBE
+    score = {"model": model, "prompt": prompt, "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234}
+    status, body = post_json(url, {**score, "echo": True})
+    if status != 200:
+        return Support(token_ids, token_ids_error, False, _error_text(status, body))
+    problem = echo_shape_problem(body, len(ids) if token_ids else None)
+    return Support(token_ids, token_ids_error, not problem, f"200 but {problem}" if problem else "")
 
 
-def _echo_shape_ok(body: dict | str) -> bool:
-    # lm-eval reads choices[i].logprobs.token_logprobs and top_logprobs over the prompt's positions.
+def echo_shape_problem(body: dict | str, prompt_tokens: int | None) -> str:
+    """What is wrong with an echoed answer as lm-eval reads it, or "" when nothing is.  lm-eval
+    sums ``token_logprobs[ctxlen:-1]``: the prompt's entries, first one null, and then the one
+    generated token's, which it drops; one entry short and it silently drops a prompt token."""
     try:
         logprobs = body["choices"][0]["logprobs"]
-        return len(logprobs["token_logprobs"]) >= 2 and len(logprobs["top_logprobs"]) >= 2
+        values, top = logprobs["token_logprobs"], logprobs["top_logprobs"]
     except (KeyError, IndexError, TypeError):
-        return False
+        return "no choices[0].logprobs.token_logprobs and top_logprobs"
+    if prompt_tokens is not None and len(values) != prompt_tokens + 1:
+        return (
+            f"{len(values)} token_logprobs for {prompt_tokens} prompt tokens and 1 generated (want {prompt_tokens + 1})"
+        )
+    if len(top) != len(values):
+        return f"{len(top)} top_logprobs beside {len(values)} token_logprobs"
+    if values[0] is not None:
+        return "the first prompt token has a logprob (want null: nothing precedes it)"
+    if not all(isinstance(v, int | float) for v in values[1:]):
+        return "a token after the first has no logprob"
+    return ""
 
 
 def task_manager():
@@ -351,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         model_name = served_model(server.http_url)
         from transformers import AutoTokenizer
 
-        probe_ids = AutoTokenizer.from_pretrained(folder)("Hey, are you conscious?", add_special_tokens=False).input_ids
+        probe_ids = AutoTokenizer.from_pretrained(folder)(TEXT_PROBE, add_special_tokens=False).input_ids
         support = probe(server.http_url, model_name, probe_ids)
         tokenized = {"true": True, "false": False}.get(args.tokenized_requests, support.token_ids)
         blocked = blocked_tasks(output_types, support, tokenized)

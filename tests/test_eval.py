@@ -1,0 +1,198 @@
+"""make eval: the local lm-eval task set, lm-eval's in-process hf model on it, and the driver end to end.
+
+The driver's runs serve tiny-llama (random weights: the figures mean nothing, the agreement
+between the server and the in-process model is the point).  Its scoring tasks (multiple
+choice, rolling perplexity) need the server to echo the prompt's log-probabilities; the test
+that drives them asks the server once with lm-eval's own request, and is skipped, saying so,
+only while the server refuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from engines.models import resolve_model
+from loadtest import ROOT
+from loadtest.eval_results import agreement, sample_differences
+from loadtest.eval_tasks import build
+from loadtest.evaluate import (
+    LOCAL_TAG,
+    OFFLINE,
+    Support,
+    blocked_tasks,
+    echo_shape_problem,
+    leaf_output_types,
+    probe,
+    served_model,
+    task_manager,
+)
+from loadtest.server_process import ServerProcess
+from tests.servers import TINY_KV
+
+LOCAL_TASKS = {
+    "yayi_docs_mc": ("multiple_choice", 42),
+    "yayi_docs_ppl": ("loglikelihood_rolling", 21),
+    "yayi_docs_copy": ("generate_until", 16),
+}
+
+
+@pytest.fixture(scope="module")
+def offline(tmp_path_factory):
+    """lm-eval reads the task set's data files relative to the repository root, and nothing is fetched."""
+    saved = {key: os.environ.get(key) for key in OFFLINE}
+    os.environ.update(OFFLINE)
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    yield
+    os.chdir(cwd)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def test_the_task_data_is_what_the_builder_makes(tmp_path):
+    written = build.build(tmp_path)
+    for name, path in written.items():
+        assert path.read_bytes() == (build.DATA / path.name).read_bytes(), f"{name}: rerun loadtest.eval_tasks.build"
+    copy_task = (build.HERE / "yayi_docs_copy.yaml").read_text()
+    assert build.copy_example() in copy_task
+    assert all(doc["sentence"] != build.copy_example() for doc in map(json.loads, written["yayi_docs_copy"].open()))
+
+
+def test_the_local_task_set_loads_in_lm_eval(offline):
+    manager = task_manager()
+    assert set(LOCAL_TASKS) | {LOCAL_TAG} <= set(manager.all_tasks)
+    from lm_eval.tasks import get_task_dict
+
+    tasks = {t.config.task: t for t in get_task_dict(list(LOCAL_TASKS), manager).values()}
+    for name, (output_type, docs) in LOCAL_TASKS.items():
+        assert tasks[name].OUTPUT_TYPE == output_type
+        assert len(list(tasks[name].test_docs())) == docs
+    assert leaf_output_types([LOCAL_TAG], manager) == {name: kind for name, (kind, _) in LOCAL_TASKS.items()}
+    mc = next(iter(tasks["yayi_docs_mc"].test_docs()))
+    assert len(mc["choices"]) == 4 and 0 <= mc["label"] < 4
+
+
+def test_lm_eval_in_process_hf_model_on_tiny_llama(offline):
+    from lm_eval import simple_evaluate
+
+    results = simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(resolve_model("tiny-llama")), "dtype": "float32", "device": "cpu"},
+        tasks=[LOCAL_TAG],
+        task_manager=task_manager(),
+        batch_size=1,
+        limit=4,
+        bootstrap_iters=0,
+    )
+    values = results["results"]
+    assert 0 <= values["yayi_docs_mc"]["acc,none"] <= 1
+    assert values["yayi_docs_copy"]["exact_match,strip"] == 0  # random weights copy nothing
+    # A random model over a 49k vocabulary: each byte costs bits, each word hundreds of nats' worth.
+    assert values["yayi_docs_ppl"]["bits_per_byte,none"] > 1
+    assert math.isfinite(values["yayi_docs_ppl"]["word_perplexity,none"])
+
+    rows = agreement(results, results)
+    assert rows and all(row["agree"] for row in rows)
+    differences = sample_differences(results["samples"], results["samples"])
+    assert [d["docs_differing"] for d in differences] == [0, 0, 0]
+    assert all(d["max_loglikelihood_gap"] in (0.0, None) for d in differences)
+
+    shifted = json.loads(json.dumps({"results": values}, default=float))
+    shifted["results"]["yayi_docs_ppl"]["word_perplexity,none"] *= 1.005  # within 1 %
+    shifted["results"]["yayi_docs_ppl"]["byte_perplexity,none"] *= 1.02  # not
+    shifted["results"]["yayi_docs_mc"]["acc,none"] += 0.25  # one document of four
+    verdict = {(r["task"], r["metric"]): r["agree"] for r in agreement(shifted, results)}
+    assert verdict[("yayi_docs_ppl", "word_perplexity")]
+    assert not verdict[("yayi_docs_ppl", "byte_perplexity")]
+    assert not verdict[("yayi_docs_mc", "acc")]
+    assert verdict[("yayi_docs_mc", "acc_norm")]
+
+
+def test_tasks_the_server_cannot_run_are_named_with_its_answer():
+    kinds = {name: kind for name, (kind, _) in LOCAL_TASKS.items()}
+    no_echo = Support(True, "", False, "400 echo=true is not supported")
+    assert blocked_tasks(kinds, no_echo, tokenized=True) == {
+        "yayi_docs_mc": "echo with logprobs refused: 400 echo=true is not supported",
+        "yayi_docs_ppl": "echo with logprobs refused: 400 echo=true is not supported",
+    }
+    no_ids = Support(False, "400 prompt must be one string", False, "400 no echo")
+    assert set(blocked_tasks(kinds, no_ids, tokenized=True)) == set(kinds)
+    assert set(blocked_tasks(kinds, no_ids, tokenized=False)) == {"yayi_docs_mc", "yayi_docs_ppl"}
+    assert blocked_tasks(kinds, Support(True, "", True, ""), tokenized=True) == {}
+
+
+def test_an_echo_answer_is_checked_as_lm_eval_reads_it():
+    def answer(values):
+        return {"choices": [{"index": 0, "logprobs": {"token_logprobs": values, "top_logprobs": [{}] * len(values)}}]}
+
+    assert echo_shape_problem(answer([None, -1.0, -2.0, -0.5]), prompt_tokens=3) == ""
+    # Without the generated token's entry lm-eval's [ctxlen:-1] would drop the prompt's last token.
+    assert "want 4" in echo_shape_problem(answer([None, -1.0, -2.0]), prompt_tokens=3)
+    assert "first prompt token" in echo_shape_problem(answer([-3.0, -1.0, -2.0, -0.5]), prompt_tokens=3)
+    assert "no choices" in echo_shape_problem({"choices": [{"index": 0, "logprobs": None}]}, prompt_tokens=3)
+
+
+def run_driver(out, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    command = [sys.executable, "-m", "loadtest.evaluate", *TINY_KV[:4], "--out", str(out), *args]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=280)
+    summary_path = out / "eval.json"
+    assert summary_path.is_file(), done.stdout[-3000:] + done.stderr[-3000:]
+    return done, json.loads(summary_path.read_text())
+
+
+def assert_report(out, summary: dict, tasks: set[str]) -> None:
+    assert {row["task"] for row in summary["agreement"]} == tasks
+    assert summary["agree"], summary["agreement"]
+    table = (out / "eval.md").read_text()
+    assert "| task | metric | server | in-process (hf) | difference | rule | agree |" in table
+    assert "| GPU-UTL (%), mean | CPU " in table  # on a CPU the GPU columns say what they measure
+    assert summary["server"]["requests"].get("OK", 0) > 0
+    assert summary["server"]["wall_s"] > 0 and summary["in_process_wall_s"] > 0
+    for side in ("server", "in_process"):
+        assert (out / "raw" / f"{side}_results.json").is_file()
+        for task in tasks:
+            assert (out / "raw" / f"{side}_samples_{task}.jsonl").is_file()
+    assert (out / "raw" / "server.log").read_text().strip()
+
+
+def test_driver_generate_until_end_to_end(tmp_path):
+    done, summary = run_driver(tmp_path, "--tasks", "yayi_docs_copy", "--limit", "6")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert_report(tmp_path, summary, {"yayi_docs_copy"})
+    assert summary["server"]["generation_tokens"] > 0
+
+
+@pytest.fixture(scope="module")
+def echo_support():
+    """What the server answers to lm-eval's echoed scoring request, asked once."""
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(resolve_model("tiny-llama"))("Hello there", add_special_tokens=False).input_ids
+    server = ServerProcess(*TINY_KV, "--http-port", "0").wait_ready()
+    try:
+        return probe(server.http_url, served_model(server.http_url), ids)
+    finally:
+        server.stop()
+
+
+def test_driver_scoring_tasks_end_to_end(tmp_path, echo_support):
+    if not echo_support.echo:
+        pytest.skip(
+            "the server does not yet echo the prompt's log-probabilities, which lm-eval's loglikelihood "
+            f"and rolling requests need; it answered: {echo_support.echo_error}"
+        )
+    done, summary = run_driver(
+        tmp_path, "--tasks", "yayi_docs_mc,yayi_docs_ppl", "--limit", "8", "--num-concurrent", "4"
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert summary["tokenized_requests"] is True  # lm-eval's default: prompts as token ids
+    assert_report(tmp_path, summary, {"yayi_docs_mc", "yayi_docs_ppl"})
