@@ -68,11 +68,10 @@ def test_the_task_data_is_what_the_builder_makes(tmp_path):
 
 
 def test_the_local_task_set_loads_in_lm_eval(offline):
-    manager = task_manager()
+    manager = task_manager([LOCAL_TAG])
     assert set(LOCAL_TASKS) | {LOCAL_TAG} <= set(manager.all_tasks)
-    from lm_eval.tasks import get_task_dict
-
-    tasks = {t.config.task: t for t in get_task_dict(list(LOCAL_TASKS), manager).values()}
+    tasks = manager.load([LOCAL_TAG])["tasks"]
+    assert set(tasks) == set(LOCAL_TASKS)
     for name, (output_type, docs) in LOCAL_TASKS.items():
         assert tasks[name].OUTPUT_TYPE == output_type
         assert len(list(tasks[name].test_docs())) == docs
@@ -88,7 +87,7 @@ def test_lm_eval_in_process_hf_model_on_tiny_llama(offline):
         model="hf",
         model_args={"pretrained": str(resolve_model("tiny-llama")), "dtype": "float32", "device": "cpu"},
         tasks=[LOCAL_TAG],
-        task_manager=task_manager(),
+        task_manager=task_manager([LOCAL_TAG]),
         batch_size=1,
         limit=4,
         bootstrap_iters=0,
