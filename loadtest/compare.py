@@ -29,6 +29,8 @@ from loadtest.roofline_column import RooflineColumn
 from loadtest.tables import markdown_table
 from loadtest.targets import (
     Reading,
+    Target,
+    TargetConfig,
     TransformersServeTarget,
     YayiTarget,
     baseline_target,
@@ -171,12 +173,28 @@ class Progress:
         self.done = max(self.done, max(i for i, (name, _) in enumerate(self.plan) if name == label) + 1)
 
 
-def make_targets(args, engines: list[str], model_path: str, raw: Path) -> list:
+def target_config(args: argparse.Namespace, model_path: str) -> TargetConfig:
+    """The command line's part the targets need, typed: the one place a Namespace is read for them."""
+    return TargetConfig(
+        model=args.model,
+        model_path=model_path,
+        dtype=args.dtype,
+        vllm_dtype=args.vllm_dtype,
+        kv_cache_gb=args.kv_cache_gb,
+        max_model_len=args.max_model_len,
+        sample_period=args.sample_period,
+        baseline_args=tuple(shlex.split(args.baseline_args)),
+        transformers_serve_args=tuple(shlex.split(args.transformers_serve_args)),
+    )
+
+
+def make_targets(args, engines: list[str], model_path: str, raw: Path) -> list[Target]:
     queue = max(64, 2 * max(args.users))
     common = shlex.split(args.server_args)
-    targets = []
+    config = target_config(args, model_path)
+    targets: list[Target] = []
     for engine in engines:
-        extra = vllm_engine_args(args, model_path) if engine == "vllm" else ["--dtype", args.dtype]
+        extra = vllm_engine_args(config) if engine == "vllm" else ["--dtype", args.dtype]
         previous = None
         for api in args.apis:
             # The second front end of an engine is measured on the first one's server, right after it.
@@ -185,7 +203,7 @@ def make_targets(args, engines: list[str], model_path: str, raw: Path) -> list:
             )
             targets.append(previous)
     for name in chosen_baselines(args.baseline, engines):
-        targets.append(baseline_target(name, args, model_path, raw, args.sample_period))
+        targets.append(baseline_target(name, config, raw))
     return targets
 
 

@@ -7,7 +7,8 @@ one), and reads its /metrics; an ``OutsideServerTarget`` is a peer's OpenAI-comp
 (vLLM's own, ``transformers serve``), whose process tree is read the way our CPU probe reads
 ours.  Every target says which
 locustfile drives it and with which extra options, and ``openai_url`` is where an OpenAI
-client (vLLM's benchmark client) reaches it.
+client (vLLM's benchmark client) reaches it: the ``Target`` protocol.  They are set up from
+one ``TargetConfig``, never from the driver's command line.
 """
 
 from __future__ import annotations
@@ -24,10 +25,53 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from loadtest import scrape
 from loadtest.server_process import ROOT, ServerProcess
 from server.device_sampler import CpuProbe
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """What the targets are set up from: the model, and the settings the peers must share with ours."""
+
+    model: str
+    model_path: str
+    dtype: str  # the hf engines' and transformers serve's
+    vllm_dtype: str  # our vllm engine's and vLLM's own server's
+    kv_cache_gb: float
+    max_model_len: int | None  # None: the model's own, at most the fallback both vLLM servers use
+    sample_period: float
+    baseline_args: tuple[str, ...] = ()  # extra arguments for vLLM's own server
+    transformers_serve_args: tuple[str, ...] = ()
+
+
+class Target(Protocol):
+    """What the comparison driver asks of every server it measures."""
+
+    label: str
+    locustfile: Path
+
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def openai_url(self) -> str: ...
+
+    def locust_args(self) -> list[str]: ...
+
+    def start(self, timeout: float) -> dict: ...
+
+    def warm_up(self) -> None: ...
+
+    def metrics_text(self) -> str: ...
+
+    def watch(self, raw_prefix: Path) -> _Watch: ...
+
+    def stop(self) -> None: ...
+
+    def startup_output(self) -> str: ...
 
 
 @dataclass
@@ -132,31 +176,58 @@ class YayiTarget:
         return "\n".join(self.server.lines[-20:]) if self.server else ""
 
 
-class MetricsWatch:
-    """Gauges sampled through the run; counters read once before and once after it."""
+class _Watch:
+    """One stretch of a run: the target's counters read before and after, its gauges sampled between.
+
+    The before/after reading and the raw files are here, once; each kind of target says how its
+    device is sampled (``_start``, ``_stop``) and what the reading is (``_fill``).
+    """
+
+    def __init__(self, target, raw_prefix: Path, device: str) -> None:
+        self.target, self.raw_prefix = target, raw_prefix
+        self.reading = Reading(device=device)
+
+    def __enter__(self):
+        self.before = scrape.parse(self._keep("before"))
+        self._start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._stop()
+        self._fill(scrape.parse(self._keep("after")))
+
+    def _keep(self, when: str) -> str:
+        body = self.target.metrics_text()
+        if body:
+            Path(f"{self.raw_prefix}_metrics_{when}.txt").write_text(body)
+        return body
+
+    def _start(self) -> None: ...
+
+    def _stop(self) -> None: ...
+
+    def _fill(self, after: scrape.Samples) -> None: ...
+
+
+class MetricsWatch(_Watch):
+    """Our server: its device gauges sampled from /metrics, its counters' deltas."""
 
     GAUGES = ("yayi_device_memory_used_bytes", "yayi_device_utilization_ratio", "yayi_device_power_watts")
 
     def __init__(self, target: YayiTarget, raw_prefix: Path) -> None:
-        self.target, self.raw_prefix = target, raw_prefix
-        self.reading = Reading(device=target.info.get("device", "cpu"))
+        super().__init__(target, raw_prefix, target.info.get("device", "cpu"))
 
-    def __enter__(self) -> MetricsWatch:
-        body = self.target.metrics_text()
-        Path(f"{self.raw_prefix}_metrics_before.txt").write_text(body)
-        self.before = scrape.parse(body)
+    def _start(self) -> None:
         # Scraping no faster than the server samples its device: more often would only repeat values.
         self.sampler = scrape.GaugeSampler(
             scrape.metrics_url(self.target.server.metrics_port), self.GAUGES, period=max(0.5, self.target.sample_period)
         )
         self.sampler.__enter__()
-        return self
 
-    def __exit__(self, *_) -> None:
+    def _stop(self) -> None:
         self.sampler.__exit__()
-        body = self.target.metrics_text()
-        Path(f"{self.raw_prefix}_metrics_after.txt").write_text(body)
-        after = scrape.parse(body)
+
+    def _fill(self, after: scrape.Samples) -> None:
         self.reading.memory_peak_bytes = self.sampler.max("yayi_device_memory_used_bytes")
         self.reading.utilization_mean = self.sampler.mean("yayi_device_utilization_ratio")
         self.reading.power_mean_w = self.sampler.mean("yayi_device_power_watts")
@@ -363,31 +434,25 @@ class TransformersServeTarget(OutsideServerTarget):
         return {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
-class ProcessWatch:
+class ProcessWatch(_Watch):
     """The server's process tree read by our own CPU probe, so its memory and CPU share mean
     what ours mean; its token count from its own counter, where it has one."""
 
     def __init__(self, target: OutsideServerTarget, raw_prefix: Path) -> None:
-        self.target, self.raw_prefix = target, raw_prefix
-        self.reading = Reading(device="cpu")
-        self._stop = threading.Event()
+        super().__init__(target, raw_prefix, "cpu")
 
-    def __enter__(self) -> ProcessWatch:
-        body = self.target.metrics_text()
-        if body:
-            Path(f"{self.raw_prefix}_metrics_before.txt").write_text(body)
-        self.before = scrape.parse(body)
+    def _start(self) -> None:
         self.probe = CpuProbe(pid=self.target.process.pid)
         self.memory: list[float] = []
         self.shares: list[float] = []
         self.powers: list[float] = []
         self.energy: float | None = None
+        self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
-        return self
 
     def _run(self) -> None:
-        while not self._stop.wait(self.target.sample_period):
+        while not self._done.wait(self.target.sample_period):
             reading = self.probe.read()
             self.memory.append(reading.memory_used_bytes)
             self.shares.append(reading.utilization_ratio)
@@ -395,18 +460,17 @@ class ProcessWatch:
                 self.powers.append(reading.power_watts)
                 self.energy = (self.energy or 0.0) + reading.energy_joules
 
-    def __exit__(self, *_) -> None:
-        self._stop.set()
+    def _stop(self) -> None:
+        self._done.set()
         self._thread.join()
-        body = self.target.metrics_text()
-        if body:
-            Path(f"{self.raw_prefix}_metrics_after.txt").write_text(body)
+
+    def _fill(self, after: scrape.Samples) -> None:
         self.reading.memory_peak_bytes = max(self.memory) if self.memory else None
         self.reading.utilization_mean = sum(self.shares) / len(self.shares) if self.shares else None
         self.reading.power_mean_w = sum(self.powers) / len(self.powers) if self.powers else None
         self.reading.energy_j = self.energy
         if self.target.tokens_counter:
-            self.reading.server_tokens = _delta(self.before, scrape.parse(body), self.target.tokens_counter)
+            self.reading.server_tokens = _delta(self.before, after, self.target.tokens_counter)
 
 
 def _free_port() -> int:
@@ -450,42 +514,42 @@ def chosen_baselines(choice: list[str] | str, engines: list[str]) -> list[str]:
     return [name for name in BASELINES if BASELINE_PEER[name] in engines and installed[name]]
 
 
-def max_model_len(args, model_path: str) -> int:
-    """The context both vLLM servers serve: --max-model-len, else the model's, at most 2048 (as our engine)."""
-    if args.max_model_len:
-        return args.max_model_len
+def max_model_len(config: TargetConfig) -> int:
+    """The context both vLLM servers serve: the configured one, else the model's, at most 2048 (as our engine)."""
+    if config.max_model_len:
+        return config.max_model_len
     import json
 
-    config = json.loads((Path(model_path) / "config.json").read_text())
-    return min(2048, config.get("max_position_embeddings") or 2048)
+    model = json.loads((Path(config.model_path) / "config.json").read_text())
+    return min(2048, model.get("max_position_embeddings") or 2048)
 
 
-def vllm_engine_args(args, model_path: str) -> list[str]:
+def vllm_engine_args(config: TargetConfig) -> list[str]:
     """Our vllm engine's flags that must match vLLM's own server's (dtype, KV cache, context)."""
     return [
         "--dtype",
-        args.vllm_dtype,
+        config.vllm_dtype,
         "--kv-cache-gb",
-        f"{args.kv_cache_gb:g}",
+        f"{config.kv_cache_gb:g}",
         "--max-model-len",
-        str(max_model_len(args, model_path)),
+        str(max_model_len(config)),
     ]
 
 
-def baseline_target(name: str, args, model_path: str, raw: Path, sample_period: float) -> OutsideServerTarget:
+def baseline_target(name: str, config: TargetConfig, raw: Path) -> OutsideServerTarget:
     """An outside server set up as its peer engine is: the same dtype, KV cache and context."""
     log_path = raw / f"{name}_server.log"
     if name == "vllm-openai":
         return VLLMServerTarget(
-            model_path,
-            args.model,
-            args.vllm_dtype,
+            config.model_path,
+            config.model,
+            config.vllm_dtype,
             log_path,
-            sample_period,
-            kv_cache_gb=args.kv_cache_gb,
-            max_model_len=max_model_len(args, model_path),
-            extra_args=shlex.split(args.baseline_args),
+            config.sample_period,
+            kv_cache_gb=config.kv_cache_gb,
+            max_model_len=max_model_len(config),
+            extra_args=list(config.baseline_args),
         )
     return TransformersServeTarget(
-        model_path, args.dtype, log_path, sample_period, shlex.split(getattr(args, "transformers_serve_args", ""))
+        config.model_path, config.dtype, log_path, config.sample_period, list(config.transformers_serve_args)
     )

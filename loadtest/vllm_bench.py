@@ -31,7 +31,7 @@ from pathlib import Path
 from loadtest import ROOT
 from loadtest.compare import parse_users
 from loadtest.report_folder import Report
-from loadtest.targets import YayiTarget, baseline_target, chosen_baselines, vllm_engine_args
+from loadtest.targets import Target, TargetConfig, YayiTarget, baseline_target, chosen_baselines, vllm_engine_args
 
 # The figures of vLLM's result JSON the table shows, and the names it shows them under.
 COLUMNS = {
@@ -164,13 +164,23 @@ def make_targets(args, model_path: str, raw: Path) -> list:
     engines = [name.strip() for name in args.engines.split(",") if name.strip()]
     common = shlex.split(args.server_args)
     queue = max(64, 2 * max(args.concurrency))
-    targets = []
+    config = TargetConfig(
+        model=args.model,
+        model_path=model_path,
+        dtype="auto",
+        vllm_dtype=args.vllm_dtype,
+        kv_cache_gb=args.kv_cache_gb,
+        max_model_len=args.max_model_len,
+        sample_period=1.0,
+        baseline_args=tuple(shlex.split(args.baseline_args)),
+    )
+    targets: list[Target] = []
     for engine in engines:
-        extra = vllm_engine_args(args, model_path) if engine == "vllm" else []
+        extra = vllm_engine_args(config) if engine == "vllm" else []
         targets.append(YayiTarget(engine, args.model, extra + common, queue, sample_period=1.0, api="http"))
     # vLLM's client asks for ignore_eos, which transformers serve refuses: vLLM's own server only.
     if "vllm-openai" in chosen_baselines(args.baseline, engines):
-        targets.append(baseline_target("vllm-openai", args, model_path, raw, sample_period=1.0))
+        targets.append(baseline_target("vllm-openai", config, raw))
     return targets
 
 
