@@ -5,26 +5,30 @@ or threads.  ``generate`` is an async generator; when its consumer stops iterati
 (client cancel, disconnect, deadline) the generator is closed, and the engine must stop
 the model's work for that request right there, not at the end of the completion.
 
-The request path is written once, here: readiness, prompt checks, tokenization, the
-context check, the admission slot.  An engine supplies only what is its own: ``start``,
-``info``, ``_stream`` (generate from token ids) and, if it can, ``_score_ids``.
+The request path is written once, here: readiness, prompt checks, tokenization (or the
+checks of a prompt given as token ids), the context check, the admission slot, scoring a
+prompt without generating, and the text of each log-probability's token.  An engine
+supplies only what is its own: ``start``, ``info``, ``_stream`` (generate from token ids)
+and, if it can, ``_score_ids`` and ``_prompt_logprobs``.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
 import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 from .admission import Admission
-from .errors import EngineUnavailable, Unsupported
+from .errors import EngineUnavailable, InvalidRequest, Unsupported
+from .logprobs import TokenLogprob, TokenTexts
 from .options import NoOptions
-from .params import SamplingParams, check_against_model, check_prompt_text, check_score_length
+from .params import SamplingParams, check_against_model, check_prompt_ids, check_prompt_text, check_score_length
 from .prompts import PromptTokenizer
 
 
@@ -49,6 +53,11 @@ class GenerationOutput:
     character or a possible stop string is held back.  The last output of a request
     has ``finish_reason`` set.  The first output carries ``started_at``, the
     ``time.monotonic()`` at which the engine began work on the request (its queue wait ends).
+
+    ``logprobs``: when the request asked for them, one entry per id in ``token_ids``.
+    ``prompt_logprobs``: when asked, on the first output only, one entry per prompt token,
+    the first None (nothing comes before it).  Engines leave the texts in them empty; the
+    request path below fills them.
     """
 
     text: str
@@ -57,6 +66,8 @@ class GenerationOutput:
     completion_tokens: int
     finish_reason: str | None = None
     started_at: float | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -98,7 +109,8 @@ class EngineRequest:
     """A request that passed every check: what ``_stream`` generates from."""
 
     request_id: str
-    prompt: str  # the text as sent, kept for logs and test-only fault markers (engines/faults.py)
+    # The text as sent ("" for token ids), kept for logs and test-only fault markers (engines/faults.py).
+    prompt: str
     prompt_ids: tuple[int, ...]
     params: SamplingParams
 
@@ -111,6 +123,9 @@ class Engine(abc.ABC):
     # Top-level packages the engine needs beyond torch and transformers; the registry checks
     # them before start so a missing one is reported as what to install, not as a traceback.
     requires: ClassVar[tuple[str, ...]] = ()
+    # Whether ``_stream`` honours SamplingParams.logprobs and prompt_logprobs and ``_prompt_logprobs``
+    # is supplied; an engine that does not is refused such requests here, by name.
+    offers_logprobs: ClassVar[bool] = False
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -139,6 +154,10 @@ class Engine(abc.ABC):
     async def _score_ids(self, ids: list[int]) -> ScoreResult:
         raise Unsupported(f"engine {self.name} cannot score texts")
 
+    async def _prompt_logprobs(self, request: EngineRequest) -> tuple[TokenLogprob | None, ...]:
+        """The prompt's log-probabilities, ``request.params.prompt_logprobs`` alternatives each, without generating."""
+        raise Unsupported(f"engine {self.name} cannot return log-probabilities")
+
     def _check_params(self, params: SamplingParams) -> None:
         """Refuses what this engine cannot do, before the request takes a slot (default: all is fine)."""
 
@@ -162,25 +181,81 @@ class Engine(abc.ABC):
     # ---- the request path, the same for every engine ---------------------------------
 
     async def generate(
-        self, prompt: str, params: SamplingParams, request_id: str, use_chat_template: bool = False
+        self, prompt: str | Sequence[int], params: SamplingParams, request_id: str, use_chat_template: bool = False
     ) -> AsyncIterator[GenerationOutput]:
+        """``prompt``: text, or token ids used as they are (no template, no special tokens added)."""
         self._require_ready()
-        check_prompt_text(prompt)
-        prompt_ids = await self._prompts.encode(prompt, use_chat_template)
+        if isinstance(prompt, str):
+            check_prompt_text(prompt)
+            prompt_ids = tuple(await self._prompts.encode(prompt, use_chat_template))
+        else:
+            if use_chat_template:
+                raise InvalidRequest(
+                    "the chat template applies to a text prompt; a prompt of token ids is used as it is",
+                    field="use_chat_template",
+                )
+            prompt_ids = check_prompt_ids(prompt, self._vocab_size)
+            prompt = ""
         check_against_model(params, len(prompt_ids), self._max_context, self._vocab_size)
+        self._check_logprobs_offered(params)
         self._check_params(params)
         async with self._admission.slot():
             self._require_ready()
             started_at = time.monotonic()
-            request = EngineRequest(request_id, prompt, tuple(prompt_ids), params)
+            request = EngineRequest(request_id, prompt, prompt_ids, params)
+            texts = TokenTexts(self._prompts.tokenizer, prompt_ids)
+            if params.max_new_tokens == 0:
+                yield await self._scored_prompt(request, texts, started_at)
+                return
             async with contextlib.aclosing(self._stream(request)) as stream:
                 async for output in stream:
-                    if started_at is not None:
+                    first = started_at is not None
+                    if first:
                         # The engine's own start time (a batching engine's scheduling time) wins.
                         if output.started_at is None:
                             output = dataclasses.replace(output, started_at=started_at)
                         started_at = None
-                    yield output
+                    yield await self._with_token_texts(output, request, texts, first)
+
+    def _check_logprobs_offered(self, params: SamplingParams) -> None:
+        if not self.offers_logprobs and (params.logprobs is not None or params.prompt_logprobs is not None):
+            field = "logprobs" if params.logprobs is not None else "prompt_logprobs"
+            raise InvalidRequest(f"engine {self.name} cannot return log-probabilities", field=field)
+
+    async def _scored_prompt(self, request: EngineRequest, texts: TokenTexts, started_at: float) -> GenerationOutput:
+        """max_new_tokens 0: the prompt's log-probabilities and nothing generated (OpenAI's echo with max_tokens 0)."""
+        entries = await self._prompt_logprobs(request)
+        return GenerationOutput(
+            text="",
+            token_ids=(),
+            prompt_tokens=len(request.prompt_ids),
+            completion_tokens=0,
+            finish_reason="length",
+            started_at=started_at,
+            prompt_logprobs=await asyncio.to_thread(texts.prompt, entries),
+        )
+
+    async def _with_token_texts(
+        self, output: GenerationOutput, request: EngineRequest, texts: TokenTexts, first: bool
+    ) -> GenerationOutput:
+        """The texts of the output's log-probability entries, once checked that what was asked is there."""
+        params = request.params
+        if params.logprobs is not None and len(output.logprobs) != len(output.token_ids):
+            raise RuntimeError(
+                f"engine {self.name} returned {len(output.logprobs)} log-probabilities for "
+                f"{len(output.token_ids)} tokens"
+            )
+        wanted = params.prompt_logprobs is not None and first and output.finish_reason != "cancelled"
+        got = output.prompt_logprobs is not None
+        if wanted and (not got or len(output.prompt_logprobs) != len(request.prompt_ids)):
+            raise RuntimeError(f"engine {self.name} did not return the prompt's log-probabilities on its first output")
+        changes = {}
+        if output.logprobs:
+            changes["logprobs"] = texts.generated(output.logprobs)
+        if got:
+            # A whole prompt's entries: decoded off the event loop.
+            changes["prompt_logprobs"] = await asyncio.to_thread(texts.prompt, output.prompt_logprobs)
+        return dataclasses.replace(output, **changes) if changes else output
 
     async def score(self, text: str) -> ScoreResult:
         self._require_ready()

@@ -60,6 +60,7 @@ class HFEngine(Engine):
     flash: bool = False
     name = "hf"
     Options = HFOptions
+    offers_logprobs = True
 
     def __init__(self, config) -> None:
         super().__init__(config)
@@ -154,9 +155,16 @@ class HFEngine(Engine):
             self._live_jobs.discard(job)
 
     async def _score_ids(self, ids: list[int]) -> ScoreResult:
+        return await self._one_forward(self.lm.score_ids, ids)
+
+    async def _prompt_logprobs(self, request: EngineRequest):
+        return await self._one_forward(self.lm.prompt_logprobs, request.prompt_ids, request.params.prompt_logprobs)
+
+    async def _one_forward(self, function, *args):
+        """A forward over a whole text in a worker thread (scoring), an out-of-memory reported as one."""
         out_of_memory = None
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, self.lm.score_ids, ids)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
         except torch.OutOfMemoryError as exc:
             out_of_memory = f"device out of memory while scoring: {exc}".splitlines()[0]
         # Outside the except clause, as in _decode: the exception no longer pins the activations.

@@ -9,7 +9,10 @@ and become whole-character text with our detokenizer and stop strings.  Closing 
 stream cancels the request inside the manager, which frees its blocks at its next step.
 
 Sampling fields the manager cannot do per request are done by our logits processor
-(engines/hf_cb_sampling.py); stop strings are ours, here.
+(engines/hf_cb_sampling.py), and so are the generated tokens' log-probabilities; stop
+strings are ours, here.  The prompt's log-probabilities come from one forward of the
+scoring model beside the manager (the one Score uses): the manager computes logits only
+where a token is to be generated.
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ def default_cache_plan(model: str, dtype: str, device: str = "cpu", max_running:
 class ContinuousBatchingEngine(Engine):
     name = "hf-cb"
     Options = CBOptions
+    offers_logprobs = True
 
     def __init__(self, config) -> None:
         super().__init__(config)
@@ -162,6 +166,12 @@ class ContinuousBatchingEngine(Engine):
     def _check_params(self, params: SamplingParams) -> None:
         if self._runtime is None or self._runtime.samplers is not None:
             return
+        if params.logprobs is not None:
+            raise InvalidRequest(
+                "logprobs are not available on this server: hf-cb runs with --cuda-graphs true, and the "
+                "log-probabilities are taken in its per-request logits processor, which a graph cannot run",
+                field="logprobs",
+            )
         # With CUDA graphs only the manager's greedy argmax runs: refuse what it would ignore.
         if not params.greedy:
             raise InvalidRequest(
@@ -186,6 +196,9 @@ class ContinuousBatchingEngine(Engine):
         snapshots: asyncio.Queue = asyncio.Queue()
         sampler_key = None
         extra = {}
+        prompt_logprobs = None
+        if params.prompt_logprobs is not None:
+            prompt_logprobs = await self._prompt_logprobs(request)
         if runtime.samplers is not None and needs_sampler(params):
             sampler_key = runtime.samplers.add(request.prompt_ids, params)
             extra[SAMPLER_KWARG] = sampler_key
@@ -204,7 +217,8 @@ class ContinuousBatchingEngine(Engine):
             if added is None:
                 runtime.raise_if_dead()
                 raise EngineUnavailable("the continuous-batching manager is not accepting requests")
-            text = _TextStream(runtime, request)
+            sampler = runtime.samplers.get(sampler_key) if sampler_key is not None else None
+            text = _TextStream(runtime, request, sampler)
             while True:
                 snapshot = await self._next_snapshot(snapshots)
                 done_inside = snapshot.is_finished()
@@ -217,7 +231,9 @@ class ContinuousBatchingEngine(Engine):
                 if output is None:
                     continue
                 if output.completion_tokens == len(output.token_ids):  # the first output of this request
-                    output = dataclasses.replace(output, started_at=_monotonic(snapshot.lifespan[0]))
+                    output = dataclasses.replace(
+                        output, started_at=_monotonic(snapshot.lifespan[0]), prompt_logprobs=prompt_logprobs
+                    )
                 yield output
                 if output.finish_reason is not None:
                     return
@@ -256,11 +272,18 @@ class ContinuousBatchingEngine(Engine):
     # ---- scoring ------------------------------------------------------------------------
 
     async def _score_ids(self, ids: list[int]) -> ScoreResult:
+        return await self._scoring_forward(self._runtime.scorer.score_ids, ids)
+
+    async def _prompt_logprobs(self, request: EngineRequest):
+        scorer = self._runtime.scorer
+        return await self._scoring_forward(scorer.prompt_logprobs, request.prompt_ids, request.params.prompt_logprobs)
+
+    async def _scoring_forward(self, function, *args):
         import torch
 
         try:
             async with self._score_lock:  # one at a time, as the hf engines score
-                return await _in_passing_thread(self._runtime.scorer.score_ids, ids)
+                return await _in_passing_thread(function, *args)
         except torch.OutOfMemoryError as exc:
             raise EngineOutOfMemory(f"device out of memory while scoring: {exc}".splitlines()[0]) from None
 
@@ -284,8 +307,9 @@ async def _in_passing_thread(function, *args):
 class _TextStream:
     """A request's token snapshots to outputs: whole characters, stop strings, finish reasons, usage."""
 
-    def __init__(self, runtime, request: EngineRequest) -> None:
+    def __init__(self, runtime, request: EngineRequest, sampler=None) -> None:
         self.params = request.params
+        self.sampler = sampler  # holds the generated tokens' log-probabilities when they were asked for
         self.prompt_tokens = len(request.prompt_ids)
         self.eos_ids = frozenset(runtime.eos_ids)
         self.count = 0
@@ -297,6 +321,7 @@ class _TextStream:
         new = tokens[self.count :]
         if not new:
             return None
+        first = self.count
         pieces, taken, finish = [], [], None
         for token in new:
             self.count += 1
@@ -316,12 +341,19 @@ class _TextStream:
                 pieces.append(self.stops.flush())
             if finish is not None:
                 break
+        entries = ()
+        if self.params.logprobs is not None:
+            entries = tuple(self.sampler.logprobs[first : self.count])
+            if [entry.token_id for entry in entries] != taken:
+                # The processor's record and the manager's tokens disagree: no values rather than wrong ones.
+                raise RuntimeError(f"hf-cb: log-probabilities recorded for {entries} do not match tokens {taken}")
         return GenerationOutput(
             text="".join(pieces),
             token_ids=tuple(taken),
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.count,
             finish_reason=finish,
+            logprobs=entries,
         )
 
     def cancelled(self) -> GenerationOutput:

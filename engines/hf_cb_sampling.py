@@ -9,6 +9,12 @@ the batch's logits, picks that request's token with our own sampling code
 leaves only the chosen token finite: the manager's greedy argmax then picks exactly it.
 Plain greedy rows are left alone, so their argmax is the manager's own.
 
+Log-probabilities are taken here too.  The manager's own (``return_logprobs``) are one
+value per token, with no alternatives, for the whole batch or none, and taken after the
+processors, where ours has left only the chosen token finite (a log-probability of 0).
+This processor sees each row's logits as the model gave them, so a request that asks
+gets a sampler, and its sampler records each chosen token's entry before choosing.
+
 Imported only when the engine starts: it subclasses a transformers class.
 """
 
@@ -23,6 +29,7 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
 )
 from transformers.generation.logits_process import LogitsProcessorList
 
+from . import logprobs
 from .params import SamplingParams
 from .sampling import choose_next_token, make_generator
 
@@ -33,7 +40,7 @@ _NO_SAMPLER = -1
 
 def needs_sampler(params: SamplingParams) -> bool:
     """Whether the manager's own argmax is not enough for these parameters."""
-    return not params.greedy or params.repetition_penalty != 1.0
+    return not params.greedy or params.repetition_penalty != 1.0 or params.logprobs is not None
 
 
 class RequestSampler:
@@ -45,10 +52,17 @@ class RequestSampler:
         self.device = device
         # The processor sees one position per request, not the history: the penalty needs this copy.
         self.seen = list(prompt_ids)
+        # One entry per generated token, in order, when the request asked for log-probabilities. Appended in
+        # the manager's thread before the token is handed out, so a snapshot's tokens always have theirs.
+        self.logprobs: list[logprobs.TokenLogprob] = []
 
     def choose(self, logits: torch.Tensor) -> int:
+        """``logits``: this request's row, the model's raw float32 logits (read, not changed)."""
         seen = torch.tensor(self.seen, device=self.device)
         token = choose_next_token(logits, seen, self.params, self.generator)
+        if self.params.logprobs is not None:
+            chosen = torch.tensor([token], device=logits.device)
+            self.logprobs.extend(logprobs.from_logits(logits[None], chosen, self.params.logprobs))
         self.seen.append(token)
         return token
 

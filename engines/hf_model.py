@@ -3,7 +3,10 @@
 This is the model side of the ``hf-*`` engines, free of threads, queues and servers, so
 the offline experiments (bench/) run exactly the code the server runs through this
 public surface: ``HFModel.load``, ``generate``, ``next_logits``, ``new_cache``,
-``kernel`` and ``score_ids``.
+``kernel``, ``score_ids`` and ``prompt_logprobs``.
+
+Log-probabilities (engines/logprobs.py) come from the logits the loop computes anyway;
+only a request that asks for the prompt's has its prefill keep every position's logits.
 
 The decode loop is ours rather than ``model.generate`` so that each token leaves as soon
 as it exists, ``use_cache=False`` really recomputes the whole sequence every step (what
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from . import hf_attention
+from . import hf_attention, logprobs
 from .base import GenerationOutput, ScoreResult
 from .errors import EngineUnavailable, InvalidRequest
 from .params import SamplingParams
@@ -121,6 +124,16 @@ class HFModel:
             out = self.model(input_ids=sequence, use_cache=False, **self.keep_last)
         return out.logits[0, -1].float()
 
+    def prefill_logits(self, prompt: torch.Tensor, cache, all_positions: bool) -> torch.Tensor:
+        """The prompt's forward: (rows, vocab) logits as the model gave them, the last position's only
+        unless ``all_positions`` (what prompt log-probabilities need)."""
+        keep = {} if all_positions else self.keep_last
+        if self.use_cache:
+            out = self.model(input_ids=prompt, past_key_values=cache, use_cache=True, **keep)
+        else:
+            out = self.model(input_ids=prompt, use_cache=False, **keep)
+        return out.logits[0]
+
     def enable_compile(self, buckets: tuple[int, ...]) -> None:
         """``--compile``: static caches and a compiled decode step (engines/hf_static.py), warmed up now."""
         from .hf_static import StaticDecoder
@@ -167,15 +180,25 @@ class HFModel:
             generator = make_generator(params, self.device)
             detokenizer = IncrementalDetokenizer(self.decode_text)
             stops = StopStringFilter(params.stop)
+            scored_prompt = params.prompt_logprobs is not None
             if lease is not None:
-                logits = lease.first(self.model, ids, n_prompt, self.keep_last)
+                rows = lease.first(self.model, ids, n_prompt, {} if scored_prompt else self.keep_last)
             else:
-                logits = self.next_logits(ids[None, :n_prompt], ids[None, :n_prompt], cache)
+                rows = self.prefill_logits(ids[None, :n_prompt], cache, all_positions=scored_prompt)
+            logits = rows[-1].float()
+            prompt_logprobs = None
+            if scored_prompt:
+                prompt_logprobs = logprobs.prompt_entries(rows, ids[:n_prompt], params.prompt_logprobs)
+            del rows  # every position's logits, when kept, are not held through the decode
             for step in range(params.max_new_tokens):
                 n = n_prompt + step
                 token_tensor = next_token(logits, ids[:n], params, generator)
                 ids[n] = token_tensor
                 token = int(token_tensor)  # the one device-to-host sync per token: the id goes to the client
+                token_logprobs = ()
+                if params.logprobs is not None:
+                    # The raw logits: next_token's penalty and temperature work on copies.
+                    token_logprobs = tuple(logprobs.from_logits(logits[None], token_tensor.view(1), params.logprobs))
                 finish = "eos" if token in self.eos_ids and not params.ignore_eos else None
                 if finish is None and step == params.max_new_tokens - 1:
                     finish = "length"
@@ -193,6 +216,8 @@ class HFModel:
                     prompt_tokens=n_prompt,
                     completion_tokens=step + 1,
                     finish_reason=finish,
+                    logprobs=token_logprobs,
+                    prompt_logprobs=prompt_logprobs if step == 0 else None,
                 )
                 if finish is not None:
                     return
@@ -208,6 +233,13 @@ class HFModel:
             logits = self.model(input_ids=tokens, use_cache=False).logits[0, :-1].float()
             logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[0, 1:, None])
             return ScoreResult(total_logprob=float(logprobs.sum()), token_count=len(ids) - 1)
+
+    def prompt_logprobs(self, ids, k: int) -> tuple:
+        """The log-probability of each of ``ids`` after the ones before it, with ``k`` alternatives; the first None."""
+        with torch.inference_mode(), self.kernel():
+            tokens = torch.tensor([list(ids)], device=self.device)
+            logits = self.model(input_ids=tokens, use_cache=False).logits[0]
+            return logprobs.prompt_entries(logits, tokens[0], k)
 
     def decode_text(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -129,7 +129,8 @@ class _Lease:
         self._token = torch.zeros((1, 1), dtype=torch.long, device=decoder.device)
         self._position = torch.zeros(1, dtype=torch.long, device=decoder.device)
 
-    def first(self, model, ids: torch.Tensor, n_prompt: int, keep_last: dict) -> torch.Tensor:
+    def first(self, model, ids: torch.Tensor, n_prompt: int, keep: dict) -> torch.Tensor:
+        """The prefill: the logits of the positions ``keep`` keeps (the last one, or all), as the model gave them."""
         self.cache.reset()
         positions = torch.arange(n_prompt, device=self.decoder.device)
         out = model(
@@ -137,9 +138,9 @@ class _Lease:
             past_key_values=self.cache,
             cache_position=positions,
             use_cache=True,
-            **keep_last,
+            **keep,
         )
-        return out.logits[0, -1].float()
+        return out.logits[0]
 
     def next(self, ids: torch.Tensor, n: int) -> torch.Tensor:
         """Logits after the ``n``-th token (its id already in ``ids[n - 1]``)."""

@@ -2,7 +2,8 @@
 
 vLLM batches continuously, pages its KV cache and runs the model in child processes;
 this module only translates: our SamplingParams to vLLM's, vLLM's delta outputs to
-GenerationOutput, prompt logprobs to a score.  Closing the generator (client cancel,
+GenerationOutput, its Logprob dicts to our entries (engines/logprobs.py: vLLM's default
+``raw_logprobs`` is our convention), prompt logprobs to a score.  Closing the generator (client cancel,
 disconnect, deadline) closes vLLM's own generator, which aborts the request inside the
 engine core.  Its options (``VLLMOptions``) become the command line's vLLM flags.
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from .admission import Admission
 from .base import Engine, EngineInfo, EngineLoad, EngineRequest, GenerationOutput, ScoreResult
 from .errors import EngineUnavailable, InvalidRequest
+from .logprobs import TokenLogprob, TopLogprob
 from .models import resolve_model
 from .options import option
 from .params import SamplingParams
@@ -85,6 +87,7 @@ class VLLMEngine(Engine):
     name = "vllm"
     Options = VLLMOptions
     requires = ("vllm",)
+    offers_logprobs = True
 
     def __init__(self, config) -> None:
         super().__init__(config)
@@ -247,6 +250,7 @@ class VLLMEngine(Engine):
         stream = self._llm.generate(
             TokensPrompt(prompt_token_ids=list(request.prompt_ids)), _to_vllm(request.params), request.request_id
         )
+        params = request.params
         completion = 0
         first = True
         async with contextlib.aclosing(stream), _engine_death_as_unavailable():
@@ -255,6 +259,14 @@ class VLLMEngine(Engine):
                 completion += len(sequence.token_ids)
                 finish = _finish_reason(sequence) if output.finished else None
                 text = sequence.text.rstrip("\ufffd") if finish else sequence.text
+                entries = ()
+                if params.logprobs is not None:
+                    # In delta mode vLLM hands over the new tokens' entries only, one per token.
+                    entries = _entries(sequence.token_ids, sequence.logprobs or (), params.logprobs)
+                prompt_logprobs = None
+                if first and params.prompt_logprobs is not None:
+                    k = params.prompt_logprobs
+                    prompt_logprobs = _prompt_entries(request.prompt_ids, output.prompt_logprobs, k)
                 yield GenerationOutput(
                     text=text,
                     token_ids=tuple(sequence.token_ids),
@@ -262,8 +274,24 @@ class VLLMEngine(Engine):
                     completion_tokens=completion,
                     finish_reason=finish,
                     started_at=_scheduled_at(output) if first else None,
+                    logprobs=entries,
+                    prompt_logprobs=prompt_logprobs,
                 )
                 first = False
+
+    async def _prompt_logprobs(self, request: EngineRequest):
+        from vllm.inputs import TokensPrompt
+
+        k = request.params.prompt_logprobs
+        # vLLM always generates a token (max_tokens 0 is refused); it is dropped here.
+        params = _to_vllm(request.params)
+        final = None
+        async with _engine_death_as_unavailable():
+            async for output in self._llm.generate(
+                TokensPrompt(prompt_token_ids=list(request.prompt_ids)), params, request.request_id
+            ):
+                final = output
+        return _prompt_entries(request.prompt_ids, final.prompt_logprobs, k)
 
     async def _score_ids(self, ids: list[int]) -> ScoreResult:
         from vllm import SamplingParams as VllmSamplingParams
@@ -312,8 +340,10 @@ def _vllm_params(params: SamplingParams):
     from vllm import SamplingParams as VllmSamplingParams
     from vllm.sampling_params import RequestOutputKind
 
+    scoring_only = params.max_new_tokens == 0
     return VllmSamplingParams(
-        max_tokens=params.max_new_tokens,
+        # Scoring only: vLLM must still generate one token, which nobody reads.
+        max_tokens=params.max_new_tokens or 1,
         temperature=params.temperature,
         top_p=params.top_p,
         top_k=params.top_k,
@@ -321,10 +351,38 @@ def _vllm_params(params: SamplingParams):
         stop=list(params.stop) or None,
         seed=params.seed,
         ignore_eos=params.ignore_eos,
-        output_kind=RequestOutputKind.DELTA,
+        output_kind=RequestOutputKind.FINAL_ONLY if scoring_only else RequestOutputKind.DELTA,
         skip_special_tokens=True,
         include_stop_str_in_output=False,
+        logprobs=params.logprobs,
+        prompt_logprobs=params.prompt_logprobs,
     )
+
+
+def _entries(token_ids, positions, k: int) -> tuple[TokenLogprob, ...]:
+    """vLLM's per-position Logprob dicts (the token there, and the top ``k`` by rank) to our entries.
+
+    Texts stay empty: the request path fills them the same way for every engine.
+    """
+    if len(positions) != len(token_ids):
+        raise RuntimeError(f"vLLM returned {len(positions)} log-probability positions for {len(token_ids)} tokens")
+    entries = []
+    for token, by_id in zip(token_ids, positions, strict=True):
+        # Ranks start at 1; the token itself is an extra entry when it is not among the top k.
+        ranked = sorted(
+            (item for item in by_id.items() if item[1].rank is not None and item[1].rank <= k),
+            key=lambda item: (item[1].rank, -item[1].logprob),
+        )[:k]
+        top = tuple(TopLogprob(token_id=int(i), text="", logprob=float(lp.logprob)) for i, lp in ranked)
+        entries.append(TokenLogprob(token_id=int(token), text="", logprob=float(by_id[token].logprob), top=top))
+    return tuple(entries)
+
+
+def _prompt_entries(prompt_ids, positions, k: int) -> tuple[TokenLogprob | None, ...]:
+    """vLLM's prompt logprobs: the first position is None, as ours."""
+    if positions is None or len(positions) != len(prompt_ids):
+        raise RuntimeError("vLLM returned no prompt log-probabilities for a request that asked for them")
+    return (None, *_entries(prompt_ids[1:], positions[1:], k))
 
 
 def _finish_reason(sequence) -> str:
