@@ -84,7 +84,7 @@ async def serve(config: ServerConfig, announce=print) -> int:
     try:
         if config.tls_cert:
             port = server.add_secure_port(
-                address, server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+                address, server_credentials(config.tls_cert, config.tls_key or "", config.tls_client_ca)
             )
         else:
             port = server.add_insecure_port(address)
@@ -219,6 +219,7 @@ def _http_server(config: ServerConfig, calls: Calls, auth: TokenAuth | None):
         max_head_bytes=config.http_max_header_bytes,
         on_close=calls.metrics.count_http_close,
     )
+    assert config.http_port is not None  # called only with the front end asked for
     try:
         return HttpServer(
             front,

@@ -22,7 +22,8 @@ import contextlib
 import logging
 import traceback
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from typing import cast
 
 from engines.base import Engine, GenerationOutput
 from engines.errors import EngineUnavailable, InvalidRequest
@@ -117,16 +118,19 @@ class Calls:
 
     async def outputs(
         self,
-        prompt: str,
+        prompt: str | Sequence[int],
         params: SamplingParams,
         request_id: str,
         recorder: RequestRecorder,
         use_chat_template: bool = False,
-    ) -> AsyncIterator[GenerationOutput]:
+    ) -> AsyncGenerator[GenerationOutput, None]:
         self.require_accepting()
         # aclosing: when the call ends early the engine's generator is closed right here,
         # which is what stops the model's work, rather than whenever it is garbage collected.
-        generation = self.engine.generate(prompt, params, request_id, use_chat_template=use_chat_template)
+        generation = cast(
+            AsyncGenerator[GenerationOutput, None],
+            self.engine.generate(prompt, params, request_id, use_chat_template=use_chat_template),
+        )
         async with contextlib.aclosing(generation):
             async for output in generation:
                 recorder.on_output(output.started_at, output.prompt_tokens, len(output.token_ids))
@@ -161,6 +165,9 @@ class Calls:
         try:
             yield
             count(OK)
+        except CallFailed as failure:
+            count(failure.status)  # a call inside this one ended so (a prompt of several): this one too
+            raise
         except StreamStalled as exc:
             log.warning("%s", exc)
             self.metrics.count_stall()

@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # What the registry and the model table add to two server flags at run time.
-_SERVER_EXTRAS = {
+_SERVER_EXTRAS: dict[str, dict] = {
     "engine": {"choices": engine_names()},
     "model": {"help_suffix": f" ({', '.join(builtin_models())} are built in)"},
 }

@@ -8,7 +8,16 @@ from engines.params import SamplingParams
 from .wire import pb
 
 # The `optional` fields of the wire's SamplingParams: absent means "the default".
-OPTIONAL_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
+OPTIONAL_FIELDS = (
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "seed",
+    "logprobs",
+    "prompt_logprobs",
+)
 
 
 def sampling_params(message: pb.SamplingParams) -> SamplingParams:
@@ -16,6 +25,18 @@ def sampling_params(message: pb.SamplingParams) -> SamplingParams:
     set ones are validated by SamplingParams itself."""
     given = {name: getattr(message, name) for name in OPTIONAL_FIELDS if message.HasField(name)}
     return SamplingParams(**given, stop=tuple(message.stop), ignore_eos=message.ignore_eos)
+
+
+def token_logprobs(entries) -> list[pb.TokenLogprob]:
+    """Engine entries as wire messages; the first prompt token's (None) keeps only its place."""
+    messages = []
+    for entry in entries:
+        if entry is None:
+            messages.append(pb.TokenLogprob())
+            continue
+        top = [pb.TopLogprob(token_id=alt.token_id, text=alt.text, logprob=alt.logprob) for alt in entry.top]
+        messages.append(pb.TokenLogprob(token_id=entry.token_id, text=entry.text, logprob=entry.logprob, top=top))
+    return messages
 
 
 def model_info(info: EngineInfo) -> pb.ModelInfo:

@@ -109,7 +109,7 @@ class RaplReader:
                 self._last[folder] = self._read_uj(folder)
                 self._domains.append((folder, wrap))
             except (OSError, ValueError) as exc:
-                self.why_unavailable = f"RAPL at {folder} is not readable ({exc.strerror or exc})"
+                self.why_unavailable = f"RAPL at {folder} is not readable ({getattr(exc, 'strerror', None) or exc})"
         if not self._domains and not self.why_unavailable:
             self.why_unavailable = f"no RAPL package domain under {root} (virtual machine or non-Intel/AMD CPU)"
 

@@ -86,7 +86,8 @@ def _refusing(handler, method: str, reason: str, count: Count):
 def _reading(handler, method: str, count: Count):
     parse = handler.request_deserializer
     owner = getattr(parse, "__self__", None)  # the message class whose FromString this is
-    expected = owner.DESCRIPTOR.full_name if hasattr(owner, "DESCRIPTOR") else "request"
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    expected = descriptor.full_name if descriptor is not None else "request"
 
     def safe_parse(raw: bytes):
         try:

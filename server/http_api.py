@@ -34,9 +34,6 @@ class FieldError(InvalidRequest):
 _NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
     "n": (1,),
     "best_of": (1,),
-    "echo": (False,),
-    "logprobs": (False,),  # completions: null; chat: false
-    "top_logprobs": (0,),
     "frequency_penalty": (0, 0.0),
     "presence_penalty": (0, 0.0),
     "logit_bias": ({},),
@@ -49,9 +46,6 @@ _NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
 _WHY_NOT = {
     "n": "one choice per request",
     "best_of": "one choice per request",
-    "echo": "the prompt is not echoed",
-    "logprobs": "no log-probabilities are returned",
-    "top_logprobs": "no log-probabilities are returned",
     "suffix": "no insertion after a suffix",
     "tools": "no tool calling",
     "tool_choice": "no tool calling",
@@ -71,8 +65,14 @@ _COMMON = {
     "ignore_eos",
     "user",  # an end-user id for the caller's own abuse tracking: nothing to do with generation
 }
-COMPLETION_FIELDS = frozenset(_COMMON | {"prompt"} | _NO_OP_VALUES.keys() - {"tools", "tool_choice", "top_logprobs"})
-CHAT_FIELDS = frozenset(_COMMON | {"messages", "max_completion_tokens"} | _NO_OP_VALUES.keys() - {"echo", "suffix"})
+COMPLETION_FIELDS = frozenset(
+    _COMMON | {"prompt", "echo", "logprobs"} | _NO_OP_VALUES.keys() - {"tools", "tool_choice"}
+)
+CHAT_FIELDS = frozenset(
+    _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"} | _NO_OP_VALUES.keys() - {"suffix"}
+)
+MAX_LOGPROBS = 20  # OpenAI's and vLLM's bound on alternatives per token
+MAX_PROMPTS = 64  # prompts in one completions request; each one is a request to the engine
 # What our SamplingParams' fields are called in an OpenAI body, for the ``param`` of a refused value.
 _HTTP_NAME = {"max_new_tokens": "max_tokens"}
 _SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
@@ -81,16 +81,26 @@ _ROLE_ALIASES = {"developer": "system"}
 _MESSAGE_KEYS = {"role", "content", "name"}
 
 
+# A prompt as the engine takes it: text, token ids, or (chat) a Conversation.
+Prompt = str | tuple[int, ...] | Conversation
+
+
 @dataclass(frozen=True)
 class GenerateCall:
-    """One parsed /v1/completions or /v1/chat/completions request."""
+    """One parsed /v1/completions or /v1/chat/completions request: one choice per prompt."""
 
-    prompt: str  # a Conversation for chat
+    prompts: tuple[Prompt, ...]
     params: SamplingParams
     chat: bool
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk with the usage
     continuous_usage: bool  # stream_options.continuous_usage_stats (vLLM's): usage on every chunk
+    echo: bool = False  # completions: the prompt (text, and log-probabilities if asked) comes first
+    logprobs: int | None = None  # alternatives per token in the answer; None: no log-probabilities
+
+    @property
+    def prompt(self) -> Prompt:
+        return self.prompts[0]
 
 
 def parse_json(raw: bytes) -> dict:
@@ -168,25 +178,50 @@ def parse_generate(body: dict, served_model: str, chat: bool) -> GenerateCall:
             given, default = _shown(body[name]), json.dumps(no_op[0])
             raise FieldError(name, f"{name}={given} is not supported{why}; leave it out or send {default}")
     check_model(body.get("model"), served_model)
-    stream = _typed(body, "stream", bool, False)
+    stream = typed(body, "stream", bool, False)
     options = body.get("stream_options")
     if options is not None and not stream:
         raise FieldError("stream_options", "stream_options is only allowed with stream=true")
-    options = _typed(body, "stream_options", dict, {})
+    options = typed(body, "stream_options", dict, {})
     for key in options:
         if key not in ("include_usage", "continuous_usage_stats"):
             raise FieldError(f"stream_options.{key}", f"unsupported field 'stream_options.{key}'")
-    include_usage = _typed(options, "include_usage", bool, False, "stream_options.")
-    continuous = _typed(options, "continuous_usage_stats", bool, False, "stream_options.")
-    prompt = _conversation(body) if chat else _prompt_text(body)
+    include_usage = typed(options, "include_usage", bool, False, "stream_options.")
+    continuous = typed(options, "continuous_usage_stats", bool, False, "stream_options.")
+    prompts = (conversation(body),) if chat else _prompts(body)
+    if stream and len(prompts) > 1:
+        raise FieldError("prompt", f"stream=true takes one prompt, got {len(prompts)}; send them one request each")
+    echo = False if chat else typed(body, "echo", bool, False)
+    logprobs = _chat_logprobs(body) if chat else _completion_logprobs(body)
     return GenerateCall(
-        prompt=prompt,
-        params=sampling_params(body, chat),
+        prompts=prompts,
+        params=sampling_params(body, chat, echo, logprobs),
         chat=chat,
         stream=stream,
         include_usage=include_usage or continuous,
         continuous_usage=continuous,
+        echo=echo,
+        logprobs=logprobs,
     )
+
+
+def _completion_logprobs(body: dict) -> int | None:
+    # OpenAI's legacy field: how many alternatives per token (0: the chosen token's only).
+    logprobs = typed(body, "logprobs", int)
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        raise FieldError("logprobs", f"logprobs must be between 0 and {MAX_LOGPROBS}, got {logprobs}")
+    return logprobs
+
+
+def _chat_logprobs(body: dict) -> int | None:
+    # Chat's: logprobs=true, and top_logprobs alternatives per token beside it.
+    wanted = typed(body, "logprobs", bool, False)
+    top = typed(body, "top_logprobs", int)
+    if top is not None and not 0 <= top <= MAX_LOGPROBS:
+        raise FieldError("top_logprobs", f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {top}")
+    if top and not wanted:
+        raise FieldError("top_logprobs", "top_logprobs needs logprobs=true")
+    return (top or 0) if wanted else None
 
 
 def http_param(field: str | None) -> str | None:
@@ -202,26 +237,31 @@ def check_model(name: object, served_model: str) -> None:
         raise FieldError("model", f"the model {name!r} does not exist; this server serves {served_model!r}")
 
 
-def sampling_params(body: dict, chat: bool) -> SamplingParams:
+def sampling_params(body: dict, chat: bool, echo: bool = False, logprobs: int | None = None) -> SamplingParams:
     """Absent fields take SamplingParams' own defaults, as gRPC's unset fields do."""
     given: dict[str, Any] = {}
     limit_name = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
     if limit_name in body:
-        given["max_new_tokens"] = _typed(body, limit_name, int)
+        given["max_new_tokens"] = typed(body, limit_name, int)
+    if logprobs is not None:
+        given["logprobs"] = logprobs
+    if echo and (logprobs is not None or given.get("max_new_tokens") == 0):
+        # The prompt's own log-probabilities; with max_tokens 0 they are all there is (scoring).
+        given["prompt_logprobs"] = logprobs or 0
     for name in ("temperature", "top_p", "repetition_penalty"):
         if name in body:
             try:
-                given[name] = float(_typed(body, name, float))
+                given[name] = float(typed(body, name, float))
             except OverflowError:  # an integer of hundreds of digits
                 raise FieldError(name, f"{name} is out of range, got {_shown(body[name])}") from None
     if "top_k" in body:
         # vLLM's "off" is -1 (also accepted here, as vLLM accepts it); ours is 0.
-        top_k = _typed(body, "top_k", int)
+        top_k = typed(body, "top_k", int)
         given["top_k"] = 0 if top_k == -1 else top_k
     if "seed" in body:
-        given["seed"] = _typed(body, "seed", int)
+        given["seed"] = typed(body, "seed", int)
     if "ignore_eos" in body:
-        given["ignore_eos"] = _typed(body, "ignore_eos", bool)
+        given["ignore_eos"] = typed(body, "ignore_eos", bool)
     if "stop" in body:
         stop = body["stop"]
         stop = [stop] if isinstance(stop, str) else stop
@@ -233,24 +273,43 @@ def sampling_params(body: dict, chat: bool) -> SamplingParams:
     except InvalidRequest as exc:
         # The message is SamplingParams' own, word for word as gRPC gives it; only the param is added.
         first_word = re.match(r"\w+", str(exc))
-        name = first_word.group(0) if first_word and first_word.group(0) in _SAMPLING_FIELDS else None
-        if name is None:
+        named = first_word.group(0) if first_word and first_word.group(0) in _SAMPLING_FIELDS else None
+        if named is None:
             raise
-        raise FieldError(limit_name if name == "max_new_tokens" else _HTTP_NAME.get(name, name), str(exc)) from None
+        raise FieldError(limit_name if named == "max_new_tokens" else _HTTP_NAME.get(named, named), str(exc)) from None
 
 
-def _prompt_text(body: dict) -> str:
+def _prompts(body: dict) -> tuple[str | tuple[int, ...], ...]:
+    """OpenAI's four shapes: a string, a list of strings, a list of token ids, a list of such lists."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]  # a list of one text is the same request
-    if isinstance(prompt, list):
-        raise FieldError("prompt", "prompt must be one string: token ids and several prompts are not supported")
-    if not isinstance(prompt, str):
-        raise FieldError("prompt", "prompt is required and must be a string")
-    return prompt
+    if isinstance(prompt, str):
+        return (prompt,)
+    if not isinstance(prompt, list) or not prompt:
+        raise FieldError(
+            "prompt", "prompt is required: a string, a list of strings, a list of token ids, or a list of those lists"
+        )
+    if all(_is_token_id(item) for item in prompt):
+        return (tuple(prompt),)
+    if len(prompt) > MAX_PROMPTS:
+        raise FieldError("prompt", f"at most {MAX_PROMPTS} prompts in one request, got {len(prompt)}")
+    prompts: list[str | tuple[int, ...]] = []
+    for index, item in enumerate(prompt):
+        if isinstance(item, str):
+            prompts.append(item)
+        elif isinstance(item, list) and item and all(_is_token_id(token) for token in item):
+            prompts.append(tuple(item))
+        else:
+            raise FieldError(
+                f"prompt[{index}]", f"prompt[{index}] must be a string or a non-empty list of token ids (integers >= 0)"
+            )
+    return tuple(prompts)
 
 
-def _conversation(body: dict) -> Conversation:
+def _is_token_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def conversation(body: dict) -> Conversation:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise FieldError("messages", "messages is required: a list of {role, content} objects")
@@ -290,7 +349,7 @@ def _content_text(content: object, where: str) -> str:
     raise FieldError(f"{where}.content", f"{where}.content must be a string or a list of text parts")
 
 
-def _typed(body: dict, name: str, kind: type, default: Any = None, prefix: str = "") -> Any:
+def typed(body: dict, name: str, kind: type, default: Any = None, prefix: str = "") -> Any:
     if name not in body or body[name] is None:
         return default
     value = body[name]
@@ -334,18 +393,31 @@ def response_id(request_id: str, chat: bool) -> str:
     return f"{'chatcmpl' if chat else 'cmpl'}-{request_id}"
 
 
-def completion(request_id: str, model: str, chat: bool, text: str, finish: str | None, usage_: dict) -> dict:
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None}
-    choice["finish_reason"] = finish_reason(finish)
+@dataclass(frozen=True)
+class Choice:
+    """One prompt's answer: its text (the echo included), how it ended, its log-probabilities."""
+
+    text: str
+    finish: str | None
+    logprobs: dict | None = None
+
+
+def completion(request_id: str, model: str, chat: bool, choices: list[Choice], usage_: dict) -> dict:
+    bodies = []
+    for index, choice in enumerate(choices):
+        if chat:
+            body = {"index": index, "message": {"role": "assistant", "content": choice.text}}
+        else:
+            body = {"index": index, "text": choice.text}
+        body["logprobs"] = choice.logprobs
+        body["finish_reason"] = finish_reason(choice.finish)
+        bodies.append(body)
     return {
         "id": response_id(request_id, chat),
         "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [choice],
+        "choices": bodies,
         "usage": usage_,
     }
 
@@ -364,17 +436,17 @@ class ChunkWriter:
         }
         self._role_sent = False
 
-    def chunk(self, text: str, finish: str | None, usage_: dict | None) -> bytes:
+    def chunk(self, text: str, finish: str | None, usage_: dict | None, logprobs: dict | None = None) -> bytes:
         if self._chat:
             delta = {"content": text} if text or finish is None else {}
             if not self._role_sent:
                 delta = {"role": "assistant", **delta}  # the first chunk names the speaker, as OpenAI's does
                 self._role_sent = True
-            choice = {"index": 0, "delta": delta, "logprobs": None}
+            choice: dict[str, object] = {"index": 0, "delta": delta, "logprobs": logprobs}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None}
+            choice = {"index": 0, "text": text, "logprobs": logprobs}
         choice["finish_reason"] = finish_reason(finish)
-        body = {**self._head, "choices": [choice]}
+        body: dict[str, object] = {**self._head, "choices": [choice]}
         if self._call.include_usage:
             body["usage"] = usage_ if self._call.continuous_usage else None
         return event(body)

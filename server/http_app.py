@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any, cast
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -31,8 +32,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from . import http_tokens
 from .auth import TokenAuth
 from .calls import CANCELLED, MAX_REQUEST_ID_CHARS, CallFailed, Calls, forget_traceback
+from .http_answer import Answer
 from .http_api import (
     DONE,
     ChunkWriter,
@@ -54,8 +57,9 @@ API = "http"
 REQUEST_ID_HEADER = "x-request-id"
 # The ``method`` label of each route in yayi_requests_total: a fixed set, never the raw path.
 COMPLETIONS, CHAT, MODELS = "/v1/completions", "/v1/chat/completions", "/v1/models"
+TOKENIZE, DETOKENIZE, TOKENIZER_INFO = "/tokenize", "/detokenize", "/tokenizer_info"
 HEALTH = "/health"
-ROUTES = (COMPLETIONS, CHAT, MODELS)
+ROUTES = (COMPLETIONS, CHAT, MODELS, TOKENIZE, DETOKENIZE, TOKENIZER_INFO)
 UNAVAILABLE = "UNAVAILABLE"
 ENDED = "the server is shutting down and its grace period (--grace-period) is over; retry on another replica"
 
@@ -89,8 +93,12 @@ class HttpFrontEnd:
                 Route(MODELS, self.models, methods=["GET"]),
                 Route(COMPLETIONS, self.completions, methods=["POST"]),
                 Route(CHAT, self.chat_completions, methods=["POST"]),
+                Route(TOKENIZE, self.tokenize, methods=["POST"]),
+                Route(DETOKENIZE, self.detokenize, methods=["POST"]),
+                Route(TOKENIZER_INFO, self.tokenizer_info, methods=["GET"]),
             ],
-            exception_handlers={HTTPException: _http_exception, Exception: _internal},
+            # Starlette's type for this dict admits only handlers of Exception itself.
+            exception_handlers=cast(dict[Any, Any], {HTTPException: _http_exception, Exception: _internal}),
         )
 
     # ---- the ASGI app: the in-flight bound around the routes ----------------------------------
@@ -167,6 +175,42 @@ class HttpFrontEnd:
         }
         return JSONResponse({"object": "list", "data": [card]})
 
+    async def tokenize(self, request: Request) -> Response:
+        def answer(body: dict) -> dict:
+            info = self._calls.engine.info()
+            return http_tokens.tokenize(body, self.served_model, self._calls.engine.tokenizer, info.max_context)
+
+        return await self._tokenizer_call(request, TOKENIZE, answer)
+
+    async def detokenize(self, request: Request) -> Response:
+        def answer(body: dict) -> dict:
+            info = self._calls.engine.info()
+            return http_tokens.detokenize(body, self.served_model, self._calls.engine.tokenizer, info.vocab_size)
+
+        return await self._tokenizer_call(request, DETOKENIZE, answer)
+
+    async def tokenizer_info(self, request: Request) -> Response:
+        return await self._tokenizer_call(
+            request, TOKENIZER_INFO, lambda body: http_tokens.tokenizer_info(self._calls.engine.tokenizer)
+        )
+
+    async def _tokenizer_call(self, request: Request, method: str, answer) -> Response:
+        """A tokenizer route: the same gate, body bound, count and error shape as the others."""
+        refusal = self._refusal(request, method)
+        if refusal is not None:
+            return refusal
+        raw = b"{}" if request.method == "GET" else await self._read_body(request, method, {})
+        if isinstance(raw, Response):
+            return raw
+        try:
+            async with self._calls.call(self._metrics.recorder(method, api=API, generates=False)):
+                self._calls.require_accepting()
+                body = parse_json(raw)
+                result = await asyncio.to_thread(answer, body)
+        except CallFailed as failure:
+            return _error(failure)
+        return JSONResponse(result)
+
     async def completions(self, request: Request) -> Response:
         return await self._generate(request, COMPLETIONS, chat=False)
 
@@ -186,7 +230,7 @@ class HttpFrontEnd:
         if isinstance(raw, Response):
             return raw
         recorder = self._metrics.recorder(method, api=API)
-        events = self._events(raw, given_id, chat, recorder, headers)
+        events = self._events(raw, given_id, method, recorder, headers)
         try:
             # The first event is made before any header is sent, so a refusal (bad input, a full
             # queue) is a real HTTP status and not an error inside a 200 stream.
@@ -203,31 +247,34 @@ class HttpFrontEnd:
             return JSONResponse(first, headers=headers)
         return EventStream(first, events, headers, self._stall_timeout_s, self._work, self._cut_event)
 
-    async def _events(self, raw: bytes, given_id: str, chat: bool, recorder: RequestRecorder, headers: dict):
+    async def _events(self, raw: bytes, given_id: str, method: str, recorder: RequestRecorder, headers: dict):
         """The whole call: a completion dict (not streamed) or the stream's events, as bytes."""
         started = False
         writer: ChunkWriter | None = None
-        last = None
+        answer: Answer | None = None
         try:
             async with (
                 self._calls.call(recorder, cancelled_status=self._cancelled_status),
                 self._calls.claim_request_id(given_id) as request_id,
             ):
                 headers[REQUEST_ID_HEADER] = request_id
-                call = parse_generate(parse_json(raw), self.served_model, chat)
-                outputs = self._calls.outputs(call.prompt, call.params, request_id, recorder, use_chat_template=chat)
+                call = parse_generate(parse_json(raw), self.served_model, chat=method == CHAT)
+                if not call.stream:
+                    yield await self._whole(call, request_id, method, recorder)
+                    return
+                writer = ChunkWriter(request_id, self.served_model, call)
+                answer = Answer(call, call.prompt, self._calls.engine.tokenizer)
+                outputs = self._calls.outputs(
+                    call.prompt, call.params, request_id, recorder, use_chat_template=call.chat
+                )
                 async with contextlib.aclosing(outputs):
-                    if not call.stream:
-                        yield await self._whole(outputs, request_id, call)
-                        return
-                    writer = ChunkWriter(request_id, self.served_model, call)
                     async for output in outputs:
-                        last = output
+                        text, logprobs = await answer.add(output)
                         # One event per new piece of text; tokens whose text is held back ride along later.
-                        if not output.text and output.finish_reason is None:
+                        if not text and output.finish_reason is None and not (logprobs and _has_tokens(logprobs)):
                             continue
                         yield writer.chunk(
-                            output.text, output.finish_reason, usage(output.prompt_tokens, output.completion_tokens)
+                            text, output.finish_reason, usage(output.prompt_tokens, output.completion_tokens), logprobs
                         )
                         started = True
         except CallFailed as failure:
@@ -237,26 +284,44 @@ class HttpFrontEnd:
             yield _error_event(failure.status, failure.message, _param(failure))
             return
         # Counted OK by now: the usage and [DONE] are sent after the count, as gRPC's status is.
-        yield writer.end(usage(last.prompt_tokens, last.completion_tokens) if last else None)
+        yield writer.end(usage(answer.prompt_tokens, answer.completion_tokens) if answer else None)
 
-    def _cut_event(self) -> bytes | None:
-        """What a stream ends with when its work was stopped under it: the error, if the server stopped it."""
-        return _error_event(UNAVAILABLE, ENDED) if self._ending else None
+    async def _whole(self, call: GenerateCall, request_id: str, method: str, recorder: RequestRecorder) -> dict:
+        """Every prompt's answer at once: each prompt is its own engine request, counted as one,
+        and they run side by side, so a batching engine batches them."""
+        tokenizer = self._calls.engine.tokenizer
 
-    async def _whole(self, outputs, request_id: str, call: GenerateCall) -> dict:
-        parts: list[str] = []
-        last = None
-        async for output in outputs:
-            parts.append(output.text)
-            last = output
+        async def answer(prompt, engine_id: str, recorder: RequestRecorder) -> Answer:
+            built = Answer(call, prompt, tokenizer)
+            outputs = self._calls.outputs(prompt, call.params, engine_id, recorder, use_chat_template=call.chat)
+            async with contextlib.aclosing(outputs):
+                async for output in outputs:
+                    await built.add(output)
+            return built
+
+        async def counted(index: int, prompt) -> Answer:
+            own = self._metrics.recorder(method, api=API)
+            async with self._calls.call(own, cancelled_status=self._cancelled_status):
+                return await answer(prompt, f"{request_id}-{index}", own)
+
+        tasks = [asyncio.ensure_future(answer(call.prompts[0], request_id, recorder))]
+        tasks += [asyncio.ensure_future(counted(index, prompt)) for index, prompt in enumerate(call.prompts[1:], 1)]
+        try:
+            answers = await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()  # one prompt failed (or the call was cancelled): the others stop too
         return completion(
             request_id,
             self.served_model,
             call.chat,
-            "".join(parts),
-            last.finish_reason,
-            usage(last.prompt_tokens, last.completion_tokens),
+            [built.choice() for built in answers],
+            usage(sum(built.prompt_tokens for built in answers), sum(built.completion_tokens for built in answers)),
         )
+
+    def _cut_event(self) -> bytes | None:
+        """What a stream ends with when its work was stopped under it: the error, if the server stopped it."""
+        return _error_event(UNAVAILABLE, ENDED) if self._ending else None
 
     # ---- before the shared path ---------------------------------------------------------------
 
@@ -316,6 +381,10 @@ def _error(failure: CallFailed, headers: dict | None = None) -> JSONResponse:
     status, body = error_body(failure.status, failure.message, _param(failure))
     forget_traceback(failure)
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _has_tokens(logprobs: dict) -> bool:
+    return bool(logprobs.get("tokens") or logprobs.get("content"))
 
 
 def _error_event(status: str, message: str, param: str | None = None) -> bytes:

@@ -81,7 +81,7 @@ class GuardedH11Protocol(H11Protocol):
         super().__init__(*args, **kwargs)
         self._head_timer: asyncio.TimerHandle | None = None  # armed while a request head is awaited
         self._head_bytes = 0
-        self._cycle_before_head = None
+        self._cycle_before_head: object = None  # the request cycle before the awaited head arrives
         self._discarding = False  # refused: what still arrives is read and dropped until the close
 
     @property

@@ -94,7 +94,7 @@ class ServerMetrics:
             Gauge, "yayi_torch_memory_peak_allocated_bytes", "torch's CUDA allocator: peak allocated", device
         )
         self._peak_seen: dict[str, float] = {}
-        self._http = None
+        self._http: MetricsHTTPServer | None = None
 
     def watch_load(self, load: Callable[[], EngineLoad]) -> None:
         # Read at scrape time, so the gauges are never stale and cost nothing between scrapes.
@@ -184,7 +184,7 @@ class RequestRecorder:
             self._m._ttft.labels(**labels).observe(now - self.arrived)
         else:
             # Several tokens in one output (batched engines) share the gap evenly.
-            gap = (now - self.last_token_at) / new_tokens
+            gap = (now - (self.last_token_at or now)) / new_tokens
             itl = self._m._itl.labels(**labels)
             for _ in range(new_tokens):
                 itl.observe(gap)

@@ -40,13 +40,18 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         async with self._guard(context, recorder), self._calls.claim_request_id(request.request_id) as request_id:
             text_parts: list[str] = []
             token_ids: list[int] = []
+            logprobs: list = []
+            prompt_logprobs = None
             last = None
             outputs = self._outputs(request, request_id, recorder)
             async with contextlib.aclosing(outputs):
                 async for output in outputs:
                     text_parts.append(output.text)
                     token_ids.extend(output.token_ids)
+                    logprobs.extend(output.logprobs)
+                    prompt_logprobs = prompt_logprobs or output.prompt_logprobs
                     last = output
+            assert last is not None  # every generation ends with an output that carries its finish
             return pb.GenerateResponse(
                 request_id=request_id,
                 text="".join(text_parts),
@@ -55,6 +60,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 usage=_usage(last),
                 ttft_ms=recorder.ttft_ms,
                 e2e_ms=recorder.e2e_ms,
+                logprobs=convert.token_logprobs(logprobs),
+                prompt_logprobs=convert.token_logprobs(prompt_logprobs or ()),
             )
 
     async def GenerateStream(self, request: pb.GenerateRequest, context) -> None:
@@ -63,18 +70,29 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         recorder = self._metrics.recorder("GenerateStream")
         async with self._guard(context, recorder), self._calls.claim_request_id(request.request_id) as request_id:
             held_ids: list[int] = []
+            held_logprobs: list = []
+            prompt_logprobs = None
             outputs = self._outputs(request, request_id, recorder)
             async with contextlib.aclosing(outputs):
                 async for output in outputs:
                     held_ids.extend(output.token_ids)
-                    # One chunk per new piece of text: tokens whose text is held back ride along later.
+                    held_logprobs.extend(output.logprobs)
+                    prompt_logprobs = prompt_logprobs or output.prompt_logprobs
+                    # One chunk per new piece of text: tokens whose text is held back ride along later
+                    # (the prompt's log-probabilities ride on the first chunk).
                     if not output.text and output.finish_reason is None:
                         continue
-                    chunk = pb.GenerateChunk(request_id=request_id, text=output.text, token_ids=held_ids)
+                    chunk = pb.GenerateChunk(
+                        request_id=request_id,
+                        text=output.text,
+                        token_ids=held_ids,
+                        logprobs=convert.token_logprobs(held_logprobs),
+                        prompt_logprobs=convert.token_logprobs(prompt_logprobs or ()),
+                    )
                     if output.finish_reason is not None:
                         chunk.finish_reason = output.finish_reason
                         chunk.usage.CopyFrom(_usage(output))
-                    held_ids = []
+                    held_ids, held_logprobs, prompt_logprobs = [], [], ()
                     await self._write(context, chunk)
 
     async def _write(self, context, chunk: pb.GenerateChunk) -> None:
