@@ -98,9 +98,8 @@ def check_against_model(params: SamplingParams, prompt_tokens: int, max_context:
             field="prompt",
         )
     if prompt_tokens + params.max_new_tokens > max_context:
-        # Worded without the field's name: gRPC calls it max_new_tokens, HTTP max_tokens.
         raise InvalidRequest(
-            f"{params.max_new_tokens} new tokens after a {prompt_tokens}-token prompt exceed the "
+            f"max_new_tokens={params.max_new_tokens} with a {prompt_tokens}-token prompt exceeds the "
             f"model's context of {max_context} tokens; ask for at most {max_context - prompt_tokens}",
             field="max_new_tokens",
         )

@@ -281,7 +281,7 @@ class HttpFrontEnd:
             if not started or failure.stalled:
                 raise  # before the first event: a real HTTP status; stalled: nobody reads anything more
             # Mid-stream, the status line has gone: the error travels as an event, as vLLM sends it.
-            yield _error_event(failure.status, failure.message, _param(failure))
+            yield _error_event(failure.status, _message(failure), _param(failure))
             return
         # Counted OK by now: the usage and [DONE] are sent after the count, as gRPC's status is.
         yield writer.end(usage(answer.prompt_tokens, answer.completion_tokens) if answer else None)
@@ -377,8 +377,16 @@ def _param(failure: CallFailed) -> str | None:
     return http_param(failure.field)
 
 
+def _message(failure: CallFailed) -> str:
+    """The message with the field named as an OpenAI body names it (max_new_tokens is max_tokens here)."""
+    param = _param(failure)
+    if failure.field and param and param != failure.field:
+        return failure.message.replace(failure.field, param)
+    return failure.message
+
+
 def _error(failure: CallFailed, headers: dict | None = None) -> JSONResponse:
-    status, body = error_body(failure.status, failure.message, _param(failure))
+    status, body = error_body(failure.status, _message(failure), _param(failure))
     forget_traceback(failure)
     return JSONResponse(body, status_code=status, headers=headers)
 
