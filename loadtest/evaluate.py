@@ -372,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     server = ServerProcess(*serve).wait_ready(900)
     try:
         info = server.stub.GetModelInfo(pb.ModelInfoRequest(), timeout=30)
+        report.device = info.device  # the machine line names the device that really ran (a GPU's name)
         model_name = served_model(server.http_url)
         from transformers import AutoTokenizer
 
@@ -496,6 +497,8 @@ def write_report(report: Report, args, outcome: Outcome) -> int:
             ],
             headers={"wall_s": "wall time (s)"},
             title="Wall time of each run",
+            note="Each from lm-eval's start to its results: its set-up (tokenizer, tasks) included, and for "
+            "the in-process run the model's loading; the server's start-up is not.",
         )
         report.table(
             "server",
