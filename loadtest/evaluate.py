@@ -166,6 +166,43 @@ def blocked_tasks(output_types: dict[str, str], support: Support, tokenized: boo
     return blocked
 
 
+def context(info) -> int:
+    return info.max_context or 2048  # lm-eval's own default where a server reports none
+
+
+def local_completions_args(
+    http_url: str,
+    model_name: str,
+    folder: Path,
+    info,
+    tokenized: bool = True,
+    num_concurrent: int = 1,
+    tokenizer_backend: str = "huggingface",
+) -> dict:
+    """lm-eval's ``local-completions`` against our server, its defaults kept but two: the tokenizer
+    backend is named (its "auto" picks /tokenize when the server has it, so a run's tokenizer
+    would depend on the server), and max_length is the server's context, not lm-eval's 2048."""
+    model_args = {
+        "model": model_name,
+        "base_url": f"{http_url}/v1/completions",
+        "tokenizer_backend": tokenizer_backend,
+        "tokenized_requests": tokenized,
+        "num_concurrent": num_concurrent,
+        "max_length": context(info),
+    }
+    if tokenizer_backend == "huggingface":
+        model_args["tokenizer"] = str(folder)
+    return model_args
+
+
+def hf_args(folder: Path, info) -> dict:
+    """lm-eval's in-process ``hf`` model on the weights, dtype and device the server reported.
+    lm-eval's hf model scores windows of max_length tokens where its API model scores
+    max_length - 2 (one kept for the generated token, one for context), so this keeps their
+    rolling windows identical."""
+    return {"pretrained": str(folder), "dtype": info.dtype, "device": info.device, "max_length": context(info) - 2}
+
+
 def run_lm_eval(model: str, model_args: dict, tasks: list[str], args, manager) -> tuple[dict, float]:
     from lm_eval import simple_evaluate
 
@@ -381,19 +418,13 @@ def main(argv: list[str] | None = None) -> int:
         tokenized = {"true": True, "false": False}.get(args.tokenized_requests, support.token_ids)
         blocked = blocked_tasks(output_types, support, tokenized)
         runnable = [t for t in output_types if t not in blocked]
-        max_length = info.max_context or 2048
-        api_args = {
-            "model": model_name,
-            "base_url": f"{server.http_url}/v1/completions",
-            "tokenizer_backend": args.tokenizer_backend,
-            "tokenized_requests": tokenized,
-            "num_concurrent": args.num_concurrent,
-            "max_length": max_length,
-        }
-        if args.tokenizer_backend == "huggingface":
-            api_args["tokenizer"] = str(folder)
+        api_args = local_completions_args(
+            server.http_url, model_name, folder, info, tokenized, args.num_concurrent, args.tokenizer_backend
+        )
         outcome = Outcome(info, support, tokenized, blocked, api_args)
-        print(f"# server: {info.engine} {info.model} {info.dtype} on {info.device}, context {max_length}", flush=True)
+        print(
+            f"# server: {info.engine} {info.model} {info.dtype} on {info.device}, context {context(info)}", flush=True
+        )
         print(f"# support: {support}", flush=True)
         for task, why in blocked.items():
             print(f"# blocked: {task}: {why}", flush=True)
@@ -420,15 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         (raw / "server.log").write_text("\n".join(server.lines) + "\n")
 
     if runnable and not args.skip_in_process:
-        # The same weights, dtype and device as the server chose. lm-eval's hf model scores windows
-        # of max_length tokens where the API model scores max_length - 2 (one for the generated
-        # token, one for context), so this keeps their rolling windows identical.
-        outcome.hf_args = {
-            "pretrained": str(folder),
-            "dtype": info.dtype,
-            "device": info.device,
-            "max_length": max_length - 2,
-        }
+        outcome.hf_args = hf_args(folder, info)
         print(f"# in-process: lm-eval hf {outcome.hf_args}", flush=True)
         try:
             outcome.hf_results, outcome.hf_wall = run_lm_eval("hf", outcome.hf_args, tasks, args, manager)

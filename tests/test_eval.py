@@ -1,14 +1,15 @@
-"""make eval: the local lm-eval task set, lm-eval's in-process hf model on it, and the driver end to end.
+"""make eval: the local lm-eval task set, lm-eval's in-process hf model on it, lm-eval through
+each engine's HTTP front end, and the driver end to end.
 
-The driver's runs serve tiny-llama (random weights: the figures mean nothing, the agreement
-between the server and the in-process model is the point).  Its scoring tasks (multiple
-choice, rolling perplexity) need the server to echo the prompt's log-probabilities; the
-driver asks the server once with lm-eval's own request before it runs anything, and the test
-that drives those tasks is skipped, with the server's answer, only while the server refuses it.
+Everything serves tiny-llama (random weights: the figures mean nothing; that the server's
+figures are the in-process model's is the point), over each task's first documents.  lm-eval
+runs unchanged: its ``local-completions`` with its defaults (token-id prompts, echoed
+log-probabilities for the scoring tasks), its ``hf`` model as the reference.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -27,9 +28,14 @@ from loadtest.evaluate import (
     Support,
     blocked_tasks,
     echo_shape_problem,
+    hf_args,
     leaf_output_types,
+    local_completions_args,
+    served_model,
     task_manager,
 )
+from loadtest.server_process import ServerProcess
+from server.wire import pb
 from tests.servers import TINY_KV
 
 LOCAL_TASKS = {
@@ -77,18 +83,38 @@ def test_the_local_task_set_loads_in_lm_eval(offline):
     assert len(mc["choices"]) == 4 and 0 <= mc["label"] < 4
 
 
-def test_lm_eval_in_process_hf_model_on_tiny_llama(offline):
+LIMIT = 4  # documents per task in every run here
+
+
+def lm_eval(model: str, model_args: dict, **options) -> dict:
     from lm_eval import simple_evaluate
 
-    results = simple_evaluate(
-        model="hf",
-        model_args={"pretrained": str(resolve_model("tiny-llama")), "dtype": "float32", "device": "cpu"},
+    options = {"batch_size": 1, **options}
+    return simple_evaluate(
+        model=model,
+        model_args=model_args,
         tasks=[LOCAL_TAG],
         task_manager=task_manager([LOCAL_TAG]),
-        batch_size=1,
-        limit=4,
+        limit=LIMIT,
         bootstrap_iters=0,
+        **options,
     )
+
+
+class TinyInfo:
+    """What GetModelInfo says of tiny-llama on a CPU (the in-process reference needs no server)."""
+
+    dtype, device, max_context = "float32", "cpu", 1024
+
+
+@pytest.fixture(scope="module")
+def hf_reference(offline):
+    """lm-eval's in-process hf model on tiny-llama over the local set's first documents: each engine is held to it."""
+    return lm_eval("hf", hf_args(resolve_model("tiny-llama"), TinyInfo))
+
+
+def test_lm_eval_in_process_hf_model_on_tiny_llama(hf_reference):
+    results = hf_reference
     values = results["results"]
     assert 0 <= values["yayi_docs_mc"]["acc,none"] <= 1
     assert values["yayi_docs_copy"]["exact_match,strip"] == 0  # random weights copy nothing
@@ -160,25 +186,44 @@ def assert_report(out, summary: dict, tasks: set[str]) -> None:
     assert (out / "raw" / "server.log").read_text().strip()
 
 
-def test_driver_generate_until_end_to_end(tmp_path):
-    done, summary = run_driver(tmp_path, "--tasks", "yayi_docs_copy", "--limit", "4")
+def test_driver_end_to_end_on_the_local_set(tmp_path):
+    done, summary = run_driver(tmp_path, "--tasks", LOCAL_TAG, "--limit", str(LIMIT), "--num-concurrent", "4")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert_report(tmp_path, summary, {"yayi_docs_copy"})
+    assert summary["tokenized_requests"] is True  # lm-eval's default: prompts as token ids
+    assert summary["blocked"] == {} and summary["support"]["echo"]
+    assert_report(tmp_path, summary, set(LOCAL_TASKS))
     assert summary["server"]["generation_tokens"] > 0
 
 
-def test_driver_scoring_tasks_end_to_end(tmp_path):
-    # The driver's first act is lm-eval's own echoed request, once; while the server refuses it the
-    # driver names the tasks blocked and runs nothing, and this test says why it cannot go on.
-    done, summary = run_driver(
-        tmp_path, "--tasks", "yayi_docs_mc,yayi_docs_ppl", "--limit", "6", "--num-concurrent", "4"
-    )
-    if not summary["support"]["echo"]:
-        assert done.returncode == 2 and set(summary["blocked"]) == {"yayi_docs_mc", "yayi_docs_ppl"}
-        pytest.skip(
-            "the server does not yet echo the prompt's log-probabilities, which lm-eval's loglikelihood "
-            f"and rolling requests need; it answered: {summary['support']['echo_error']}"
+# hf-cb gets several prompts per request (lm-eval's batch_size: a list of token-id lists, one
+# choice each), vllm several requests at once.
+@pytest.mark.parametrize(
+    "engine, flags, options",
+    [
+        ("hf-cb", (), {"batch_size": 4, "num_concurrent": 2}),
+        ("vllm", ("--enforce-eager", "true"), {"batch_size": 1, "num_concurrent": 4}),
+    ],
+)
+def test_lm_eval_through_each_engine_gives_the_in_process_figures(engine, flags, options, hf_reference):
+    if engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        pytest.skip("vllm is installed by `make venv`; this skip only shows where it is not")
+    server = ServerProcess(
+        "--engine", engine, "--model", "tiny-llama", "--http-port", "0", "--dtype", "float32", *flags
+    ).wait_ready(600)
+    try:
+        info = server.stub.GetModelInfo(pb.ModelInfoRequest(), timeout=30)
+        model_args = local_completions_args(
+            server.http_url,
+            served_model(server.http_url),
+            resolve_model("tiny-llama"),
+            info,
+            num_concurrent=options["num_concurrent"],
         )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert summary["tokenized_requests"] is True  # lm-eval's default: prompts as token ids
-    assert_report(tmp_path, summary, {"yayi_docs_mc", "yayi_docs_ppl"})
+        results = lm_eval("local-completions", model_args, batch_size=options["batch_size"])
+    finally:
+        server.stop()
+    rows = agreement(results, hf_reference)
+    assert {row["task"] for row in rows} == set(LOCAL_TASKS)
+    assert all(row["agree"] for row in rows), [row for row in rows if not row["agree"]]
+    differences = sample_differences(results["samples"], hf_reference["samples"])
+    assert all(d["docs_differing"] == 0 for d in differences), differences
