@@ -1,6 +1,7 @@
 """Inference engines behind one interface; see ``engines.base.Engine``."""
 
 from .base import Engine, EngineConfig, EngineInfo, EngineLoad, GenerationOutput, ScoreResult
+from .logprobs import TokenLogprob, TopLogprob
 from .params import SamplingParams
 from .registry import create_engine, engine_names
 
@@ -12,6 +13,8 @@ __all__ = [
     "GenerationOutput",
     "ScoreResult",
     "SamplingParams",
+    "TokenLogprob",
+    "TopLogprob",
     "create_engine",
     "engine_names",
 ]
