@@ -55,7 +55,7 @@ def _prepared(name: str, build: Callable[[Path], None]) -> Path:
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target.parent / f".{name}.lock"):
+    with file_lock(target.parent / f".{name}.lock"):
         if (target / "config.json").is_file():  # another process built it while we waited
             return target
         log.info("preparing model %s into %s (once)", name, target)
@@ -71,7 +71,7 @@ def _prepared(name: str, build: Callable[[Path], None]) -> Path:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
+def file_lock(path: Path):
     with open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -80,7 +80,7 @@ def _file_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _smollm2_gguf_folder() -> str:
+def smollm2_gguf_folder() -> str:
     # find_spec, not import: the package's own __init__ imports llama_cpp, which is not installed.
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -101,14 +101,14 @@ def _load_smollm2_tokenizer():
 
     if os.environ.get(TOKENIZER_ENV):
         return AutoTokenizer.from_pretrained(os.environ[TOKENIZER_ENV])
-    return AutoTokenizer.from_pretrained(_smollm2_gguf_folder(), gguf_file=SMOLLM2_GGUF)
+    return AutoTokenizer.from_pretrained(smollm2_gguf_folder(), gguf_file=SMOLLM2_GGUF)
 
 
 def _build_smollm2(out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    folder = _smollm2_gguf_folder()
+    folder = smollm2_gguf_folder()
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     # The weights are dequantized on load; without the GGUF quantizer attached, save_pretrained
     # writes them as a plain float32 safetensors checkpoint.
