@@ -52,11 +52,18 @@ venv: $(STAMP)
 model: venv
 	$(BIN)/python -m engines.models $(MODEL)
 
-serve: model
+serve: model $(if $(filter llama-cpp,$(ENGINE)),llama-cpp)
 	$(BIN)/yayi-serve --engine $(ENGINE) --model $(MODEL) --port $(PORT) --metrics-port $(METRICS_PORT) $(SERVE_ARGS)
 
-test: venv prometheus haproxy lint
+test: venv prometheus haproxy llama-cpp lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# llama.cpp's llama-server for the llama-cpp engine, built once from PyPI's llama-cpp-python source
+# into ~/.cache/yayi-serve (about 10 minutes on 2 cores). A failed build fails only this target:
+# `make venv` and the other engines do not depend on it.
+.PHONY: llama-cpp
+llama-cpp: venv
+	scripts/build_llama_cpp.sh $(BIN)/pip
 
 # ruff's lint and format rules are in pyproject.toml ([tool.ruff]); `make format` applies the formatting.
 lint: venv
