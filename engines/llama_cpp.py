@@ -108,7 +108,10 @@ class LlamaCppEngine(Engine):
                 *command, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file
             )
         transport = httpx.AsyncHTTPTransport(uds=str(socket_path))
-        limits = httpx.Limits(max_connections=self._parallel + 4, max_keepalive_connections=self._parallel + 4)
+        # A fresh connection per request: llama-server (cpp-httplib) closes idle keep-alive
+        # connections on its own clock, and a request sent on one it just closed would fail.
+        # On a Unix socket a connection costs microseconds.
+        limits = httpx.Limits(max_connections=self._parallel + 4, max_keepalive_connections=0)
         self._client = httpx.AsyncClient(
             transport=transport, base_url="http://llama-server", timeout=None, limits=limits
         )

@@ -130,3 +130,11 @@ def test_a_dead_llama_server_fails_requests_and_health(loop, started):
     assert not engine.healthy
     with pytest.raises(EngineUnavailable, match="restart"):
         loop.run(collect(engine, "after", SamplingParams(max_new_tokens=2)))
+
+
+def test_a_request_after_llama_servers_keep_alive_ran_out(loop, smol):
+    """llama-server closes idle connections after 5 s; the next request must not land on a closed one."""
+    first = loop.run(collect(smol, "one", SamplingParams(max_new_tokens=2, ignore_eos=True)))
+    time.sleep(6)
+    second = loop.run(collect(smol, "two", SamplingParams(max_new_tokens=2, ignore_eos=True)))
+    assert first[-1].completion_tokens == second[-1].completion_tokens == 2
