@@ -28,6 +28,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .admission import Admission
 from .base import Engine, EngineInfo, EngineLoad, EngineRequest, GenerationOutput
@@ -67,9 +68,9 @@ class LlamaCppEngine(Engine):
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        self._process: asyncio.subprocess.Process | None = None
+        self._process: Any = None  # asyncio.subprocess.Process once started
         self._folder: Path | None = None
-        self._client = None
+        self._client: Any = None  # httpx.AsyncClient, imported when the engine starts
         self._watcher: asyncio.Task | None = None
         self._tokens_held: dict[str, int] = {}
 
@@ -79,7 +80,8 @@ class LlamaCppEngine(Engine):
         import httpx
         from transformers import AutoConfig, AutoTokenizer
 
-        options: LlamaCppOptions = self.options
+        options = self.options
+        assert isinstance(options, LlamaCppOptions)
         if self.config.device not in ("auto", "cpu"):
             raise EngineUnavailable(f"engine llama-cpp is built for the CPU; --device {self.config.device} is not")
         binary = llama_server_binary(options.llama_server)
@@ -222,7 +224,7 @@ class LlamaCppEngine(Engine):
                     completion += len(ids)
                     self._tokens_held[request.request_id] = len(request.prompt_ids) + completion
                     finish = _FINISH.get(chunk.get("stop_type"), "length") if chunk.get("stop") else None
-                    entries = ()
+                    entries: tuple[TokenLogprob, ...] = ()
                     if params.logprobs is not None:
                         entries = _entries(ids, chunk.get("completion_probabilities") or (), params.logprobs)
                     if not ids and finish is None:
