@@ -21,6 +21,7 @@ import gc
 import sys
 import time
 
+from engines import model_facts
 from loadtest.prompts import LOG_SPEED_PROMPTS
 
 
@@ -31,7 +32,7 @@ def generate_batch_tokens_per_s(model_dir, dtype, device, prompts: list[list[int
     from engines.hf_cb import default_cache_plan
     from engines.hf_cb_runtime import paged_implementation
 
-    plan = default_cache_plan(str(model_dir), str(dtype).removeprefix("torch."), str(device), len(prompts))
+    plan = default_cache_plan(str(model_dir), model_facts.dtype_name(dtype), str(device), len(prompts))
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=dtype, attn_implementation=paged_implementation(model_dir, device)
     )
@@ -109,7 +110,7 @@ def run(model: str, device_name: str = "auto", dtype_name: str = "auto", request
     reference = generate_batch_tokens_per_s(
         model_dir, dtype, device, [tokenizer(t).input_ids for t in texts], new_tokens
     )
-    ours, attention = hf_cb_tokens_per_s(model_dir, str(dtype).removeprefix("torch."), device, texts, new_tokens)
+    ours, attention = hf_cb_tokens_per_s(model_dir, model_facts.dtype_name(dtype), device, texts, new_tokens)
     graphs = "with CUDA graphs" if device.type == "cuda" else "no graphs (CPU)"
     return [
         {"what": f"generate_batch, {graphs}", "tokens_per_s": reference},

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from .admission import Admission
 from .base import Engine, EngineInfo, EngineLoad, EngineRequest, GenerationOutput, ScoreResult
 from .errors import EngineOutOfMemory, EngineUnavailable, InvalidRequest
+from .model_facts import dtype_name
 from .options import option
 from .params import SamplingParams
 from .text import IncrementalDetokenizer, StopStringFilter
@@ -108,7 +109,7 @@ class ContinuousBatchingEngine(Engine):
             "hf-cb on %s: %s %s, attention %s, up to %d requests at once, %d tokens per step, context %d",
             runtime.device,
             self.config.model,
-            _dtype_name(runtime.dtype),
+            dtype_name(runtime.dtype),
             runtime.attention,
             self._max_running,
             runtime.max_batch_tokens,
@@ -134,7 +135,7 @@ class ContinuousBatchingEngine(Engine):
         return EngineInfo(
             engine=self.name,
             model=self.config.model,
-            dtype=_dtype_name(runtime.dtype),
+            dtype=dtype_name(runtime.dtype),
             device=str(runtime.device),
             attention=runtime.attention,
             use_cache=True,
@@ -378,7 +379,3 @@ def _monotonic(perf_counter_time: float) -> float | None:
     if perf_counter_time is None or perf_counter_time < 0:
         return None
     return time.monotonic() - (time.perf_counter() - perf_counter_time)
-
-
-def _dtype_name(dtype) -> str:
-    return str(dtype).removeprefix("torch.")

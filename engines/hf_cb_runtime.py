@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from . import hf_attention
+from . import hf_attention, model_facts
 from .errors import EngineUnavailable
 from .hf_model import HFModel, _eos_token_ids, _model_supports_sdpa, resolve_device, resolve_dtype
 from .models import resolve_model
@@ -70,18 +70,10 @@ def plan_cache(
     max_batch_tokens: int | None,
     max_running: int,
 ) -> CachePlan:
-    from transformers.generation.continuous_batching.utils import find_head_dim, find_num_key_value_heads
-
     kind = "cuda" if device.type == "cuda" else "cpu"
-    context = int(getattr(text_config, "max_position_embeddings", 0) or 2048)
+    context = model_facts.context_length(text_config)
     if num_blocks is None:
-        per_token = (
-            2
-            * text_config.num_hidden_layers
-            * find_num_key_value_heads(text_config)
-            * find_head_dim(text_config)
-            * dtype.itemsize
-        )
+        per_token = model_facts.kv_bytes_per_token(text_config, dtype)
         tokens = min(AUTO_KV_CACHE_BYTES[kind] // per_token, max_running * context, AUTO_KV_CACHE_MAX_TOKENS)
         num_blocks = math.ceil(max(tokens, context) / block_size)
     return CachePlan(num_blocks, block_size, max_batch_tokens or AUTO_MAX_BATCH_TOKENS[kind])

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from . import hf_attention, logprobs
+from . import hf_attention, logprobs, model_facts
 from .base import GenerationOutput, ScoreResult
 from .errors import EngineUnavailable, InvalidRequest
 from .params import SamplingParams
@@ -58,7 +58,7 @@ class HFModel:
         self.use_cache = use_cache
         self.implementation = implementation
         config = model.config
-        self.max_context = int(getattr(config, "max_position_embeddings", 0) or 2048)
+        self.max_context = model_facts.context_length(config)
         self.vocab_size = int(config.vocab_size)
         self.eos_ids = _eos_token_ids(model, tokenizer)
         # logits_to_keep=1: only the last position's vocabulary projection is needed, as in
@@ -85,7 +85,7 @@ class HFModel:
 
     @property
     def dtype_name(self) -> str:
-        return str(self.dtype).removeprefix("torch.")
+        return model_facts.dtype_name(self.dtype)
 
     def _probe_attention(self) -> str:
         ids = self.tokenizer(_PROBE_PROMPT, return_tensors="pt").input_ids.to(self.device)

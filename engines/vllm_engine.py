@@ -20,6 +20,7 @@ import os
 import uuid
 from dataclasses import dataclass
 
+from . import model_facts
 from .admission import Admission
 from .base import Engine, EngineInfo, EngineLoad, EngineRequest, GenerationOutput, ScoreResult
 from .errors import EngineUnavailable, InvalidRequest
@@ -30,7 +31,6 @@ from .params import SamplingParams
 
 log = logging.getLogger(__name__)
 
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # vLLM serves up to the model's own context; past this the KV cache of one sequence would
 # not fit the default CPU cache space (1 GiB) for the models here.
 MAX_MODEL_LEN_CAP = 2048
@@ -51,9 +51,9 @@ class VLLMOptions:
     tensor_parallel_size: int = option(1, "GPUs per model replica")
     pipeline_parallel_size: int = option(1, "pipeline stages, across nodes with Ray")
 
-    def max_model_len_for(self, model_limit: int | None) -> int:
-        """The context served: the flag, else the model's own capped at MAX_MODEL_LEN_CAP."""
-        return self.max_model_len or min(MAX_MODEL_LEN_CAP, model_limit or MAX_MODEL_LEN_CAP)
+    def max_model_len_for(self, model_limit: int) -> int:
+        """The context served: the flag, else the model's own (``model_facts.context_length``) capped."""
+        return self.max_model_len or min(MAX_MODEL_LEN_CAP, model_limit)
 
 
 def _scheduler_view_class():
@@ -109,7 +109,7 @@ class VLLMEngine(Engine):
         )
         tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self._path)
         model_config = await asyncio.to_thread(AutoConfig.from_pretrained, self._path)
-        self._max_model_len = options.max_model_len_for(getattr(model_config, "max_position_embeddings", None))
+        self._max_model_len = options.max_model_len_for(model_facts.context_length(model_config))
         if self._device == "cpu":
             self._check_kv_fits(model_config)
             # vLLM's CPU backend sizes its KV cache from this variable (GiB), read in the engine process.
@@ -167,10 +167,7 @@ class VLLMEngine(Engine):
 
     def _check_kv_fits(self, model_config) -> None:
         """Says what vLLM would only say deep in a child process's traceback."""
-        heads = model_config.num_attention_heads
-        kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
-        head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
-        per_token = 2 * model_config.num_hidden_layers * kv_heads * head_dim * _DTYPE_BYTES.get(self._dtype, 4)
+        per_token = model_facts.kv_bytes_per_token(model_config, self._dtype)
         needed_gb = per_token * self._max_model_len / 2**30
         kv_cache_gb = self.options.kv_cache_gb
         if needed_gb > kv_cache_gb:

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engines import model_facts
 from loadtest.machine import cpu_name
 
 
@@ -75,7 +76,7 @@ class ModelShape:
     architecture: str = "llama"  # "llama" (gated MLP, RMSNorm, RoPE) or "bloom" (plain MLP, LayerNorm, ALiBi)
     positions: str = "rope"
     tie_embeddings: bool = False
-    max_context: int = 2048
+    max_context: int = model_facts.DEFAULT_CONTEXT
     reported_params: int | None = None  # what the model card says, to check the count against
     notes: str = field(default="", compare=False)
 
@@ -182,7 +183,7 @@ def shape_from_hf_config(path_or_dict, name: str | None = None) -> ModelShape:
             vocab=config["vocab_size"],
             architecture="bloom",
             tie_embeddings=config.get("tie_word_embeddings", True),
-            max_context=config.get("max_position_embeddings") or config.get("seq_length") or 2048,
+            max_context=model_facts.context_length(config, ("max_position_embeddings", "seq_length")),
             source=origin,
         )
     heads = config["num_attention_heads"]
@@ -196,7 +197,7 @@ def shape_from_hf_config(path_or_dict, name: str | None = None) -> ModelShape:
         intermediate=config["intermediate_size"],
         head_dim=config.get("head_dim"),
         tie_embeddings=config.get("tie_word_embeddings", False),
-        max_context=config.get("max_position_embeddings", 2048),
+        max_context=model_facts.context_length(config),
         source=origin,
     )
 
@@ -330,7 +331,7 @@ def probe_this_machine(
     b = torch.randn(gemm_n, gemm_n, device=device).to(dtype)
     best_gemm, gemms = timed(lambda: torch.mm(a, b))
     flops = 2 * gemm_n**3 / best_gemm
-    dtype_name = str(dtype).removeprefix("torch.")
+    dtype_name = model_facts.dtype_name(dtype)
     if cuda:
         props = torch.cuda.get_device_properties(device)
         name, memory = f"this machine ({props.name}, {dtype_name})", float(props.total_memory)

@@ -400,9 +400,10 @@ class TransformersServeTarget(OutsideServerTarget):
         import torch
 
         from engines.hf_model import resolve_dtype
+        from engines.model_facts import dtype_name
 
         # Our "auto" (float32 on a CPU) named as transformers takes it; its own "auto" is the checkpoint's.
-        dtype = str(resolve_dtype(dtype, torch.device("cpu"))).removeprefix("torch.")
+        dtype = dtype_name(resolve_dtype(dtype, torch.device("cpu")))
         super().__init__(model_path, model_path, dtype, log_path, sample_period)
         self.extra_args = extra_args
 
@@ -515,13 +516,16 @@ def chosen_baselines(choice: list[str] | str, engines: list[str]) -> list[str]:
 
 
 def max_model_len(config: TargetConfig) -> int:
-    """The context both vLLM servers serve: the configured one, else the model's, at most 2048 (as our engine)."""
+    """The context both vLLM servers serve: the configured one, else the model's by our vllm engine's rule."""
     if config.max_model_len:
         return config.max_model_len
     import json
 
+    from engines.model_facts import context_length
+    from engines.vllm_engine import VLLMOptions
+
     model = json.loads((Path(config.model_path) / "config.json").read_text())
-    return min(2048, model.get("max_position_embeddings") or 2048)
+    return VLLMOptions().max_model_len_for(context_length(model))
 
 
 def vllm_engine_args(config: TargetConfig) -> list[str]:
