@@ -36,7 +36,7 @@ from .errors import EngineUnavailable, InvalidRequest
 from .gguf import GGUFModel, llama_server_binary, resolve_gguf
 from .logprobs import TokenLogprob, TopLogprob
 from .options import option
-from .params import SamplingParams
+from .params import GREEDY_BELOW_TEMPERATURE, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,9 @@ def _request_body(request: EngineRequest, context: int) -> dict:
         "cache_prompt": True,
         "temperature": params.temperature,
         "top_p": params.top_p,
-        "top_k": params.top_k,  # 0: off, in llama.cpp as here
+        # 0: off, in llama.cpp as here. Greedy is top_k 1: the same token, and llama.cpp's sampler
+        # chain then never sorts the whole vocabulary of every sequence at every step.
+        "top_k": 1 if params.temperature < GREEDY_BELOW_TEMPERATURE else params.top_k,
         # llama-server's defaults trim by min_p 0.05 and penalise the last 64 tokens only; ours
         # are no min_p and the whole sequence, as transformers and vLLM do.
         "min_p": 0.0,
