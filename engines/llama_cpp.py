@@ -35,12 +35,12 @@ from .base import Engine, EngineInfo, EngineLoad, EngineRequest, GenerationOutpu
 from .errors import EngineUnavailable, InvalidRequest
 from .gguf import GGUFModel, llama_server_binary, resolve_gguf
 from .logprobs import TokenLogprob, TopLogprob
+from .model_facts import DEFAULT_CONTEXT, context_length
 from .options import option
 from .params import GREEDY_BELOW_TEMPERATURE, SamplingParams
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONTEXT = 2048
 START_TIMEOUT_S = 180.0
 # llama-server's stop types to our finish reasons.
 _FINISH = {"eos": "eos", "word": "stop", "limit": "length"}
@@ -92,8 +92,7 @@ class LlamaCppEngine(Engine):
         model_config = await asyncio.to_thread(
             AutoConfig.from_pretrained, self._gguf.tokenizer_folder, gguf_file=self._gguf.tokenizer_gguf
         )
-        model_limit = int(getattr(model_config, "max_position_embeddings", 0) or DEFAULT_CONTEXT)
-        self._context = options.context or min(DEFAULT_CONTEXT, model_limit)
+        self._context = options.context or min(DEFAULT_CONTEXT, context_length(model_config))
         self._parallel = self.config.max_concurrency or options.parallel
         self._threads = options.threads or os.cpu_count() or 1
         self._folder = Path(tempfile.mkdtemp(prefix="yayi-llama-"))  # 0700: only this user reaches the socket
