@@ -25,13 +25,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from . import transformers_compat
 from .admission import Admission
 from .base import Engine, EngineInfo, EngineLoad, EngineRequest, GenerationOutput, ScoreResult
+from .completion import Completion
 from .errors import EngineOutOfMemory, EngineUnavailable, InvalidRequest
 from .model_facts import dtype_name
 from .options import option
 from .params import SamplingParams
-from .text import IncrementalDetokenizer, StopStringFilter
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +243,7 @@ class ContinuousBatchingEngine(Engine):
             # Completion, a stop string, an error, or the consumer gone (cancel, deadline, disconnect).
             if not done_inside:
                 manager.cancel_request(request_id)
-                _drop_handler(manager, request_id)
+                transformers_compat.drop_result_handler(manager, request_id)
             if runtime.samplers is not None:
                 runtime.samplers.remove(sampler_key)
 
@@ -311,67 +312,37 @@ class _TextStream:
     def __init__(self, runtime, request: EngineRequest, sampler=None) -> None:
         self.params = request.params
         self.sampler = sampler  # holds the generated tokens' log-probabilities when they were asked for
-        self.prompt_tokens = len(request.prompt_ids)
-        self.eos_ids = frozenset(runtime.eos_ids)
-        self.count = 0
-        self.detokenizer = IncrementalDetokenizer(lambda ids: runtime.tokenizer.decode(ids, skip_special_tokens=True))
-        self.stops = StopStringFilter(self.params.stop)
+        self.completion = Completion(
+            lambda ids: runtime.tokenizer.decode(ids, skip_special_tokens=True),
+            self.params,
+            runtime.eos_ids,
+            len(request.prompt_ids),
+        )
 
     def advance(self, tokens: list[int], finished: bool) -> GenerationOutput | None:
         """The output for the tokens not seen yet, or None when there are none."""
-        new = tokens[self.count :]
+        first = self.completion.completion_tokens
+        new = tokens[first:]
         if not new:
             return None
-        first = self.count
         pieces, taken, finish = [], [], None
-        for token in new:
-            self.count += 1
+        for index, token in enumerate(new):
             taken.append(token)
-            if token in self.eos_ids and not self.params.ignore_eos:
-                finish = "eos"
-            elif self.count >= self.params.max_new_tokens or (finished and self.count == len(tokens)):
-                finish = "length"
-            piece = self.detokenizer.push(token)
-            if finish is not None:
-                piece += self.detokenizer.flush()
-            text, hit_stop = self.stops.push(piece)
+            # A finished snapshot's last token ends the request, whatever the bound: its ending reads as length.
+            text, finish = self.completion.add(token, last=finished and index == len(new) - 1)
             pieces.append(text)
-            if hit_stop:
-                finish = "stop"
-            elif finish is not None:
-                pieces.append(self.stops.flush())
             if finish is not None:
                 break
         entries = ()
         if self.params.logprobs is not None:
-            entries = tuple(self.sampler.logprobs[first : self.count])
+            entries = tuple(self.sampler.logprobs[first : self.completion.completion_tokens])
             if [entry.token_id for entry in entries] != taken:
                 # The processor's record and the manager's tokens disagree: no values rather than wrong ones.
                 raise RuntimeError(f"hf-cb: log-probabilities recorded for {entries} do not match tokens {taken}")
-        return GenerationOutput(
-            text="".join(pieces),
-            token_ids=tuple(taken),
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.count,
-            finish_reason=finish,
-            logprobs=entries,
-        )
+        return self.completion.output("".join(pieces), tuple(taken), finish, entries)
 
     def cancelled(self) -> GenerationOutput:
-        return GenerationOutput(
-            text="",
-            token_ids=(),
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.count,
-            finish_reason="cancelled",
-        )
-
-
-def _drop_handler(manager, request_id: str) -> None:
-    # The manager drops a handler only when its request finishes; a cancelled one never does.
-    router = manager.output_router
-    with router._lock:
-        router.result_handlers.pop(request_id, None)
+        return self.completion.output("", (), "cancelled")
 
 
 def _monotonic(perf_counter_time: float) -> float | None:

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from . import hf_attention, model_facts
+from . import hf_attention, model_facts, transformers_compat
 from .errors import EngineUnavailable
-from .hf_model import HFModel, _eos_token_ids, _model_supports_sdpa, resolve_device, resolve_dtype
+from .hf_model import HFModel, eos_token_ids, model_supports_sdpa, resolve_device, resolve_dtype
 from .models import resolve_model
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class CBRuntime:
             use_cache=False,
             implementation="eager",
         )
-        eos_ids = sorted(_eos_token_ids(model, tokenizer))
+        eos_ids = sorted(eos_token_ids(model, tokenizer))
 
         graphs = bool(options.cuda_graphs) and device.type == "cuda"
         if options.cuda_graphs and not graphs:
@@ -171,7 +171,7 @@ class CBRuntime:
             samplers=samplers,
             eos_ids=tuple(eos_ids),
             graphs=graphs,
-            implementation=model.config._attn_implementation,
+            implementation=transformers_compat.attn_implementation(model.config),
             block_size=plan.block_size,
             num_blocks=int(cache.num_blocks),
             max_batch_tokens=int(cache.max_batch_tokens),
@@ -305,7 +305,7 @@ def paged_implementation(path: Path, device: torch.device) -> str:
     """The paged attention kernel: flash-attn on CUDA when installed, else SDPA, else eager."""
     if hf_attention.flash_attn_package_usable(device):
         return "flash_attention_2"
-    return "sdpa" if _model_supports_sdpa(path) else "eager"
+    return "sdpa" if model_supports_sdpa(path) else "eager"
 
 
 def _shared_weights_copy(model, implementation: str):

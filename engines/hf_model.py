@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from . import hf_attention, logprobs, model_facts
+from . import hf_attention, logprobs, model_facts, transformers_compat
 from .base import GenerationOutput, ScoreResult
+from .completion import Completion
 from .errors import EngineUnavailable, InvalidRequest
 from .params import SamplingParams
 from .sampling import make_generator, next_token
-from .text import IncrementalDetokenizer, StopStringFilter
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class HFModel:
         config = model.config
         self.max_context = model_facts.context_length(config)
         self.vocab_size = int(config.vocab_size)
-        self.eos_ids = _eos_token_ids(model, tokenizer)
+        self.eos_ids = eos_token_ids(model, tokenizer)
         # logits_to_keep=1: only the last position's vocabulary projection is needed, as in
         # transformers' own generate(); without it use_cache=False would also pay for the
         # projection of every earlier position, which is not what the cache comparison is about.
@@ -78,7 +78,7 @@ class HFModel:
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        implementation = hf_attention.requested_implementation(flash, torch_device, _model_supports_sdpa(path))
+        implementation = hf_attention.requested_implementation(flash, torch_device, model_supports_sdpa(path))
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=implementation)
         model.to(torch_device).eval()
         return cls(path, model, tokenizer, torch_device, torch_dtype, use_cache, implementation)
@@ -178,8 +178,7 @@ class HFModel:
             ids[:n_prompt] = torch.tensor(list(prompt_ids))
             cache = None if lease is not None else self.new_cache()
             generator = make_generator(params, self.device)
-            detokenizer = IncrementalDetokenizer(self.decode_text)
-            stops = StopStringFilter(params.stop)
+            completion = Completion(self.decode_text, params, self.eos_ids, n_prompt)
             scored_prompt = params.prompt_logprobs is not None
             if lease is not None:
                 rows = lease.first(self.model, ids, n_prompt, {} if scored_prompt else self.keep_last)
@@ -199,26 +198,8 @@ class HFModel:
                 if params.logprobs is not None:
                     # The raw logits: next_token's penalty and temperature work on copies.
                     token_logprobs = tuple(logprobs.from_logits(logits[None], token_tensor.view(1), params.logprobs))
-                finish = "eos" if token in self.eos_ids and not params.ignore_eos else None
-                if finish is None and step == params.max_new_tokens - 1:
-                    finish = "length"
-                piece = detokenizer.push(token)
-                if finish is not None:
-                    piece += detokenizer.flush()
-                text, hit_stop = stops.push(piece)
-                if hit_stop:
-                    finish = "stop"
-                elif finish is not None:
-                    text += stops.flush()
-                yield GenerationOutput(
-                    text=text,
-                    token_ids=(token,),
-                    prompt_tokens=n_prompt,
-                    completion_tokens=step + 1,
-                    finish_reason=finish,
-                    logprobs=token_logprobs,
-                    prompt_logprobs=prompt_logprobs if step == 0 else None,
-                )
+                text, finish = completion.add(token)
+                yield completion.output(text, (token,), finish, token_logprobs, prompt_logprobs if step == 0 else None)
                 if finish is not None:
                     return
                 if lease is not None:
@@ -264,15 +245,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         raise InvalidRequest(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}") from None
 
 
-def _model_supports_sdpa(path) -> bool:
+def model_supports_sdpa(path) -> bool:
+    """Whether the causal-LM class for the model at ``path`` can run SDPA attention, before loading it."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(path))]
-    return bool(getattr(model_class, "_supports_sdpa", False))
+    return transformers_compat.class_supports_sdpa(model_class)
 
 
-def _eos_token_ids(model, tokenizer) -> frozenset[int]:
+def eos_token_ids(model, tokenizer) -> frozenset[int]:
+    """The ids that end a completion: the generation config's EOS ids and the tokenizer's."""
     ids = model.generation_config.eos_token_id if model.generation_config is not None else None
     ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
     if tokenizer.eos_token_id is not None:
