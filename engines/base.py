@@ -20,9 +20,9 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from .admission import Admission
 from .errors import EngineUnavailable, InvalidRequest, Unsupported
@@ -30,6 +30,9 @@ from .logprobs import TokenLogprob, TokenTexts
 from .options import NoOptions
 from .params import SamplingParams, check_against_model, check_prompt_ids, check_prompt_text, check_score_length
 from .prompts import PromptTokenizer
+
+_T = TypeVar("_T")
+_LOADING = "engine is still loading the model; retry when health reports SERVING"
 
 
 @dataclass(frozen=True)
@@ -148,7 +151,7 @@ class Engine(abc.ABC):
     def info(self) -> EngineInfo: ...
 
     @abc.abstractmethod
-    def _stream(self, request: EngineRequest) -> AsyncIterator[GenerationOutput]:
+    def _stream(self, request: EngineRequest) -> AsyncGenerator[GenerationOutput, None]:
         """Generates one admitted request; closing the iterator must stop its work at once."""
 
     async def _score_ids(self, ids: list[int]) -> ScoreResult:
@@ -176,7 +179,7 @@ class Engine(abc.ABC):
     def tokenizer(self):
         """The tokenizer requests are encoded with (after start)."""
         self._require_ready()
-        return self._prompts.tokenizer
+        return self._ready()[0].tokenizer
 
     # ---- the request path, the same for every engine ---------------------------------
 
@@ -184,10 +187,10 @@ class Engine(abc.ABC):
         self, prompt: str | Sequence[int], params: SamplingParams, request_id: str, use_chat_template: bool = False
     ) -> AsyncIterator[GenerationOutput]:
         """``prompt``: text, or token ids used as they are (no template, no special tokens added)."""
-        self._require_ready()
+        prompts, admission = self._ready()
         if isinstance(prompt, str):
             check_prompt_text(prompt)
-            prompt_ids = tuple(await self._prompts.encode(prompt, use_chat_template))
+            prompt_ids = tuple(await prompts.encode(prompt, use_chat_template))
         else:
             if use_chat_template:
                 raise InvalidRequest(
@@ -199,23 +202,22 @@ class Engine(abc.ABC):
         check_against_model(params, len(prompt_ids), self._max_context, self._vocab_size)
         self._check_logprobs_offered(params)
         self._check_params(params)
-        async with self._admission.slot():
+        async with admission.slot():
             self._require_ready()
             started_at = time.monotonic()
             request = EngineRequest(request_id, prompt, prompt_ids, params)
-            texts = TokenTexts(self._prompts.tokenizer, prompt_ids)
+            texts = TokenTexts(prompts.tokenizer, prompt_ids)
             if params.max_new_tokens == 0:
                 yield await self._scored_prompt(request, texts, started_at)
                 return
+            first = True
             async with contextlib.aclosing(self._stream(request)) as stream:
                 async for output in stream:
-                    first = started_at is not None
-                    if first:
-                        # The engine's own start time (a batching engine's scheduling time) wins.
-                        if output.started_at is None:
-                            output = dataclasses.replace(output, started_at=started_at)
-                        started_at = None
+                    # The engine's own start time (a batching engine's scheduling time) wins.
+                    if first and output.started_at is None:
+                        output = dataclasses.replace(output, started_at=started_at)
                     yield await self._with_token_texts(output, request, texts, first)
+                    first = False
 
     def _check_logprobs_offered(self, params: SamplingParams) -> None:
         if not self.offers_logprobs and (params.logprobs is not None or params.prompt_logprobs is not None):
@@ -246,23 +248,23 @@ class Engine(abc.ABC):
                 f"{len(output.token_ids)} tokens"
             )
         wanted = params.prompt_logprobs is not None and first and output.finish_reason != "cancelled"
-        got = output.prompt_logprobs is not None
-        if wanted and (not got or len(output.prompt_logprobs) != len(request.prompt_ids)):
+        prompt_entries = output.prompt_logprobs
+        if wanted and (prompt_entries is None or len(prompt_entries) != len(request.prompt_ids)):
             raise RuntimeError(f"engine {self.name} did not return the prompt's log-probabilities on its first output")
-        changes = {}
+        changes: dict[str, Any] = {}
         if output.logprobs:
             changes["logprobs"] = texts.generated(output.logprobs)
-        if got:
+        if prompt_entries is not None:
             # A whole prompt's entries: decoded off the event loop.
-            changes["prompt_logprobs"] = await asyncio.to_thread(texts.prompt, output.prompt_logprobs)
+            changes["prompt_logprobs"] = await asyncio.to_thread(texts.prompt, prompt_entries)
         return dataclasses.replace(output, **changes) if changes else output
 
     async def score(self, text: str) -> ScoreResult:
-        self._require_ready()
+        prompts, admission = self._ready()
         check_prompt_text(text)
-        ids = await self._prompts.encode_text(text, limit=self._score_context())
+        ids = await prompts.encode_text(text, limit=self._score_context())
         check_score_length(len(ids), self._score_context())
-        async with self._admission.slot():
+        async with admission.slot():
             self._require_ready()
             return await self._score_ids(ids)
 
@@ -283,10 +285,22 @@ class Engine(abc.ABC):
     async def shutdown(self) -> None:
         self._closing = True
 
+    def _ready(self) -> tuple[PromptTokenizer, Admission]:
+        """The prompt tokenizer and the admission, once ``_require_ready`` lets the call through."""
+        self._require_ready()
+        return self._loaded(self._prompts), self._loaded(self._admission)
+
+    @staticmethod
+    def _loaded(part: _T | None) -> _T:
+        """What ``start`` or ``_open`` sets (a model, a runtime), where only a started engine's calls get to."""
+        if part is None:
+            raise EngineUnavailable(_LOADING)
+        return part
+
     def _require_ready(self) -> None:
         if self._failure is not None:
             raise EngineUnavailable(f"the engine failed and cannot recover ({self._failure}); restart the server")
         if self._closing:
             raise EngineUnavailable("engine is shutting down")
         if self._admission is None:
-            raise EngineUnavailable("engine is still loading the model; retry when health reports SERVING")
+            raise EngineUnavailable(_LOADING)

@@ -13,9 +13,10 @@ import contextlib
 import gc
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -59,8 +60,9 @@ class HFEngine(Engine):
     use_cache: bool = True
     flash: bool = False
     name = "hf"
-    Options = HFOptions
+    Options: ClassVar[type] = HFOptions  # hf-eager's is NoOptions
     offers_logprobs = True
+    FaultInjection: ClassVar[type]  # the test-only mixin below
 
     def __init__(self, config) -> None:
         super().__init__(config)
@@ -118,18 +120,19 @@ class HFEngine(Engine):
 
     def info(self) -> EngineInfo:
         self._require_ready()
+        lm = self._loaded(self.lm)
         return EngineInfo(
             engine=self.name,
             model=self.config.model,
-            dtype=self.lm.dtype_name,
-            device=str(self.lm.device),
-            attention=self.lm.attention,
+            dtype=lm.dtype_name,
+            device=str(lm.device),
+            attention=lm.attention,
             use_cache=self.use_cache,
-            max_context=self.lm.max_context,
-            vocab_size=self.lm.vocab_size,
+            max_context=lm.max_context,
+            vocab_size=lm.vocab_size,
             max_concurrent_requests=self._slots,
             max_queue=self.config.max_queue,
-            model_path=str(self.lm.path),
+            model_path=str(lm.path),
         )
 
     async def _stream(self, request: EngineRequest):
@@ -155,10 +158,12 @@ class HFEngine(Engine):
             self._live_jobs.discard(job)
 
     async def _score_ids(self, ids: list[int]) -> ScoreResult:
-        return await self._one_forward(self.lm.score_ids, ids)
+        return await self._one_forward(self._loaded(self.lm).score_ids, ids)
 
     async def _prompt_logprobs(self, request: EngineRequest):
-        return await self._one_forward(self.lm.prompt_logprobs, request.prompt_ids, request.params.prompt_logprobs)
+        return await self._one_forward(
+            self._loaded(self.lm).prompt_logprobs, request.prompt_ids, request.params.prompt_logprobs
+        )
 
     async def _one_forward(self, function, *args):
         """A forward over a whole text in a worker thread (scoring), an out-of-memory reported as one."""
@@ -174,8 +179,8 @@ class HFEngine(Engine):
 
     # ---- worker-thread side -----------------------------------------------------------
 
-    def _outputs(self, job: _Job) -> Iterator[GenerationOutput]:
-        return self.lm.generate(job.request.prompt_ids, job.request.params)
+    def _outputs(self, job: _Job) -> Generator[GenerationOutput, None, None]:
+        return self._loaded(self.lm).generate(job.request.prompt_ids, job.request.params)
 
     def _decode(self, job: _Job) -> None:
         out_of_memory = None
@@ -209,24 +214,31 @@ class HFEngine(Engine):
             # Freed only here, once the except clause has dropped the exception: its traceback held
             # the step's frames and with them this request's KV cache and activations.
             self.out_of_memory_count += 1
-            _free_device_cache(self.lm.device)
+            _free_device_cache(self._loaded(self.lm).device)
             log.warning(
                 "%s (out-of-memory events so far: %d); cache freed, serving on", out_of_memory, self.out_of_memory_count
             )
             job.emit(EngineOutOfMemory(out_of_memory))
 
 
-class _HFFaultInjection:
+# The mixin goes in front of an HFEngine subclass (faults.injecting): typed as one, plain object at run time.
+if TYPE_CHECKING:
+    _FaultBase = HFEngine
+else:
+    _FaultBase = object
+
+
+class _HFFaultInjection(_FaultBase):
     """Test-only (engines/faults.py): each fault raised in the worker thread, where the real failure would be."""
 
     test_faults: tuple[faults.Fault, ...] = ()
 
-    def _outputs(self, job: _Job) -> Iterator[GenerationOutput]:
+    def _outputs(self, job: _Job) -> Generator[GenerationOutput, None, None]:
         fault = faults.match(self.test_faults, job.request.prompt)
         inner = super()._outputs(job)
         return inner if fault is None else self._failing_steps(inner, fault)
 
-    def _failing_steps(self, inner: Iterator[GenerationOutput], fault: faults.Fault):
+    def _failing_steps(self, inner: Generator[GenerationOutput, None, None], fault: faults.Fault):
         with contextlib.closing(inner):
             step = 0
             while True:
@@ -245,12 +257,13 @@ class _HFFaultInjection:
             raise torch.AcceleratorError(
                 f"CUDA error: an illegal memory access was encountered (injected, {fault.marker})"
             )
-        if self.lm.device.type == "cuda":
+        device = self._loaded(self.lm).device
+        if device.type == "cuda":
             # A real out-of-memory: fill the device until its allocator refuses, so the check
             # that the memory comes back is a check of the real thing.
             blocks = []
             while True:
-                blocks.append(torch.empty(2**30, dtype=torch.uint8, device=self.lm.device))
+                blocks.append(torch.empty(2**30, dtype=torch.uint8, device=device))
         raise torch.OutOfMemoryError(f"CPU out of memory (injected, {fault.marker})")
 
 

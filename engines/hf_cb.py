@@ -24,15 +24,20 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from . import transformers_compat
 from .admission import Admission
 from .base import Engine, EngineInfo, EngineLoad, EngineRequest, GenerationOutput, ScoreResult
 from .completion import Completion
 from .errors import EngineOutOfMemory, EngineUnavailable, InvalidRequest
+from .logprobs import TokenLogprob
 from .model_facts import dtype_name
 from .options import option
 from .params import SamplingParams
+
+if TYPE_CHECKING:
+    from .hf_cb_runtime import CBRuntime
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +87,12 @@ def default_cache_plan(model: str, dtype: str, device: str = "cpu", max_running:
 class ContinuousBatchingEngine(Engine):
     name = "hf-cb"
     Options = CBOptions
+    options: CBOptions  # Engine.__init__ checks that it is one
     offers_logprobs = True
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        self._runtime = None
+        self._runtime: CBRuntime | None = None
         self._request_numbers = itertools.count()
         self._score_lock: asyncio.Lock | None = None
 
@@ -132,7 +138,7 @@ class ContinuousBatchingEngine(Engine):
 
     def info(self) -> EngineInfo:
         self._require_ready()
-        runtime = self._runtime
+        runtime = self._loaded(self._runtime)
         return EngineInfo(
             engine=self.name,
             model=self.config.model,
@@ -190,19 +196,20 @@ class ContinuousBatchingEngine(Engine):
     async def _stream(self, request: EngineRequest):
         from .hf_cb_sampling import SAMPLER_KWARG, needs_sampler
 
-        runtime = self._runtime
+        runtime = self._loaded(self._runtime)
         manager = runtime.manager
         params = request.params
         # The client's id may repeat once its request is over; the manager's must not while it lives.
         request_id = f"{request.request_id}#{next(self._request_numbers)}"
         snapshots: asyncio.Queue = asyncio.Queue()
-        sampler_key = None
-        extra = {}
+        sampler_key = sampler = None
+        extra: dict[str, Any] = {}  # add_request's logit-processor keywords
         prompt_logprobs = None
         if params.prompt_logprobs is not None:
             prompt_logprobs = await self._prompt_logprobs(request)
         if runtime.samplers is not None and needs_sampler(params):
             sampler_key = runtime.samplers.add(request.prompt_ids, params)
+            sampler = runtime.samplers.get(sampler_key)
             extra[SAMPLER_KWARG] = sampler_key
         done_inside = False
         runtime.drop_stray_outputs()
@@ -219,7 +226,6 @@ class ContinuousBatchingEngine(Engine):
             if added is None:
                 runtime.raise_if_dead()
                 raise EngineUnavailable("the continuous-batching manager is not accepting requests")
-            sampler = runtime.samplers.get(sampler_key) if sampler_key is not None else None
             text = _TextStream(runtime, request, sampler)
             while True:
                 snapshot = await self._next_snapshot(snapshots)
@@ -256,14 +262,14 @@ class ContinuousBatchingEngine(Engine):
             except TimeoutError:
                 # The loop fails requests it holds when it dies; this catches a thread gone without a word.
                 if not self._closing:
-                    self._runtime.raise_if_dead()
+                    self._loaded(self._runtime).raise_if_dead()
                 continue
             while not snapshots.empty() and snapshot.error is None and not snapshot.is_finished():
                 snapshot = snapshots.get_nowait()
             return snapshot
 
     def _failed(self, error: str) -> Exception:
-        if not self._runtime.loop_failed():
+        if not self._loaded(self._runtime).loop_failed():
             return RuntimeError(f"hf-cb request failed inside the manager: {error}")
         self._failure = f"the continuous-batching loop failed: {error}"
         log.error("%s; the engine stops serving", self._failure)
@@ -274,10 +280,10 @@ class ContinuousBatchingEngine(Engine):
     # ---- scoring ------------------------------------------------------------------------
 
     async def _score_ids(self, ids: list[int]) -> ScoreResult:
-        return await self._scoring_forward(self._runtime.scorer.score_ids, ids)
+        return await self._scoring_forward(self._loaded(self._runtime).scorer.score_ids, ids)
 
     async def _prompt_logprobs(self, request: EngineRequest):
-        scorer = self._runtime.scorer
+        scorer = self._loaded(self._runtime).scorer
         return await self._scoring_forward(scorer.prompt_logprobs, request.prompt_ids, request.params.prompt_logprobs)
 
     async def _scoring_forward(self, function, *args):
@@ -333,7 +339,7 @@ class _TextStream:
             pieces.append(text)
             if finish is not None:
                 break
-        entries = ()
+        entries: tuple[TokenLogprob, ...] = ()
         if self.params.logprobs is not None:
             entries = tuple(self.sampler.logprobs[first : self.completion.completion_tokens])
             if [entry.token_id for entry in entries] != taken:

@@ -21,6 +21,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +29,13 @@ from . import hf_attention, model_facts, transformers_compat
 from .errors import EngineUnavailable
 from .hf_model import HFModel, eos_token_ids, model_supports_sdpa, resolve_device, resolve_dtype
 from .models import resolve_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers.generation.continuous_batching.cache import PagedAttentionCache
+    from transformers.generation.continuous_batching.continuous_api import ContinuousBatchingManager
+
+    from .hf_cb_sampling import SamplerTable
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +57,6 @@ class CachePlan:
         """transformers' ContinuousBatchingConfig for this cache (the engine's and bench/hf_cb_batch.py's)."""
         from transformers import ContinuousBatchingConfig
 
-        bound = {} if max_running is None else {"max_requests_per_batch": max_running}
         return ContinuousBatchingConfig(
             page_size=self.block_size,
             num_blocks=self.num_blocks,
@@ -57,7 +64,7 @@ class CachePlan:
             use_cuda_graph=graphs,
             # We choose the kernel; the manager's own switch may fetch flash kernels from the Hub.
             auto_switch_to_flash=False,
-            **bound,
+            max_requests_per_batch=max_running,  # None: the manager's own bound
         )
 
 
@@ -84,14 +91,14 @@ class CBRuntime:
     """A running manager, its model, the scoring model beside it, and what they are."""
 
     path: Path
-    model: object  # the manager's model: paged attention, never for a plain forward
-    tokenizer: object
+    model: PreTrainedModel  # the manager's model: paged attention, never for a plain forward
+    tokenizer: PreTrainedTokenizerBase
     device: torch.device
     dtype: torch.dtype
-    manager: object  # transformers' ContinuousBatchingManager
-    cache: object  # its PagedAttentionCache
+    manager: ContinuousBatchingManager
+    cache: PagedAttentionCache  # the manager's
     scorer: HFModel  # the same weights, plain attention
-    samplers: object | None  # hf_cb_sampling.SamplerTable; None with CUDA graphs (greedy only)
+    samplers: SamplerTable | None  # None with CUDA graphs (greedy only)
     eos_ids: tuple[int, ...]
     graphs: bool
     implementation: str
@@ -117,7 +124,8 @@ class CBRuntime:
         tokenizer = AutoTokenizer.from_pretrained(path)
         implementation = paged_implementation(path, device)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=implementation)
-        model.to(device).eval()
+        # transformers wraps its Module.to override with functools.wraps, which mypy then reads as unbound.
+        model.to(device).eval()  # type: ignore[arg-type]
         # Before the manager touches the model: the scorer keeps plain (eager) attention, as hf-kv scores.
         scorer = HFModel(
             path,
@@ -158,6 +166,7 @@ class CBRuntime:
             samplers = hf_cb_sampling.SamplerTable(device)
             manager.logit_processor = hf_cb_sampling.processor_list(samplers)
         manager.warmup()  # creates the cache now (and captures graphs when they are on)
+        assert manager.batch_processor is not None  # warmup() has just built it
         cache = manager.batch_processor.cache
         runtime = cls(
             path=path,

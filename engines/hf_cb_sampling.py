@@ -114,7 +114,7 @@ class PerRequestSampling(ContinuousBatchingLogitsProcessor):
         ]
         return torch.tensor(keys, dtype=torch.int32)
 
-    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+    def __call__(self, scores: torch.FloatTensor, tensor_arg: torch.Tensor) -> torch.FloatTensor:
         keys = tensor_arg[: scores.size(0)].tolist()
         for row, key in enumerate(keys):
             sampler = self.table.get(key) if key != _NO_SAMPLER else None

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,8 +29,12 @@ from . import hf_attention, logprobs, model_facts, transformers_compat
 from .base import GenerationOutput, ScoreResult
 from .completion import Completion
 from .errors import EngineUnavailable, InvalidRequest
+from .logprobs import TokenLogprob
 from .params import SamplingParams
 from .sampling import make_generator, next_token
+
+if TYPE_CHECKING:
+    from .hf_static import StaticDecoder
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +71,7 @@ class HFModel:
         # projection of every earlier position, which is not what the cache comparison is about.
         accepts_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.keep_last = {"logits_to_keep": 1} if accepts_keep else {}
-        self.compiled = None  # a StaticDecoder once enable_compile() has run
+        self.compiled: StaticDecoder | None = None  # set by enable_compile()
         self.attention = self._probe_attention()
 
     @classmethod
@@ -80,7 +85,8 @@ class HFModel:
         tokenizer = AutoTokenizer.from_pretrained(path)
         implementation = hf_attention.requested_implementation(flash, torch_device, model_supports_sdpa(path))
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=implementation)
-        model.to(torch_device).eval()
+        # transformers wraps its Module.to override with functools.wraps, which mypy then reads as unbound.
+        model.to(torch_device).eval()  # type: ignore[arg-type]
         return cls(path, model, tokenizer, torch_device, torch_dtype, use_cache, implementation)
 
     @property
@@ -140,7 +146,7 @@ class HFModel:
 
         if not self.use_cache:
             raise ValueError("--compile needs a KV cache: it is for hf-kv and hf-flash")
-        self.compiled = StaticDecoder(self.model, self.device, self.max_context, buckets)
+        compiled = self.compiled = StaticDecoder(self.model, self.device, self.max_context, buckets)
         params = SamplingParams(max_new_tokens=3, ignore_eos=True)
         filler = self.tokenizer(_PROBE_PROMPT).input_ids
 
@@ -150,26 +156,29 @@ class HFModel:
             for _ in self.generate(prompt, params):
                 pass
 
-        self.compiled.warm_up(run_one)
+        compiled.warm_up(run_one)
 
-    def generate(self, prompt_ids: list[int] | tuple[int, ...], params: SamplingParams) -> Iterator[GenerationOutput]:
-        """One output per token; the last has ``finish_reason``.  Stop iterating to stop the work."""
+    def generate(
+        self, prompt_ids: list[int] | tuple[int, ...], params: SamplingParams
+    ) -> Generator[GenerationOutput, None, None]:
+        """One output per token; the last has ``finish_reason``.  Stop iterating (or close it) to stop the work."""
+        compiled = self.compiled
         lease = None
-        if self.compiled is not None:
-            lease = self.compiled.acquire(len(prompt_ids) + params.max_new_tokens)
+        if compiled is not None:
+            lease = compiled.acquire(len(prompt_ids) + params.max_new_tokens)
             if lease is None:
                 log.warning(
                     "request of %d tokens runs uncompiled: longer than the largest static cache (%d)",
                     len(prompt_ids) + params.max_new_tokens,
-                    self.compiled.buckets[-1],
+                    compiled.buckets[-1],
                 )
         try:
             yield from self._generate(prompt_ids, params, lease)
         finally:
-            if lease is not None:
-                self.compiled.release(lease)
+            if compiled is not None and lease is not None:
+                compiled.release(lease)
 
-    def _generate(self, prompt_ids, params: SamplingParams, lease) -> Iterator[GenerationOutput]:
+    def _generate(self, prompt_ids, params: SamplingParams, lease) -> Generator[GenerationOutput, None, None]:
         with torch.inference_mode(), self.kernel():
             n_prompt = len(prompt_ids)
             # Every id of the request in one device buffer: the sampled id is written in place and fed
@@ -186,7 +195,7 @@ class HFModel:
                 rows = self.prefill_logits(ids[None, :n_prompt], cache, all_positions=scored_prompt)
             logits = rows[-1].float()
             prompt_logprobs = None
-            if scored_prompt:
+            if params.prompt_logprobs is not None:
                 prompt_logprobs = logprobs.prompt_entries(rows, ids[:n_prompt], params.prompt_logprobs)
             del rows  # every position's logits, when kept, are not held through the decode
             for step in range(params.max_new_tokens):
@@ -194,7 +203,7 @@ class HFModel:
                 token_tensor = next_token(logits, ids[:n], params, generator)
                 ids[n] = token_tensor
                 token = int(token_tensor)  # the one device-to-host sync per token: the id goes to the client
-                token_logprobs = ()
+                token_logprobs: tuple[TokenLogprob, ...] = ()
                 if params.logprobs is not None:
                     # The raw logits: next_token's penalty and temperature work on copies.
                     token_logprobs = tuple(logprobs.from_logits(logits[None], token_tensor.view(1), params.logprobs))

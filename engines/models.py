@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def _build_smollm2(out: Path) -> None:
     # The weights are dequantized on load; without the GGUF quantizer attached, save_pretrained
     # writes them as a plain float32 safetensors checkpoint.
     del model.config.quantization_config
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # Module.__setattr__ is typed for tensors and modules
     model.save_pretrained(out)
     _load_smollm2_tokenizer().save_pretrained(out)
 
@@ -121,7 +122,9 @@ def _build_smollm2(out: Path) -> None:
 def _tiny_config(architecture: str, vocab_size: int):
     from transformers import BloomConfig, LlamaConfig
 
-    common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+    common: dict[str, Any] = dict(
+        vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True
+    )
     if architecture == "llama":
         # head_dim 32: the smallest vLLM's CPU attention kernel supports, so vllm can serve it too.
         return LlamaConfig(

@@ -38,8 +38,15 @@ def option(
     ``group``: the heading it is listed under in ``--help``.  ``bool | None`` options take
     ``auto|true|false`` on the command line (None = auto).
     """
-    metadata = {"help": help, "choices": choices, "flag": flag, "group": group}
-    metadata.update(minimum=minimum, maximum=maximum, positive=positive)
+    metadata = {
+        "help": help,
+        "choices": choices,
+        "flag": flag,
+        "group": group,
+        "minimum": minimum,
+        "maximum": maximum,
+        "positive": positive,
+    }
     return field(default=default, metadata=metadata)
 
 

@@ -19,6 +19,7 @@ import logging
 import os
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 from . import model_facts
 from .admission import Admission
@@ -28,6 +29,10 @@ from .logprobs import TokenLogprob, TopLogprob
 from .models import resolve_model
 from .options import option
 from .params import SamplingParams
+
+if TYPE_CHECKING:
+    from vllm.config.model import ModelDType
+    from vllm.v1.engine.async_llm import AsyncLLM
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +91,14 @@ def _scheduler_view_class():
 class VLLMEngine(Engine):
     name = "vllm"
     Options = VLLMOptions
+    options: VLLMOptions  # Engine.__init__ checks that it is one
     requires = ("vllm",)
     offers_logprobs = True
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        self._llm = None
-        self._view = None
+        self._llm: AsyncLLM | None = None
+        self._view: Any = None  # the SchedulerView class, made when the engine starts
 
     # ---- life cycle -------------------------------------------------------------------
 
@@ -101,7 +107,7 @@ class VLLMEngine(Engine):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        options: VLLMOptions = self.options
+        options = self.options
         self._path = await asyncio.to_thread(resolve_model, self.config.model)
         self._device = "cuda" if self._wants_cuda() else "cpu"
         self._dtype = (
@@ -117,7 +123,8 @@ class VLLMEngine(Engine):
         args = AsyncEngineArgs(
             model=str(self._path),
             tokenizer=str(self._path),
-            dtype=self._dtype,
+            # One of the server's --dtype choices, or the auto rule's above: all names vLLM takes.
+            dtype=cast("ModelDType", self._dtype),
             max_model_len=self._max_model_len,
             enforce_eager=bool(options.enforce_eager),
             max_num_seqs=self.config.max_concurrency,
@@ -187,7 +194,8 @@ class VLLMEngine(Engine):
             return sorted(names)
 
         try:
-            per_worker = await self._llm.collective_rpc(backend_names)
+            # AsyncLLM.collective_rpc is annotated for a method name, but the engine core it hands to takes a callable.
+            per_worker = await self._loaded(self._llm).collective_rpc(backend_names)  # type: ignore[arg-type]
             return "vllm paged attention: " + ", ".join(sorted({n for names in per_worker for n in names}))
         except Exception as exc:  # a diagnostic, not worth failing start-up over
             log.warning("could not ask vLLM's workers for their attention backend: %s", exc)
@@ -244,7 +252,7 @@ class VLLMEngine(Engine):
     async def _stream(self, request: EngineRequest):
         from vllm.inputs import TokensPrompt
 
-        stream = self._llm.generate(
+        stream = self._loaded(self._llm).generate(
             TokensPrompt(prompt_token_ids=list(request.prompt_ids)), _to_vllm(request.params), request.request_id
         )
         params = request.params
@@ -256,7 +264,7 @@ class VLLMEngine(Engine):
                 completion += len(sequence.token_ids)
                 finish = _finish_reason(sequence) if output.finished else None
                 text = sequence.text.rstrip("\ufffd") if finish else sequence.text
-                entries = ()
+                entries: tuple[TokenLogprob, ...] = ()
                 if params.logprobs is not None:
                     # In delta mode vLLM hands over the new tokens' entries only, one per token.
                     entries = _entries(sequence.token_ids, sequence.logprobs or (), params.logprobs)
@@ -280,15 +288,16 @@ class VLLMEngine(Engine):
         from vllm.inputs import TokensPrompt
 
         k = request.params.prompt_logprobs
+        assert k is not None  # the request path asks for these only when the request did
         # vLLM always generates a token (max_tokens 0 is refused); it is dropped here.
         params = _to_vllm(request.params)
         final = None
         async with _engine_death_as_unavailable():
-            async for output in self._llm.generate(
+            async for output in self._loaded(self._llm).generate(
                 TokensPrompt(prompt_token_ids=list(request.prompt_ids)), params, request.request_id
             ):
                 final = output
-        return _prompt_entries(request.prompt_ids, final.prompt_logprobs, k)
+        return _prompt_entries(request.prompt_ids, None if final is None else final.prompt_logprobs, k)
 
     async def _score_ids(self, ids: list[int]) -> ScoreResult:
         from vllm import SamplingParams as VllmSamplingParams
@@ -300,12 +309,14 @@ class VLLMEngine(Engine):
         )
         final = None
         async with _engine_death_as_unavailable():
-            async for output in self._llm.generate(
+            async for output in self._loaded(self._llm).generate(
                 TokensPrompt(prompt_token_ids=ids), params, f"score-{uuid.uuid4().hex}"
             ):
                 final = output
+        if final is None or final.prompt_logprobs is None:
+            raise RuntimeError("vLLM returned no prompt log-probabilities for a text to score")
         # Entry i holds the logprob of prompt token i given the ones before it; the first has none.
-        total = sum(final.prompt_logprobs[i][token].logprob for i, token in enumerate(ids) if i > 0)
+        total = sum(entry.logprob for entry in _entries(ids[1:], final.prompt_logprobs[1:], 0))
         return ScoreResult(total_logprob=float(total), token_count=len(ids) - 1)
 
     def _require_ready(self) -> None:
