@@ -27,7 +27,7 @@ import torch
 
 from . import hf_attention, model_facts, transformers_compat
 from .errors import EngineUnavailable
-from .hf_model import HFModel, eos_token_ids, model_supports_sdpa, resolve_device, resolve_dtype
+from .hf_model import HFModel, eos_token_ids, load_causal_lm, model_supports_sdpa, resolve_device, resolve_dtype
 from .models import resolve_model
 
 if TYPE_CHECKING:
@@ -114,7 +114,7 @@ class CBRuntime:
 
     @classmethod
     def build(cls, model_name: str, dtype_name: str, device_name: str, options, max_running: int) -> CBRuntime:
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        from transformers import AutoTokenizer, GenerationConfig
 
         from . import hf_cb_sampling
 
@@ -123,9 +123,7 @@ class CBRuntime:
         dtype = resolve_dtype(dtype_name, device)
         tokenizer = AutoTokenizer.from_pretrained(path)
         implementation = paged_implementation(path, device)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=implementation)
-        # transformers wraps its Module.to override with functools.wraps, which mypy then reads as unbound.
-        model.to(device).eval()  # type: ignore[arg-type]
+        model = load_causal_lm(path, dtype, device, implementation)
         # Before the manager touches the model: the scorer keeps plain (eager) attention, as hf-kv scores.
         scorer = HFModel(
             path,

@@ -21,7 +21,7 @@ import inspect
 import logging
 from collections.abc import Generator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -78,15 +78,13 @@ class HFModel:
     def load(
         cls, path: Path, dtype: str = "auto", device: str = "auto", use_cache: bool = True, flash: bool = False
     ) -> HFModel:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         tokenizer = AutoTokenizer.from_pretrained(path)
         implementation = hf_attention.requested_implementation(flash, torch_device, model_supports_sdpa(path))
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=implementation)
-        # transformers wraps its Module.to override with functools.wraps, which mypy then reads as unbound.
-        model.to(torch_device).eval()  # type: ignore[arg-type]
+        model = load_causal_lm(path, torch_dtype, torch_device, implementation)
         return cls(path, model, tokenizer, torch_device, torch_dtype, use_cache, implementation)
 
     @property
@@ -252,6 +250,20 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return DTYPES[name]
     except KeyError:
         raise InvalidRequest(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}") from None
+
+
+def load_causal_lm(path: Path, dtype: torch.dtype, device: torch.device, implementation: str) -> Any:
+    """The causal LM at ``path`` with the attention ``implementation``, on ``device``, in eval mode.
+
+    Typed Any: it is whichever class AutoModelForCausalLM picks, a PreTrainedModel with
+    GenerationMixin's methods (hf-cb's ``init_continuous_batching``), which no one type names.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=implementation)
+    # transformers wraps its Module.to override with functools.wraps, which mypy then reads as unbound.
+    model.to(device).eval()  # type: ignore[arg-type]
+    return model
 
 
 def model_supports_sdpa(path) -> bool:
