@@ -20,6 +20,10 @@ BENCH_ARGS ?=
 COMPARE_ENGINES ?= hf-eager,hf-kv,hf-flash,hf-cb,vllm
 COMPARE_USERS ?= 1,4,16
 COMPARE_DURATION ?= 60s
+# Rounds of every step, the servers interleaved (A B C, A B C, ...): tables show medians and min-max.
+COMPARE_REPEAT ?= 3
+# The second clock beside Locust (none to skip it): guidellm, in its own environment under $(VENV).
+COMPARE_SECOND_CLIENT ?= guidellm
 COMPARE_ARGS ?=
 # make replicas: N replicas of ENGINE/MODEL behind HAProxy, called at REPLICAS_HOST:REPLICAS_PORT.
 N ?= 2
@@ -98,9 +102,15 @@ replicas: model haproxy
 bench-replicas: model haproxy
 	$(BIN)/python -m bench.replicas_proxy --model $(MODEL) --engine $(ENGINE) --replicas $(N) $(BENCH_ARGS)
 
-compare: model
+compare: model second-clock
 	$(BIN)/yayi-compare --engines $(COMPARE_ENGINES) --model $(MODEL) --users $(COMPARE_USERS) \
-	  --duration $(COMPARE_DURATION) $(COMPARE_ARGS)
+	  --duration $(COMPARE_DURATION) --repeat $(COMPARE_REPEAT) --second-client $(COMPARE_SECOND_CLIENT) $(COMPARE_ARGS)
+
+# guidellm, pinned in pyproject.toml's second-clock extra, in $(VENV)/guidellm: its click pin and the dev
+# extra's cannot share one environment (loadtest/second_clock.py). Nothing is done when it is there.
+.PHONY: second-clock
+second-clock: $(STAMP)
+	$(BIN)/python -m loadtest.second_clock install
 
 protos: venv
 	$(BIN)/python -m server.codegen
@@ -146,7 +156,7 @@ vllm-bench: venv model
 # make compare with every engine measured through gRPC and through the HTTP front end, in one report.
 compare-apis: model
 	$(BIN)/yayi-compare --engines $(COMPARE_ENGINES) --apis grpc,http --model $(MODEL) --users $(COMPARE_USERS) \
-	  --duration $(COMPARE_DURATION) $(COMPARE_ARGS)
+	  --duration $(COMPARE_DURATION) --repeat $(COMPARE_REPEAT) $(COMPARE_ARGS)
 
 # The offline experiments (bench/, docs/experiments/): each writes reports/<name>-<UTC time>/ (--out moves it).
 bench-attention: venv

@@ -1,33 +1,44 @@
 """``yayi-compare``: the inference log's speed table (docs/design.md) as one command.
 
-For each engine: start a server, wait for SERVING, warm up, record the idle row (the log's
-"空载"), run headless Locust at each concurrency while watching the server's metrics, stop
-the server.  With ``--apis grpc,http`` each engine is measured through both front ends (rows
-"vllm" and "vllm-http"), on one server process, back to back, by the same Locust options and
-the same clock.  Beside our engines, the same load against outside servers: vLLM's own
-OpenAI-compatible server beside our vllm rows, ``transformers serve --continuous-batching``
-beside our hf-cb rows (loadtest/targets.py).  Writes
-reports/speed-<UTC time>/ (see loadtest/report.py and the folder rule in
-loadtest/report_folder.py); every figure in it comes from a raw file kept under raw/.
+Start the servers, wait for SERVING, warm up, record each one's idle row (the log's "空载"),
+then run headless Locust at each concurrency while watching each server's metrics, and stop
+them.  ``--repeat N`` runs every step N times with the servers of a group interleaved (A B C,
+A B C, ...), so a ratio is taken between rounds minutes apart rather than between one target's
+whole sweep and the next one's; every server stays up across its rounds (loadtest/schedule.py
+says which are up together, loadtest/rounds.py what the report says from the rounds).  With
+``--apis grpc,http`` each engine is measured through both front ends (rows "vllm" and
+"vllm-http") on one server process.  Beside our engines, the same load against outside servers:
+vLLM's own OpenAI-compatible server beside our vllm rows, ``transformers serve
+--continuous-batching`` twice beside our hf-cb rows, once with hf-cb's KV cache and once left to
+its own defaults (loadtest/targets.py).  ``--second-client guidellm`` has an outside client drive
+the same steps against our HTTP front end and each peer, a second clock for the ratios
+(loadtest/second_clock.py).  Writes reports/speed-<UTC time>/ (see loadtest/report.py and the
+folder rule in loadtest/report_folder.py); every figure in it comes from a raw file under raw/.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import re
 import shlex
 import sys
 import time
 from pathlib import Path
 
+from loadtest import second_clock
 from loadtest.locust_run import LoadSpec, run_locust
 from loadtest.machine import describe, machine_info
-from loadtest.report import write_report
+from loadtest.prompts import load_prompts
+from loadtest.report import VERSUS, write_report
 from loadtest.report_folder import default_out
 from loadtest.roofline_column import RooflineColumn
+from loadtest.rounds import aggregate_all
+from loadtest.schedule import Group, memory_budget, plan_groups, target_estimate
 from loadtest.tables import markdown_table
 from loadtest.targets import (
+    OutsideServerTarget,
     Reading,
     Target,
     TargetConfig,
@@ -41,9 +52,16 @@ from loadtest.targets import (
 from loadtest.token_stats import LATENCY_FIELDS
 
 # Rough start-up times on a 2-core CPU, only for the "time left" estimate.
-START_ESTIMATE_S = {"vllm": 150.0, "vllm-openai": 150.0, "hf-cb": 40.0, "transformers-serve": 40.0}
+START_ESTIMATE_S = {
+    "vllm": 150.0,
+    "vllm-openai": 150.0,
+    "hf-cb": 40.0,
+    "transformers-serve-matched": 40.0,
+    "transformers-serve-defaults": 60.0,
+}
 DEFAULT_START_ESTIMATE_S = 20.0
 STEP_OVERHEAD_S = 8.0
+CLOCK_OVERHEAD_S = 20.0  # guidellm's start (torch, the tokenizer, its workers) and its statistics
 # The line of a failed start-up that says why: "yayi-serve: error: ...", "Value error, ...".
 ERROR_LINE = re.compile(r"\b(?:[Ee]rror|Exception)\b[:,]")
 
@@ -65,6 +83,16 @@ def parse_users(text: str) -> list[int]:
     if not users or min(users) < 1:
         raise argparse.ArgumentTypeError("--users needs at least one concurrency, each 1 or more")
     return users
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number, 1 or more, got {text!r}")
+    return value
 
 
 def parse_apis(text: str) -> list[str]:
@@ -119,7 +147,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--server-args", default="", help="extra yayi-serve arguments for every engine, one string")
     parser.add_argument("--baseline-args", default="", help="extra arguments for vLLM's own server, one string")
     parser.add_argument(
-        "--transformers-serve-args", default="", help="extra arguments for transformers serve, one string"
+        "--transformers-serve-args",
+        default="",
+        help="extra arguments for transformers serve with hf-cb's cache (transformers-serve-matched), one string",
+    )
+    parser.add_argument(
+        "--transformers-serve-defaults-args",
+        default="",
+        help="extra arguments for transformers serve left to its defaults (transformers-serve-defaults), one string",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=positive_int,
+        default=1,
+        help="rounds of every step, the targets of a group interleaved (A B C, A B C, ...); tables show "
+        "medians with their min-max, ratios the median of per-round ratios",
+    )
+    parser.add_argument(
+        "--together",
+        choices=["auto", "all", "pairs"],
+        default="auto",
+        help="which servers are up at once: all; pairs (each engine with the peers it is compared with, one "
+        "group after another); auto: all when the estimated memory fits what is free, else pairs packed",
+    )
+    parser.add_argument(
+        "--second-client",
+        choices=["none", "guidellm"],
+        default="none",
+        help="guidellm: an outside client also drives each step against our HTTP front end and each outside "
+        "peer (python -m loadtest.second_clock install), its ratio printed beside Locust's",
     )
     parser.add_argument("--idle-seconds", type=float, default=5.0, help="how long the idle row is watched")
     parser.add_argument("--sample-period", type=float, default=1.0, help="seconds between device readings")
@@ -144,33 +200,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Progress:
-    """Which engine, which step, about how long is left: the driver runs for many minutes."""
+    """Which target, which step, about how long is left: the driver runs for many minutes.
 
-    def __init__(self, plan: list[tuple[str, int]], duration_s: float, idle_s: float) -> None:
-        self.plan, self.duration_s, self.idle_s = plan, duration_s, idle_s
-        self.done = 0
+    ``plan`` is every step the run will take, as (label, estimated seconds), in any order: the count
+    and the time left are read from what is not done yet."""
+
+    def __init__(self, plan: list[tuple[str, float]]) -> None:
+        self.plan = plan
+        self.left = list(range(len(plan)))
 
     def remaining_s(self) -> float:
-        left = 0.0
-        for label, users in self.plan[self.done :]:
-            if users == 0:
-                left += START_ESTIMATE_S.get(label, DEFAULT_START_ESTIMATE_S) + self.idle_s
-            else:
-                left += self.duration_s + STEP_OVERHEAD_S
-        return left
+        return sum(self.plan[i][1] for i in self.left)
 
     def step(self, label: str, what: str) -> None:
         minutes = self.remaining_s() / 60
         stamp = dt.datetime.now().strftime("%H:%M:%S")
+        number = len(self.plan) - len(self.left) + 1
         print(
-            f"[{stamp}] step {min(self.done + 1, len(self.plan))}/{len(self.plan)} · {label} · {what} · "
+            f"[{stamp}] step {min(number, len(self.plan))}/{len(self.plan)} · {label} · {what} · "
             f"about {minutes:.0f} min left",
             file=sys.stderr,
             flush=True,
         )
 
+    def done(self, label: str) -> None:
+        """The next step of ``label`` is done."""
+        mine = [i for i in self.left if self.plan[i][0] == label]
+        if mine:
+            self.left.remove(mine[0])
+
     def skip(self, label: str) -> None:
-        self.done = max(self.done, max(i for i, (name, _) in enumerate(self.plan) if name == label) + 1)
+        """Every step of ``label`` still to come is dropped (its server failed)."""
+        self.left = [i for i in self.left if self.plan[i][0] != label]
+
+
+def run_plan(targets: list, args, clock_labels: set[str]) -> list[tuple[str, float]]:
+    plan = []
+    for target in targets:
+        plan.append((target.label, START_ESTIMATE_S.get(target.label, DEFAULT_START_ESTIMATE_S) + args.idle_seconds))
+        plan += [(target.label, args.duration + STEP_OVERHEAD_S)] * (len(args.users) * args.repeat)
+        if target.label in clock_labels:
+            plan += [(target.label, args.duration + CLOCK_OVERHEAD_S)] * (len(args.users) * args.repeat)
+    return plan
 
 
 def target_config(args: argparse.Namespace, model_path: str) -> TargetConfig:
@@ -185,6 +256,7 @@ def target_config(args: argparse.Namespace, model_path: str) -> TargetConfig:
         sample_period=args.sample_period,
         baseline_args=tuple(shlex.split(args.baseline_args)),
         transformers_serve_args=tuple(shlex.split(args.transformers_serve_args)),
+        transformers_serve_defaults_args=tuple(shlex.split(args.transformers_serve_defaults_args)),
     )
 
 
@@ -193,8 +265,12 @@ def make_targets(args, engines: list[str], model_path: str, raw: Path) -> list[T
     common = shlex.split(args.server_args)
     config = target_config(args, model_path)
     targets: list[Target] = []
+    baselines = chosen_baselines(args.baseline, engines)
+    clocked = {ours for ours, theirs, _ in VERSUS if theirs in baselines} if args.second_client != "none" else set()
     for engine in engines:
         extra = vllm_engine_args(config) if engine == "vllm" else ["--dtype", args.dtype]
+        if engine in clocked and args.apis == ["grpc"]:
+            extra += ["--http-port", "0"]  # the second clock reaches our engine through the HTTP front end
         previous = None
         for api in args.apis:
             # The second front end of an engine is measured on the first one's server, right after it.
@@ -202,9 +278,16 @@ def make_targets(args, engines: list[str], model_path: str, raw: Path) -> list[T
                 engine, args.model, extra + common, queue, args.sample_period, api, shares_with=previous
             )
             targets.append(previous)
-    for name in chosen_baselines(args.baseline, engines):
+    for name in baselines:
         targets.append(baseline_target(name, config, raw))
     return targets
+
+
+def clock_pairs(targets: list) -> list[tuple[str, str]]:
+    """The (ours, peer) pairs the second clock measures: each compared pair whose peer is an outside server."""
+    outside = {t.label for t in targets if isinstance(t, OutsideServerTarget)}
+    labels = {t.label for t in targets}
+    return [(ours, theirs) for ours, theirs, _ in VERSUS if ours in labels and theirs in outside]
 
 
 def ignores_eos(args, targets: list) -> bool:
@@ -230,7 +313,7 @@ def reading_fields(reading: Reading) -> dict:
 
 
 def base_row(model: str, target, info: dict) -> dict:
-    return {
+    row = {
         "model": model,
         "engine": target.label,
         "use_cache": info.get("use_cache"),
@@ -238,6 +321,9 @@ def base_row(model: str, target, info: dict) -> dict:
         "device": info.get("device", ""),
         "attention": info.get("attention", ""),
     }
+    if info.get("note"):
+        row["target_note"] = info["note"]
+    return row
 
 
 def load_row(row: dict, users: int, summary: dict, reading: Reading, raw_prefix: Path, out: Path) -> dict:
@@ -266,7 +352,9 @@ def load_row(row: dict, users: int, summary: dict, reading: Reading, raw_prefix:
             "raw": str(raw_prefix.relative_to(out)),
         }
     )
-    notes = [row["attention"]] if row.get("attention") else []
+    notes = [row["target_note"]] if row.get("target_note") else []
+    if row.get("attention"):
+        notes.append(row["attention"])
     if row.get("dtype"):
         notes.append(row["dtype"])
     if summary["requests_cut"]:
@@ -279,6 +367,196 @@ def load_row(row: dict, users: int, summary: dict, reading: Reading, raw_prefix:
     return row
 
 
+def why_failed(exc: BaseException) -> str:
+    reason = str(exc).strip().splitlines()
+    detail = reason[0] if reason else type(exc).__name__
+    return next((line.strip() for line in reversed(reason) if ERROR_LINE.search(line)), detail)
+
+
+class Comparison:
+    """One run: its groups of servers, each up together, their steps interleaved round by round.
+
+    Every load step of every round is kept (``rounds``, ``clock_rounds``: in the order they ran,
+    numbered by ``seq``); the report's rows are built from them at the end."""
+
+    def __init__(self, args, targets: list, out: Path, roofline: RooflineColumn, eos_ignored: bool) -> None:
+        self.args, self.targets, self.out, self.raw = args, targets, out, out / "raw"
+        self.roofline = roofline
+        self.load = dict(
+            max_new_tokens=args.max_new_tokens,
+            ignore_eos=eos_ignored,
+            prompts_file=args.prompts_file,
+            chat_template=args.chat_template,
+            stop_timeout_s=args.stop_timeout,
+            processes=args.processes,
+        )
+        self.pairs = clock_pairs(targets) if args.second_client != "none" else []
+        self.clock_labels = {label for pair in self.pairs for label in pair}
+        self.guidellm = second_clock.executable() if self.pairs else None
+        self.prompts = load_prompts(args.prompts_file)
+        self.eos_ignored = eos_ignored
+        self.progress = Progress(run_plan(targets, args, self.clock_labels))
+        self.rounds: list[dict] = []
+        self.clock_rounds: list[dict] = []
+        self.idle: dict[str, dict] = {}
+        self.failed: dict[str, dict] = {}
+        self.infos: dict[str, dict] = {}
+        self.failures: list[str] = []
+        self.seq = itertools.count(1)
+
+    # ---- one group ---------------------------------------------------------------------
+
+    def run_group(self, group: Group) -> None:
+        up: list = []
+        try:
+            for target in group.targets:
+                if self.start(target):
+                    up.append(target)
+            # The utilisation gauge covers the last sample period: let the warm-ups leave it first.
+            time.sleep(2 * self.args.sample_period + 0.5)
+            for target in list(up):
+                self.guarded(up, self.idle_row, target)
+            for users in self.args.users:
+                for number in range(1, self.args.repeat + 1):
+                    for target in list(up):
+                        self.guarded(up, self.load_step, target, users, number)
+                    for target in [t for t in up if t.label in self.clock_labels]:
+                        self.clock_step(target, users, number)
+        finally:
+            for target in reversed(group.targets):
+                try:
+                    target.stop()
+                except Exception as exc:  # a server that will not stop must not keep the others up
+                    print(f"  {target.label} did not stop cleanly: {exc}", file=sys.stderr, flush=True)
+
+    def start(self, target) -> bool:
+        self.progress.step(target.label, "starting the server")
+        try:
+            self.infos[target.label] = target.start(self.args.start_timeout)
+            target.warm_up()
+            return True
+        except Exception as exc:  # one server's failure must not cost the others their rows
+            self.fail(target, exc, "did not run")
+            return False
+
+    def guarded(self, up: list, step, target, *args) -> None:
+        """``step(target, *args)``; a target that fails there leaves ``up`` and is stopped."""
+        try:
+            step(target, *args)
+        except Exception as exc:
+            self.fail(target, exc, "stopped part-way")
+            up.remove(target)
+            target.stop()
+
+    def fail(self, target, exc: BaseException, what: str) -> None:
+        why = why_failed(exc)
+        self.failures.append(f"{target.label}: {why}")
+        info = self.infos.get(target.label, {})
+        self.failed[target.label] = {
+            **base_row(self.args.model, target, info),
+            "users": 0,
+            "failed": True,
+            "notes": f"{what}: {why}",
+        }
+        (self.raw / f"{target.label}_failure.txt").write_text(f"{exc}\n\n{target.startup_output()}")
+        self.progress.skip(target.label)
+        print(f"  {target.label} failed: {why}", file=sys.stderr, flush=True)
+
+    # ---- the steps ---------------------------------------------------------------------
+
+    def idle_row(self, target) -> None:
+        with target.watch(self.raw / f"{target.label}_idle") as watch:
+            time.sleep(self.args.idle_seconds)
+        row = base_row(self.args.model, target, self.infos[target.label])
+        notes = [row.pop("target_note")] if row.get("target_note") else []
+        self.idle[target.label] = {
+            **row,
+            "users": 0,
+            **reading_fields(watch.reading),
+            "notes": "; ".join(["idle (空载): loaded, no requests", *notes]),
+            "raw": f"raw/{target.label}_idle",
+        }
+        self.progress.done(target.label)
+
+    def prefix(self, target, users: int, number: int) -> Path:
+        suffix = f"_r{number}" if self.args.repeat > 1 else ""
+        return self.raw / f"{target.label}_u{users}{suffix}"
+
+    def load_step(self, target, users: int, number: int) -> None:
+        self.progress.step(target.label, f"{users} users for {self.args.duration:g} s{self.round_text(number)}")
+        prefix = self.prefix(target, users, number)
+        with target.watch(prefix) as watch:
+            spec = LoadSpec(users, self.args.duration, **self.load)
+            summary = run_locust(target.locustfile, target.host, spec, prefix, target.locust_args())
+        row = load_row(
+            base_row(self.args.model, target, self.infos[target.label]), users, summary, watch.reading, prefix, self.out
+        )
+        self.roofline.fill(row)
+        row.update({"round": number, "seq": next(self.seq), "clock": "locust"})
+        self.rounds.append(row)
+        self.progress.done(target.label)
+
+    def round_text(self, number: int) -> str:
+        return f", round {number}/{self.args.repeat}" if self.args.repeat > 1 else ""
+
+    def clock_step(self, target, users: int, number: int) -> None:
+        """guidellm against the target's OpenAI-compatible URL; a failure is reported, the target runs on."""
+        what = f"guidellm, {users} streams for {self.args.duration:g} s{self.round_text(number)}"
+        self.progress.step(target.label, what)
+        prefix = Path(f"{self.prefix(target, users, number)}_clock")
+        try:
+            if self.guidellm is None:
+                raise RuntimeError("guidellm is not installed: python -m loadtest.second_clock install")
+            load = second_clock.ClockLoad(
+                users=users,
+                duration_s=self.args.duration,
+                max_new_tokens=self.args.max_new_tokens,
+                ignore_eos=self.eos_ignored,
+                prompts=self.prompts,
+                chat_template=self.args.chat_template,
+            )
+            served = target.served_name if isinstance(target, OutsideServerTarget) else target.model
+            url = target.openai_url
+            if not url:
+                raise RuntimeError("no OpenAI-compatible URL (our server runs without --http-port)")
+            summary = second_clock.run(url, served, self.args.model_path, load, prefix, self.guidellm)
+            notes = ["the prompts file ran out before the step's end"] if summary.pop("data_ran_out") else []
+            if summary["requests_failed"]:
+                notes.append(f"{summary['requests_failed']} failed")
+            self.clock_rounds.append(
+                {
+                    "engine": target.label,
+                    "users": users,
+                    "round": number,
+                    "seq": next(self.seq),
+                    "clock": "guidellm",
+                    **summary,
+                    "notes": "; ".join(notes),
+                    "raw": str(prefix.relative_to(self.out)),
+                }
+            )
+        except Exception as exc:
+            why = why_failed(exc)
+            self.failures.append(f"{target.label} (guidellm, {users} users{self.round_text(number)}): {why}")
+            print(f"  guidellm against {target.label} failed: {why}", file=sys.stderr, flush=True)
+        self.progress.done(target.label)
+
+    # ---- the report's rows -------------------------------------------------------------
+
+    def rows(self) -> list[dict]:
+        """Per target, in the order given: the idle row, one row per concurrency (the rounds'
+        medians), and a failure row where it failed."""
+        loaded = aggregate_all(self.rounds)
+        rows = []
+        for target in self.targets:
+            if target.label in self.idle:
+                rows.append(self.idle[target.label])
+            rows += [loaded[(target.label, u)] for u in self.args.users if (target.label, u) in loaded]
+            if target.label in self.failed:
+                rows.append(self.failed[target.label])
+        return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     engines = [name.strip() for name in args.engines.split(",") if name.strip()]
@@ -288,69 +566,25 @@ def main(argv: list[str] | None = None) -> int:
     raw.mkdir(parents=True, exist_ok=True)
     from engines.models import resolve_model
 
-    model_path = str(resolve_model(args.model))
+    args.model_path = model_path = str(resolve_model(args.model))
 
     targets = make_targets(args, engines, model_path, raw)
-    plan = [(t.label, users) for t in targets for users in [0, *args.users]]
-    progress = Progress(plan, args.duration, args.idle_seconds)
     roofline = RooflineColumn(model_path, context=16 + args.max_new_tokens // 2)
+    eos_ignored = ignores_eos(args, targets)
+    run = Comparison(args, targets, out, roofline, eos_ignored)
+    if run.pairs and run.guidellm is None:
+        print("guidellm is not installed: python -m loadtest.second_clock install", file=sys.stderr)
+        return 2
+    estimate = target_estimate(roofline.shape.params, args.kv_cache_gb)
+    groups, together = plan_groups(targets, VERSUS, args.together, memory_budget(), estimate)
+    print(f"  {together}: " + " | ".join(", ".join(g.labels) for g in groups), file=sys.stderr, flush=True)
     if args.probe_seconds > 0:
-        progress.step("roofline", "probing this machine's bandwidth and FLOP/s")
+        run.progress.step("roofline", "probing this machine's bandwidth and FLOP/s")
         roofline.probe({args.vllm_dtype, args.dtype, "float32"} - {"auto"}, args.probe_seconds)
 
-    eos_ignored = ignores_eos(args, targets)
-    load = dict(
-        max_new_tokens=args.max_new_tokens,
-        ignore_eos=eos_ignored,
-        prompts_file=args.prompts_file,
-        chat_template=args.chat_template,
-        stop_timeout_s=args.stop_timeout,
-        processes=args.processes,
-    )
-    rows, failures = [], []
-    for target in targets:
-        progress.step(target.label, "starting the server")
-        info = {}
-        try:
-            info = target.start(args.start_timeout)
-            target.warm_up()
-            # The utilisation gauge covers the last sample period: let the warm-up leave it first.
-            time.sleep(2 * args.sample_period + 0.5)
-            with target.watch(raw / f"{target.label}_idle") as watch:
-                time.sleep(args.idle_seconds)
-            rows.append(
-                {
-                    **base_row(args.model, target, info),
-                    "users": 0,
-                    **reading_fields(watch.reading),
-                    "notes": "idle (空载): loaded, no requests",
-                    "raw": f"raw/{target.label}_idle",
-                }
-            )
-            progress.done += 1
-            for users in args.users:
-                progress.step(target.label, f"{users} users for {args.duration:g} s")
-                prefix = raw / f"{target.label}_u{users}"
-                with target.watch(prefix) as watch:
-                    spec = LoadSpec(users, args.duration, **load)
-                    summary = run_locust(target.locustfile, target.host, spec, prefix, target.locust_args())
-                row = load_row(base_row(args.model, target, info), users, summary, watch.reading, prefix, out)
-                roofline.fill(row)
-                rows.append(row)
-                progress.done += 1
-        except Exception as exc:  # one engine's failure must not cost the others their rows
-            reason = str(exc).strip().splitlines()
-            detail = reason[0] if reason else type(exc).__name__
-            why = next((line.strip() for line in reversed(reason) if ERROR_LINE.search(line)), detail)
-            failures.append(f"{target.label}: {why}")
-            rows.append(
-                {**base_row(args.model, target, info), "users": 0, "failed": True, "notes": f"did not run: {why}"}
-            )
-            (raw / f"{target.label}_failure.txt").write_text(f"{exc}\n\n{target.startup_output()}")
-            progress.skip(target.label)
-            print(f"  {target.label} failed: {why}", file=sys.stderr, flush=True)
-        finally:
-            target.stop()
+    for group in groups:
+        run.run_group(group)
+    rows = run.rows()
 
     context = {
         "model": args.model,
@@ -362,11 +596,16 @@ def main(argv: list[str] | None = None) -> int:
         "users": args.users,
         "duration_s": args.duration,
         "max_new_tokens": args.max_new_tokens,
-        "failures": failures,
+        "repeat": args.repeat,
+        "together": together,
+        "groups": [g.labels for g in groups],
+        "second_client": args.second_client if run.pairs else "none",
+        "clock_pairs": run.pairs,
+        "failures": run.failures,
         "roofline": roofline.describe(),
         "column_notes": column_notes(args, eos_ignored),
     }
-    paths = write_report(out, rows, context)
+    paths = write_report(out, rows, context, run.rounds, run.clock_rounds)
     versus = api_comparison(rows)
     if versus:
         text = (
@@ -375,8 +614,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         (out / "api_comparison.md").write_text(text)
         print(text, flush=True)
+    print(printed_summary((out / "speed.md").read_text()), flush=True)
     print(f"report: {paths[0]}", flush=True)
-    return 0 if not failures else 1
+    return 0 if not run.failures else 1
+
+
+def printed_summary(markdown: str) -> str:
+    """speed.md as the run ends it on the terminal: the tables and cautions, not the column notes or plots."""
+    sections = markdown.split("\n## ")
+    kept = [sections[0]] + [
+        section
+        for section in sections[1:]
+        if not section.startswith(("What the columns hold", "Plots", "Roofline bound"))
+    ]
+    return "\n## ".join(kept)
 
 
 def api_comparison(rows: list[dict]) -> list[dict]:
@@ -413,7 +664,13 @@ def column_notes(args, eos_ignored: bool) -> list[str]:
         f"Load: each user sends the prompts in turn, greedy, {length}, "
         f"no pause between requests, for {args.duration:g} s per step; Users is the concurrency.",
         "Speed: output tokens over the step (first request sent to last token received), all users together; "
-        "tokens of requests cut by the end of the step count, their latencies do not.",
+        "tokens of requests cut by the end of the step count, their latencies do not."
+        + (
+            f" Over the {args.repeat} rounds: the median, with the rounds' min–max in brackets; every other "
+            "figure of a loaded row is the median of its rounds too (Mem: the peak; Errors: the sum)."
+            if args.repeat > 1
+            else ""
+        ),
         "Mem: peak of the server's memory during the step: on CPU the resident memory of the server process "
         "and its children (vLLM's engine runs in children), on CUDA the GPU memory NVML reports.",
         "GPU-UTL: on CPU the server's CPU time as a share of all cores of the machine (`CPU n%`), mean over the step.",
@@ -423,9 +680,12 @@ def column_notes(args, eos_ignored: bool) -> list[str]:
         "% of bound: Speed over the decode roofline bound for this model on this device at batch = Users "
         "(engines that do not batch are still measured against the batched bound).",
         "vllm-openai: vLLM's own OpenAI-compatible server, same prompts and load through streaming /v1/completions.",
-        "transformers-serve: `transformers serve MODEL_DIR --continuous-batching` with hf-cb's KV cache (blocks, "
-        "block size, tokens per step), same prompts and load through streaming /v1/completions; it sends usage "
-        "only at the end, so each text chunk counts as a token as it arrives and the final usage adds the rest.",
+        "transformers-serve-matched: `transformers serve MODEL_DIR --continuous-batching` with hf-cb's KV cache "
+        "(blocks, block size, tokens per step), same prompts and load through streaming /v1/completions; it sends "
+        "usage only at the end, so each text chunk counts as a token as it arrives and the final usage adds the rest.",
+        "transformers-serve-defaults: the same server as a user starts it, `transformers serve MODEL_DIR "
+        "--continuous-batching` in the run's dtype and nothing else: its cache is its own default (on a CPU 90 % of "
+        "the machine's memory, capped to what is free where that is less; its Notes say so).",
         "ENGINE-http (hf-kv-http, vllm-http): the engine through our OpenAI-compatible front end (--http-port), "
         "with the same streaming /v1/completions load and client as vllm-openai; a bare engine name is gRPC.",
     ]

@@ -44,7 +44,8 @@ class TargetConfig:
     max_model_len: int | None  # None: the model's own, at most the fallback both vLLM servers use
     sample_period: float
     baseline_args: tuple[str, ...] = ()  # extra arguments for vLLM's own server
-    transformers_serve_args: tuple[str, ...] = ()
+    transformers_serve_args: tuple[str, ...] = ()  # for the one with hf-cb's cache
+    transformers_serve_defaults_args: tuple[str, ...] = ()  # for the one left to its own defaults
 
 
 class Target(Protocol):
@@ -389,11 +390,12 @@ class VLLMServerTarget(OutsideServerTarget):
 class TransformersServeTarget(OutsideServerTarget):
     """``transformers serve MODEL_DIR --continuous-batching``, beside our hf-cb rows, with hf-cb's KV
     cache (blocks, block size, tokens per step): left to itself on a CPU it sizes its cache from
-    90 % of the machine's memory.  It serves the model under its path and counts no tokens in
-    Prometheus; its /v1/completions knows no ignore_eos, so its load honours EOS."""
+    90 % of the machine's memory (``TransformersServeDefaultsTarget``).  It serves the model under
+    its path and counts no tokens in Prometheus; its /v1/completions knows no ignore_eos, so its
+    load honours EOS."""
 
-    label = "transformers-serve"
-    name = "transformers serve --continuous-batching"
+    label = "transformers-serve-matched"
+    name = "transformers serve --continuous-batching, hf-cb's KV cache"
     attention = "paged (transformers' default)"
 
     def __init__(self, model_path: str, dtype: str, log_path: Path, sample_period: float, extra_args: list[str]):
@@ -412,6 +414,19 @@ class TransformersServeTarget(OutsideServerTarget):
 
         plan = default_cache_plan(self.model_path, self.dtype)
         return [
+            *self.serve_command(),
+            "--cb-num-blocks",
+            str(plan.num_blocks),
+            "--cb-block-size",
+            str(plan.block_size),
+            "--cb-max-batch-tokens",
+            str(plan.max_batch_tokens),
+            *self.extra_args,
+        ]
+
+    def serve_command(self) -> list[str]:
+        """``transformers serve`` with continuous batching on our port, in the run's dtype: no cache options."""
+        return [
             str(Path(sys.executable).parent / "transformers"),
             "serve",
             self.model_path,
@@ -422,17 +437,70 @@ class TransformersServeTarget(OutsideServerTarget):
             "127.0.0.1",
             "--port",
             str(self.port),
-            "--cb-num-blocks",
-            str(plan.num_blocks),
-            "--cb-block-size",
-            str(plan.block_size),
-            "--cb-max-batch-tokens",
-            str(plan.max_batch_tokens),
-            *self.extra_args,
         ]
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+# What transformers' continuous batching takes for its cache on a CPU when not told: this share of
+# the machine's memory (less what the process holds), zeroed at start-up, so all of it resident.
+TRANSFORMERS_DEFAULT_MEMORY_SHARE = 0.9
+# Memory a comparison leaves to everything else on the machine when it has to cap that cache.
+MEMORY_RESERVE_BYTES = 6 * 2**30
+MEMORY_RESERVE_SHARE = 0.25
+
+
+class TransformersServeDefaultsTarget(TransformersServeTarget):
+    """``transformers serve MODEL_DIR --continuous-batching`` as a user starts it: the cache's blocks,
+    block size and tokens per step are its own defaults (only the dtype is the run's, so the work is
+    the same).  Its default cache on a CPU is 90 % of the machine's memory, zeroed at start: where
+    that is more than is free, less a reserve for the rest of the machine, it is capped with
+    ``--cb-max-memory-percent`` to what is free, and the row's note says so."""
+
+    label = "transformers-serve-defaults"
+    name = "transformers serve --continuous-batching, its own cache defaults"
+    note = ""  # set by command() when the cache had to be capped
+
+    def command(self) -> list[str]:
+        self.note = ""
+        cap: list[str] = []
+        if not any(arg.startswith("--cb-max-memory-percent") for arg in self.extra_args):
+            share = default_cache_share()
+            if share is not None:
+                cap = ["--cb-max-memory-percent", f"{share:.2f}"]
+                self.note = (
+                    f"cache capped at {share:.0%} of the machine's memory: its default, "
+                    f"{TRANSFORMERS_DEFAULT_MEMORY_SHARE:.0%}, is more than is free"
+                )
+        return [*self.serve_command(), *cap, *self.extra_args]
+
+    def start(self, timeout: float) -> dict:
+        info = super().start(timeout)
+        if self.note:
+            info["note"] = self.note
+        return info
+
+
+def default_cache_share(available: int | None = None, total: int | None = None, held: int = 2**30) -> float | None:
+    """None when transformers' default cache share fits in the memory free now, less the reserve
+    (``held``: what its own process holds before the cache, which the default leaves out); else the
+    share of the machine's memory that does fit.  Raises when not even 1 % does."""
+    import psutil
+
+    memory = psutil.virtual_memory()
+    available = memory.available if available is None else available
+    total = memory.total if total is None else total
+    free = available - max(MEMORY_RESERVE_BYTES, MEMORY_RESERVE_SHARE * total) - held
+    if TRANSFORMERS_DEFAULT_MEMORY_SHARE * (total - held) <= free:
+        return None
+    share = int(100 * free / total) / 100
+    if share < 0.01:
+        raise RuntimeError(
+            f"transformers serve's default cache needs memory this machine does not have free: "
+            f"{available / 2**30:.1f} GiB available"
+        )
+    return share
 
 
 class ProcessWatch(_Watch):
@@ -482,9 +550,11 @@ def _free_port() -> int:
 
 # ---- the outside baselines, as both drivers (compare, vllm_bench) choose and build them ----------
 
-BASELINES = ("vllm-openai", "transformers-serve")
+BASELINES = ("vllm-openai", "transformers-serve-matched", "transformers-serve-defaults")
 # The engine each outside baseline stands beside: it runs under "auto" when that engine does.
-BASELINE_PEER = {"vllm-openai": "vllm", "transformers-serve": "hf-cb"}
+BASELINE_PEER = {"vllm-openai": "vllm", "transformers-serve-matched": "hf-cb", "transformers-serve-defaults": "hf-cb"}
+# Older names still taken by --baseline.
+BASELINE_ALIASES = {"transformers-serve": "transformers-serve-matched"}
 
 
 def parse_baselines(text: str) -> list[str] | str:
@@ -494,7 +564,7 @@ def parse_baselines(text: str) -> list[str] | str:
     text = text.strip()
     if text in ("auto", "none"):
         return text
-    names = [part.strip() for part in text.split(",") if part.strip()]
+    names = [BASELINE_ALIASES.get(part.strip(), part.strip()) for part in text.split(",") if part.strip()]
     unknown = [name for name in names if name not in BASELINES]
     if not names or unknown:
         raise argparse.ArgumentTypeError(
@@ -511,8 +581,8 @@ def chosen_baselines(choice: list[str] | str, engines: list[str]) -> list[str]:
         return [choice] if isinstance(choice, str) else list(choice)
     import importlib.util
 
-    installed = {"vllm-openai": importlib.util.find_spec("vllm") is not None, "transformers-serve": True}
-    return [name for name in BASELINES if BASELINE_PEER[name] in engines and installed[name]]
+    installed = {"vllm-openai": importlib.util.find_spec("vllm") is not None}
+    return [name for name in BASELINES if BASELINE_PEER[name] in engines and installed.get(name, True)]
 
 
 def max_model_len(config: TargetConfig) -> int:
@@ -553,6 +623,14 @@ def baseline_target(name: str, config: TargetConfig, raw: Path) -> OutsideServer
             kv_cache_gb=config.kv_cache_gb,
             max_model_len=max_model_len(config),
             extra_args=list(config.baseline_args),
+        )
+    if name == "transformers-serve-defaults":
+        return TransformersServeDefaultsTarget(
+            config.model_path,
+            config.dtype,
+            log_path,
+            config.sample_period,
+            list(config.transformers_serve_defaults_args),
         )
     return TransformersServeTarget(
         config.model_path, config.dtype, log_path, config.sample_period, list(config.transformers_serve_args)

@@ -246,13 +246,16 @@ def test_vllm_openai_baseline_is_measured_the_same_way(tmp_path):
 def test_transformers_serve_baseline_is_measured_the_same_way(tmp_path):
     out, most = tmp_path / "baseline", 32
     command = compare_command(
-        out, "--engines", "", "--baseline", "transformers-serve", probe_seconds="0", max_new_tokens=most
+        out, "--engines", "", "--baseline", "transformers-serve-matched", probe_seconds="0", max_new_tokens=most
     )
     completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     report = json.loads((out / "speed.json").read_text())
     rows = report["rows"]
-    assert [(r["engine"], r["users"]) for r in rows] == [("transformers-serve", 0), ("transformers-serve", 2)]
+    assert [(r["engine"], r["users"]) for r in rows] == [
+        ("transformers-serve-matched", 0),
+        ("transformers-serve-matched", 2),
+    ]
     loaded = rows[1]
     # No request refused: the load sent no ignore_eos, which transformers serve answers with 422.
     assert loaded["errors"] == 0 and loaded["requests_ok"] > 0 and loaded["speed_tokens_per_s"] > 0
@@ -263,7 +266,7 @@ def test_transformers_serve_baseline_is_measured_the_same_way(tmp_path):
     assert loaded["attention"] == "paged (transformers' default)" and loaded["dtype"] == "float32"
     # It ran with hf-cb's KV cache, and the report says the load honoured EOS for it.
     plan = default_cache_plan("tiny-llama", "float32")
-    started = (out / "raw" / "transformers-serve_server.log").read_text().splitlines()[0]
+    started = (out / "raw" / "transformers-serve-matched_server.log").read_text().splitlines()[0]
     assert " serve " in started and "--continuous-batching" in started
     assert f"--cb-num-blocks {plan.num_blocks} --cb-block-size {plan.block_size}" in started
     assert any("ending at EOS" in note for note in report["context"]["column_notes"])

@@ -1,0 +1,208 @@
+"""The second clock: guidellm, an outside client, drives the same step against our HTTP front end and
+against the peer, so a ratio does not rest on our own Locust users alone.
+
+Why guidellm (0.8, its ``concurrent`` profile) and not AIPerf 0.13: both run offline against a
+local OpenAI server, but AIPerf pins prometheus-client 0.23 (the server needs 0.26), psutil 7.0,
+pandas, pillow and rich to exact minor versions and runs as several ZMQ service processes, more
+than a 2-core machine spares beside the servers it measures; guidellm needs a handful of small
+packages, runs from a local JSON file of prompts and a local tokenizer, and its ``concurrent``
+profile is Locust's load: N streams, each sending its next request when the last one ends.
+
+It lives in an environment of its own (``$VENV/guidellm``, made by ``python -m
+loadtest.second_clock install``, which ``make compare`` runs): guidellm 0.8 pins click 8.4, and the
+dev extra's check-jsonschema needs click 8.5, so the two cannot be resolved into one environment.
+That environment reads everything else (torch, transformers, datasets, httpx) from the project's
+venv through a ``.pth`` file; the pin is pyproject.toml's ``second-clock`` extra.
+
+Each run sends the run's prompts in turn (a JSON file, enough rows never to run out), greedy, at
+most ``max_new_tokens`` (``ignore_eos`` exactly when the Locust load asks for it), streaming
+``/v1/completions``, for the step's duration; its figure is guidellm's own output tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import sysconfig
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EXTRA = "second-clock"
+ENV_NAME = "guidellm"
+# Rows per stream-second written to the prompts file: far more requests than any step can make.
+ROWS_PER_STREAM_SECOND = 20
+MIN_ROWS = 300
+
+
+def pinned_spec(pyproject: Path = ROOT / "pyproject.toml") -> str:
+    """The one pin, pyproject.toml's ``second-clock`` extra (``guidellm==X.Y.Z``)."""
+    extras = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
+    return next(spec for spec in extras[EXTRA] if spec.startswith("guidellm"))
+
+
+def env_dir(venv: Path | None = None) -> Path:
+    return (Path(sys.prefix) if venv is None else venv) / ENV_NAME
+
+
+def executable(venv: Path | None = None) -> Path | None:
+    """guidellm in its own environment, else on PATH, else None."""
+    own = env_dir(venv) / "bin" / "guidellm"
+    if own.exists():
+        return own
+    import shutil
+
+    found = shutil.which("guidellm")
+    return Path(found) if found else None
+
+
+def installed_version(venv: Path | None = None) -> str | None:
+    site = _site_packages(env_dir(venv))
+    found = sorted(site.glob("guidellm-*.dist-info")) if site else []
+    return found[0].name.removeprefix("guidellm-").removesuffix(".dist-info") if found else None
+
+
+def _site_packages(env: Path) -> Path | None:
+    found = sorted(env.glob("lib/python*/site-packages"))
+    return found[0] if found else None
+
+
+def install(venv: Path | None = None) -> Path:
+    """Make ``$VENV/guidellm`` with the pinned guidellm, reading the project venv's packages through a
+    ``.pth`` file; nothing is done when the pinned version is already there."""
+    spec = pinned_spec()
+    env = env_dir(venv)
+    if installed_version(venv) == spec.partition("==")[2] and (env / "bin" / "guidellm").exists():
+        return env / "bin" / "guidellm"
+    if not (env / "bin" / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
+    site = _site_packages(env)
+    assert site is not None, f"{env}: no site-packages after python -m venv"
+    # Last on its path: guidellm's own pins (click 8.4) come first, the rest from the project's venv.
+    (site / "zz-project-venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    pip = [str(env / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-warn-conflicts"]
+    subprocess.run([*pip, spec], check=True)
+    return env / "bin" / "guidellm"
+
+
+@dataclass(frozen=True)
+class ClockLoad:
+    """One step as the second clock runs it: the same concurrency, length and prompts as Locust's."""
+
+    users: int
+    duration_s: float
+    max_new_tokens: int
+    ignore_eos: bool
+    prompts: tuple[str, ...]
+    chat_template: bool = False
+    temperature: float = 0.0
+
+
+def data_rows(load: ClockLoad) -> list[dict]:
+    """The prompts in turn, enough of them that the step ends on its clock, not for want of data; a
+    row with ``output_tokens_count`` makes guidellm send ``max_tokens`` with ``ignore_eos``."""
+    count = max(MIN_ROWS, math.ceil(load.users * load.duration_s * ROWS_PER_STREAM_SECOND))
+    rows: list[dict] = [{"prompt": load.prompts[i % len(load.prompts)]} for i in range(count)]
+    if load.ignore_eos:
+        for row in rows:
+            row["output_tokens_count"] = load.max_new_tokens
+    return rows
+
+
+def command(
+    guidellm: Path, url: str, served_model: str, tokenizer: str, load: ClockLoad, data: Path, out_json: Path
+) -> list[str]:
+    backend: dict[str, object] = {
+        "kind": "openai_http",
+        "target": url,
+        "model": served_model,
+        "request_format": "/v1/chat/completions" if load.chat_template else "/v1/completions",
+        "extras": {"body": {"temperature": load.temperature}},
+    }
+    if not load.ignore_eos:
+        backend["max_tokens"] = load.max_new_tokens
+    return [
+        str(guidellm),
+        "run",
+        "--backend",
+        json.dumps(backend),
+        "--profile",
+        f"kind=concurrent,streams={load.users}",
+        "--constraint",
+        f"kind=max_duration,seconds={load.duration_s:g}",
+        "--data",
+        f"kind=json_file,path={data}",
+        "--tokenizer",
+        f"kind=huggingface_auto,model={tokenizer}",
+        "--output",
+        f"kind=json,path={out_json}",
+        "--disable-console",
+    ]
+
+
+def run(url: str, served_model: str, tokenizer: str, load: ClockLoad, prefix: Path, guidellm: Path) -> dict:
+    """One step: guidellm's JSON at ``PREFIX_guidellm.json``, its log beside; returns its summary."""
+    data = Path(f"{prefix}_guidellm_prompts.json")
+    rows = data_rows(load)
+    data.write_text(json.dumps(rows))
+    out_json = Path(f"{prefix}_guidellm.json")
+    argv = command(guidellm, url, served_model, tokenizer, load, data, out_json)
+    log_path = Path(f"{prefix}_guidellm.log")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    with open(log_path, "w") as log:
+        log.write(f"$ {' '.join(argv)}\n")
+        log.flush()
+        completed = subprocess.run(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=prefix.parent, timeout=load.duration_s + 300
+        )
+    if completed.returncode != 0 or not out_json.exists():
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
+        raise RuntimeError(f"guidellm exited {completed.returncode}:\n{tail}")
+    summary = read_summary(out_json)
+    summary["data_ran_out"] = summary["requests_total"] >= len(rows)
+    return summary
+
+
+def read_summary(path: Path) -> dict:
+    """The figures of guidellm's JSON the report uses: output tokens/s as guidellm prints it (its
+    "Server Throughput" mean, all requests), request counts, TTFT and ITL medians."""
+    benchmark = json.loads(Path(path).read_text())["benchmarks"][0]
+    metrics = benchmark["metrics"]
+    totals = metrics["request_totals"]
+
+    def successful_median(name: str) -> float | None:
+        stats = (metrics.get(name) or {}).get("successful") or {}
+        return stats.get("median") if stats.get("count") else None
+
+    return {
+        "speed_tokens_per_s": metrics["output_tokens_per_second"]["total"]["mean"],
+        "output_tokens": metrics["output_token_count"]["total"]["total_sum"],
+        "requests_ok": totals["successful"],
+        "requests_failed": totals["errored"],
+        "requests_cut": totals["incomplete"],
+        "requests_total": totals["total"],
+        "ttft_p50_ms": successful_median("time_to_first_token_ms"),
+        "itl_p50_ms": successful_median("inter_token_latency_ms"),
+        "duration_s": benchmark["duration"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.second_clock", description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=["install", "where"], help="install: make $VENV/guidellm; where: print it")
+    args = parser.parse_args(argv)
+    if args.action == "install":
+        print(install())
+        return 0
+    found = executable()
+    print(found or "guidellm is not installed: python -m loadtest.second_clock install")
+    return 0 if found else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
