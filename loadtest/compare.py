@@ -237,7 +237,8 @@ class Progress:
 def run_plan(targets: list, args, clock_labels: set[str]) -> list[tuple[str, float]]:
     plan = []
     for target in targets:
-        plan.append((target.label, START_ESTIMATE_S.get(target.label, DEFAULT_START_ESTIMATE_S) + args.idle_seconds))
+        plan.append((target.label, START_ESTIMATE_S.get(target.label, DEFAULT_START_ESTIMATE_S)))
+        plan.append((target.label, args.idle_seconds))
         plan += [(target.label, args.duration + STEP_OVERHEAD_S)] * (len(args.users) * args.repeat)
         if target.label in clock_labels:
             plan += [(target.label, args.duration + CLOCK_OVERHEAD_S)] * (len(args.users) * args.repeat)
@@ -352,19 +353,27 @@ def load_row(row: dict, users: int, summary: dict, reading: Reading, raw_prefix:
             "raw": str(raw_prefix.relative_to(out)),
         }
     )
+    row["notes"] = row_notes(row)
+    return row
+
+
+def row_notes(row: dict) -> str:
+    """A loaded row's Notes, from its fields: over several rounds the counts are the rounds' sums."""
+    rounds = row.get("rounds") or 1
+    over = f" over {rounds} rounds" if rounds > 1 else ""
     notes = [row["target_note"]] if row.get("target_note") else []
     if row.get("attention"):
         notes.append(row["attention"])
     if row.get("dtype"):
         notes.append(row["dtype"])
-    if summary["requests_cut"]:
-        notes.append(f"{summary['requests_cut']} cut at the end")
-    if summary["failures_by_status"]:
-        notes.append(f"failures {summary['failures_by_status']}")
-    if reading.server_tokens is not None and reading.server_tokens != tokens:
-        notes.append(f"server counted {reading.server_tokens:.0f} tokens, client {tokens}")
-    row["notes"] = "; ".join(notes)
-    return row
+    if row.get("requests_cut"):
+        notes.append(f"{row['requests_cut']} cut at the end{over}")
+    if row.get("failures_by_status"):
+        notes.append(f"failures {row['failures_by_status']}")
+    server, client = row.get("server_tokens"), row.get("client_tokens")
+    if server is not None and server != client:
+        notes.append(f"server counted {server:.0f} tokens, client {client}{over}")
+    return "; ".join(notes)
 
 
 def why_failed(exc: BaseException) -> str:
@@ -434,6 +443,7 @@ class Comparison:
         try:
             self.infos[target.label] = target.start(self.args.start_timeout)
             target.warm_up()
+            self.progress.done(target.label)
             return True
         except Exception as exc:  # one server's failure must not cost the others their rows
             self.fail(target, exc, "did not run")
@@ -547,6 +557,8 @@ class Comparison:
         """Per target, in the order given: the idle row, one row per concurrency (the rounds'
         medians), and a failure row where it failed."""
         loaded = aggregate_all(self.rounds)
+        for row in loaded.values():
+            row["notes"] = row_notes(row)
         rows = []
         for target in self.targets:
             if target.label in self.idle:

@@ -311,7 +311,7 @@ def ratio_rows(rows: list[dict], rounds: list[dict], clock_rounds: list[dict], o
             other = Spread.of(clock.get(users, []))
             gap = clocks_differ(spread, other)
             row["guidellm ratio"] = other.cell() if other else "n/a"
-            row["clocks"] = "n/a" if other is None else (f"differ by {gap:+.0%}" if gap is not None else "agree")
+            row["clocks"] = "n/a" if other is None else (f"differ by {gap:+.1%}" if gap is not None else "agree")
         row[f"TTFT p50 {ours} (ms)"] = _number(loaded[(ours, users)].get("ttft_p50_ms"), 0)
         row[f"TTFT p50 {theirs} (ms)"] = _number(loaded[(theirs, users)].get("ttft_p50_ms"), 0)
         table.append(row)
@@ -322,7 +322,7 @@ def ratio_cautions(table: list[dict], ours: str, theirs: str) -> list[str]:
     """The steps whose rounds do not carry their ratio, and those whose two clocks disagree."""
     lines = []
     for row in table:
-        step = f"{ours} / {theirs} at {row['Users']} users"
+        step = f"{ours} / {theirs} at {row['Users']} user{'s' if row['Users'] != 1 else ''}"
         if row["reads as"] == "not distinguishable":
             lines.append(
                 f"{step}: ratio {row['ratio (median)']} with range {row['ratio min–max']}, wider than its "

@@ -4,7 +4,7 @@ A target and the peers it is compared with (``report.VERSUS``; two front ends of
 be up at the same time: their rounds are then minutes apart at most, and each server's start-up is
 paid once for all its rounds.  ``--together all`` puts every target in one group; ``pairs`` makes one
 group of each engine with its peers, run one group after the other; ``auto`` (the default) starts
-from those groups and packs consecutive ones together while their estimated memory fits in what
+from those groups and packs them, first fit in order, while their estimated memory fits in what
 the machine has free, less a reserve for everything else on it.  The estimates are rough (base
 memory by kind, the weights in the target's dtype, the KV caches as configured) and err high.
 """
@@ -84,15 +84,22 @@ def plan_groups(
     if mode == "pairs":
         return parts, "each engine up with the peers it is compared with, one group after another (--together pairs)"
     packed: list[Group] = []
-    for part in parts:
-        if packed and packed[-1].estimate_bytes + part.estimate_bytes <= budget_bytes:
-            packed[-1].targets += part.targets
-            packed[-1].estimate_bytes += part.estimate_bytes
-        else:
+    for part in parts:  # first fit: into the first group it fits beside, else a group of its own
+        home = next((g for g in packed if g.estimate_bytes + part.estimate_bytes <= budget_bytes), None)
+        if home is None:
             packed.append(part)
+        else:
+            home.targets += part.targets
+            home.estimate_bytes += part.estimate_bytes
     total = sum(p.estimate_bytes for p in parts)
-    if len(packed) == 1:
+    if len(packed) == 1 and total <= budget_bytes:
         why = f"all targets up together: about {total / GiB:.1f} GiB, {budget_bytes / GiB:.1f} GiB to spare"
+    elif len(packed) == 1:
+        why = (
+            f"all targets up together, since each is compared with another: about {total / GiB:.1f} GiB "
+            f"estimated (transformers serve's default cache counted whole; it is capped at its start to what is "
+            f"free), {budget_bytes / GiB:.1f} GiB free less a reserve for the rest of the machine"
+        )
     else:
         why = (
             f"all targets together would take about {total / GiB:.1f} GiB, more than the {budget_bytes / GiB:.1f} GiB "

@@ -91,10 +91,10 @@ def test_the_second_clock_is_reported_beside_locust_and_flagged_past_5_percent()
     ] + [{**round_row("B", 4, n, 11 + 2 * n, 100.0), "clock": "guidellm"} for n in (1, 2, 3)]
     table = ratio_rows(rows, ROUNDS, clock, "A", "B")
     assert table[0]["ratio (median)"] == "1.03" and table[0]["ratio min–max"] == "0.90–1.15"
-    assert table[0]["guidellm ratio"] == "0.95 (0.92–0.97)" and table[0]["clocks"] == "differ by -8%"
+    assert table[0]["guidellm ratio"] == "0.95 (0.92–0.97)" and table[0]["clocks"] == "differ by -7.8%"
     cautions = ratio_cautions(table, "A", "B")
     assert any("not distinguishable" in line for line in cautions)
-    assert any("guidellm's 0.95 (0.92–0.97) differ by -8%" in line for line in cautions)
+    assert any("guidellm's 0.95 (0.92–0.97) differ by -7.8%" in line for line in cautions)
     # Without a second clock the table has no clock columns.
     assert "guidellm ratio" not in ratio_rows(rows, ROUNDS, [], "A", "B")[0]
 
@@ -214,11 +214,11 @@ def test_the_plan_counts_every_round_and_clock_step():
     args = build_parser().parse_args(["--users", "1,4", "--repeat", "3", "--duration", "10s"])
     targets = [SimpleNamespace(label="hf-cb"), SimpleNamespace(label="transformers-serve-matched")]
     plan = run_plan(targets, args, {"hf-cb", "transformers-serve-matched"})
-    assert len(plan) == 2 * (1 + 2 * 3 + 2 * 3)
+    assert len(plan) == 2 * (2 + 2 * 3 + 2 * 3)  # start, idle, Locust's rounds, guidellm's rounds
     progress = Progress(plan)
     progress.done("hf-cb")
     progress.skip("transformers-serve-matched")
-    assert len(progress.left) == 12
+    assert len(progress.left) == 13
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--repeat", "0"])
     # The second clock runs where a peer is an outside server, not for hf-cb against hf-kv.
