@@ -102,7 +102,7 @@ replicas: model haproxy
 bench-replicas: model haproxy
 	$(BIN)/python -m bench.replicas_proxy --model $(MODEL) --engine $(ENGINE) --replicas $(N) $(BENCH_ARGS)
 
-compare: model second-clock
+compare: model $(if $(filter guidellm,$(COMPARE_SECOND_CLIENT)),second-clock)
 	$(BIN)/yayi-compare --engines $(COMPARE_ENGINES) --model $(MODEL) --users $(COMPARE_USERS) \
 	  --duration $(COMPARE_DURATION) --repeat $(COMPARE_REPEAT) --second-client $(COMPARE_SECOND_CLIENT) $(COMPARE_ARGS)
 
