@@ -2,10 +2,10 @@ import pytest
 
 from loadtest.prompts import LOG_SPEED_PROMPTS
 from loadtest.server_process import ServerProcess
-from tests.loop_thread import LoopThread
+from tests.helpers.loop_thread import LoopThread
 
 # Before any test module imports them: the helpers' asserts then show their values as a test's do.
-pytest.register_assert_rewrite("tests.engine_calls", "tests.observe")
+pytest.register_assert_rewrite("tests.helpers.engine_calls", "tests.helpers.observe")
 
 # The log's speed prompts from their one home, under the name the tests import.
 LOG_PROMPTS = LOG_SPEED_PROMPTS

@@ -20,7 +20,7 @@ from loadtest.server_process import ROOT, ServerProcess
 from loadtest.stream_clock import StreamClock
 from loadtest.token_stats import CUT, OK, RequestSample, percentile, read_summary_csv, summarize
 from server.wire import pb
-from tests.observe import metric
+from tests.helpers.observe import metric
 
 SPEED = ROOT / "loadtest" / "speed.py"
 

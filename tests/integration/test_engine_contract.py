@@ -8,7 +8,7 @@ import pytest
 
 from engines import SamplingParams
 from tests.conftest import LOG_PROMPTS
-from tests.engine_calls import (
+from tests.helpers.engine_calls import (
     TINY_LLAMA_BAD_INPUTS,
     assert_refused,
     collect,

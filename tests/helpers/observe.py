@@ -1,4 +1,5 @@
-"""What tests read from a running server: a /metrics series, waiting for a condition, work that stops."""
+"""What tests read from a running server: a /metrics series, waiting for a condition, work that stops,
+a stream's raw bytes."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 from loadtest import scrape
 from loadtest.server_process import ServerProcess
+from server.wire import SERVICE_NAME, pb
 
 
 def metric(server: ServerProcess, name: str, **labels) -> float:
@@ -42,3 +44,11 @@ def assert_deadline_stops_the_work(server: ServerProcess) -> None:
     tokens = metric(server, "yayi_generation_tokens_total")
     time.sleep(0.5)
     assert metric(server, "yayi_generation_tokens_total") == tokens, "work went on past the deadline"
+
+
+def raw_stream(server: ServerProcess, message: pb.GenerateRequest, timeout: float = 60):
+    """The stream's chunks as the bytes on the wire, before any client-side decoding."""
+    call = server.channel.unary_stream(
+        f"/{SERVICE_NAME}/GenerateStream", request_serializer=pb.GenerateRequest.SerializeToString
+    )
+    return list(call(message, timeout=timeout))

@@ -11,9 +11,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from loadtest.server_process import ServerProcess, tls_credentials
 from server.wire import pb, pb_grpc
-from tests.certs import CertificateAuthority
-from tests.observe import metric
-from tests.servers import run_cli
+from tests.helpers.certs import CertificateAuthority
+from tests.helpers.observe import metric
+from tests.helpers.servers import run_cli
 
 TOKEN = "t0ken-under-test-7f3a9c"
 

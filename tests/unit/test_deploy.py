@@ -28,7 +28,7 @@ from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor
 from server.cli import build_parser, config_from_args
 from server.metrics import ServerMetrics
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 COMPOSE = DEPLOY / "docker-compose.yml"

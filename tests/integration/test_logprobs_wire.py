@@ -13,8 +13,8 @@ import pytest
 
 from loadtest.server_process import request
 from server.wire import pb
-from tests.observe import metric
-from tests.servers import TINY_KV, served
+from tests.helpers.observe import metric
+from tests.helpers.servers import TINY_KV, served
 
 MODEL = "tiny-llama"
 TEXT = "The quick brown fox jumps over the lazy dog"

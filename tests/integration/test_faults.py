@@ -18,8 +18,8 @@ from grpc_health.v1 import health_pb2
 from engines import EngineConfig, SamplingParams, create_engine, faults
 from engines.errors import EngineOutOfMemory
 from loadtest.server_process import ROOT, ServerProcess
-from tests.observe import idle, metric, wait_until
-from tests.servers import TINY_KV, run_cli, served
+from tests.helpers.observe import idle, metric, wait_until
+from tests.helpers.servers import TINY_KV, run_cli, served
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 FAULTS = "error:FAULT-ERROR@2,oom:FAULT-OOM@1,fatal:FAULT-FATAL@1"

@@ -36,7 +36,7 @@ from loadtest.evaluate import (
 )
 from loadtest.server_process import ServerProcess
 from server.wire import pb
-from tests.servers import TINY_KV
+from tests.helpers.servers import TINY_KV
 
 LOCAL_TASKS = {
     "yayi_docs_mc": ("multiple_choice", 42),

@@ -16,7 +16,7 @@ from engines import EngineConfig, SamplingParams, create_engine
 from engines.errors import InvalidRequest
 from engines.hf import KVCacheEngine
 from engines.models import resolve_model
-from tests.engine_calls import collect, started_engines, token_ids
+from tests.helpers.engine_calls import collect, started_engines, token_ids
 
 HF_ENGINES = ["hf-eager", "hf-kv", "hf-flash", "hf-cb"]
 ENGINES = [*HF_ENGINES, "vllm"]

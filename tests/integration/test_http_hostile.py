@@ -16,8 +16,8 @@ import psutil
 import pytest
 
 from loadtest.server_process import ServerProcess
-from tests.observe import metric, wait_until
-from tests.servers import TINY_KV, served
+from tests.helpers.observe import metric, wait_until
+from tests.helpers.servers import TINY_KV, served
 
 READ_TIMEOUT_S = 2
 MAX_CONNECTIONS = 64

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server.http_app import CHAT, COMPLETIONS, HEALTH, MODELS
-from tests.servers import TINY_KV, served
+from tests.helpers.servers import TINY_KV, served
 
 GET_ROUTES = (HEALTH, MODELS)
 POST_ROUTES = (COMPLETIONS, CHAT)

@@ -16,9 +16,9 @@ from engines.vllm_engine import VLLMOptions
 from loadtest.server_process import ROOT, ServerProcess
 from server.wire import pb
 from tests.conftest import LOG_PROMPTS
-from tests.engine_calls import collect, token_ids
-from tests.observe import metric
-from tests.servers import run_cli
+from tests.helpers.engine_calls import collect, token_ids
+from tests.helpers.observe import metric
+from tests.helpers.servers import run_cli
 
 pytest.importorskip("vllm", reason="vllm is installed by `make venv`; this skip only shows where it is not")
 

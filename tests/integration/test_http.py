@@ -17,9 +17,9 @@ import openai
 import pytest
 
 from loadtest.server_process import ServerProcess
-from tests.certs import CertificateAuthority
+from tests.helpers.certs import CertificateAuthority
 from tests.conftest import LOG_PROMPTS
-from tests.observe import metric, wait_until
+from tests.helpers.observe import metric, wait_until
 
 MODEL = "tiny-llama"
 TOKEN = "http-t0ken-7f3a9c"

@@ -12,8 +12,8 @@ from engines import EngineConfig, SamplingParams, create_engine
 from engines.hf import HFOptions
 from loadtest.server_process import ServerProcess
 from tests.conftest import LOG_PROMPTS
-from tests.observe import assert_deadline_stops_the_work, metric, wait_until
-from tests.servers import run_cli
+from tests.helpers.observe import assert_deadline_stops_the_work, metric, wait_until
+from tests.helpers.servers import run_cli
 
 GREEDY = SamplingParams(max_new_tokens=40, ignore_eos=True)
 BUCKETS = "64,256"

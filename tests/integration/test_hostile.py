@@ -18,8 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loadtest.server_process import ServerProcess, request
 from server.wire import pb, pb_grpc
-from tests.observe import metric, wait_until
-from tests.servers import TINY_KV, served
+from tests.helpers.observe import metric, wait_until
+from tests.helpers.servers import TINY_KV, served
 
 STALL_S = 2.0
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # channels to one address share a connection otherwise

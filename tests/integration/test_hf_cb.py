@@ -14,7 +14,7 @@ from loadtest import scrape
 from loadtest.server_process import ServerProcess
 from server.wire import pb
 from tests.conftest import LOG_PROMPTS
-from tests.engine_calls import (
+from tests.helpers.engine_calls import (
     TINY_LLAMA_BAD_INPUTS,
     assert_refused,
     collect,

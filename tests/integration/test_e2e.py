@@ -15,8 +15,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from loadtest.server_process import ROOT, ServerProcess, request
 from server.wire import SERVICE_NAME, pb
 from tests.conftest import LOG_PROMPTS
-from tests.observe import assert_deadline_stops_the_work, metric, wait_until
-from tests.servers import run_cli
+from tests.helpers.observe import assert_deadline_stops_the_work, metric, raw_stream, wait_until
+from tests.helpers.servers import run_cli
 
 
 def test_unary_generate(tiny_server):
@@ -160,14 +160,6 @@ def test_non_latin_prompts_stream_valid_utf8_chunks(tiny_server, prompt):
     unary = tiny_server.generate(prompt, **params)
     assert "".join(c.text for c in chunks) == unary.text
     assert any(len(c.token_ids) > 1 for c in chunks), "no character was held back: the case was not exercised"
-
-
-def raw_stream(server: ServerProcess, message: pb.GenerateRequest, timeout: float = 60):
-    """The stream's chunks as the bytes on the wire, before any client-side decoding."""
-    call = server.channel.unary_stream(
-        f"/{SERVICE_NAME}/GenerateStream", request_serializer=pb.GenerateRequest.SerializeToString
-    )
-    return list(call(message, timeout=timeout))
 
 
 def test_queue_full_is_resource_exhausted_at_once(tiny_server):

@@ -12,7 +12,7 @@ import pytest
 from engines import SamplingParams
 from engines.errors import EngineUnavailable, InvalidRequest
 from tests.conftest import LOG_PROMPTS
-from tests.engine_calls import TINY_LLAMA_BAD_INPUTS, assert_refused, collect, started_engines, token_ids
+from tests.helpers.engine_calls import TINY_LLAMA_BAD_INPUTS, assert_refused, collect, started_engines, token_ids
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server.wire import SERVICE_NAME, pb
-from tests.test_e2e import raw_stream
+from tests.helpers.observe import raw_stream
 
 UINT32 = 2**32 - 1
 # Only the client's own doing: an oversized generation may run out of time, nothing else.

@@ -1,0 +1,1 @@
+"""Modules the tests share: servers and engines they start, what they read back, certificates."""
