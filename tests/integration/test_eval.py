@@ -21,13 +21,9 @@ import pytest
 from engines.models import resolve_model
 from loadtest import ROOT
 from loadtest.eval_results import agreement, sample_differences
-from loadtest.eval_tasks import build
 from loadtest.evaluate import (
     LOCAL_TAG,
     OFFLINE,
-    Support,
-    blocked_tasks,
-    echo_shape_problem,
     hf_args,
     leaf_output_types,
     local_completions_args,
@@ -36,13 +32,8 @@ from loadtest.evaluate import (
 )
 from loadtest.server_process import ServerProcess
 from server.wire import pb
+from tests.helpers.eval_tasks import LOCAL_TASKS
 from tests.helpers.servers import TINY_KV
-
-LOCAL_TASKS = {
-    "yayi_docs_mc": ("multiple_choice", 42),
-    "yayi_docs_ppl": ("loglikelihood_rolling", 21),
-    "yayi_docs_copy": ("generate_until", 16),
-}
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +50,6 @@ def offline(tmp_path_factory):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-
-
-def test_the_task_data_is_what_the_builder_makes(tmp_path):
-    written = build.build(tmp_path)
-    for name, path in written.items():
-        assert path.read_bytes() == (build.DATA / path.name).read_bytes(), f"{name}: rerun loadtest.eval_tasks.build"
-    copy_task = (build.HERE / "yayi_docs_copy.yaml").read_text()
-    assert build.copy_example() in copy_task
-    assert all(doc["sentence"] != build.copy_example() for doc in map(json.loads, written["yayi_docs_copy"].open()))
 
 
 def test_the_local_task_set_loads_in_lm_eval(offline):
@@ -137,30 +119,6 @@ def test_lm_eval_in_process_hf_model_on_tiny_llama(hf_reference):
     assert not verdict[("yayi_docs_ppl", "byte_perplexity")]
     assert not verdict[("yayi_docs_mc", "acc")]
     assert verdict[("yayi_docs_mc", "acc_norm")]
-
-
-def test_tasks_the_server_cannot_run_are_named_with_its_answer():
-    kinds = {name: kind for name, (kind, _) in LOCAL_TASKS.items()}
-    no_echo = Support(True, "", False, "400 echo=true is not supported")
-    assert blocked_tasks(kinds, no_echo, tokenized=True) == {
-        "yayi_docs_mc": "echo with logprobs refused: 400 echo=true is not supported",
-        "yayi_docs_ppl": "echo with logprobs refused: 400 echo=true is not supported",
-    }
-    no_ids = Support(False, "400 prompt must be one string", False, "400 no echo")
-    assert set(blocked_tasks(kinds, no_ids, tokenized=True)) == set(kinds)
-    assert set(blocked_tasks(kinds, no_ids, tokenized=False)) == {"yayi_docs_mc", "yayi_docs_ppl"}
-    assert blocked_tasks(kinds, Support(True, "", True, ""), tokenized=True) == {}
-
-
-def test_an_echo_answer_is_checked_as_lm_eval_reads_it():
-    def answer(values):
-        return {"choices": [{"index": 0, "logprobs": {"token_logprobs": values, "top_logprobs": [{}] * len(values)}}]}
-
-    assert echo_shape_problem(answer([None, -1.0, -2.0, -0.5]), prompt_tokens=3) == ""
-    # Without the generated token's entry lm-eval's [ctxlen:-1] would drop the prompt's last token.
-    assert "want 4" in echo_shape_problem(answer([None, -1.0, -2.0]), prompt_tokens=3)
-    assert "first prompt token" in echo_shape_problem(answer([-3.0, -1.0, -2.0, -0.5]), prompt_tokens=3)
-    assert "no choices" in echo_shape_problem({"choices": [{"index": 0, "logprobs": None}]}, prompt_tokens=3)
 
 
 def run_driver(out, *args: str) -> tuple[subprocess.CompletedProcess, dict]:

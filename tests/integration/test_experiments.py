@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from bench import attention_kernels, cache_vs_length, checkpoint_eval, roofline_measure, rope_vs_alibi
-from loadtest.tables import markdown_table
 
 TINY_SHAPE = {
     "name": "tiny",
@@ -76,26 +75,6 @@ def test_attention_kernels(tmp_path):
     # the eager path holds the whole score matrix: it needs more memory than the flash kernel
     at = {(c["impl"], c["dtype"], c["seq"]): c for c in ran}
     assert at[("eager", "float32", 64)]["peak_mib"] > at[("sdpa-flash", "float32", 64)]["peak_mib"]
-
-
-def test_attention_backward_and_nan_fails(tmp_path, monkeypatch):
-    cell = attention_kernels.Cell(1, 2, 32, 16, "float32")
-    row = attention_kernels.measure("sdpa-math", cell, torch.device("cpu"), 1, 1, True, {})
-    assert row["status"] == "ok" and row["pass"] == "fwd+bwd"
-    assert row["tflops"] == pytest.approx(attention_kernels.attention_flops(1, 2, 32, 16, True) / row["time_ms"] / 1e9)
-    monkeypatch.setattr(attention_kernels, "make_call", lambda impl: lambda q, k, v: torch.full_like(q, math.nan))
-    assert attention_kernels.measure("eager", cell, torch.device("cpu"), 1, 1, False, {})["status"].startswith("FAIL")
-
-
-def test_growth_exponent():
-    lengths = [32, 64, 128, 256, 512]
-    assert cache_vs_length.growth_exponent(lengths, [n * n * 1e-5 for n in lengths]) == pytest.approx(2.0)
-    assert cache_vs_length.growth_exponent(lengths, [n * 1e-3 for n in lengths]) == pytest.approx(1.0)
-    # 2 ms more per step per token of length, and a burst of other work that must not tilt it
-    steps = [1.0] + [0.1 + 0.002 * i for i in range(100)]
-    steps[90] = 5.0
-    assert cache_vs_length.step_slope_ms(steps) == pytest.approx(2.0, rel=0.05)
-    assert cache_vs_length.step_slope_ms([1.0] + [0.05] * 100) == 0
 
 
 def test_cache_vs_length(tmp_path):
@@ -294,11 +273,3 @@ def test_checkpoint_eval_through_score_rpc_matches_direct(tmp_path):
     checkpoint_eval.main([str(folder), "--text", str(text), "--window", "32", "--via", "score", "--out", str(rpc)])
     a, b = rows(direct, "perplexity")[0], rows(rpc, "perplexity")[0]
     assert a["tokens"] == b["tokens"] and a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-4)
-
-
-def test_markdown_table_formats():
-    table = markdown_table([{"a": "x", "b": 1234.5, "c": 0.000123, "d": None}])
-    assert table.splitlines()[1] == "| --- | ---: | ---: | --- |"  # numbers right-aligned
-    assert table.splitlines()[2] == "| x | 1234 | 1.23e-04 |  |"
-    # a pipe inside a cell stays inside it
-    assert markdown_table([{"why": "a | b"}]).splitlines()[2] == "| a \\| b |"

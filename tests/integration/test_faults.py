@@ -141,12 +141,6 @@ def test_out_of_memory_frees_the_request_cache(loop):
         loop.run(engine.shutdown())
 
 
-def test_fault_spec_is_checked():
-    assert faults.parse("error:A@3, oom:B") == (faults.Fault("error", "A", 3), faults.Fault("oom", "B", 1))
-    with pytest.raises(ValueError, match="KIND:MARKER"):
-        faults.parse("explode:X")
-
-
 def test_unrecoverable_engine_fault_turns_health_not_serving(fault_server):
     """Last on this server: the engine stays failed until a restart."""
     with pytest.raises(grpc.RpcError) as error:

@@ -227,31 +227,6 @@ def test_token_ids_past_the_context_and_with_a_template_are_refused(loop, engine
     assert refused.value.field == "use_chat_template"
 
 
-@pytest.mark.parametrize(
-    "fields, field",
-    [
-        (dict(logprobs=21), "logprobs"),
-        (dict(logprobs=-1), "logprobs"),
-        (dict(logprobs=True), "logprobs"),
-        (dict(logprobs=1.5), "logprobs"),
-        (dict(prompt_logprobs=21), "prompt_logprobs"),
-        (dict(prompt_logprobs=-1), "prompt_logprobs"),
-        (dict(max_new_tokens=0), "max_new_tokens"),
-        (dict(max_new_tokens=0, logprobs=1), "max_new_tokens"),
-        (dict(max_new_tokens=-1, prompt_logprobs=1), "max_new_tokens"),
-    ],
-)
-def test_out_of_range_logprobs_name_the_field(fields, field):
-    with pytest.raises(InvalidRequest, match=field) as refused:
-        SamplingParams(**fields)
-    assert refused.value.field == field
-
-
-def test_limits_are_accepted():
-    assert SamplingParams(logprobs=0, prompt_logprobs=20).prompt_logprobs == 20
-    assert SamplingParams(max_new_tokens=0, prompt_logprobs=0).max_new_tokens == 0
-
-
 class _WithoutLogprobs(KVCacheEngine):
     name = "without-logprobs"
     offers_logprobs = False

@@ -34,7 +34,6 @@ from loadtest.replicas import (
     Replicas,
     find_haproxy,
     free_port,
-    replica_env,
 )
 from loadtest.server_process import open_channel, request
 from server.wire import pb_grpc
@@ -160,15 +159,6 @@ def test_rendered_config_passes_haproxys_own_check(tmp_path):
     proxy.config_path.write_text(config)
     result = subprocess.run([find_haproxy(), "-c", "-f", str(proxy.config_path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-
-
-def test_replicas_share_the_cores_unless_told(monkeypatch):
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr("os.cpu_count", lambda: 8)
-    assert [replica_env(n, None) for n in (1, 2, 3, 16)] == [{"OMP_NUM_THREADS": t} for t in ("8", "4", "2", "1")]
-    assert replica_env(2, 3) == {"OMP_NUM_THREADS": "3"}
-    monkeypatch.setenv("OMP_NUM_THREADS", "5")
-    assert replica_env(2, None) == {}  # the caller's setting reaches the replicas as it is
 
 
 # ---- the running pair -------------------------------------------------------------------------------
