@@ -33,7 +33,7 @@ REPLICAS_ARGS ?=
 
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv model serve test lint format compare protos bench bench-vllm bench-compile bench-hf-cb bench-metrics clean prometheus \
+.PHONY: venv model serve test test-fast lint format compare protos bench bench-vllm bench-compile bench-hf-cb bench-metrics clean prometheus \
 	bench-attention bench-length roofline rope-alibi eval-checkpoints haproxy replicas bench-replicas
 
 $(STAMP): pyproject.toml Makefile
@@ -61,6 +61,10 @@ serve: model $(if $(filter llama-cpp,$(ENGINE)),llama-cpp)
 
 test: venv prometheus haproxy llama-cpp lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The unit tier alone (tests/unit: no model, no server, no network), in well under a minute.
+test-fast: venv
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 # llama.cpp's llama-server for the llama-cpp engine, built once from PyPI's llama-cpp-python source
 # into ~/.cache/yayi-serve (about 10 minutes on 2 cores). A failed build fails only this target:

@@ -2,7 +2,7 @@
 
 Each engine's values are checked against transformers' own forward pass on the same
 weights (float32): the log-softmax of the raw logits, within 1e-3, with the same top ids.
-tiny-llama for speed; SmolLM2 once, marked slow.
+tiny-llama for speed; SmolLM2 once.
 """
 
 from __future__ import annotations
@@ -247,7 +247,6 @@ def test_an_engine_that_cannot_refuses_by_name(loop):
         loop.run(engine.shutdown())
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["hf-kv", "hf-cb", "vllm"])
 def test_smollm2_logprobs_equal_transformers_and_the_score(loop, engine_for, reference, name):
     engine = engine_for(name, "smollm2-135m")

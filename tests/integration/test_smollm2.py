@@ -10,8 +10,6 @@ import pytest
 from server.wire import pb
 from tests.conftest import LOG_PROMPTS
 
-pytestmark = pytest.mark.slow
-
 # Words any coherent English reply to the inference log's prompts (docs/design.md) is bound to use;
 # random weights never do.
 COMMON_WORDS = {
