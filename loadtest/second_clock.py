@@ -12,7 +12,9 @@ It lives in an environment of its own (``$VENV/guidellm``, made by ``python -m
 loadtest.second_clock install``, which ``make compare`` runs): guidellm 0.8 pins click 8.4, and the
 dev extra's check-jsonschema needs click 8.5, so the two cannot be resolved into one environment.
 That environment reads everything else (torch, transformers, datasets, httpx) from the project's
-venv through a ``.pth`` file; the pin is pyproject.toml's ``second-clock`` extra.
+venv through a ``.pth`` file; the pin is pyproject.toml's ``second-clock`` extra. AIPerf, which
+tests/integration/test_aiperf.py runs against the HTTP front end, is installed the same way into
+``$VENV/aiperf`` (``install aiperf``), from the ``aiperf`` extra.
 
 Each run sends the run's prompts in turn (a JSON file, enough rows never to run out), greedy, at
 most ``max_new_tokens`` (``ignore_eos`` exactly when the Locust load asks for it), streaming
@@ -32,39 +34,53 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from packaging.requirements import Requirement
+
 ROOT = Path(__file__).resolve().parent.parent
-EXTRA = "second-clock"
-ENV_NAME = "guidellm"
 # Rows per stream-second written to the prompts file: far more requests than any step can make.
 ROWS_PER_STREAM_SECOND = 20
 MIN_ROWS = 300
 
 
-def pinned_spec(pyproject: Path = ROOT / "pyproject.toml") -> str:
-    """The one pin, pyproject.toml's ``second-clock`` extra (``guidellm==X.Y.Z``)."""
+@dataclass(frozen=True)
+class OwnEnvironment:
+    """An outside client whose pins the project's venv cannot hold: ``$VENV/<name>``, from one pin in a
+    pyproject.toml extra; ``name`` is the distribution, its console script and the folder."""
+
+    name: str
+    extra: str
+
+
+GUIDELLM = OwnEnvironment("guidellm", "second-clock")
+AIPERF = OwnEnvironment("aiperf", "aiperf")
+CLIENTS = {client.name: client for client in (GUIDELLM, AIPERF)}
+
+
+def pinned_spec(pyproject: Path = ROOT / "pyproject.toml", client: OwnEnvironment = GUIDELLM) -> str:
+    """The client's one pin in its pyproject.toml extra (``guidellm==X.Y.Z``)."""
     extras = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
-    return next(spec for spec in extras[EXTRA] if spec.startswith("guidellm"))
+    return next(spec for spec in extras[client.extra] if Requirement(spec).name == client.name)
 
 
-def env_dir(venv: Path | None = None) -> Path:
-    return (Path(sys.prefix) if venv is None else venv) / ENV_NAME
+def env_dir(venv: Path | None = None, client: OwnEnvironment = GUIDELLM) -> Path:
+    return (Path(sys.prefix) if venv is None else venv) / client.name
 
 
-def executable(venv: Path | None = None) -> Path | None:
-    """guidellm in its own environment, else on PATH, else None."""
-    own = env_dir(venv) / "bin" / "guidellm"
+def executable(venv: Path | None = None, client: OwnEnvironment = GUIDELLM) -> Path | None:
+    """The client in its own environment, else on PATH, else None."""
+    own = env_dir(venv, client) / "bin" / client.name
     if own.exists():
         return own
     import shutil
 
-    found = shutil.which("guidellm")
+    found = shutil.which(client.name)
     return Path(found) if found else None
 
 
-def installed_version(venv: Path | None = None) -> str | None:
-    site = _site_packages(env_dir(venv))
-    found = sorted(site.glob("guidellm-*.dist-info")) if site else []
-    return found[0].name.removeprefix("guidellm-").removesuffix(".dist-info") if found else None
+def installed_version(venv: Path | None = None, client: OwnEnvironment = GUIDELLM) -> str | None:
+    site = _site_packages(env_dir(venv, client))
+    found = sorted(site.glob(f"{client.name}-*.dist-info")) if site else []
+    return found[0].name.removeprefix(f"{client.name}-").removesuffix(".dist-info") if found else None
 
 
 def _site_packages(env: Path) -> Path | None:
@@ -72,22 +88,25 @@ def _site_packages(env: Path) -> Path | None:
     return found[0] if found else None
 
 
-def install(venv: Path | None = None) -> Path:
-    """Make ``$VENV/guidellm`` with the pinned guidellm, reading the project venv's packages through a
-    ``.pth`` file; nothing is done when the pinned version is already there."""
-    spec = pinned_spec()
-    env = env_dir(venv)
-    if installed_version(venv) == spec.partition("==")[2] and (env / "bin" / "guidellm").exists():
-        return env / "bin" / "guidellm"
+def install(venv: Path | None = None, client: OwnEnvironment = GUIDELLM) -> Path:
+    """Make ``$VENV/<client>`` with the pinned client, reading the project venv's packages through a
+    ``.pth`` file; nothing is done when a version the pin allows is already there."""
+    spec = pinned_spec(client=client)
+    env = env_dir(venv, client)
+    script = env / "bin" / client.name
+    version = installed_version(venv, client)
+    if version is not None and Requirement(spec).specifier.contains(version) and script.exists():
+        return script
     if not (env / "bin" / "python").exists():
         subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
     site = _site_packages(env)
     assert site is not None, f"{env}: no site-packages after python -m venv"
-    # Last on its path: guidellm's own pins (click 8.4) come first, the rest from the project's venv.
+    # Last on its path: the client's own pins (guidellm's click 8.4, AIPerf's prometheus-client 0.23)
+    # come first, the rest from the project's venv.
     (site / "zz-project-venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     pip = [str(env / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-warn-conflicts"]
     subprocess.run([*pip, spec], check=True)
-    return env / "bin" / "guidellm"
+    return script
 
 
 @dataclass(frozen=True)
@@ -194,13 +213,15 @@ def read_summary(path: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.second_clock", description=__doc__.split("\n\n")[0])
-    parser.add_argument("action", choices=["install", "where"], help="install: make $VENV/guidellm; where: print it")
+    parser.add_argument("action", choices=["install", "where"], help="install: make $VENV/CLIENT; where: print it")
+    parser.add_argument("client", nargs="?", choices=sorted(CLIENTS), default=GUIDELLM.name, help="default: guidellm")
     args = parser.parse_args(argv)
+    client = CLIENTS[args.client]
     if args.action == "install":
-        print(install())
+        print(install(client=client))
         return 0
-    found = executable()
-    print(found or "guidellm is not installed: python -m loadtest.second_clock install")
+    found = executable(client=client)
+    print(found or f"{client.name} is not installed: python -m loadtest.second_clock install {client.name}")
     return 0 if found else 1
 
 
