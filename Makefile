@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 # make compare: the inference log's table (docs/design.md) for every engine at every concurrency,
 # written to reports/speed-<UTC time>/.
-COMPARE_ENGINES ?= hf-eager,hf-kv,hf-flash,hf-cb,vllm
+COMPARE_ENGINES ?= hf-eager,hf-kv,hf-flash,hf-cb,vllm,llama-cpp
 COMPARE_USERS ?= 1,4,16
 COMPARE_DURATION ?= 60s
 # Rounds of every step, the servers interleaved (A B C, A B C, ...): tables show medians and min-max.

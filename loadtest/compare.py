@@ -10,7 +10,8 @@ says which are up together, loadtest/rounds.py what the report says from the rou
 "vllm-http") on one server process.  Beside our engines, the same load against outside servers:
 vLLM's own OpenAI-compatible server beside our vllm rows, ``transformers serve
 --continuous-batching`` twice beside our hf-cb rows, once with hf-cb's KV cache and once left to
-its own defaults (loadtest/targets.py).  ``--second-client guidellm`` has an outside client drive
+its own defaults, and llama.cpp's own ``llama-server`` beside our llama-cpp rows, on the same GGUF
+and threads (loadtest/targets.py).  ``--second-client guidellm`` has an outside client drive
 the same steps against our HTTP front end and each peer, a second clock for the ratios
 (loadtest/second_clock.py).  Writes reports/speed-<UTC time>/ (see loadtest/report.py and the
 folder rule in loadtest/report_folder.py); every figure in it comes from a raw file under raw/.
@@ -58,6 +59,8 @@ START_ESTIMATE_S = {
     "hf-cb": 40.0,
     "transformers-serve-matched": 40.0,
     "transformers-serve-defaults": 60.0,
+    "llama-cpp": 10.0,
+    "llama-server": 5.0,
 }
 DEFAULT_START_ESTIMATE_S = 20.0
 STEP_OVERHEAD_S = 8.0
@@ -134,8 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--baseline",
         type=parse_baselines,
         default="auto",
-        help="outside servers loaded too: vllm-openai, transformers-serve (comma-separated), none, or auto: "
-        "vLLM's own server when vllm is among the engines and installed, transformers serve when hf-cb is",
+        help="outside servers loaded too: vllm-openai, transformers-serve-matched, transformers-serve-defaults, "
+        "llama-server (comma-separated), none, or auto: vLLM's own server when vllm is among the engines and "
+        "installed, both transformers serves when hf-cb is, llama-server when llama-cpp is and llama.cpp is built",
     )
     parser.add_argument(
         "--ignore-eos",
@@ -155,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--transformers-serve-defaults-args",
         default="",
         help="extra arguments for transformers serve left to its defaults (transformers-serve-defaults), one string",
+    )
+    parser.add_argument(
+        "--llama-server-args",
+        default="",
+        help="extra arguments for llama.cpp's own llama-server (it takes llama-cpp's threads, slots and context "
+        "from --server-args), one string",
     )
     parser.add_argument(
         "--repeat",
@@ -258,6 +268,8 @@ def target_config(args: argparse.Namespace, model_path: str) -> TargetConfig:
         baseline_args=tuple(shlex.split(args.baseline_args)),
         transformers_serve_args=tuple(shlex.split(args.transformers_serve_args)),
         transformers_serve_defaults_args=tuple(shlex.split(args.transformers_serve_defaults_args)),
+        server_args=tuple(shlex.split(args.server_args)),
+        llama_server_args=tuple(shlex.split(args.llama_server_args)),
     )
 
 
@@ -321,6 +333,8 @@ def base_row(model: str, target, info: dict) -> dict:
         "dtype": info.get("dtype", ""),
         "device": info.get("device", ""),
         "attention": info.get("attention", ""),
+        # What the server loaded (a GGUF file for llama-cpp and llama-server): the roofline reads its bytes.
+        "model_path": info.get("model_path", ""),
     }
     if info.get("note"):
         row["target_note"] = info["note"]
@@ -690,7 +704,9 @@ def column_notes(args, eos_ignored: bool) -> list[str]:
         "energy counter over the step.",
         "TTFT, ITL and E2E percentiles are measured by the Locust client per request (raw/*_tokens.csv).",
         "% of bound: Speed over the decode roofline bound for this model on this device at batch = Users "
-        "(engines that do not batch are still measured against the batched bound).",
+        "(engines that do not batch are still measured against the batched bound), for the weights the row's "
+        "server really runs: its dtype's width, or for a GGUF (llama-cpp, llama-server) the file's own tensor "
+        "bytes, so a Q4_1 row is held to its smaller weights' higher bound.",
         "vllm-openai: vLLM's own OpenAI-compatible server, same prompts and load through streaming /v1/completions.",
         "transformers-serve-matched: `transformers serve MODEL_DIR --continuous-batching` with hf-cb's KV cache "
         "(blocks, block size, tokens per step), same prompts and load through streaming /v1/completions; it sends "
@@ -698,6 +714,11 @@ def column_notes(args, eos_ignored: bool) -> list[str]:
         "transformers-serve-defaults: the same server as a user starts it, `transformers serve MODEL_DIR "
         "--continuous-batching` in the run's dtype and nothing else: its cache is its own default (on a CPU 90 % of "
         "the machine's memory, capped to what is free where that is less; its Notes say so).",
+        "llama-server: llama.cpp's own OpenAI-compatible server, started as our llama-cpp engine starts its "
+        "child (the same GGUF, --parallel, --threads, context per slot and batch size) on a TCP port with "
+        "--metrics, same prompts and load through streaming /v1/completions; it sends usage only at the end, so "
+        "text chunks count as tokens as they arrive and the final usage adds the rest; its own "
+        "llamacpp:tokens_predicted_total is the server's count.",
         "ENGINE-http (hf-kv-http, vllm-http): the engine through our OpenAI-compatible front end (--http-port), "
         "with the same streaming /v1/completions load and client as vllm-openai; a bare engine name is gRPC.",
     ]

@@ -252,7 +252,8 @@ def write_plots(out: Path, rows: list[dict]) -> list[Path]:
 
 
 # The comparisons a report spells out when it holds both sides: each engine against the outside
-# server it must match, and the batched hf engine against the one-at-a-time one.
+# server it must match (vllm, hf-cb twice, llama-cpp), and the batched hf engine against the
+# one-at-a-time one.
 VERSUS = (
     ("vllm", "vllm-openai", "Our vllm engine against vLLM's own OpenAI server"),
     (
@@ -266,6 +267,11 @@ VERSUS = (
         "Our hf-cb engine against `transformers serve --continuous-batching` left to its own cache defaults",
     ),
     ("hf-cb", "hf-kv", "hf-cb (continuous batching) against hf-kv (one request at a time)"),
+    (
+        "llama-cpp",
+        "llama-server",
+        "Our llama-cpp engine against llama.cpp's own llama-server (the same GGUF, threads and slots)",
+    ),
 )
 
 

@@ -4,8 +4,8 @@ A target starts, warms up, is watched while the load runs (device memory, utilis
 power, energy and the server's own token count) and stops.  ``YayiTarget`` is our server
 with one engine, loaded through one front end (``api``: gRPC, or the OpenAI-compatible HTTP
 one), and reads its /metrics; an ``OutsideServerTarget`` is a peer's OpenAI-compatible server
-(vLLM's own, ``transformers serve``), whose process tree is read the way our CPU probe reads
-ours.  Every target says which
+(vLLM's own, ``transformers serve``, llama.cpp's ``llama-server``), whose process tree is read
+the way our CPU probe reads ours.  Every target says which
 locustfile drives it and with which extra options, and ``openai_url`` is where an OpenAI
 client (vLLM's benchmark client) reaches it: the ``Target`` protocol.  They are set up from
 one ``TargetConfig``, never from the driver's command line.
@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,8 @@ class TargetConfig:
     baseline_args: tuple[str, ...] = ()  # extra arguments for vLLM's own server
     transformers_serve_args: tuple[str, ...] = ()  # for the one with hf-cb's cache
     transformers_serve_defaults_args: tuple[str, ...] = ()  # for the one left to its own defaults
+    server_args: tuple[str, ...] = ()  # every engine's extra yayi-serve flags: llama-server reads llama-cpp's here
+    llama_server_args: tuple[str, ...] = ()  # extra arguments for llama.cpp's own server
 
 
 class Target(Protocol):
@@ -143,6 +146,8 @@ class YayiTarget:
             str(self.queue),
             "--device-sample-period",
             str(self.sample_period),
+            # What it loaded (llama-cpp's GGUF file) goes in the row: the roofline reads its bytes.
+            "--expose-model-path",
             *self.server_args,
             ready_timeout=timeout,
         ).wait_ready(timeout)
@@ -321,7 +326,12 @@ class OutsideServerTarget:
         request = urllib.request.Request(
             f"{self.host}/v1/completions", data=body, headers={"Content-Type": "application/json"}
         )
-        urllib.request.urlopen(request, timeout=300).read()
+        try:
+            urllib.request.urlopen(request, timeout=300).read()
+        except urllib.error.HTTPError as error:
+            # Its own words (transformers serve says why its worker died), not just the status line.
+            detail = error.read().decode(errors="replace")[:500]
+            raise RuntimeError(f"{self.label} refused its warm-up: {error.code} {detail}") from None
 
     def metrics_text(self) -> str:
         return scrape.fetch(f"{self.host}/metrics") if self.tokens_counter else ""
@@ -443,6 +453,105 @@ class TransformersServeTarget(OutsideServerTarget):
         return {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
+@dataclass(frozen=True)
+class LlamaSetup:
+    """What our llama-cpp engine hands its llama-server child, read from the same flags."""
+
+    threads: int
+    parallel: int
+    context: int | None  # None: the GGUF's own, at most DEFAULT_CONTEXT, as the engine takes it
+    batch_size: int
+    repack: bool
+    binary: str  # "" for the one `make llama-cpp` builds
+
+
+def llama_setup(model: str, server_args: tuple[str, ...] | list[str]) -> LlamaSetup:
+    """The llama-cpp engine's settings from the flags the comparison starts it with, parsed by the
+    server's own command line, so the baseline cannot be set up from different defaults."""
+    import io
+
+    from engines.llama_cpp import LlamaCppOptions
+    from server.cli import build_parser, engine_options_from_args
+
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            args = build_parser().parse_args(["--engine", "llama-cpp", "--model", model, *server_args])
+            options = engine_options_from_args(args)
+    except SystemExit as exc:
+        why = (errors.getvalue().strip().splitlines() or [str(exc)])[-1]
+        why = f"llama-server takes llama-cpp's settings from --server-args, which it refused: {why}"
+        raise RuntimeError(why) from None
+    assert isinstance(options, LlamaCppOptions)
+    return LlamaSetup(
+        threads=options.threads or os.cpu_count() or 1,
+        parallel=args.max_concurrency or options.parallel,
+        context=options.context,
+        batch_size=options.batch_size,
+        repack=bool(options.repack),
+        binary=options.llama_server,
+    )
+
+
+class LlamaServerTarget(OutsideServerTarget):
+    """llama.cpp's own ``llama-server``, beside our llama-cpp rows: the same GGUF (the shipped Q4_1
+    or the one converted once for a dtype), the same threads, slots, context per slot, batch size
+    and repacking as our engine's child, on a TCP port instead of a private socket.  It counts its
+    generated tokens in Prometheus (``--metrics``); streamed /v1/completions carry usage only at the
+    end, so the client counts text chunks as they arrive and the final usage adds the rest."""
+
+    locustfile = ROOT / "loadtest" / "llama_server_speed.py"  # a fresh connection per request
+    label = "llama-server"
+    name = "llama.cpp's llama-server"
+    attention = "llama.cpp (flash attention auto)"
+    tokens_counter = "llamacpp:tokens_predicted_total"
+
+    def __init__(self, config: TargetConfig, log_path: Path) -> None:
+        super().__init__(config.model_path, config.model, config.dtype, log_path, config.sample_period)
+        self.model, self.requested_dtype = config.model, config.dtype
+        self.server_args, self.extra_args = list(config.server_args), list(config.llama_server_args)
+
+    def command(self) -> list[str]:
+        """Set up at start, not when the run is planned: a bad flag or a missing build is this row's
+        failure, and the GGUF (converted once for a dtype) is made only when it is served."""
+        from engines.gguf import llama_server_binary, resolve_gguf
+        from engines.model_facts import DEFAULT_CONTEXT
+        from loadtest.gguf_file import context_length
+
+        self.setup = llama_setup(self.model, self.server_args)
+        gguf = resolve_gguf(self.model, self.requested_dtype)
+        # What really runs, for the row's dtype and its roofline: "Q4_1", "bfloat16", ...
+        self.model_path, self.dtype = str(gguf.path), gguf.weights
+        context = self.setup.context or min(DEFAULT_CONTEXT, context_length(gguf.path) or DEFAULT_CONTEXT)
+        parallel = self.setup.parallel
+        return [
+            str(llama_server_binary(self.setup.binary)),
+            "--model",
+            self.model_path,
+            "--alias",
+            self.served_name,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--parallel",
+            str(parallel),
+            "--ctx-size",
+            str(context * parallel),
+            "--threads",
+            str(self.setup.threads),
+            "--batch-size",
+            str(self.setup.batch_size),
+            "--no-webui",
+            "--no-kv-unified",
+            "--seed",
+            "0",
+            *([] if self.setup.repack else ["--no-repack"]),
+            "--metrics",
+            *self.extra_args,
+        ]
+
+
 # What transformers' continuous batching takes for its cache on a CPU when not told: this share of
 # the machine's memory (less what the process holds), zeroed at start-up, so all of it resident.
 TRANSFORMERS_DEFAULT_MEMORY_SHARE = 0.9
@@ -550,9 +659,14 @@ def _free_port() -> int:
 
 # ---- the outside baselines, as both drivers (compare, vllm_bench) choose and build them ----------
 
-BASELINES = ("vllm-openai", "transformers-serve-matched", "transformers-serve-defaults")
+BASELINES = ("vllm-openai", "transformers-serve-matched", "transformers-serve-defaults", "llama-server")
 # The engine each outside baseline stands beside: it runs under "auto" when that engine does.
-BASELINE_PEER = {"vllm-openai": "vllm", "transformers-serve-matched": "hf-cb", "transformers-serve-defaults": "hf-cb"}
+BASELINE_PEER = {
+    "vllm-openai": "vllm",
+    "transformers-serve-matched": "hf-cb",
+    "transformers-serve-defaults": "hf-cb",
+    "llama-server": "llama-cpp",
+}
 # Older names still taken by --baseline.
 BASELINE_ALIASES = {"transformers-serve": "transformers-serve-matched"}
 
@@ -581,7 +695,12 @@ def chosen_baselines(choice: list[str] | str, engines: list[str]) -> list[str]:
         return [choice] if isinstance(choice, str) else list(choice)
     import importlib.util
 
-    installed = {"vllm-openai": importlib.util.find_spec("vllm") is not None}
+    from engines.gguf import llama_cpp_home
+
+    installed = {
+        "vllm-openai": importlib.util.find_spec("vllm") is not None,
+        "llama-server": os.access(llama_cpp_home() / "bin" / "llama-server", os.X_OK),
+    }
     return [name for name in BASELINES if BASELINE_PEER[name] in engines and installed.get(name, True)]
 
 
@@ -624,6 +743,8 @@ def baseline_target(name: str, config: TargetConfig, raw: Path) -> OutsideServer
             max_model_len=max_model_len(config),
             extra_args=list(config.baseline_args),
         )
+    if name == "llama-server":
+        return LlamaServerTarget(config, log_path)
     if name == "transformers-serve-defaults":
         return TransformersServeDefaultsTarget(
             config.model_path,
