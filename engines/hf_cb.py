@@ -12,7 +12,9 @@ Sampling fields the manager cannot do per request are done by our logits process
 (engines/hf_cb_sampling.py), and so are the generated tokens' log-probabilities; stop
 strings are ours, here.  The prompt's log-probabilities come from one forward of the
 scoring model beside the manager (the one Score uses): the manager computes logits only
-where a token is to be generated.
+where a token is to be generated.  A request for them and one new token (lm-eval's scoring
+requests: echo, max_tokens 1) is served by that forward alone, whose last position gives
+the new token, rather than by it and a second prefill of the same prompt in the manager.
 """
 
 from __future__ import annotations
@@ -199,6 +201,10 @@ class ContinuousBatchingEngine(Engine):
         runtime = self._loaded(self._runtime)
         manager = runtime.manager
         params = request.params
+        if params.prompt_logprobs is not None and params.max_new_tokens == 1:
+            for output in await self._scoring_forward(_one_token, runtime.scorer, request):
+                yield output
+            return
         # The client's id may repeat once its request is over; the manager's must not while it lives.
         request_id = f"{request.request_id}#{next(self._request_numbers)}"
         snapshots: asyncio.Queue = asyncio.Queue()
@@ -297,6 +303,12 @@ class ContinuousBatchingEngine(Engine):
 
 
 _LIVENESS_CHECK_S = 1.0
+
+
+def _one_token(scorer, request: EngineRequest) -> list[GenerationOutput]:
+    """The prompt's log-probabilities and one new token from the scorer's one forward over the prompt
+    (its generate samples the last position's logits as hf-kv does, the request's sampling and all)."""
+    return list(scorer.generate(request.prompt_ids, request.params))
 
 
 async def _in_passing_thread(function, *args):

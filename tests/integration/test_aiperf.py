@@ -37,6 +37,8 @@ PROMPTS = (
 )
 MODES = ("completions", "chat")
 PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+# The first run on a machine installs AIPerf (some 40 s here, more with a cold pip cache) in the first test's setup.
+pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")

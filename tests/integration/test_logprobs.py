@@ -151,6 +151,23 @@ def test_scoring_only_returns_one_output(loop, engine_for, reference, name):
 
 
 @pytest.mark.parametrize("name", ENGINES)
+def test_one_new_token_with_the_prompts_logprobs(loop, engine_for, reference, name):
+    """lm-eval's scoring request (echo, max_tokens 1): hf-cb serves it from one forward of its scorer."""
+    engine = engine_for(name)
+    ids = prompt_ids(engine, PROMPT)
+    params = SamplingParams(max_new_tokens=1, logprobs=2, prompt_logprobs=2, ignore_eos=True)
+    outputs = loop.run(collect(engine, ids, params))
+    rows = reference(ids)
+    assert [len(o.token_ids) for o in outputs] == [1] and outputs[-1].finish_reason == "length"
+    (token,) = outputs[0].token_ids
+    assert token == int(rows[-1].argmax()) and outputs[0].completion_tokens == 1
+    assert outputs[0].prompt_logprobs[0] is None
+    assert_entries_match(outputs[0].prompt_logprobs[1:], ids, 1, rows, 2)
+    assert_entries_match(logprobs_of(outputs), [*ids, token], len(ids), reference([*ids, token]), 2)
+    assert engine.load().running == 0
+
+
+@pytest.mark.parametrize("name", ENGINES)
 def test_token_id_prompt_generates_as_the_text(loop, engine_for, name):
     engine = engine_for(name)
     params = SamplingParams(**GREEDY)
