@@ -240,7 +240,9 @@ class VLLMEngine(Engine):
         waiting = min(self._view.latest[1], unfinished)
         # An idle engine holds no blocks, whatever the last step reported.
         usage = self._view.kv_cache_usage if unfinished else 0.0
-        return EngineLoad(running=unfinished - waiting, waiting=waiting, kv_cache_usage=usage)
+        # Requests still waiting for an admission slot have not reached vLLM yet, but they wait all the same.
+        queued = self._admission.waiting if self._admission is not None else 0
+        return EngineLoad(running=unfinished - waiting, waiting=waiting + queued, kv_cache_usage=usage)
 
     def _check_params(self, params: SamplingParams) -> None:
         _to_vllm(params)
