@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -49,24 +50,48 @@ def token_ids(outputs):
     return [t for out in outputs for t in out.token_ids]
 
 
+def text(outputs) -> str:
+    return "".join(out.text for out in outputs)
+
+
 def generated_ids(loop, engine, prompt, **params) -> list[int]:
     """The tokens of one request run to its end, ``params`` being its SamplingParams."""
     return token_ids(loop.run(collect(engine, prompt, SamplingParams(**params))))
 
 
-async def overflow_a_queue_of_one(engine):
-    """With one request running and one waiting, a third is refused at once; returns the two streams
-    and the waiting one's cancelled first read, for the caller to clean up as its engine needs."""
-    params = SamplingParams(max_new_tokens=200, ignore_eos=True)
-    streams = [engine.generate("busy", params, f"q{i}") for i in range(2)]
-    await streams[0].__anext__()
-    waiting = asyncio.ensure_future(streams[1].__anext__())
-    await asyncio.sleep(0.2)
-    assert engine.load().waiting == 1
-    with pytest.raises(QueueFull, match="queue bound 1"):
-        await engine.generate("one too many", params, "q3").__anext__()
-    waiting.cancel()
-    return streams, waiting
+async def wait_until(condition, timeout: float, state=None) -> float:
+    """Seconds until ``condition()`` held; fails after ``timeout``, showing ``state()`` when given."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout, f"condition not met in {timeout:g} s" + (
+            f": {state()}" if state else ""
+        )
+        await asyncio.sleep(0.02)
+    return time.monotonic() - start
+
+
+async def overflow_the_queue(engine, running: int, queue: int) -> float:
+    """With ``running`` requests decoding and ``queue`` waiting, one more is refused; returns how long the
+    refusal took.  Every stream is closed again before returning, and the engine left idle."""
+    params = SamplingParams(max_new_tokens=900, ignore_eos=True)
+    streams = [engine.generate("busy", params, f"q{i}") for i in range(running + queue)]
+    for stream in streams[:running]:
+        await stream.__anext__()
+    waiting = [asyncio.ensure_future(stream.__anext__()) for stream in streams[running:]]
+    try:
+        await wait_until(lambda: engine.load().waiting == queue, timeout=2, state=engine.load)
+        load = engine.load()
+        assert (load.running, load.waiting) == (running, queue)
+        began = time.monotonic()
+        with pytest.raises(QueueFull, match=f"queue bound {queue}"):
+            await engine.generate("one too many", params, "extra").__anext__()
+        return time.monotonic() - began
+    finally:
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()
 
 
 def assert_refused(loop, engine, prompt, params, message) -> None:
@@ -74,3 +99,23 @@ def assert_refused(loop, engine, prompt, params, message) -> None:
     with pytest.raises(InvalidRequest, match=message):
         loop.run(collect(engine, prompt, params))
     assert engine.load().running == 0
+
+
+async def llama_server_own(engine, ids, n, n_probs=0, **sampling):
+    """The same request straight to a llama-cpp engine's llama-server, on its own defaults but greedy.
+
+    ``sampling``: more of llama-server's own /completion fields (``repeat_penalty``, ...)."""
+    body = {"prompt": list(ids), "n_predict": n, "temperature": 0, "ignore_eos": True, "return_tokens": True}
+    body.update(sampling)
+    if n_probs:
+        body.update(n_probs=n_probs, post_sampling_probs=False)
+    response = await engine._client.post("/completion", json=body)
+    response.raise_for_status()
+    return response.json()
+
+
+async def llama_server_busy_slots(engine) -> int:
+    """How many of llama-server's slots are processing a request, by its own /slots report."""
+    response = await engine._client.get("/slots")
+    response.raise_for_status()
+    return sum(1 for slot in response.json() if slot.get("is_processing"))

@@ -1,5 +1,6 @@
-"""Engine hf-cb (transformers' continuous batching, paged attention): the engine contract, in process,
-plus one real server.  tiny-llama, float32: the same function as hf-kv, so the same tokens."""
+"""Engine hf-cb (transformers' continuous batching, paged attention): what is its own, in process, plus
+one real server.  The engine contract (tests/integration/test_engine_contract.py) holds it to the same
+tokens, seeds, stop strings, cancel, queue bound and score as the other engines."""
 
 from __future__ import annotations
 
@@ -14,33 +15,12 @@ from loadtest import scrape
 from loadtest.server_process import ServerProcess
 from server.wire import pb
 from tests.conftest import LOG_PROMPTS
-from tests.helpers.engine_calls import (
-    TINY_LLAMA_BAD_INPUTS,
-    assert_refused,
-    collect,
-    generated_ids,
-    overflow_a_queue_of_one,
-    started_engines,
-    token_ids,
-)
+from tests.helpers.engine_calls import collect, started_engines, wait_until
 
 
 @pytest.fixture(scope="module")
 def started(loop):
     yield from started_engines(loop, "hf-cb")
-
-
-def text(outputs):
-    return "".join(out.text for out in outputs)
-
-
-async def wait_until(condition, timeout: float) -> float:
-    """Seconds until ``condition()`` held; fails after ``timeout``."""
-    start = time.monotonic()
-    while not condition():
-        assert time.monotonic() - start < timeout, "condition not met in time"
-        await asyncio.sleep(0.02)
-    return time.monotonic() - start
 
 
 def test_info_names_the_paged_kernel_and_the_cache(started):
@@ -50,100 +30,6 @@ def test_info_names_the_paged_kernel_and_the_cache(started):
     assert info.attention.startswith("paged|sdpa: sdpa"), info.attention
     assert "blocks x 256 tokens" in info.attention
     assert info.kv_cache_tokens >= info.max_context and info.kv_cache_bytes > 0
-
-
-@pytest.mark.parametrize("penalty", [1.0, 3.0], ids=["greedy", "greedy-penalised"])
-def test_greedy_equals_hf_kv_token_for_token(loop, started, penalty):
-    """Plain greedy is the manager's own argmax; with a penalty our processor picks the token."""
-    params = SamplingParams(max_new_tokens=24, repetition_penalty=penalty, ignore_eos=True)
-    for prompt in LOG_PROMPTS:
-        ours = token_ids(loop.run(collect(started(), prompt, params)))
-        reference = token_ids(loop.run(collect(started("hf-kv"), prompt, params)))
-        assert ours == reference, prompt
-        if penalty != 1.0:
-            assert len(set(ours)) >= 12, "degenerate output cannot tell engines apart"
-
-
-def test_stream_shape_and_usage(loop, started):
-    engine = started()
-    outputs = loop.run(collect(engine, LOG_PROMPTS[0], SamplingParams(max_new_tokens=12, ignore_eos=True)))
-    assert [o.finish_reason for o in outputs[:-1]] == [None] * (len(outputs) - 1)
-    assert outputs[-1].finish_reason == "length" and outputs[-1].completion_tokens == 12 == len(token_ids(outputs))
-    assert outputs[0].started_at is not None and all(o.started_at is None for o in outputs[1:])
-    assert outputs[0].started_at <= time.monotonic()
-    assert outputs[-1].prompt_tokens == len(engine.tokenizer(LOG_PROMPTS[0]).input_ids)
-    assert text(outputs) == engine.tokenizer.decode(token_ids(outputs), skip_special_tokens=True).rstrip("\ufffd")
-
-
-def test_eight_streams_all_start_before_any_ends(loop, started):
-    engine = started()
-
-    async def one(i):
-        first = None
-        async for out in engine.generate(
-            LOG_PROMPTS[i % 3], SamplingParams(max_new_tokens=200, ignore_eos=True), f"c{i}"
-        ):
-            first = first or time.monotonic()
-            last = out
-        return first, time.monotonic(), last
-
-    async def eight():
-        return await asyncio.gather(*(one(i) for i in range(8)))
-
-    results = loop.run(eight())
-    assert max(first for first, _, _ in results) < min(end for _, end, _ in results)
-    assert all(last.finish_reason == "length" and last.completion_tokens == 200 for _, _, last in results)
-
-
-def test_seed_reproduces_alone_and_batched(loop, started):
-    engine = started()
-    sampled = dict(max_new_tokens=16, temperature=1.0, top_p=0.95, top_k=50, ignore_eos=True)
-    seeded = SamplingParams(seed=1234, **sampled)
-    alone = loop.run(collect(engine, "Once upon a time", seeded))
-
-    async def batched():
-        others = [
-            collect(
-                engine,
-                LOG_PROMPTS[i % 3],
-                SamplingParams(max_new_tokens=16, temperature=1.5, seed=i, ignore_eos=True),
-                f"o{i}",
-            )
-            for i in range(7)
-        ]
-        results = await asyncio.gather(collect(engine, "Once upon a time", seeded, "s"), *others)
-        return results[0]
-
-    together = loop.run(batched())
-    assert token_ids(together) == token_ids(alone) and text(together) == text(alone)
-    # Our sampler is hf-kv's code with a generator per request: the same draw from the same logits.
-    assert token_ids(alone) == token_ids(loop.run(collect(started("hf-kv"), "Once upon a time", seeded)))
-    other_seed = generated_ids(loop, engine, "Once upon a time", seed=99, **sampled)
-    assert other_seed != token_ids(alone)
-
-
-def test_top_k_one_is_greedy(loop, started):
-    engine = started()
-    greedy = generated_ids(loop, engine, "Hello there", max_new_tokens=10, ignore_eos=True)
-    top1 = generated_ids(
-        loop, engine, "Hello there", max_new_tokens=10, temperature=2.0, top_k=1, seed=5, ignore_eos=True
-    )
-    assert top1 == greedy
-
-
-def test_stop_string_ends_generation_and_is_not_returned(loop, started):
-    engine = started()
-    params = dict(max_new_tokens=30, repetition_penalty=3.0, ignore_eos=True)
-    free = loop.run(collect(engine, "Hello", SamplingParams(**params)))
-    full = text(free)
-    stop = full[5:8]
-    assert stop.strip(), f"need a visible stop string from {full!r}"
-    stopped = loop.run(collect(engine, "Hello", SamplingParams(stop=(stop,), **params)))
-    assert stopped[-1].finish_reason == "stop"
-    assert text(stopped) == full[: full.index(stop)]
-    assert stopped[-1].completion_tokens < 30
-    # The manager stopped too: its request was cancelled, not left generating.
-    loop.run(wait_until(lambda: engine.load().running == 0, timeout=2))
 
 
 def test_snapshots_to_outputs_eos_length_and_backlog(started):
@@ -207,26 +93,6 @@ def test_cancelled_streams_free_their_blocks_and_the_next_request_runs_at_once(l
     assert not router.result_handlers and router.output_queue.empty()
 
 
-def test_queue_bound_refuses_at_once(loop, started):
-    engine = started(max_concurrency=1, max_queue=1)
-
-    async def overload():
-        streams, waiting = await overflow_a_queue_of_one(engine)
-        await asyncio.gather(waiting, return_exceptions=True)
-        for stream in streams:
-            await stream.aclose()
-        await wait_until(lambda: engine.load().running == 0, timeout=2)
-        return engine.load()
-
-    load = loop.run(overload())
-    assert (load.running, load.waiting) == (0, 0)
-
-
-@pytest.mark.parametrize("prompt, params, message", TINY_LLAMA_BAD_INPUTS)
-def test_bad_input_is_refused(loop, started, prompt, params, message):
-    assert_refused(loop, started(), prompt, params, message)
-
-
 def test_with_cuda_graphs_sampling_is_refused_by_name(started):
     """With graphs (CUDA only) there is no per-request processor; what it would drop is refused, not ignored."""
     runtime = started()._runtime
@@ -240,14 +106,6 @@ def test_with_cuda_graphs_sampling_is_refused_by_name(started):
             engine._check_params(SamplingParams(repetition_penalty=1.2))
     finally:
         runtime.samplers = samplers
-
-
-def test_score_equals_hf_kv(loop, started):
-    text_ = "The quick brown fox jumps over the lazy dog."
-    ours = loop.run(started().score(text_))
-    reference = loop.run(started("hf-kv").score(text_))
-    assert ours.token_count == reference.token_count == len(started().tokenizer(text_).input_ids) - 1
-    assert ours.perplexity > 1 and ours.total_logprob == pytest.approx(reference.total_logprob, rel=1e-5)
 
 
 def test_real_server_streams_and_exports_kv_cache_usage():

