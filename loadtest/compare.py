@@ -718,7 +718,7 @@ def column_notes(args, eos_ignored: bool) -> list[str]:
         "child (the same GGUF, --parallel, --threads, context per slot and batch size) on a TCP port with "
         "--metrics, same prompts and load through streaming /v1/completions; it sends usage only at the end, so "
         "text chunks count as tokens as they arrive and the final usage adds the rest; its own "
-        "llamacpp:tokens_predicted_total is the server's count.",
+        "llamacpp:tokens_predicted_total, read once its slots are idle, is the server's count.",
         "ENGINE-http (hf-kv-http, vllm-http): the engine through our OpenAI-compatible front end (--http-port), "
         "with the same streaming /v1/completions load and client as vllm-openai; a bare engine name is gRPC.",
     ]

@@ -336,6 +336,9 @@ class OutsideServerTarget:
     def metrics_text(self) -> str:
         return scrape.fetch(f"{self.host}/metrics") if self.tokens_counter else ""
 
+    def settle(self) -> None:
+        """Called when a step's load has ended, before its counters are read: by default nothing."""
+
     def watch(self, raw_prefix: Path) -> ProcessWatch:
         return ProcessWatch(self, raw_prefix)
 
@@ -505,6 +508,7 @@ class LlamaServerTarget(OutsideServerTarget):
     name = "llama.cpp's llama-server"
     attention = "llama.cpp (flash attention auto)"
     tokens_counter = "llamacpp:tokens_predicted_total"
+    SETTLE_S = 10.0
 
     def __init__(self, config: TargetConfig, log_path: Path) -> None:
         super().__init__(config.model_path, config.model, config.dtype, log_path, config.sample_period)
@@ -550,6 +554,17 @@ class LlamaServerTarget(OutsideServerTarget):
             "--metrics",
             *self.extra_args,
         ]
+
+    def settle(self) -> None:
+        """Wait, at most SETTLE_S, until no slot is busy.  llama-server adds a request's tokens to
+        its counter when the slot is released, so a request the step's end cut is counted only once
+        the server has seen the hang-up (at its next token) and freed the slot; read sooner, the
+        counter would miss every token of the requests in flight."""
+        deadline = time.monotonic() + self.SETTLE_S
+        while time.monotonic() < deadline:
+            if not scrape.total(scrape.parse(self.metrics_text()), "llamacpp:requests_processing"):
+                return
+            time.sleep(0.1)
 
 
 # What transformers' continuous batching takes for its cache on a CPU when not told: this share of
@@ -641,6 +656,7 @@ class ProcessWatch(_Watch):
     def _stop(self) -> None:
         self._done.set()
         self._thread.join()
+        self.target.settle()
 
     def _fill(self, after: scrape.Samples) -> None:
         self.reading.memory_peak_bytes = max(self.memory) if self.memory else None
