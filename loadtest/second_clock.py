@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -176,15 +177,37 @@ def run(url: str, served_model: str, tokenizer: str, load: ClockLoad, prefix: Pa
     with open(log_path, "w") as log:
         log.write(f"$ {' '.join(argv)}\n")
         log.flush()
-        completed = subprocess.run(
-            argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=prefix.parent, timeout=load.duration_s + 300
-        )
-    if completed.returncode != 0 or not out_json.exists():
+        returncode = _run_watched(argv, log, env, prefix.parent, load.duration_s + HANG_GRACE_S)
+        if returncode is None:
+            print(f"  guidellm hung before finishing ({log_path.name}): killed, run once more", file=sys.stderr)
+            returncode = _run_watched(argv, log, env, prefix.parent, load.duration_s + HANG_GRACE_S)
+    if returncode != 0 or not out_json.exists():
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
-        raise RuntimeError(f"guidellm exited {completed.returncode}:\n{tail}")
+        said = "hung twice" if returncode is None else f"exited {returncode}"
+        raise RuntimeError(f"guidellm {said}:\n{tail}")
     summary = read_summary(out_json)
     summary["data_ran_out"] = summary["requests_total"] >= len(rows)
     return summary
+
+
+# guidellm 0.8 can deadlock at a step's start: its main process forks a torch DataLoader worker while
+# its own threads run, and its spawned workers then wait for a start that never comes (seen here once
+# in a loaded test run: four processes idle for minutes after "started").  A run still going this
+# long past its duration is killed with every process it made and run once more, from scratch.
+HANG_GRACE_S = 90
+
+
+def _run_watched(argv: list[str], log, env: dict[str, str], cwd: Path, timeout: float) -> int | None:
+    """The exit status, or None when it had to be killed (its whole session: the workers too)."""
+    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        log.write(f"\n[killed after {timeout:.0f} s without a result]\n")
+        log.flush()
+        return None
 
 
 def read_summary(path: Path) -> dict:

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import math
+import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -116,3 +118,17 @@ def test_vllm_rows_are_set_beside_vllms_own_server():
     # Any pair of rows: hf-cb against hf-kv has one point in common.
     rows.append(row("hf-cb", 1, 36.0, 45.0))
     assert [(v["users"], v["ratio"]) for v in baseline_comparison(rows, "hf-cb", "hf-kv")] == [(1, 2.0)]
+
+
+def test_a_hung_outside_client_is_killed_with_its_workers(tmp_path):
+    """guidellm's deadlock leaves spawned workers behind: the watchdog ends the whole session."""
+    from loadtest import second_clock
+
+    marker = tmp_path / "child.pid"
+    argv = ["bash", "-c", f"sleep 60 & echo $! > {marker}; wait"]
+    with open(tmp_path / "log", "w") as log:
+        assert second_clock._run_watched(argv, log, dict(os.environ), tmp_path, timeout=1) is None
+        assert second_clock._run_watched(["true"], log, dict(os.environ), tmp_path, timeout=5) == 0
+    child = int(marker.read_text())
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+    assert "without a result" in (tmp_path / "log").read_text()
