@@ -141,19 +141,14 @@ def test_mp_pipeline_serves_streams_and_cancels(mp_server):
     streams_and_cancels(mp_server)
 
 
-def test_mp_killed_stage_fails_calls_and_health_and_a_restart_serves(mp_server):
-    ids = greedy_ids(mp_server)
+def test_mp_killed_stage_fails_calls_and_health(mp_server):
+    # A restart serving again is shown once, on Ray below, where the cluster outlives the server:
+    # a second PP 2 start here would cost the suite about 35 s for the same path.
     (last,) = [
         p for p in stage_processes(psutil.Process(mp_server.process.pid)) if "Worker_PP1" in " ".join(p.cmdline())
     ]
     dies_under_load(mp_server, lambda: last.send_signal(signal.SIGKILL))
     assert mp_server.process.poll() is None, "the server stays up, so probes and logs can say why"
-    mp_server.stop()
-    again = ServerProcess(*PP2).wait_ready(READY_S)
-    try:
-        assert greedy_ids(again) == ids
-    finally:
-        again.stop()
 
 
 # ---- pipeline stages on a two-node Ray cluster ---------------------------------------------
@@ -242,41 +237,57 @@ def one_error_line(run: subprocess.CompletedProcess) -> str:
     return errors[0]
 
 
-@pytest.mark.parametrize(
-    "args, says",
-    [
-        (
-            ("--model", "smollm2-135m", "--tensor-parallel-size", "2"),
-            "--tensor-parallel-size 2 must divide the model's 9 attention heads (each rank takes an equal share); "
-            "use a size among 1, 3, 9",
-        ),
-        (("--model", MODEL, "--pipeline-parallel-size", "3"), "more stages than the model's 2 layers"),
-        (
-            ("--model", MODEL, "--pipeline-parallel-size", "2", "--enforce-eager", "true"),
-            "leave --enforce-eager at auto",
-        ),
-    ],
-)
-def test_layouts_that_cannot_work_end_start_up_with_one_line(args, says):
-    run = run_cli("--engine", "vllm", *args, timeout=120)
-    assert run.returncode == 1
-    assert says in one_error_line(run)
-
-
-def test_more_worker_processes_than_cores_is_one_line():
+ONE_CORE = min(os.sched_getaffinity(0))
+# Each refusal, and what its one line must say. Each is a start-up that imports torch and vLLM
+# (seconds); they run side by side.
+REFUSALS = {
+    "tp-not-dividing-heads": (
+        ("--model", "smollm2-135m", "--tensor-parallel-size", "2"),
+        "--tensor-parallel-size 2 must divide the model's 9 attention heads (each rank takes an equal share); "
+        "use a size among 1, 3, 9",
+    ),
+    "more-stages-than-layers": (
+        ("--model", MODEL, "--pipeline-parallel-size", "3"),
+        "more stages than the model's 2 layers",
+    ),
+    "eager-pipeline-on-cpu": (
+        ("--model", MODEL, "--pipeline-parallel-size", "2", "--enforce-eager", "true"),
+        "leave --enforce-eager at auto",
+    ),
     # Pinned to one core, as a container's cpuset or taskset would: two stages cannot each have one.
-    one_core = min(os.sched_getaffinity(0))
-    run = subprocess.run(
-        [sys.executable, "-m", "server.cli", "--port", "0", "--metrics-port", "-1", *PP2],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={k: v for k, v in os.environ.items() if k != "VLLM_CPU_OMP_THREADS_BIND"},
-        preexec_fn=lambda: os.sched_setaffinity(0, {one_core}),
-    )
-    assert run.returncode == 1
-    assert one_error_line(run) == (
+    "more-processes-than-cores": (
+        PP2[2:],
         "yayi-serve: error: TP 1 x PP 2 = 2 worker processes need a CPU core each, and this process may use 1 "
-        f"({one_core}); lower the sizes, or run the stages on more machines with --distributed-executor-backend ray"
-    )
+        f"({ONE_CORE}); lower the sizes, or run the stages on more machines with --distributed-executor-backend ray",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def refusals() -> dict[str, subprocess.CompletedProcess]:
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_OMP_THREADS_BIND"}
+    started = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "--port", "0", "--metrics-port", "-1", "--engine", "vllm", *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            preexec_fn=(lambda: os.sched_setaffinity(0, {ONE_CORE})) if name == "more-processes-than-cores" else None,
+        )
+        for name, (args, _) in REFUSALS.items()
+    }
+    done = {}
+    for name, process in started.items():
+        stdout, stderr = process.communicate(timeout=180)
+        done[name] = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    return done
+
+
+@pytest.mark.parametrize("name", list(REFUSALS))
+def test_layouts_that_cannot_work_end_start_up_with_one_line(refusals, name):
+    run, says = refusals[name], REFUSALS[name][1]
+    assert run.returncode == 1
+    line = one_error_line(run)
+    assert line == says if says.startswith("yayi-serve: error:") else says in line
