@@ -225,7 +225,12 @@ def test_ray_killed_stage_fails_calls_and_health_and_a_restart_serves(ray_cluste
         assert greedy_ids(again) == ids
         assert "on 2 Ray nodes" in layout_of(again)
     finally:
-        again.stop()
+        code = again.stop()
+    # Drained, not killed (-15): no Ray driver's native SIGTERM handler in the server's process.
+    assert code == 0, "SIGTERM drains the server and ends it cleanly"
+    # Its stages go with it: the cluster is left as it was found.
+    nodes = [ray_cluster.node(name) for name in ("head", "worker1")]
+    assert wait_until(lambda: not any(stage_processes(node) for node in nodes), timeout=30)
 
 
 # ---- layouts that cannot work ----------------------------------------------------------------
