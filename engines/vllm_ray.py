@@ -70,8 +70,8 @@ def wait_for_cluster(ranks: int, resource: str, timeout_s: float) -> ClusterView
     address = ray_address()
     if address is None:
         log.info(
-            "vllm: %s is not set, so vLLM's ray.init() joins the cluster `ray start` last started on this "
-            "machine, or starts a one-machine instance of its own",
+            "vllm: %s is not set: vLLM's ray.init() joins whatever cluster Ray finds by itself, or starts a "
+            "one-machine instance of its own; set it to the head's HOST:PORT to choose",
             ADDRESS_ENV,
         )
         return None
