@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -27,9 +28,11 @@ NODES = ("head", "worker1")
 class RayCluster:
     def __init__(self, folder: str | None = None, port: int | None = None) -> None:
         # Short: Ray's Unix sockets live under it, and their paths may not pass 107 bytes.
+        self._made_folder = folder is None
         self.folder = Path(folder or tempfile.mkdtemp(prefix="yayi-ray-", dir="/tmp"))
         self.port = port or free_port_base()
         self.address = f"127.0.0.1:{self.port}"
+        self._pids: dict[str, int] = {}
         self._env = {**os.environ, "RAY_HEAD_PORT": str(self.port), "RAY": str(Path(sys.executable).parent / "ray")}
 
     def _run(self, action: str) -> subprocess.CompletedProcess:
@@ -46,12 +49,16 @@ class RayCluster:
         run = self._run("start")
         if run.returncode != 0 or run.stdout.strip() != f"export RAY_ADDRESS={self.address}":
             raise RuntimeError(f"ray cluster did not start ({run.returncode}):\n{run.stdout}{run.stderr}")
+        self._pids = {name: int((self.folder / f"{name}.pid").read_text()) for name in NODES}
         return self
 
     def stop(self) -> None:
+        """Ends the nodes; a folder this made goes too (Ray's session logs), once they have stopped."""
         run = self._run("stop")
         if run.returncode != 0:
             raise RuntimeError(f"ray cluster did not stop ({run.returncode}):\n{run.stderr}")
+        if self._made_folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     def status(self) -> str:
         """Ray's own ``ray status`` for this cluster."""
@@ -61,11 +68,18 @@ class RayCluster:
         return run.stdout
 
     def running(self) -> bool:
-        return any((self.folder / f"{name}.pid").exists() for name in NODES)
+        """Whether any node this started is still up."""
+        for pid in self._pids.values():
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    return True
+            except psutil.NoSuchProcess:
+                continue
+        return False
 
     def node(self, name: str) -> psutil.Process:
         """A node's ``ray start --block`` process: its raylet, and the workers the raylet starts, run beneath it."""
-        return psutil.Process(int((self.folder / f"{name}.pid").read_text()))
+        return psutil.Process(self._pids[name])
 
 
 def free_port_base() -> int:
