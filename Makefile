@@ -25,6 +25,11 @@ COMPARE_REPEAT ?= 3
 # The second clock beside Locust (none to skip it): guidellm, in its own environment under $(VENV).
 COMPARE_SECOND_CLIENT ?= guidellm
 COMPARE_ARGS ?=
+# One engine again in other configurations, beside itself: LABEL=ENGINE FLAGS..., separated by ";", each LABEL
+# then named in COMPARE_ENGINES (yayi-compare --variant), e.g. vllm at PP 1 and PP 2:
+#   make compare COMPARE_ENGINES=vllm,vllm-pp2 COMPARE_VARIANTS="vllm-pp2=vllm --pipeline-parallel-size 2"
+COMPARE_VARIANTS ?=
+COMPARE_VARIANT_ARGS = $(if $(strip $(COMPARE_VARIANTS)),--variant "$(subst ;," --variant ",$(COMPARE_VARIANTS))")
 # make replicas: N replicas of ENGINE/MODEL behind HAProxy, called at REPLICAS_HOST:REPLICAS_PORT.
 N ?= 2
 REPLICAS_HOST ?= 127.0.0.1
@@ -118,7 +123,8 @@ bench-replicas: model haproxy
 
 compare: model $(if $(filter guidellm,$(COMPARE_SECOND_CLIENT)),second-clock)
 	$(BIN)/yayi-compare --engines $(COMPARE_ENGINES) --model $(MODEL) --users $(COMPARE_USERS) \
-	  --duration $(COMPARE_DURATION) --repeat $(COMPARE_REPEAT) --second-client $(COMPARE_SECOND_CLIENT) $(COMPARE_ARGS)
+	  --duration $(COMPARE_DURATION) --repeat $(COMPARE_REPEAT) --second-client $(COMPARE_SECOND_CLIENT) \
+	  $(COMPARE_VARIANT_ARGS) $(COMPARE_ARGS)
 
 # guidellm, pinned in pyproject.toml's second-clock extra, in $(VENV)/guidellm: its click pin and the dev
 # extra's cannot share one environment (loadtest/second_clock.py). Nothing is done when it is there.
@@ -170,7 +176,7 @@ vllm-bench: venv model
 # make compare with every engine measured through gRPC and through the HTTP front end, in one report.
 compare-apis: model
 	$(BIN)/yayi-compare --engines $(COMPARE_ENGINES) --apis grpc,http --model $(MODEL) --users $(COMPARE_USERS) \
-	  --duration $(COMPARE_DURATION) --repeat $(COMPARE_REPEAT) $(COMPARE_ARGS)
+	  --duration $(COMPARE_DURATION) --repeat $(COMPARE_REPEAT) $(COMPARE_VARIANT_ARGS) $(COMPARE_ARGS)
 
 # The offline experiments (bench/, docs/experiments/): each writes reports/<name>-<UTC time>/ (--out moves it).
 bench-attention: venv

@@ -7,7 +7,9 @@ A B C, ...), so a ratio is taken between rounds minutes apart rather than betwee
 whole sweep and the next one's; every server stays up across its rounds (loadtest/schedule.py
 says which are up together, loadtest/rounds.py what the report says from the rounds).  With
 ``--apis grpc,http`` each engine is measured through both front ends (rows "vllm" and
-"vllm-http") on one server process.  Beside our engines, the same load against outside servers:
+"vllm-http") on one server process.  ``--variant LABEL=ENGINE [flags...]`` puts one engine in the
+run again under LABEL with more yayi-serve flags (loadtest/variants.py), e.g. vllm at PP 2 beside
+vllm at PP 1.  Beside our engines, the same load against outside servers:
 vLLM's own OpenAI-compatible server beside our vllm rows, ``transformers serve
 --continuous-batching`` twice beside our hf-cb rows, once with hf-cb's KV cache and once left to
 its own defaults, and llama.cpp's own ``llama-server`` beside our llama-cpp rows, on the same GGUF
@@ -36,7 +38,7 @@ from loadtest.report import VERSUS, write_report
 from loadtest.report_folder import default_out
 from loadtest.roofline_column import RooflineColumn
 from loadtest.rounds import aggregate_all
-from loadtest.schedule import Group, memory_budget, plan_groups, target_estimate
+from loadtest.schedule import Group, memory_budget, plan_groups, target_dtype, target_estimate
 from loadtest.tables import markdown_table
 from loadtest.targets import (
     OutsideServerTarget,
@@ -51,8 +53,9 @@ from loadtest.targets import (
     vllm_engine_args,
 )
 from loadtest.token_stats import LATENCY_FIELDS
+from loadtest.variants import Variant, by_label, check_flags, check_names, parse_variant, variant_pairs
 
-# Rough start-up times on a 2-core CPU, only for the "time left" estimate.
+# Rough start-up times on a 2-core CPU by engine or outside server, only for the "time left" estimate.
 START_ESTIMATE_S = {
     "vllm": 150.0,
     "vllm-openai": 150.0,
@@ -110,7 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--engines",
         default="hf-eager,hf-kv,hf-flash,vllm",
-        help="comma-separated engines; empty with --baseline vllm-openai loads only vLLM's own server",
+        help="comma-separated engines and --variant labels; empty with --baseline vllm-openai loads only vLLM's "
+        "own server",
+    )
+    parser.add_argument(
+        "--variant",
+        type=parse_variant,
+        action="append",
+        default=[],
+        metavar="LABEL=ENGINE [FLAGS...]",
+        help="one string, repeatable: LABEL, which --engines may then name, is ENGINE started as the run starts "
+        "it plus these yayi-serve flags, its rows labelled LABEL and set beside ENGINE's, e.g. "
+        "'vllm-pp2=vllm --pipeline-parallel-size 2'",
     )
     parser.add_argument("--model", default="smollm2-135m", help="built-in model name or local folder")
     parser.add_argument(
@@ -244,10 +258,41 @@ class Progress:
         self.left = [i for i in self.left if self.plan[i][0] != label]
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with what no single option can check refused in one line: every name in
+    --engines an engine or a defined variant, no variant defined twice, each variant's flags ones
+    its engine takes.  Adds ``engine_names`` (--engines as a list)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.engine_names = [name.strip() for name in args.engines.split(",") if name.strip()]
+    try:
+        variants = by_label(args.variant)
+        check_names(args.engine_names, variants)
+        for variant in variants.values():
+            check_flags(variant, args.model)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args
+
+
+def run_versus(args) -> list[tuple[str, str, str]]:
+    """The pairs this run's report may set side by side: report.VERSUS and each variant over its engine."""
+    return [*VERSUS, *variant_pairs(args.variant)]
+
+
+def start_estimate(target) -> float:
+    """Seconds to start, by engine (a variant and an HTTP row are their engine); nothing for the second
+    front end of a server already up."""
+    if getattr(target, "shares_with", None) is not None:
+        return 0.0
+    kind = getattr(target, "engine", None) or target.label
+    return START_ESTIMATE_S.get(kind, DEFAULT_START_ESTIMATE_S)
+
+
 def run_plan(targets: list, args, clock_labels: set[str]) -> list[tuple[str, float]]:
     plan = []
     for target in targets:
-        plan.append((target.label, START_ESTIMATE_S.get(target.label, DEFAULT_START_ESTIMATE_S)))
+        plan.append((target.label, start_estimate(target)))
         plan.append((target.label, args.idle_seconds))
         plan += [(target.label, args.duration + STEP_OVERHEAD_S)] * (len(args.users) * args.repeat)
         if target.label in clock_labels:
@@ -279,16 +324,31 @@ def make_targets(args, engines: list[str], model_path: str, raw: Path) -> list[T
     config = target_config(args, model_path)
     targets: list[Target] = []
     baselines = chosen_baselines(args.baseline, engines)
-    clocked = {ours for ours, theirs, _ in VERSUS if theirs in baselines} if args.second_client != "none" else set()
-    for engine in engines:
+    versus = run_versus(args)
+    clocked = {ours for ours, theirs, _ in versus if theirs in baselines} if args.second_client != "none" else set()
+    variants = by_label(args.variant)
+    for name in engines:
+        variant: Variant | None = variants.get(name)
+        engine = variant.engine if variant else name
         extra = vllm_engine_args(config) if engine == "vllm" else ["--dtype", args.dtype]
-        if engine in clocked and args.apis == ["grpc"]:
+        if name in clocked and args.apis == ["grpc"]:
             extra += ["--http-port", "0"]  # the second clock reaches our engine through the HTTP front end
+        # A variant's flags come last: where it repeats a flag given above, its value is the one taken.
+        server_args = extra + common + list(variant.args if variant else ())
+        note = f"variant: {variant.describe()}" if variant else ""
         previous = None
         for api in args.apis:
             # The second front end of an engine is measured on the first one's server, right after it.
             previous = YayiTarget(
-                engine, args.model, extra + common, queue, args.sample_period, api, shares_with=previous
+                engine,
+                args.model,
+                server_args,
+                queue,
+                args.sample_period,
+                api,
+                shares_with=previous,
+                name=name,
+                note=note,
             )
             targets.append(previous)
     for name in baselines:
@@ -296,11 +356,11 @@ def make_targets(args, engines: list[str], model_path: str, raw: Path) -> list[T
     return targets
 
 
-def clock_pairs(targets: list) -> list[tuple[str, str]]:
+def clock_pairs(targets: list, versus=VERSUS) -> list[tuple[str, str]]:
     """The (ours, peer) pairs the second clock measures: each compared pair whose peer is an outside server."""
     outside = {t.label for t in targets if isinstance(t, OutsideServerTarget)}
     labels = {t.label for t in targets}
-    return [(ours, theirs) for ours, theirs, _ in VERSUS if ours in labels and theirs in outside]
+    return [(ours, theirs) for ours, theirs, _ in versus if ours in labels and theirs in outside]
 
 
 def ignores_eos(args, targets: list) -> bool:
@@ -413,7 +473,7 @@ class Comparison:
             stop_timeout_s=args.stop_timeout,
             processes=args.processes,
         )
-        self.pairs = clock_pairs(targets) if args.second_client != "none" else []
+        self.pairs = clock_pairs(targets, run_versus(args)) if args.second_client != "none" else []
         self.clock_labels = {label for pair in self.pairs for label in pair}
         self.guidellm = second_clock.executable() if self.pairs else None
         self.prompts = load_prompts(args.prompts_file)
@@ -584,8 +644,8 @@ class Comparison:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    engines = [name.strip() for name in args.engines.split(",") if name.strip()]
+    args = parse_args(argv)
+    engines = args.engine_names
     started = dt.datetime.now()
     out = Path(args.out) if args.out else default_out("speed")
     raw = out / "raw"
@@ -602,11 +662,14 @@ def main(argv: list[str] | None = None) -> int:
         print("guidellm is not installed: python -m loadtest.second_clock install", file=sys.stderr)
         return 2
     estimate = target_estimate(roofline.shape.params, args.kv_cache_gb)
-    groups, together = plan_groups(targets, VERSUS, args.together, memory_budget(), estimate)
+    versus = run_versus(args)
+    groups, together = plan_groups(targets, versus, args.together, memory_budget(), estimate)
     print(f"  {together}: " + " | ".join(", ".join(g.labels) for g in groups), file=sys.stderr, flush=True)
     if args.probe_seconds > 0:
         run.progress.step("roofline", "probing this machine's bandwidth and FLOP/s")
-        roofline.probe({args.vllm_dtype, args.dtype, "float32"} - {"auto"}, args.probe_seconds)
+        # A variant may run its engine in another dtype (--dtype in its flags): that one is probed too.
+        ours = {target_dtype(t) for t in targets if isinstance(t, YayiTarget)}
+        roofline.probe({args.vllm_dtype, args.dtype, "float32", *ours} - {"auto"}, args.probe_seconds)
 
     for group in groups:
         run.run_group(group)
@@ -627,6 +690,8 @@ def main(argv: list[str] | None = None) -> int:
         "groups": [g.labels for g in groups],
         "second_client": args.second_client if run.pairs else "none",
         "clock_pairs": run.pairs,
+        "variants": {v.label: v.describe() for v in args.variant},
+        "versus": versus,
         "failures": run.failures,
         "roofline": roofline.describe(),
         "column_notes": column_notes(args, eos_ignored),
@@ -686,6 +751,11 @@ def column_notes(args, eos_ignored: bool) -> list[str]:
         if eos_ignored
         else f"up to {args.max_new_tokens} new tokens, ending at EOS (transformers serve cannot ignore it)"
     )
+    variants = [
+        f"{v.label}: our {v.engine} engine started as the {v.engine} rows are, plus `{shlex.join(v.args)}` "
+        f"(`--variant`); where both run, a ratio table sets it over {v.engine}."
+        for v in getattr(args, "variant", [])
+    ]
     return [
         f"Load: each user sends the prompts in turn, greedy, {length}, "
         f"no pause between requests, for {args.duration:g} s per step; Users is the concurrency.",
@@ -721,6 +791,7 @@ def column_notes(args, eos_ignored: bool) -> list[str]:
         "llamacpp:tokens_predicted_total, read once its slots are idle, is the server's count.",
         "ENGINE-http (hf-kv-http, vllm-http): the engine through our OpenAI-compatible front end (--http-port), "
         "with the same streaming /v1/completions load and client as vllm-openai; a bare engine name is gRPC.",
+        *variants,
     ]
 
 

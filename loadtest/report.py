@@ -174,7 +174,8 @@ def markdown_report(
     lines += [speed_table(rows), ""]
     lines += ["## What the columns hold", ""] + [f"- {note}" for note in context["column_notes"]] + [""]
     cautions: list[str] = []
-    for ours, theirs, title in VERSUS:
+    # The run's own pairs (VERSUS and its variants, loadtest/variants.py); a report from before them, VERSUS.
+    for ours, theirs, title in context.get("versus") or VERSUS:
         table = ratio_rows(rows, rounds, clock_rounds, ours, theirs)
         if table:
             lines += [

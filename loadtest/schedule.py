@@ -147,12 +147,16 @@ def target_estimate(params: float, kv_cache_gb: float, total_memory: float | Non
 
 
 def target_dtype(target) -> str:
-    """Our server's dtype from its flags (``--dtype X``), float32 when auto on a CPU."""
+    """Our server's dtype from its flags (``--dtype X``, the last one given, as yayi-serve takes it),
+    float32 when auto on a CPU."""
     args = list(getattr(target, "server_args", []))
-    if "--dtype" in args and args.index("--dtype") + 1 < len(args):
-        value = args[args.index("--dtype") + 1]
-        return "float32" if value == "auto" else value
-    return "float32"
+    value = "auto"
+    for i, arg in enumerate(args):
+        if arg == "--dtype" and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith("--dtype="):
+            value = arg.partition("=")[2]
+    return "float32" if value == "auto" else value
 
 
 def _capped_share(args: Sequence[str]) -> float | None:

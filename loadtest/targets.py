@@ -102,13 +102,18 @@ class YayiTarget:
         sample_period: float,
         api: str = "grpc",
         shares_with: YayiTarget | None = None,
+        name: str = "",
+        note: str = "",
     ) -> None:
         """``shares_with``: the target just before this one, of the same engine through the other front
         end; its server is handed over rather than stopped and started again, so both front ends are
-        measured on one process, back to back (and a vllm start, minutes on a CPU, is paid once)."""
+        measured on one process, back to back (and a vllm start, minutes on a CPU, is paid once).
+        ``name``: the rows' label when it is not the engine's (a variant, loadtest/variants.py), and
+        ``note`` what its rows' Notes say of it."""
+        name = name or engine
         # Rows of the HTTP front end are labelled apart, so one report holds both front ends.
-        self.label = engine if api == "grpc" else f"{engine}-http"
-        self.engine, self.model, self.api = engine, model, api
+        self.label = name if api == "grpc" else f"{name}-http"
+        self.engine, self.model, self.api, self.note = engine, model, api, note
         sharing = shares_with is not None or api == "http"
         self.server_args = server_args + (["--http-port", "0"] if sharing else [])
         self.queue = queue
@@ -162,6 +167,8 @@ class YayiTarget:
             "use_cache": info.use_cache,
             "model_path": info.model_path,
         }
+        if self.note:
+            self.info["note"] = self.note
         return self.info
 
     def warm_up(self) -> None:

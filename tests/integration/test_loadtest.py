@@ -110,9 +110,11 @@ def test_distributed_mode_gathers_every_workers_samples(tiny_server, tmp_path):
 
 def test_compare_driver_writes_a_complete_report(tmp_path):
     out = tmp_path / "report"
-    command = compare_command(out, "--engines", "hf-kv,hf-eager,no-such-engine", probe_seconds="0.4")
+    # A variant of hf-kv whose flags name no certificate: yayi-serve's parser takes them, its start does not.
+    broken = "hf-kv-tls=hf-kv --tls-cert /no/such.pem --tls-key /no/such.pem"
+    command = compare_command(out, "--engines", "hf-kv,hf-eager,hf-kv-tls", "--variant", broken, probe_seconds="0.4")
     completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=400)
-    # An engine that cannot start makes the exit status 1, but the others still have their rows.
+    # A server that cannot start makes the exit status 1, but the others still have their rows.
     assert completed.returncode == 1, completed.stderr[-3000:]
     assert "step 2/" in completed.stderr and "hf-eager" in completed.stderr and "min left" in completed.stderr
     for name in ("speed.md", "speed.csv", "speed.json", "tokens_per_s.png", "ttft_p95.png", "memory.png"):
@@ -123,9 +125,11 @@ def test_compare_driver_writes_a_complete_report(tmp_path):
         ("hf-kv", 2),
         ("hf-eager", 0),
         ("hf-eager", 2),
-        ("no-such-engine", 0),
+        ("hf-kv-tls", 0),
     ]
-    assert "invalid choice" in rows[-1]["notes"] and rows[-1]["failed"]
+    # The variant's own flags reached its server, and its row and raw files carry its label.
+    assert "--tls-cert /no/such.pem: No such file or directory" in rows[-1]["notes"] and rows[-1]["failed"]
+    assert (out / "raw" / "hf-kv-tls_failure.txt").exists()
     for row in rows[1], rows[3]:
         assert row["speed_tokens_per_s"] > 0 and row["errors"] == 0 and row["requests_ok"] > 0
         # Every token the client counted is one the server's own counter counted.
