@@ -78,7 +78,17 @@ case "$ACTION" in
     stop
     exit 1
     ;;
-  stop) stop ;;
+  stop)
+    # Say what was stopped: a silent stop cannot be told from one that found nothing to stop.
+    running=()
+    for node in "${NODES[@]}"; do if alive "$node"; then running+=("$node"); fi; done
+    stop
+    if [ "${#running[@]}" -gt 0 ]; then
+      echo "ray cluster: stopped ${running[*]} (logs in $DIR)" >&2
+    else
+      echo "ray cluster: no node of this script was running (pids in $DIR)" >&2
+    fi
+    ;;
   status) "$RAY" status --address "$(cat "$DIR/address" 2>/dev/null || echo "$ADDRESS")" ;;
   *) echo "usage: ray_cluster.sh start|stop|status [DIR]" >&2; exit 2 ;;
 esac
