@@ -1,7 +1,12 @@
-"""Where a server's CPU goes while it streams one request: tokens/s, and the busy share of a core
-for each of its threads, from /proc (Linux).
+"""Where a server's CPU goes while it streams: tokens/s, the busy share of a core for each of its
+threads, from /proc (Linux), and the server process's CPU per token streamed.
 
     .venv/bin/python -m bench.server_threads --engine hf-cb --model smollm2-135m --dtype bfloat16
+    .venv/bin/python -m bench.server_threads --engine llama-cpp --users 16
+
+With an engine whose kernels run in a child process (llama-cpp's llama-server), the server's own
+CPU is what our request path costs on top of the kernels: milliseconds of CPU per token, taken
+from the cores the kernels would otherwise have.
 
 Written to find why hf-cb left a third of this machine's two cores idle: a torch forward on
 a CPU hands work to an OpenMP pool, and a worker of that pool that is mostly asleep shows
@@ -12,8 +17,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from loadtest.server_process import ServerProcess
 
@@ -37,6 +45,14 @@ def busy_cores(before: dict, after: dict, seconds: float) -> list[tuple[float, s
     return sorted((row for row in rows if row[0] > 0), reverse=True)
 
 
+def sampler(pid: int, path: str) -> subprocess.Popen:
+    """py-spy sampling every thread of ``pid`` (native frames off: Python's own costs are the question)."""
+    command = ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--output", path, "--rate", "250"]
+    spy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # py-spy attaches before the streams start
+    return spy
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine", default="hf-cb")
@@ -44,21 +60,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--tokens", type=int, default=96, help="new tokens of the one request (ignore_eos)")
     parser.add_argument("--prompt", default="The capital of France is")
+    parser.add_argument("--users", type=int, default=1, help="streams at once, each --tokens long")
+    parser.add_argument("--server-args", default="", help="extra yayi-serve arguments, one string")
+    parser.add_argument(
+        "--profile", default="", help="also sample the server with py-spy while it streams: collapsed stacks here"
+    )
     args = parser.parse_args(argv)
-    server = ServerProcess("--engine", args.engine, "--model", args.model, "--dtype", args.dtype).wait_ready(600)
+    extra = args.server_args.split()
+    server = ServerProcess("--engine", args.engine, "--model", args.model, "--dtype", args.dtype, *extra).wait_ready(
+        600
+    )
+
+    def one(_: int) -> int:
+        stream = server.stream(args.prompt, max_new_tokens=args.tokens, ignore_eos=True, timeout=600)
+        return sum(len(chunk.token_ids) for chunk in stream)
+
     try:
-        for _ in server.stream("Warm up.", max_new_tokens=8, ignore_eos=True, timeout=300):
-            pass
-        before, started, tokens = thread_ticks(server.process.pid), time.perf_counter(), 0
-        for chunk in server.stream(args.prompt, max_new_tokens=args.tokens, ignore_eos=True, timeout=600):
-            tokens += len(chunk.token_ids)
+        with ThreadPoolExecutor(args.users) as pool:
+            list(pool.map(one, range(args.users)))  # warm-up: every slot once
+            spy = sampler(server.process.pid, args.profile) if args.profile else None
+            before, started = thread_ticks(server.process.pid), time.perf_counter()
+            tokens = sum(pool.map(one, range(args.users)))
         seconds = time.perf_counter() - started
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes what it sampled on SIGINT
+            spy.wait(30)
         rows = busy_cores(before, thread_ticks(server.process.pid), seconds)
     finally:
         server.stop()
-    what = f"{args.engine} {args.model} {args.dtype}"
+    what = f"{args.engine} {args.model} {args.dtype}, {args.users} users"
+    busy = sum(row[0] for row in rows)
     print(f"{what}: {tokens} tokens in {seconds:.2f} s, {tokens / seconds:.1f} tokens/s")
-    print(f"server CPU: {sum(row[0] for row in rows):.2f} cores")
+    print(f"server CPU: {busy:.2f} cores, {busy * seconds / tokens * 1000:.3f} ms per token")
     for cores, tid, name in rows[:8]:
         print(f"  thread {tid} ({name}): {cores:.2f} of a core")
     return 0

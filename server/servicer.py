@@ -97,7 +97,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def _write(self, context, chunk: pb.GenerateChunk) -> None:
         try:
-            await asyncio.wait_for(context.write(chunk), self._stall_timeout_s)
+            # asyncio.timeout, not wait_for: no task per chunk on a path taken for every token.
+            async with asyncio.timeout(self._stall_timeout_s):
+                await context.write(chunk)
         except TimeoutError:
             raise StreamStalled(
                 f"the stream was cancelled: the client read nothing for {self._stall_timeout_s:g} s "

@@ -109,13 +109,11 @@ async def llama_server_own(engine, ids, n, n_probs=0, **sampling):
     body.update(sampling)
     if n_probs:
         body.update(n_probs=n_probs, post_sampling_probs=False)
-    response = await engine._client.post("/completion", json=body)
-    response.raise_for_status()
-    return response.json()
+    async with engine._client.post("/completion", json=body, raise_for_status=True) as response:
+        return await response.json()
 
 
 async def llama_server_busy_slots(engine) -> int:
     """How many of llama-server's slots are processing a request, by its own /slots report."""
-    response = await engine._client.get("/slots")
-    response.raise_for_status()
-    return sum(1 for slot in response.json() if slot.get("is_processing"))
+    async with engine._client.get("/slots", raise_for_status=True) as response:
+        return sum(1 for slot in await response.json() if slot.get("is_processing"))
