@@ -280,6 +280,19 @@ def run_versus(args) -> list[tuple[str, str, str]]:
     return [*VERSUS, *variant_pairs(args.variant)]
 
 
+def http_twins(versus, targets: list) -> list[tuple[str, str, str]]:
+    """Each pair of ours against an outside server again with our HTTP row (``--apis ...,http``): both
+    then answer the same Locust user over the same wire (streamed /v1/completions), so the ratio holds no
+    difference of client or protocol, only of the servers."""
+    outside = {t.label for t in targets if isinstance(t, OutsideServerTarget)}
+    labels = {t.label for t in targets}
+    return [
+        (f"{ours}-http", theirs, f"{title}, both through HTTP (streamed `/v1/completions`)")
+        for ours, theirs, title in versus
+        if theirs in outside and f"{ours}-http" in labels
+    ]
+
+
 def start_estimate(target) -> float:
     """Seconds to start, by engine (a variant and an HTTP row are their engine); nothing for the second
     front end of a server already up."""
@@ -691,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
         "second_client": args.second_client if run.pairs else "none",
         "clock_pairs": run.pairs,
         "variants": {v.label: v.describe() for v in args.variant},
-        "versus": versus,
+        "versus": versus + http_twins(versus, targets),
         "failures": run.failures,
         "roofline": roofline.describe(),
         "column_notes": column_notes(args, eos_ignored),

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from loadtest.compare import build_parser, clock_pairs, target_config
+from loadtest.compare import build_parser, clock_pairs, http_twins, target_config
 from loadtest.gguf_file import context_length, read_weights
 from loadtest.report import VERSUS, markdown_report, ratio_rows
 from loadtest.roofline import Device
@@ -194,3 +194,15 @@ def test_the_llama_cpp_rows_are_paired_with_llama_server_alone():
     assert components(labels, VERSUS) == [[0], [1, 2]]
     peer = object.__new__(LlamaServerTarget)
     assert clock_pairs([SimpleNamespace(label="llama-cpp"), peer]) == [("llama-cpp", "llama-server")]
+
+
+def test_our_http_row_is_also_set_against_the_outside_server():
+    """With --apis grpc,http, ours through HTTP meets the outside server over the same wire and client;
+    an HTTP row with no outside peer (hf-kv-http) and an outside server not in the run get no table."""
+    peer = object.__new__(LlamaServerTarget)
+    peer.label = "llama-server"
+    targets = [SimpleNamespace(label=name) for name in ("llama-cpp", "llama-cpp-http", "hf-kv", "hf-kv-http")]
+    twins = http_twins(VERSUS, [*targets, peer])
+    assert [(ours, theirs) for ours, theirs, _ in twins] == [("llama-cpp-http", "llama-server")]
+    assert twins[0][2].endswith("both through HTTP (streamed `/v1/completions`)")
+    assert http_twins(VERSUS, targets) == []
