@@ -20,8 +20,10 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from loadtest.server_process import ServerProcess
 
@@ -45,6 +47,14 @@ def busy_cores(before: dict, after: dict, seconds: float) -> list[tuple[float, s
     return sorted((row for row in rows if row[0] > 0), reverse=True)
 
 
+def switch_interval_env(seconds: float) -> dict[str, str]:
+    """An environment whose Python runs ``sys.setswitchinterval(seconds)`` at start (a sitecustomize
+    module ahead on PYTHONPATH): the server has no flag for it, and should not."""
+    folder = Path(tempfile.mkdtemp(prefix="yayi-switch-"))
+    (folder / "sitecustomize.py").write_text(f"import sys\nsys.setswitchinterval({seconds!r})\n")
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH", "")]))}
+
+
 def sampler(pid: int, path: str) -> subprocess.Popen:
     """py-spy sampling every thread of ``pid`` (native frames off: Python's own costs are the question)."""
     command = ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--output", path, "--rate", "250"]
@@ -65,11 +75,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", default="", help="also sample the server with py-spy while it streams: collapsed stacks here"
     )
+    parser.add_argument(
+        "--switch-interval",
+        type=float,
+        default=None,
+        help="the server's sys.setswitchinterval in seconds (Python's default 0.005): how long a thread that "
+        "wants the GIL waits for the one holding it, here the event loop against hf-cb's manager thread",
+    )
     args = parser.parse_args(argv)
     extra = args.server_args.split()
-    server = ServerProcess("--engine", args.engine, "--model", args.model, "--dtype", args.dtype, *extra).wait_ready(
-        600
-    )
+    env = switch_interval_env(args.switch_interval) if args.switch_interval is not None else None
+    server = ServerProcess(
+        "--engine", args.engine, "--model", args.model, "--dtype", args.dtype, *extra, env=env
+    ).wait_ready(600)
 
     def one(_: int) -> int:
         stream = server.stream(args.prompt, max_new_tokens=args.tokens, ignore_eos=True, timeout=600)
@@ -89,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.stop()
     what = f"{args.engine} {args.model} {args.dtype}, {args.users} users"
+    if args.switch_interval is not None:
+        what += f", switch interval {args.switch_interval:g} s"
     busy = sum(row[0] for row in rows)
     print(f"{what}: {tokens} tokens in {seconds:.2f} s, {tokens / seconds:.1f} tokens/s")
     print(f"server CPU: {busy:.2f} cores, {busy * seconds / tokens * 1000:.3f} ms per token")
