@@ -41,6 +41,7 @@ from loadtest.rounds import aggregate_all
 from loadtest.schedule import Group, memory_budget, plan_groups, target_dtype, target_estimate
 from loadtest.tables import markdown_table
 from loadtest.targets import (
+    HTTP_SUFFIX,
     OutsideServerTarget,
     Reading,
     Target,
@@ -284,13 +285,17 @@ def http_twins(versus, targets: list) -> list[tuple[str, str, str]]:
     """Each pair of ours against an outside server again with our HTTP row (``--apis ...,http``): both
     then answer the same Locust user over the same wire (streamed /v1/completions), so the ratio holds no
     difference of client or protocol, only of the servers."""
-    outside = {t.label for t in targets if isinstance(t, OutsideServerTarget)}
-    labels = {t.label for t in targets}
+    labels, outside = target_labels(targets)
     return [
-        (f"{ours}-http", theirs, f"{title}, both through HTTP (streamed `/v1/completions`)")
+        (f"{ours}{HTTP_SUFFIX}", theirs, f"{title}, both through HTTP (streamed `/v1/completions`)")
         for ours, theirs, title in versus
-        if theirs in outside and f"{ours}-http" in labels
+        if theirs in outside and f"{ours}{HTTP_SUFFIX}" in labels
     ]
+
+
+def target_labels(targets: list) -> tuple[set[str], set[str]]:
+    """Every target's label, and those of the outside servers among them."""
+    return {t.label for t in targets}, {t.label for t in targets if isinstance(t, OutsideServerTarget)}
 
 
 def start_estimate(target) -> float:
@@ -371,8 +376,7 @@ def make_targets(args, engines: list[str], model_path: str, raw: Path) -> list[T
 
 def clock_pairs(targets: list, versus=VERSUS) -> list[tuple[str, str]]:
     """The (ours, peer) pairs the second clock measures: each compared pair whose peer is an outside server."""
-    outside = {t.label for t in targets if isinstance(t, OutsideServerTarget)}
-    labels = {t.label for t in targets}
+    labels, outside = target_labels(targets)
     return [(ours, theirs) for ours, theirs, _ in versus if ours in labels and theirs in outside]
 
 
@@ -739,7 +743,7 @@ def api_comparison(rows: list[dict]) -> list[dict]:
     loaded = {(r["engine"], r["users"]): r for r in rows if r.get("users") and r.get("speed_tokens_per_s")}
     out = []
     for (engine, users), http in loaded.items():
-        grpc = loaded.get((engine.removesuffix("-http"), users)) if engine.endswith("-http") else None
+        grpc = loaded.get((engine.removesuffix(HTTP_SUFFIX), users)) if engine.endswith(HTTP_SUFFIX) else None
         if grpc is None:
             continue
         out.append(

@@ -90,6 +90,10 @@ class Reading:
     device: str = "cpu"
 
 
+# The label suffix of an engine's rows through the HTTP front end ("vllm-http"); a bare label is gRPC.
+HTTP_SUFFIX = "-http"
+
+
 class YayiTarget:
     locustfile = ROOT / "loadtest" / "speed.py"
 
@@ -112,7 +116,7 @@ class YayiTarget:
         ``note`` what its rows' Notes say of it."""
         name = name or engine
         # Rows of the HTTP front end are labelled apart, so one report holds both front ends.
-        self.label = name if api == "grpc" else f"{name}-http"
+        self.label = name if api == "grpc" else f"{name}{HTTP_SUFFIX}"
         self.engine, self.model, self.api, self.note = engine, model, api, note
         sharing = shares_with is not None or api == "http"
         self.server_args = server_args + (["--http-port", "0"] if sharing else [])

@@ -25,11 +25,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from engines.registry import ENGINES
-from loadtest.targets import BASELINE_ALIASES, BASELINES
+from loadtest.targets import BASELINE_ALIASES, BASELINES, HTTP_SUFFIX
 
 # A label names files under raw/ and is read back from rows: letters, digits, ".", "_", "-".
 LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
-HTTP_SUFFIX = "-http"  # the label of an engine's rows through the HTTP front end (loadtest/targets.py)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ class ServerMetrics:
     def __init__(self, engine: str, model: str, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self.labels = {"engine": engine, "model": model}
-        self._children: dict[str, object] = {}
+        self._children: dict[object, object] = {}
         base = ["engine", "model"]
         device = [*base, "device"]
 
@@ -100,9 +100,9 @@ class ServerMetrics:
     def child(self, metric):
         """``metric`` with this server's labels, looked up once: the per-token path reads it for every
         token, and prometheus_client's labels() costs more than the update itself."""
-        found = self._children.get(metric._name)
+        found = self._children.get(metric)
         if found is None:
-            found = self._children[metric._name] = metric.labels(**self.labels)
+            found = self._children[metric] = metric.labels(**self.labels)
         return found
 
     def watch_load(self, load: Callable[[], EngineLoad]) -> None:
