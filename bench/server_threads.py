@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -68,12 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", default="hf-cb")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--tokens", type=int, default=96, help="new tokens of the one request (ignore_eos)")
+    parser.add_argument("--tokens", type=int, default=96, help="new tokens of each stream (ignore_eos)")
     parser.add_argument("--prompt", default="The capital of France is")
     parser.add_argument("--users", type=int, default=1, help="streams at once, each --tokens long")
     parser.add_argument("--server-args", default="", help="extra yayi-serve arguments, one string")
     parser.add_argument(
-        "--profile", default="", help="also sample the server with py-spy while it streams: collapsed stacks here"
+        "--profile",
+        default="",
+        help="also sample the server with py-spy while it streams: collapsed stacks here (py-spy pauses the "
+        "server for each sample, so tokens/s under --profile is not a figure to report)",
     )
     parser.add_argument(
         "--switch-interval",
@@ -83,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         "wants the GIL waits for the one holding it, here the event loop against hf-cb's manager thread",
     )
     args = parser.parse_args(argv)
-    extra = args.server_args.split()
+    extra = shlex.split(args.server_args)
     env = switch_interval_env(args.switch_interval) if args.switch_interval is not None else None
     server = ServerProcess(
         "--engine", args.engine, "--model", args.model, "--dtype", args.dtype, *extra, env=env
