@@ -64,7 +64,9 @@ model: venv
 serve: model $(if $(filter llama-cpp,$(ENGINE)),llama-cpp)
 	$(BIN)/yayi-serve --engine $(ENGINE) --model $(MODEL) --port $(PORT) --metrics-port $(METRICS_PORT) $(SERVE_ARGS)
 
-test: venv prometheus haproxy llama-cpp lint
+# The outside clients the suite drives (guidellm, AIPerf) are installed here, in their own environments,
+# so a fresh machine pays for them in the set-up, not in the suite's time.
+test: venv prometheus haproxy llama-cpp second-clock aiperf lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The unit tier alone (tests/unit: no model, no server, no network), in well under a minute.
@@ -131,6 +133,11 @@ compare: model $(if $(filter guidellm,$(COMPARE_SECOND_CLIENT)),second-clock)
 .PHONY: second-clock
 second-clock: $(STAMP)
 	$(BIN)/python -m loadtest.second_clock install
+
+# AIPerf, pinned in pyproject.toml's aiperf extra, in $(VENV)/aiperf, for the same reason.
+.PHONY: aiperf
+aiperf: $(STAMP)
+	$(BIN)/python -m loadtest.second_clock install aiperf
 
 protos: venv
 	$(BIN)/python -m server.codegen
