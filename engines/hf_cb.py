@@ -62,6 +62,12 @@ class CBOptions:
         "CUDA: replay CUDA graphs; greedy requests only, since per-request "
         "sampling runs in Python, which a graph cannot hold (auto: off)",
     )
+    engine_process: bool = option(
+        True,
+        "run the manager, the model and Score in a child process of the server, so that the manager's "
+        "loop shares no GIL with the front ends (vLLM's EngineCore shape); --no-engine-process keeps them "
+        "in the server's process",
+    )
 
 
 def default_cache_plan(model: str, dtype: str, device: str = "cpu", max_running: int | None = None):

@@ -67,6 +67,11 @@ def check_installed(name: str) -> None:
 def create_engine(name: str, config: EngineConfig) -> Engine:
     check_installed(name)
     cls = engine_class(name)
+    if getattr(config.options, "engine_process", False):
+        # The engine runs in a child process, which builds it again without the option (faults armed there).
+        from .child_process import in_child_process  # not at load: `python -m engines.child_process` runs it
+
+        return in_child_process(cls)(config)
     if config.test_faults:
         cls = faults.injecting(cls, config.test_faults)
     return cls(config)
