@@ -1,5 +1,6 @@
 """Where a server's CPU goes while it streams: tokens/s, the busy share of a core for each of its
-threads, from /proc (Linux), and the server process's CPU per token streamed.
+threads, from /proc (Linux), and the server process's CPU per token streamed; hf-cb's engine
+process (its default, ``--engine-process``) is shown apart, thread by thread.
 
     .venv/bin/python -m bench.server_threads --engine hf-cb --model smollm2-135m --dtype bfloat16
     .venv/bin/python -m bench.server_threads --engine llama-cpp --users 16
@@ -58,7 +59,8 @@ def switch_interval_env(seconds: float) -> dict[str, str]:
 
 def sampler(pid: int, path: str) -> subprocess.Popen:
     """py-spy sampling every thread of ``pid`` (native frames off: Python's own costs are the question)."""
-    command = ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--output", path, "--rate", "250"]
+    command = ["py-spy", "record", "--pid", str(pid), "--subprocesses", "--format", "raw", "--output", path]
+    command += ["--rate", "250"]
     spy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)  # py-spy attaches before the streams start
     return spy
@@ -101,24 +103,41 @@ def main(argv: list[str] | None = None) -> int:
         with ThreadPoolExecutor(args.users) as pool:
             list(pool.map(one, range(args.users)))  # warm-up: every slot once
             spy = sampler(server.process.pid, args.profile) if args.profile else None
-            before, started = thread_ticks(server.process.pid), time.perf_counter()
+            processes = {"server": server.process.pid, **engine_processes(server.process.pid)}
+            before = {what: thread_ticks(pid) for what, pid in processes.items()}
+            started = time.perf_counter()
             tokens = sum(pool.map(one, range(args.users)))
         seconds = time.perf_counter() - started
         if spy is not None:
             spy.send_signal(signal.SIGINT)  # py-spy writes what it sampled on SIGINT
             spy.wait(30)
-        rows = busy_cores(before, thread_ticks(server.process.pid), seconds)
+        rows = {what: busy_cores(before[what], thread_ticks(pid), seconds) for what, pid in processes.items()}
     finally:
         server.stop()
     what = f"{args.engine} {args.model} {args.dtype}, {args.users} users"
     if args.switch_interval is not None:
         what += f", switch interval {args.switch_interval:g} s"
-    busy = sum(row[0] for row in rows)
     print(f"{what}: {tokens} tokens in {seconds:.2f} s, {tokens / seconds:.1f} tokens/s")
-    print(f"server CPU: {busy:.2f} cores, {busy * seconds / tokens * 1000:.3f} ms per token")
-    for cores, tid, name in rows[:8]:
-        print(f"  thread {tid} ({name}): {cores:.2f} of a core")
+    for process, threads in rows.items():
+        busy = sum(row[0] for row in threads)
+        print(f"{process} CPU: {busy:.2f} cores, {busy * seconds / tokens * 1000:.3f} ms per token")
+        for cores, tid, name in threads[:8]:
+            print(f"  thread {tid} ({name}): {cores:.2f} of a core")
     return 0
+
+
+def engine_processes(pid: int) -> dict[str, int]:
+    """The server's children that run an engine (``python -m engines.child_process``), by a name to print."""
+    import psutil
+
+    found = {}
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if "engines.child_process" in child.cmdline():
+                found[f"engine process {child.pid}"] = child.pid
+        except psutil.NoSuchProcess:
+            continue
+    return found
 
 
 if __name__ == "__main__":

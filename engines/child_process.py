@@ -25,6 +25,7 @@ import contextlib
 import itertools
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -82,11 +83,12 @@ class ChildProcessEngine(Engine):
                 [sys.executable, "-m", __name__, str(theirs.fileno())], pass_fds=(theirs.fileno(),)
             )
         self._conn = Connection(ours.detach())
-        self._conn.send((self.name, child_config))
+        self._conn.send((self.name, child_config, logging.getLogger().getEffectiveLevel()))
         try:
             kind, payload = await asyncio.to_thread(self._conn.recv)  # loading takes seconds to minutes
         except (EOFError, OSError):
-            raise errors.EngineUnavailable(f"the {self.name} engine process exited while starting") from None
+            exited = f"the {self.name} engine process exited while starting"
+            kind, payload = "failed", ("EngineUnavailable", exited, None)
         if kind != "ready":
             await asyncio.to_thread(self._process.wait)
             raise _rebuilt(payload)
@@ -199,16 +201,25 @@ class ChildProcessEngine(Engine):
         conn = self._loaded(self._conn)
         self._gone = True
         asyncio.get_running_loop().remove_reader(conn.fileno())
-        code = self._process.poll() if self._process is not None else None
         if self._closing:
             why = "engine is shutting down"
         else:
-            self._failure = f"the {self.name} engine process exited (exit code {code})"
+            self._failure = f"the {self.name} engine process {self._exit_status()}"
             log.error("%s; the engine stops serving", self._failure)
             why = f"{self._failure}; restart the server"
         for inbox in self._inboxes.values():
             inbox.put_nowait(("error", ("EngineUnavailable", why, None)))
         self._child_load = EngineLoad(running=0, waiting=0)
+
+    def _exit_status(self) -> str:
+        """How the child ended. Its socket closes as it exits, a moment before it can be waited for;
+        a child that closed the socket and lives on is of no use, and is killed."""
+        process = self._loaded(self._process)
+        try:
+            return f"exited (exit code {process.wait(timeout=1)})"
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return "closed its socket and was killed"
 
 
 # ---- errors across the socket -------------------------------------------------------------
@@ -253,7 +264,11 @@ class _Child:
             self.conn.send(("failed", _described(exc)))
             return
         self.engine = engine
-        self.conn.send(("ready", engine.info()))
+        try:
+            self.conn.send(("ready", engine.info()))
+        except OSError:  # the parent went while the model loaded
+            await engine.shutdown()
+            return
         loop = asyncio.get_running_loop()
         loop.add_reader(self.conn.fileno(), self._on_readable)
         ticker = asyncio.ensure_future(self._tick())
@@ -342,10 +357,14 @@ class _Child:
 
 
 def main() -> None:
+    # Ctrl-C reaches the whole process group and a SIGTERM may too: the server drains its requests first and
+    # then stops this process itself (or closes the socket by dying), so the child leaves both signals to it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     conn = Connection(int(sys.argv[1]))
-    name, config = conn.recv()
+    name, config, log_level = conn.recv()
     logging.basicConfig(
-        level=logging.INFO, format=f"%(asctime)s %(levelname)s engine-process[{os.getpid()}] %(name)s: %(message)s"
+        level=log_level, format=f"%(asctime)s %(levelname)s engine-process[{os.getpid()}] %(name)s: %(message)s"
     )
     asyncio.run(_Child(conn).serve(name, config))
 

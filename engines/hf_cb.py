@@ -63,10 +63,9 @@ class CBOptions:
         "sampling runs in Python, which a graph cannot hold (auto: off)",
     )
     engine_process: bool = option(
-        True,
+        False,
         "run the manager, the model and Score in a child process of the server, so that the manager's "
-        "loop shares no GIL with the front ends (vLLM's EngineCore shape); --no-engine-process keeps them "
-        "in the server's process",
+        "loop shares no GIL with the front ends (vLLM's EngineCore shape)",
     )
 
 

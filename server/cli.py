@@ -81,9 +81,7 @@ def _add_flag(group, options_class: type, field, dest: str, default, choices=Non
         return
     kind = options.value_type(options_class, field.name)
     if kind is bool:
-        # An option that is on by default takes --no-... to turn it off.
-        action = argparse.BooleanOptionalAction if field.default is True else "store_true"
-        group.add_argument(flag, dest=dest, default=default, action=action, help=help_text)
+        group.add_argument(flag, dest=dest, default=default, action="store_true", help=help_text)
         return
     shown = field.default
     if shown is not None and "(default" not in help_text:

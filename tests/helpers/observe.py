@@ -4,9 +4,12 @@ a stream's raw bytes."""
 from __future__ import annotations
 
 import time
+import urllib.error
+import urllib.request
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 
 from loadtest import scrape
 from loadtest.server_process import ServerProcess
@@ -52,3 +55,32 @@ def raw_stream(server: ServerProcess, message: pb.GenerateRequest, timeout: floa
         f"/{SERVICE_NAME}/GenerateStream", request_serializer=pb.GenerateRequest.SerializeToString
     )
     return list(call(message, timeout=timeout))
+
+
+def http_health(server: ServerProcess) -> int:
+    try:
+        with urllib.request.urlopen(f"{server.http_url}/health", timeout=5) as answer:
+            return answer.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def dies_under_load(server: ServerProcess, kill, within_s: float) -> None:
+    """Kills an engine's process (``kill()``) while a stream is in flight: UNAVAILABLE within ``within_s``,
+    then NOT_SERVING on both health services and on HTTP, and new calls refused."""
+    stream = server.stream("keep going", max_new_tokens=900, ignore_eos=True, timeout=120)
+    next(stream), next(stream)
+    killed_at = time.monotonic()
+    kill()
+    with pytest.raises(grpc.RpcError) as failed:
+        for _ in stream:
+            pass
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value.details()
+    assert time.monotonic() - killed_at < within_s
+    assert "restart the server" in failed.value.details()
+    assert server.health_status() == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert server.health_status("yayi.serving.v1.Inference") == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert http_health(server) == 503
+    with pytest.raises(grpc.RpcError) as refused:
+        server.generate("anyone?", max_new_tokens=2, timeout=30)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -18,19 +18,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
-import grpc
 import psutil
 import pytest
-from grpc_health.v1 import health_pb2
 
 from loadtest.ray_cluster import RayCluster
 from loadtest.server_process import ROOT, ServerProcess
 from server.wire import pb
-from tests.helpers.observe import metric, wait_until
+from tests.helpers.observe import dies_under_load, metric, wait_until
 from tests.helpers.servers import run_cli
 
 pytest.importorskip("vllm", reason="vllm is installed by `make venv`; this skip only shows where it is not")
@@ -62,14 +59,6 @@ def engine_info_label(server: ServerProcess) -> str:
     return line
 
 
-def http_health(server: ServerProcess) -> int:
-    try:
-        with urllib.request.urlopen(f"{server.http_url}/health", timeout=5) as answer:
-            return answer.status
-    except urllib.error.HTTPError as error:
-        return error.code
-
-
 def streams_and_cancels(server: ServerProcess) -> None:
     chunks = list(server.stream(PROMPT, max_new_tokens=12, ignore_eos=True))
     assert chunks[-1].finish_reason == "length" and sum(len(c.token_ids) for c in chunks) == 12
@@ -79,26 +68,6 @@ def streams_and_cancels(server: ServerProcess) -> None:
     stream.cancel()
     assert wait_until(lambda: metric(server, "yayi_requests_running") == 0, timeout=10)
     assert server.generate("next", max_new_tokens=2, timeout=30).usage.completion_tokens == 2
-
-
-def dies_under_load(server: ServerProcess, kill) -> None:
-    """Kills a stage (``kill()``) while a stream is in flight: UNAVAILABLE soon, then NOT_SERVING everywhere."""
-    stream = server.stream("keep going", max_new_tokens=900, ignore_eos=True, timeout=120)
-    next(stream), next(stream)
-    killed_at = time.monotonic()
-    kill()
-    with pytest.raises(grpc.RpcError) as failed:
-        for _ in stream:
-            pass
-    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value.details()
-    assert time.monotonic() - killed_at < DEAD_WITHIN_S
-    assert "restart the server" in failed.value.details()
-    assert server.health_status() == health_pb2.HealthCheckResponse.NOT_SERVING
-    assert server.health_status("yayi.serving.v1.Inference") == health_pb2.HealthCheckResponse.NOT_SERVING
-    assert http_health(server) == 503
-    with pytest.raises(grpc.RpcError) as refused:
-        server.generate("anyone?", max_new_tokens=2, timeout=30)
-    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 def stage_processes(root: psutil.Process) -> list[psutil.Process]:
@@ -147,7 +116,7 @@ def test_mp_killed_stage_fails_calls_and_health(mp_server):
     (last,) = [
         p for p in stage_processes(psutil.Process(mp_server.process.pid)) if "Worker_PP1" in " ".join(p.cmdline())
     ]
-    dies_under_load(mp_server, lambda: last.send_signal(signal.SIGKILL))
+    dies_under_load(mp_server, lambda: last.send_signal(signal.SIGKILL), DEAD_WITHIN_S)
     assert mp_server.process.poll() is None, "the server stays up, so probes and logs can say why"
 
 
@@ -217,7 +186,7 @@ def test_ray_killed_stage_fails_calls_and_health_and_a_restart_serves(ray_cluste
     ids = greedy_ids(ray_server)
     # The stage on the second node: as if that machine's worker process died.
     (remote,) = stage_processes(ray_cluster.node("worker1"))
-    dies_under_load(ray_server, lambda: remote.send_signal(signal.SIGKILL))
+    dies_under_load(ray_server, lambda: remote.send_signal(signal.SIGKILL), DEAD_WITHIN_S)
     ray_server.stop()
     # The cluster outlives the server: a new one places its stages there again.
     again = ServerProcess(*PP2, *RAY, env={"RAY_ADDRESS": ray_cluster.address}).wait_ready(READY_S)
