@@ -1,4 +1,4 @@
-"""hf-cb against transformers' own ``generate_batch`` on one batch of requests, in one process (issue 12, GPU target).
+"""hf-cb against transformers' own ``generate_batch`` on one batch of requests, in one process (a GPU target).
 
     .venv/bin/python -m bench.hf_cb_batch --model PATH --device cuda --dtype bfloat16      # 64 x 128 tokens
     .venv/bin/python -m bench.hf_cb_batch --model tiny-llama --requests 8 --new-tokens 16   # a CPU smoke run
@@ -9,8 +9,10 @@ batch token budget), the same requests (the log's prompts in turn, greedy, exact
 to warm up (graph capture) and once timed.  hf-cb's figure is through the engine
 (``ContinuousBatchingEngine.generate``: our detokenizer, stop-string filter and
 per-request bookkeeping), without the gRPC server, so the comparison is the engine's cost
-over the library's loop.  The issue's target: hf-cb >= 0.9x generate_batch with CUDA graphs
-for 64 requests of 128 tokens.  ``run()`` returns the rows, for scripts/gpu_check.py.
+over the library's loop.  The target: hf-cb >= 0.9x generate_batch with CUDA graphs for 64
+requests of 128 tokens.  A last row runs the engine again with ``--engine-process`` (its
+manager in a child process), where the loop's Python is what a GPU waits on.  ``run()``
+returns the rows, for scripts/gpu_check.py.
 """
 
 from __future__ import annotations
@@ -58,11 +60,13 @@ def generate_batch_tokens_per_s(model_dir, dtype, device, prompts: list[list[int
             torch.cuda.empty_cache()
 
 
-def hf_cb_tokens_per_s(model_dir, dtype_name: str, device, prompts: list[str], new_tokens: int) -> tuple[float, str]:
+def hf_cb_tokens_per_s(
+    model_dir, dtype_name: str, device, prompts: list[str], new_tokens: int, engine_process: bool = False
+) -> tuple[float, str]:
     from engines import EngineConfig, SamplingParams, create_engine
     from engines.hf_cb import CBOptions
 
-    options = CBOptions(cuda_graphs=device.type == "cuda" or None)
+    options = CBOptions(cuda_graphs=device.type == "cuda" or None, engine_process=engine_process)
     engine = create_engine(
         "hf-cb",
         EngineConfig(
@@ -111,11 +115,24 @@ def run(model: str, device_name: str = "auto", dtype_name: str = "auto", request
         model_dir, dtype, device, [tokenizer(t).input_ids for t in texts], new_tokens
     )
     ours, attention = hf_cb_tokens_per_s(model_dir, model_facts.dtype_name(dtype), device, texts, new_tokens)
+    # The same engine with its manager in a child process (--engine-process): what the socket costs or saves.
+    # Its failure is a row of its own, so that it cannot hide the figures above.
+    child_what = "hf-cb --engine-process"
+    try:
+        child, _ = hf_cb_tokens_per_s(model_dir, model_facts.dtype_name(dtype), device, texts, new_tokens, True)
+    except Exception as exc:
+        child, child_what = float("nan"), f"hf-cb --engine-process failed: {str(exc)[-300:]}"
     graphs = "with CUDA graphs" if device.type == "cuda" else "no graphs (CPU)"
+
+    def over_reference(value: float) -> float:
+        return value / reference if reference else float("nan")
+
     return [
         {"what": f"generate_batch, {graphs}", "tokens_per_s": reference},
         {"what": f"hf-cb engine, {graphs}: {attention}", "tokens_per_s": ours},
-        {"what": "hf-cb / generate_batch", "tokens_per_s": ours / reference if reference else float("nan")},
+        {"what": "hf-cb / generate_batch", "tokens_per_s": over_reference(ours)},
+        {"what": child_what, "tokens_per_s": child},
+        {"what": "hf-cb --engine-process / generate_batch", "tokens_per_s": over_reference(child)},
     ]
 
 
