@@ -20,6 +20,7 @@ from engines.child_process import _described, _rebuilt
 from engines.errors import EngineUnavailable, InvalidRequest, QueueFull
 from engines.hf_cb import CBOptions
 from loadtest.server_process import ServerProcess
+from server.wire import pb
 from tests.conftest import LOG_PROMPTS
 from tests.helpers.engine_calls import collect, started_engines, text, token_ids
 from tests.helpers.engine_calls import wait_until as wait_until_async
@@ -122,6 +123,8 @@ def test_a_killed_engine_process_fails_calls_and_health():
         parent_cpu = sum(parent.cpu_times()[:2]) - parent_before
         child_cpu = sum(child.cpu_times()[:2]) - child_before
         assert child_cpu > parent_cpu, (child_cpu, parent_cpu)
+        info = server.stub.GetModelInfo(pb.ModelInfoRequest(), timeout=5)
+        assert info.engine == "hf-cb" and info.attention.startswith("paged|") and info.kv_cache_tokens > 0
         # What the child says of its load reaches the metrics.
         stream = server.stream("go on", max_new_tokens=900, ignore_eos=True)
         next(stream)

@@ -1,5 +1,6 @@
-"""Engine hf-cb (transformers' continuous batching, paged attention): what is its own, in process, plus
-one real server.  The engine contract (tests/integration/test_engine_contract.py) holds it to the same
+"""Engine hf-cb (transformers' continuous batching, paged attention): what is its own, in process.  Its
+servers run in tests/integration/test_engine_process.py, test_aiperf.py and test_compare_repeat.py; the
+engine contract (tests/integration/test_engine_contract.py) holds it to the same
 tokens, seeds, stop strings, cancel, queue bound and score as the other engines."""
 
 from __future__ import annotations
@@ -11,9 +12,6 @@ import pytest
 
 from engines import EngineConfig, SamplingParams, create_engine
 from engines.errors import InvalidRequest
-from loadtest import scrape
-from loadtest.server_process import ServerProcess
-from server.wire import pb
 from tests.conftest import LOG_PROMPTS
 from tests.helpers.engine_calls import collect, started_engines, wait_until
 
@@ -106,20 +104,6 @@ def test_with_cuda_graphs_sampling_is_refused_by_name(started):
             engine._check_params(SamplingParams(repetition_penalty=1.2))
     finally:
         runtime.samplers = samplers
-
-
-def test_real_server_streams_and_exports_kv_cache_usage():
-    server = ServerProcess("--engine", "hf-cb", "--model", "tiny-llama").wait_ready()
-    try:
-        chunks = list(server.stream(LOG_PROMPTS[2], max_new_tokens=20, ignore_eos=True))
-        assert chunks[-1].finish_reason == "length" and chunks[-1].usage.completion_tokens == 20
-        assert sum(len(c.token_ids) for c in chunks) == 20
-        info = server.stub.GetModelInfo(pb.ModelInfoRequest(), timeout=5)
-        assert info.engine == "hf-cb" and info.attention.startswith("paged|") and info.kv_cache_tokens > 0
-        samples = scrape.parse(scrape.fetch(f"http://127.0.0.1:{server.metrics_port}/metrics"))
-        assert scrape.total(samples, "yayi_kv_cache_usage_ratio") == 0.0
-    finally:
-        server.stop()
 
 
 def test_a_dead_loop_fails_its_requests_as_unavailable_and_the_engine_unhealthy(loop):
