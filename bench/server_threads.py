@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         with ThreadPoolExecutor(args.users) as pool:
             list(pool.map(one, range(args.users)))  # warm-up: every slot once
             spy = sampler(server.process.pid, args.profile) if args.profile else None
-            processes = {"server": server.process.pid, **engine_processes(server.process.pid)}
+            processes = {"server": server.process.pid}
+            processes |= {f"engine process {child.pid}": child.pid for child in server.engine_processes()}
             before = {what: thread_ticks(pid) for what, pid in processes.items()}
             started = time.perf_counter()
             tokens = sum(pool.map(one, range(args.users)))
@@ -124,20 +125,6 @@ def main(argv: list[str] | None = None) -> int:
         for cores, tid, name in threads[:8]:
             print(f"  thread {tid} ({name}): {cores:.2f} of a core")
     return 0
-
-
-def engine_processes(pid: int) -> dict[str, int]:
-    """The server's children that run an engine (``python -m engines.child_process``), by a name to print."""
-    import psutil
-
-    found = {}
-    for child in psutil.Process(pid).children(recursive=True):
-        try:
-            if "engines.child_process" in child.cmdline():
-                found[f"engine process {child.pid}"] = child.pid
-        except psutil.NoSuchProcess:
-            continue
-    return found
 
 
 if __name__ == "__main__":

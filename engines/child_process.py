@@ -163,9 +163,7 @@ class ChildProcessEngine(Engine):
         return payload
 
     def _opened(self) -> tuple[int, asyncio.Queue]:
-        self._require_ready()
-        if self._gone:
-            raise errors.EngineUnavailable(f"the {self.name} engine process has exited; restart the server")
+        self._require_ready()  # once the child is gone: failed, or shutting down
         number = next(self._ids)
         inbox: asyncio.Queue = asyncio.Queue()
         self._inboxes[number] = inbox

@@ -17,6 +17,7 @@ import threading
 import time
 
 import grpc
+import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loadtest import ROOT
@@ -114,6 +115,18 @@ class ServerProcess:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) * 1024
         raise RuntimeError("VmHWM not found in /proc status")
+
+    def engine_processes(self) -> list[psutil.Process]:
+        """The server's children that run an engine (``python -m engines.child_process``, hf-cb's
+        ``--engine-process``)."""
+        found = []
+        for child in psutil.Process(self.process.pid).children(recursive=True):
+            try:
+                if "engines.child_process" in child.cmdline():
+                    found.append(child)
+            except psutil.NoSuchProcess:
+                continue
+        return found
 
     def health_status(self, service: str = "") -> int:
         return self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status

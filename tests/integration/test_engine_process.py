@@ -92,18 +92,6 @@ async def wait_for_load(engine, condition, timeout: float = 5.0):
     return engine.load()
 
 
-def engine_processes(server: ServerProcess) -> list[psutil.Process]:
-    """The server's children that run an engine (``python -m engines.child_process``)."""
-    found = []
-    for process in psutil.Process(server.process.pid).children(recursive=True):
-        try:
-            if "engines.child_process" in process.cmdline():
-                found.append(process)
-        except psutil.NoSuchProcess:
-            continue
-    return found
-
-
 def gone_within(process: psutil.Process, timeout: float) -> bool:
     try:
         process.wait(timeout)
@@ -115,7 +103,7 @@ def gone_within(process: psutil.Process, timeout: float) -> bool:
 def test_a_killed_engine_process_fails_calls_and_health():
     server = ServerProcess(*SERVER).wait_ready()
     try:
-        (child,) = engine_processes(server)
+        (child,) = server.engine_processes()
         # It serves, and the model's work is the child's: it spends more CPU than the server's process.
         parent = psutil.Process(server.process.pid)
         parent_before, child_before = sum(parent.cpu_times()[:2]), sum(child.cpu_times()[:2])
@@ -140,12 +128,12 @@ def test_a_killed_engine_process_fails_calls_and_health():
 
 def test_a_stopped_server_stops_its_engine_process_and_a_killed_one_leaves_none():
     stopped = ServerProcess(*SERVER).wait_ready()
-    (child,) = engine_processes(stopped)
+    (child,) = stopped.engine_processes()
     assert stopped.stop() == 0
     assert gone_within(child, 5), "the engine process outlived a clean stop"
 
     killed = ServerProcess(*SERVER).wait_ready()
-    (child,) = engine_processes(killed)
+    (child,) = killed.engine_processes()
     stream = killed.stream("go on", max_new_tokens=900, ignore_eos=True)
     next(stream)
     killed.signal(signal.SIGKILL)  # nothing of the server runs to stop it: the closed socket must
