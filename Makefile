@@ -106,7 +106,7 @@ haproxy:
 # N replicas behind HAProxy (per-call balancing on outstanding calls, /health checks), until Ctrl-C:
 #   make replicas N=2 ENGINE=hf-kv MODEL=tiny-llama [REPLICAS_PORT=50050] [SERVE_ARGS=...] [REPLICAS_ARGS=...]
 replicas: model haproxy
-	$(BIN)/python -m loadtest.replicas --replicas $(N) --host $(REPLICAS_HOST) --port $(REPLICAS_PORT) $(REPLICAS_ARGS) \
+	$(BIN)/python -m loadtest.launch.replicas --replicas $(N) --host $(REPLICAS_HOST) --port $(REPLICAS_PORT) $(REPLICAS_ARGS) \
 	  -- --engine $(ENGINE) --model $(MODEL) $(SERVE_ARGS)
 
 # A real two-node Ray cluster on this machine (a head and a second node, one CPU each; scripts/ray_cluster.sh),
@@ -129,15 +129,15 @@ compare: model $(if $(filter guidellm,$(COMPARE_SECOND_CLIENT)),second-clock)
 	  $(COMPARE_VARIANT_ARGS) $(COMPARE_ARGS)
 
 # guidellm, pinned in pyproject.toml's second-clock extra, in $(VENV)/guidellm: its click pin and the dev
-# extra's cannot share one environment (loadtest/second_clock.py). Nothing is done when it is there.
+# extra's cannot share one environment (loadtest/compare/second_clock.py). Nothing is done when it is there.
 .PHONY: second-clock
 second-clock: $(STAMP)
-	$(BIN)/python -m loadtest.second_clock install
+	$(BIN)/python -m loadtest.compare.second_clock install
 
 # AIPerf, pinned in pyproject.toml's aiperf extra, in $(VENV)/aiperf, for the same reason.
 .PHONY: aiperf
 aiperf: $(STAMP)
-	$(BIN)/python -m loadtest.second_clock install aiperf
+	$(BIN)/python -m loadtest.compare.second_clock install aiperf
 
 protos: venv
 	$(BIN)/python -m server.codegen
@@ -178,7 +178,7 @@ VLLM_BENCH_ENGINES ?= vllm
 VLLM_BENCH_ARGS ?=
 .PHONY: vllm-bench compare-apis
 vllm-bench: venv model
-	$(BIN)/python -m loadtest.vllm_bench --engines $(VLLM_BENCH_ENGINES) --model $(MODEL) $(VLLM_BENCH_ARGS)
+	$(BIN)/python -m loadtest.compare.vllm_bench --engines $(VLLM_BENCH_ENGINES) --model $(MODEL) $(VLLM_BENCH_ARGS)
 
 # make compare with every engine measured through gRPC and through the HTTP front end, in one report.
 compare-apis: model
@@ -212,4 +212,4 @@ TASKS ?= yayi_local
 EVAL_ARGS ?=
 .PHONY: eval
 eval: model
-	$(BIN)/python -m loadtest.evaluate --engine $(ENGINE) --model $(MODEL) --tasks $(TASKS) $(EVAL_ARGS)
+	$(BIN)/python -m loadtest.evaluation.driver --engine $(ENGINE) --model $(MODEL) --tasks $(TASKS) $(EVAL_ARGS)

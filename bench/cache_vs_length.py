@@ -25,9 +25,9 @@ import time
 
 import torch
 
-from loadtest.plots import line_plot, pyplot
-from loadtest.prompts import LOG_SPEED_PROMPTS
-from loadtest.report_folder import Report
+from loadtest.measure.plots import line_plot, pyplot
+from loadtest.measure.prompts import LOG_SPEED_PROMPTS
+from loadtest.measure.report_folder import Report
 
 from .memory import peak_bytes, peak_bytes_with_cache
 
@@ -36,7 +36,7 @@ LOG_PROMPT = LOG_SPEED_PROMPTS[0]
 
 
 def load_engine(name: str, model: str, dtype: str, device: str):
-    """The engine's model (engines/hf_model.py ``HFModel``), as the server loads it for that engine."""
+    """The engine's model (engines/hf/model.py ``HFModel``), as the server loads it for that engine."""
     from engines.registry import engine_class
 
     return engine_class(name).load_model(model, dtype, device)

@@ -22,8 +22,8 @@ import math
 import re
 from pathlib import Path
 
-from loadtest.plots import pyplot
-from loadtest.report_folder import Report
+from loadtest.measure.plots import pyplot
+from loadtest.measure.report_folder import Report
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -66,8 +66,8 @@ def windows(ids: list[int], window: int, max_tokens: int | None) -> list[list[in
 
 
 def score_direct(path: Path, chunks: list[list[int]], device: str) -> tuple[float, int]:
-    """In process, through the same scoring code the server's Score runs (engines/hf_model.py)."""
-    from engines.hf_model import HFModel
+    """In process, through the same scoring code the server's Score runs (engines/hf/model.py)."""
+    from engines.hf.model import HFModel
 
     lm = HFModel.load(path, "float32", device, use_cache=False)
     results = [lm.score_ids(chunk) for chunk in chunks]
@@ -75,8 +75,8 @@ def score_direct(path: Path, chunks: list[list[int]], device: str) -> tuple[floa
 
 
 def score_via_server(path: Path, texts: list[str], device: str) -> tuple[float, int]:
-    from loadtest.server_process import ServerProcess
-    from server.wire import pb
+    from loadtest.launch.server_process import ServerProcess
+    from server.grpc.wire import pb
 
     server = ServerProcess(
         "--engine", "hf-kv", "--model", str(path), "--metrics-port", "-1", "--device", device, "--dtype", "float32"

@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from loadtest.prompts import LOG_SPEED_PROMPTS
-from loadtest.tables import markdown_table
+from loadtest.measure.prompts import LOG_SPEED_PROMPTS
+from loadtest.measure.tables import markdown_table
 
 from .engine_speed import run_engine
 
@@ -33,7 +33,7 @@ def generate_speed(model_path, attention: str, cache: str, dtype: str, device: s
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.generation.configuration_utils import CompileConfig
 
-    from engines.hf_model import resolve_device, resolve_dtype
+    from engines.hf.model import resolve_device, resolve_dtype
 
     torch_device = resolve_device(device)
     model = AutoModelForCausalLM.from_pretrained(

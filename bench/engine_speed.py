@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from loadtest.prompts import LOG_SPEED_PROMPTS
-from loadtest.server_process import ServerProcess
-from loadtest.stream_clock import StreamClock
-from loadtest.tables import markdown_table
-from loadtest.token_stats import RequestSample
-from server.wire import pb
+from loadtest.launch.server_process import ServerProcess
+from loadtest.measure.prompts import LOG_SPEED_PROMPTS
+from loadtest.measure.stream_clock import StreamClock
+from loadtest.measure.tables import markdown_table
+from loadtest.measure.token_stats import RequestSample
+from server.grpc.wire import pb
 
 
 def measure(server: ServerProcess, prompt: str, new_tokens: int) -> RequestSample:

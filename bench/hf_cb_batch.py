@@ -24,15 +24,15 @@ import sys
 import time
 
 from engines import model_facts
-from loadtest.prompts import LOG_SPEED_PROMPTS
+from loadtest.measure.prompts import LOG_SPEED_PROMPTS
 
 
 def generate_batch_tokens_per_s(model_dir, dtype, device, prompts: list[list[int]], new_tokens: int) -> float:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from engines.hf_cb import default_cache_plan
-    from engines.hf_cb_runtime import paged_implementation
+    from engines.hf_cb.engine import default_cache_plan
+    from engines.hf_cb.runtime import paged_implementation
 
     plan = default_cache_plan(str(model_dir), model_facts.dtype_name(dtype), str(device), len(prompts))
     model = AutoModelForCausalLM.from_pretrained(
@@ -64,7 +64,7 @@ def hf_cb_tokens_per_s(
     model_dir, dtype_name: str, device, prompts: list[str], new_tokens: int, engine_process: bool = False
 ) -> tuple[float, str]:
     from engines import EngineConfig, SamplingParams, create_engine
-    from engines.hf_cb import CBOptions
+    from engines.hf_cb.engine import CBOptions
 
     options = CBOptions(cuda_graphs=device.type == "cuda" or None, engine_process=engine_process)
     engine = create_engine(
@@ -103,7 +103,7 @@ def hf_cb_tokens_per_s(
 def run(model: str, device_name: str = "auto", dtype_name: str = "auto", requests: int = 64, new_tokens: int = 128):
     from transformers import AutoTokenizer
 
-    from engines.hf_model import resolve_device, resolve_dtype
+    from engines.hf.model import resolve_device, resolve_dtype
     from engines.models import resolve_model
 
     model_dir = resolve_model(model)

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import httpx
 
-from engines.gguf import llama_server_binary, resolve_gguf
-from loadtest.prompts import LOG_SPEED_PROMPTS
-from loadtest.server_process import ServerProcess
+from engines.llama_cpp.gguf import llama_server_binary, resolve_gguf
+from loadtest.launch.server_process import ServerProcess
+from loadtest.measure.prompts import LOG_SPEED_PROMPTS
 
 TOKENS = 128
 

@@ -24,8 +24,8 @@ import asyncio
 import statistics
 import time
 
-from loadtest.prompts import LOG_SPEED_PROMPTS
-from loadtest.tables import markdown_table
+from loadtest.measure.prompts import LOG_SPEED_PROMPTS
+from loadtest.measure.tables import markdown_table
 
 MODES = {
     "none": {},

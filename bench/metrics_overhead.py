@@ -11,9 +11,9 @@ import argparse
 import statistics
 
 from bench.engine_speed import measure, speed
-from loadtest.prompts import LOG_SPEED_PROMPTS
-from loadtest.server_process import ServerProcess
-from loadtest.tables import markdown_table
+from loadtest.launch.server_process import ServerProcess
+from loadtest.measure.prompts import LOG_SPEED_PROMPTS
+from loadtest.measure.tables import markdown_table
 
 
 def main() -> None:

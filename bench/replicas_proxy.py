@@ -19,13 +19,14 @@ import argparse
 import os
 import time
 
-from loadtest import ROOT, scrape
-from loadtest.locust_run import LoadSpec, run_locust
-from loadtest.replicas import Replicas
-from loadtest.report_folder import Report
-from loadtest.server_process import open_channel, request
-from loadtest.token_stats import percentile
-from server.wire import pb_grpc
+from loadtest import ROOT
+from loadtest.compare.locust_run import LoadSpec, run_locust
+from loadtest.launch.replicas import Replicas
+from loadtest.launch.server_process import open_channel, request
+from loadtest.measure import scrape
+from loadtest.measure.report_folder import Report
+from loadtest.measure.token_stats import percentile
+from server.grpc.wire import pb_grpc
 
 LOCUSTFILE = ROOT / "loadtest" / "speed.py"
 COLUMNS = [

@@ -2,7 +2,7 @@
 
 ``python -m bench.roofline`` prints the decode and prefill bounds of each shape on the
 device presets and, with ``--probe``, on this machine.  The model itself (devices, shapes,
-the bounds, the probe) is ``loadtest/roofline.py``: yayi-compare's "% of bound" column
+the bounds, the probe) is ``loadtest/measure/roofline.py``: yayi-compare's "% of bound" column
 needs it too, and loadtest/ never imports bench/.
 """
 
@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from loadtest.roofline import (
+from loadtest.measure.roofline import (
     DEVICES,
     Device,
     ModelShape,
@@ -24,7 +24,7 @@ from loadtest.roofline import (
     prefill_bound_tokens_per_s,
     probe_this_machine,
 )
-from loadtest.tables import markdown_table
+from loadtest.measure.tables import markdown_table
 
 SHAPES_DIR = Path(__file__).with_name("shapes")
 

@@ -2,7 +2,7 @@
 
 For each model shape (``bench/shapes``) and each device (the A100/H100/H200 presets and
 this machine, probed for copy bandwidth and GEMM FLOP/s): the decode and prefill
-tokens/s bounds and the memory for weights plus KV cache (see ``loadtest/roofline.py``).
+tokens/s bounds and the memory for weights plus KV cache (see ``loadtest/measure/roofline.py``).
 
 Beside the bound, measured here: random-weight models built from the shapes (Llama-style
 or BLOOM-style as the shape says, in the serving dtype), prefill tokens/s at each prompt
@@ -22,9 +22,9 @@ import time
 
 import torch
 
-from loadtest import roofline as rl
-from loadtest.plots import pyplot
-from loadtest.report_folder import Report
+from loadtest.measure import roofline as rl
+from loadtest.measure.plots import pyplot
+from loadtest.measure.report_folder import Report
 
 from .memory import peak_bytes, peak_bytes_with_cache
 from .roofline import BOUNDS_HEADERS, LOG_ROW, bounds_rows, load_shape

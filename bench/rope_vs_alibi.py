@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from loadtest.plots import line_plot, pyplot
-from loadtest.report_folder import Report
+from loadtest.measure.plots import line_plot, pyplot
+from loadtest.measure.report_folder import Report
 
 from .memory import peak_bytes
 

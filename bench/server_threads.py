@@ -27,7 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from loadtest.server_process import ServerProcess
+from loadtest.launch.server_process import ServerProcess
 
 
 def thread_ticks(pid: int) -> dict[str, tuple[str, int]]:

@@ -24,9 +24,9 @@ import grpc
 import psutil
 
 from engines.faults import ENV_VAR as FAULTS_ENV
-from loadtest import scrape
-from loadtest.prompts import LOG_SPEED_PROMPTS
-from loadtest.server_process import ServerProcess
+from loadtest.launch.server_process import ServerProcess
+from loadtest.measure import scrape
+from loadtest.measure.prompts import LOG_SPEED_PROMPTS
 
 FAULT_MARKER = "SOAK-FAULT"
 # The log's prompts, plus one beyond ASCII (CJK, an emoji: characters whose bytes span tokens),

@@ -16,11 +16,11 @@ import os
 import threading
 import time
 
-from loadtest.prompts import LOG_SPEED_PROMPTS
-from loadtest.server_process import ServerProcess
-from loadtest.stream_clock import StreamClock
-from loadtest.tables import markdown_table
-from loadtest.token_stats import percentile
+from loadtest.launch.server_process import ServerProcess
+from loadtest.measure.prompts import LOG_SPEED_PROMPTS
+from loadtest.measure.stream_clock import StreamClock
+from loadtest.measure.tables import markdown_table
+from loadtest.measure.token_stats import percentile
 
 
 def run_level(server: ServerProcess, concurrency: int, per_client: int, new_tokens: int) -> dict:

@@ -19,12 +19,12 @@ import argparse
 import statistics
 import time
 
-from loadtest.prompts import LOG_SPEED_PROMPTS
-from loadtest.ray_cluster import RayCluster
-from loadtest.server_process import ServerProcess
-from loadtest.stream_clock import StreamClock
-from loadtest.tables import markdown_table
-from server.wire import pb
+from loadtest.launch.ray_cluster import RayCluster
+from loadtest.launch.server_process import ServerProcess
+from loadtest.measure.prompts import LOG_SPEED_PROMPTS
+from loadtest.measure.stream_clock import StreamClock
+from loadtest.measure.tables import markdown_table
+from server.grpc.wire import pb
 
 LAYOUTS = {
     "PP 1": (),

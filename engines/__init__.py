@@ -1,9 +1,9 @@
 """Inference engines behind one interface; see ``engines.base.Engine``."""
 
-from .base import Engine, EngineConfig, EngineInfo, EngineLoad, GenerationOutput, ScoreResult
-from .logprobs import TokenLogprob, TopLogprob
-from .params import SamplingParams
-from .registry import create_engine, engine_names
+from engines.base import Engine, EngineConfig, EngineInfo, EngineLoad, GenerationOutput, ScoreResult
+from engines.logprobs import TokenLogprob, TopLogprob
+from engines.params import SamplingParams
+from engines.registry import create_engine, engine_names
 
 __all__ = [
     "Engine",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from .errors import QueueFull
+from engines.errors import QueueFull
 
 
 class Admission:

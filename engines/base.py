@@ -24,12 +24,12 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-from .admission import Admission
-from .errors import EngineUnavailable, InvalidRequest, Unsupported
-from .logprobs import TokenLogprob, TokenTexts
-from .options import NoOptions
-from .params import SamplingParams, check_against_model, check_prompt_ids, check_prompt_text, check_score_length
-from .prompts import PromptTokenizer
+from engines.admission import Admission
+from engines.errors import EngineUnavailable, InvalidRequest, Unsupported
+from engines.logprobs import TokenLogprob, TokenTexts
+from engines.options import NoOptions
+from engines.params import SamplingParams, check_against_model, check_prompt_ids, check_prompt_text, check_score_length
+from engines.prompts import PromptTokenizer
 
 _T = TypeVar("_T")
 _LOADING = "engine is still loading the model; retry when health reports SERVING"

@@ -3,7 +3,7 @@
 Each token gets its finish reason (EOS unless ignored, then the length bound), its text
 (whole characters only, engines/text.py) and the stop-string check; at the end whatever
 was held back is let go.  The outputs carry the usage counts.  hf-kv's decode loop
-(engines/hf_model.py) and hf-cb's snapshots (engines/hf_cb.py) both go through this, so
+(engines/hf/model.py) and hf-cb's snapshots (engines/hf_cb/engine.py) both go through this, so
 the two cannot disagree on where a completion ends or what text it had.
 """
 
@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
-from .base import GenerationOutput
-from .logprobs import TokenLogprob
-from .params import SamplingParams
-from .text import IncrementalDetokenizer, StopStringFilter
+from engines.base import GenerationOutput
+from engines.logprobs import TokenLogprob
+from engines.params import SamplingParams
+from engines.text import IncrementalDetokenizer, StopStringFilter
 
 
 class Completion:

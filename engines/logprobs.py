@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .text import IncrementalDetokenizer
+from engines.text import IncrementalDetokenizer
 
 if TYPE_CHECKING:  # torch only where logits are: the engines package itself imports without it
     import torch

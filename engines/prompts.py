@@ -22,7 +22,7 @@ import asyncio
 import re
 from collections.abc import Iterable
 
-from .errors import InvalidRequest
+from engines.errors import InvalidRequest
 
 # Stands in for each message's text while the template is rendered; plain letters and digits
 # survive any template, and the number says which message's text goes there.

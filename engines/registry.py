@@ -10,16 +10,16 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-from . import faults
-from .base import Engine, EngineConfig
+from engines import faults
+from engines.base import Engine, EngineConfig
 
 ENGINES: dict[str, str] = {
-    "hf-eager": "engines.hf:EagerEngine",
-    "hf-kv": "engines.hf:KVCacheEngine",
-    "hf-flash": "engines.hf:FlashEngine",
-    "hf-cb": "engines.hf_cb:ContinuousBatchingEngine",
-    "vllm": "engines.vllm_engine:VLLMEngine",
-    "llama-cpp": "engines.llama_cpp:LlamaCppEngine",
+    "hf-eager": "engines.hf.engine:EagerEngine",
+    "hf-kv": "engines.hf.engine:KVCacheEngine",
+    "hf-flash": "engines.hf.engine:FlashEngine",
+    "hf-cb": "engines.hf_cb.engine:ContinuousBatchingEngine",
+    "vllm": "engines.vllm.engine:VLLMEngine",
+    "llama-cpp": "engines.llama_cpp.engine:LlamaCppEngine",
 }
 
 # What to install when a backend is missing, keyed by the missing top-level module.
@@ -69,7 +69,7 @@ def create_engine(name: str, config: EngineConfig) -> Engine:
     cls = engine_class(name)
     if getattr(config.options, "engine_process", False):
         # The engine runs in a child process, which builds it again without the option (faults armed there).
-        from .child_process import in_child_process  # not at load: `python -m engines.child_process` runs it
+        from engines.process.child import in_child_process  # not at load: `python -m engines.process.child` runs it
 
         return in_child_process(cls)(config)
     if config.test_faults:

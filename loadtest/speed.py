@@ -4,13 +4,17 @@
     locust -f loadtest/speed.py --host 127.0.0.1:50051 --headless -u 4 -r 4 -t 60s --csv out/run
     locust -f loadtest/speed.py --host 127.0.0.1:50051 --headless -u 64 -t 60s --processes 4
     locust -f loadtest/speed.py --api http --host http://127.0.0.1:8000 --headless -u 4 -t 60s
+    locust -f loadtest/speed.py --api http --host http://127.0.0.1:8000 --served-model NAME --headless -u 4 -t 60s
+    locust -f loadtest/speed.py --api http --fresh-connection true --host http://127.0.0.1:8080 --served-model NAME ...
 
 Each user sends the log's speed prompts in turn (or --prompts-file) with greedy decoding and
 exactly --max-new-tokens tokens (--ignore-eos), waiting for nothing between requests, so the
 number of users is the concurrency.  ``--api grpc`` (the default) calls ``GenerateStream``;
 ``--api http`` streams ``/v1/completions`` from the OpenAI-compatible front end
 (``yayi-serve --http-port``) with the same user that measures vLLM's own server
-(loadtest/openai_user.py), so the two front ends are measured by the same clock.  At the end
+(loadtest/users/http_user.py), so the two front ends are measured by the same clock; the same
+``--api http`` user measures the outside OpenAI-compatible servers (vLLM's own, ``transformers
+serve``, llama-server with ``--fresh-connection true``), so every row has one clock.  At the end
 the serving-benchmark summary is printed and, with --csv PREFIX, written to PREFIX_tokens.csv
 beside Locust's own CSVs.  In distributed mode workers ship their samples to the master,
 which writes the one summary.
@@ -22,12 +26,12 @@ import itertools
 
 from locust import constant, events, task
 
-from loadtest.grpc_user import StreamingGrpcUser
-from loadtest.openai_user import StreamingOpenAIUser, add_served_model_argument
-from loadtest.prompts import load_prompts
-from loadtest.sample_collector import install
-from loadtest.token_stats import RequestSample
-from server.wire import pb
+from loadtest.measure.prompts import load_prompts
+from loadtest.measure.token_stats import RequestSample
+from loadtest.users.grpc_user import StreamingGrpcUser
+from loadtest.users.http_user import StreamingOpenAIUser, add_served_model_argument
+from loadtest.users.recorder import flag, install
+from server.grpc.wire import pb
 
 
 def _arguments(group) -> None:
@@ -38,6 +42,12 @@ def _arguments(group) -> None:
         help="front end: grpc (GenerateStream; --host HOST:PORT) or http (/v1/completions; --host http://HOST:PORT)",
     )
     add_served_model_argument(group)
+    group.add_argument(
+        "--fresh-connection",
+        type=flag,
+        default=False,
+        help="true: a new HTTP connection per request (llama-server closes a streamed one after answering)",
+    )
 
 
 collector = install(events, _arguments)
@@ -70,6 +80,15 @@ class SpeedUser(StreamingGrpcUser):
 
 class HttpSpeedUser(StreamingOpenAIUser):
     wait_time = constant(0)
+
+    def on_start(self) -> None:
+        super().on_start()
+        if self.environment.parsed_options.fresh_connection:
+            # llama-server answers a streamed completion with Keep-Alive and then closes the connection,
+            # so a reused one sees about every other request fail with "Remote end closed connection
+            # without response" (llama.cpp of llama-cpp-python 0.3.36); a connection per request costs
+            # a fraction of a millisecond on the loopback beside requests of tens of them.
+            self.session.headers["Connection"] = "close"
 
     @task
     def generate(self) -> None:

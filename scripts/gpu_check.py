@@ -22,12 +22,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from loadtest import scrape  # noqa: E402
-from loadtest.prompts import LOG_SPEED_PROMPTS  # noqa: E402
-from loadtest.server_process import ServerProcess  # noqa: E402
-from loadtest.stream_clock import StreamClock  # noqa: E402
-from loadtest.tables import markdown_table  # noqa: E402
-from server.wire import pb  # noqa: E402
+from loadtest.launch.server_process import ServerProcess  # noqa: E402
+from loadtest.measure import scrape  # noqa: E402
+from loadtest.measure.prompts import LOG_SPEED_PROMPTS  # noqa: E402
+from loadtest.measure.stream_clock import StreamClock  # noqa: E402
+from loadtest.measure.tables import markdown_table  # noqa: E402
+from server.grpc.wire import pb  # noqa: E402
 
 NEW_TOKENS = 128
 NAN = float("nan")

@@ -21,17 +21,16 @@ from grpc_reflection.v1alpha import reflection
 
 from engines.base import EngineConfig
 from engines.registry import create_engine
-
-from .auth import TokenAuth
-from .calls import Calls
-from .config import ServerConfig
-from .device_sampler import DeviceSampler, make_probe
-from .gate import RequestGate
-from .health import BoundedHealth
-from .metrics import ServerMetrics
-from .servicer import InferenceServicer
-from .tls import TLSConfigError, server_credentials
-from .wire import SERVICE_NAME, pb_grpc
+from server.auth import TokenAuth
+from server.calls import Calls
+from server.config import ServerConfig
+from server.device_sampler import DeviceSampler, make_probe
+from server.grpc.gate import RequestGate
+from server.grpc.health import BoundedHealth
+from server.grpc.servicer import InferenceServicer
+from server.grpc.wire import SERVICE_NAME, pb_grpc
+from server.metrics import ServerMetrics
+from server.tls import TLSConfigError, server_credentials
 
 log = logging.getLogger("yayi-serve")
 
@@ -107,7 +106,7 @@ async def serve(config: ServerConfig, announce=print) -> int:
                 " and HTTP" if http is not None else "",
                 config.host,
             )
-    # One line with every port, so a script that reads it knows them all (loadtest/server_process.py).
+    # One line with every port, so a script that reads it knows them all (loadtest/launch/server_process.py).
     announce(
         f"yayi-serve: grpc listening on {config.host}:{port}"
         + (f", metrics on http://{config.metrics_host}:{metrics_port}/metrics" if metrics_port is not None else "")
@@ -200,9 +199,9 @@ async def _set_health(health: BoundedHealth, calls: Calls, status) -> None:
 
 def _http_server(config: ServerConfig, calls: Calls, auth: TokenAuth | None):
     """The OpenAI-compatible front end; imported only when asked for, so a gRPC-only server never loads it."""
-    from .http_app import HttpFrontEnd
-    from .http_limits import ConnectionLimits
-    from .http_server import HttpBindError, HttpServer
+    from server.http.app import HttpFrontEnd
+    from server.http.limits import ConnectionLimits
+    from server.http.server import HttpBindError, HttpServer
 
     front = HttpFrontEnd(
         calls,

@@ -3,8 +3,8 @@
 One shared token, set with ``--auth-token-file`` or ``YAYI_AUTH_TOKEN``: enough to keep
 strangers off expensive hardware without an identity provider, and the header is the one
 gRPC's own ``access_token_call_credentials`` sends.  The token is compared in constant
-time and never logged.  The check runs before a request is read: in server/gate.py for
-gRPC, in server/http_app.py for HTTP.
+time and never logged.  The check runs before a request is read: in server/grpc/gate.py for
+gRPC, in server/http/app.py for HTTP.
 """
 
 from __future__ import annotations

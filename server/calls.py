@@ -28,9 +28,8 @@ from typing import cast
 from engines.base import Engine, GenerationOutput
 from engines.errors import EngineUnavailable, InvalidRequest
 from engines.params import SamplingParams
-
-from .errors import status_for
-from .metrics import RequestRecorder, ServerMetrics
+from server.errors import status_for
+from server.metrics import RequestRecorder, ServerMetrics
 
 log = logging.getLogger(__name__)
 

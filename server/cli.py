@@ -13,9 +13,8 @@ from engines import faults, options
 from engines.errors import EngineError
 from engines.models import ModelNotFound, builtin_models
 from engines.registry import EngineNotInstalled, UnknownEngine, engine_class, engine_names
-
-from .app import StartupError, serve
-from .config import SECURITY, ServerConfig
+from server.app import StartupError, serve
+from server.config import SECURITY, ServerConfig
 
 TOKEN_ENV = "YAYI_AUTH_TOKEN"
 

@@ -61,7 +61,7 @@ class ServerConfig:
     device_sample_period_s: float = option(
         1.0, "seconds between device memory/utilisation/power readings", flag="device-sample-period", positive=True
     )
-    # The HTTP front end's bounds on a connection before it is a request (server/http_limits.py).
+    # The HTTP front end's bounds on a connection before it is a request (server/http/limits.py).
     http_read_timeout_s: float = option(
         10.0,
         "seconds a connection gets to send a request's line and headers, and then its body; past it 408 and the "

@@ -14,9 +14,8 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from engines.base import EngineInfo, EngineLoad
-
-from .device_sampler import DeviceReading
-from .metrics_http import MetricsHTTPServer
+from server.device_sampler import DeviceReading
+from server.metrics_http import MetricsHTTPServer
 
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -46,7 +45,7 @@ class ServerMetrics:
         self._http_closed = metric(
             Counter,
             "yayi_http_connections_closed",
-            "HTTP connections the server closed before they made a request, by reason (server/http_limits.py)",
+            "HTTP connections the server closed before they made a request, by reason (server/http/limits.py)",
             [*base, "reason"],
         )
         self._prompt_tokens = metric(Counter, "yayi_prompt_tokens", "Prompt tokens processed")

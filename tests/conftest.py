@@ -1,7 +1,7 @@
 import pytest
 
-from loadtest.prompts import LOG_SPEED_PROMPTS
-from loadtest.server_process import ServerProcess
+from loadtest.launch.server_process import ServerProcess
+from loadtest.measure.prompts import LOG_SPEED_PROMPTS
 from tests.helpers.loop_thread import LoopThread
 
 # Before any test module imports them: the helpers' asserts then show their values as a test's do.

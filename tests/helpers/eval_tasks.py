@@ -1,4 +1,4 @@
-"""The repository's local lm-eval task set (loadtest/eval_tasks/), as the tests expect it."""
+"""The repository's local lm-eval task set (loadtest/evaluation/tasks/), as the tests expect it."""
 
 # Each task: lm-eval's output type and its number of documents.
 LOCAL_TASKS = {

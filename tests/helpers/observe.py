@@ -11,9 +11,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from loadtest import scrape
-from loadtest.server_process import ServerProcess
-from server.wire import SERVICE_NAME, pb
+from loadtest.launch.server_process import ServerProcess
+from loadtest.measure import scrape
+from server.grpc.wire import SERVICE_NAME, pb
 
 
 def metric(server: ServerProcess, name: str, **labels) -> float:

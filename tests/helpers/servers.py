@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from loadtest.server_process import ROOT, ServerProcess
+from loadtest.launch.server_process import ROOT, ServerProcess
 
 # The engine most tests serve, on the model that loads in a second.
 TINY_KV = ("--engine", "hf-kv", "--model", "tiny-llama")

@@ -9,7 +9,7 @@ tokenizing the text it received: tiny-llama's random tokens do not survive a dec
 text would measure the tokenizer, not the server.
 
 AIPerf lives in its own environment, ``$VENV/aiperf`` (its pins clash with the server's, see
-loadtest/second_clock.py); the first run on a machine installs it there, later runs find it.
+loadtest/compare/second_clock.py); the first run on a machine installs it there, later runs find it.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import subprocess
 import pytest
 
 from engines.models import resolve_model
-from loadtest import second_clock
-from loadtest.server_process import ServerProcess
+from loadtest.compare import second_clock
+from loadtest.launch.server_process import ServerProcess
 from tests.helpers.observe import metric
 from tests.helpers.servers import served
 

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from engines.gguf import llama_cpp_home
-from loadtest.server_process import ROOT
+from engines.llama_cpp.gguf import llama_cpp_home
+from loadtest.launch.server_process import ROOT
 
 pytestmark = pytest.mark.skipif(
     not os.access(llama_cpp_home() / "bin" / "llama-server", os.X_OK),
@@ -29,7 +29,7 @@ def report(tmp_path_factory):
     command = [
         sys.executable,
         "-m",
-        "loadtest.compare",
+        "loadtest.compare.driver",
         "--engines",
         "llama-cpp",
         "--model",

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from loadtest import second_clock
-from loadtest.server_process import ROOT
+from loadtest.compare import second_clock
+from loadtest.launch.server_process import ROOT
 
 PAIR = ("hf-cb", "transformers-serve-defaults")
 
@@ -19,12 +19,12 @@ PAIR = ("hf-cb", "transformers-serve-defaults")
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     if second_clock.executable() is None:
-        subprocess.run([sys.executable, "-m", "loadtest.second_clock", "install"], check=True, timeout=600)
+        subprocess.run([sys.executable, "-m", "loadtest.compare.second_clock", "install"], check=True, timeout=600)
     out = tmp_path_factory.mktemp("repeat") / "report"
     command = [
         sys.executable,
         "-m",
-        "loadtest.compare",
+        "loadtest.compare.driver",
         "--engines",
         "hf-cb",
         "--baseline",

@@ -1,4 +1,4 @@
-"""``--compile`` (engines/hf_static.py): the same greedy tokens as the uncompiled engine, a request
+"""``--compile`` (engines/hf/static.py): the same greedy tokens as the uncompiled engine, a request
 longer than the largest static cache served on the fallback path, cancel and deadline still
 stopping the work, and bad options refused on the command line."""
 
@@ -9,8 +9,8 @@ import logging
 import pytest
 
 from engines import EngineConfig, SamplingParams, create_engine
-from engines.hf import HFOptions
-from loadtest.server_process import ServerProcess
+from engines.hf.engine import HFOptions
+from loadtest.launch.server_process import ServerProcess
 from tests.conftest import LOG_PROMPTS
 from tests.helpers.observe import assert_deadline_stops_the_work, metric, wait_until
 from tests.helpers.servers import run_cli
@@ -64,7 +64,7 @@ def test_both_buckets_and_sampling_run_compiled(loop, pair):
 def test_a_request_longer_than_the_largest_bucket_runs_uncompiled_and_says_so(loop, pair, caplog):
     plain, compiled = pair["hf-kv"]
     params = SamplingParams(max_new_tokens=300, ignore_eos=True)  # > 256 positions
-    with caplog.at_level(logging.WARNING, logger="engines.hf_model"):
+    with caplog.at_level(logging.WARNING, logger="engines.hf.model"):
         got = loop.run(ids(compiled, "a long one", params))
     assert got == loop.run(ids(plain, "a long one", params))
     assert any("runs uncompiled" in r.getMessage() and "256" in r.getMessage() for r in caplog.records)

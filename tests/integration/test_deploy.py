@@ -67,7 +67,7 @@ def test_healthcheck_fails_when_nothing_listens():
 
 
 def test_healthcheck_passes_against_a_serving_server():
-    from loadtest.server_process import ServerProcess
+    from loadtest.launch.server_process import ServerProcess
 
     server = ServerProcess("--engine", "hf-kv", "--model", "tiny-llama", "--metrics-port", "-1").wait_ready()
     try:

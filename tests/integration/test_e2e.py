@@ -12,8 +12,8 @@ import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from loadtest.server_process import ROOT, ServerProcess, request
-from server.wire import SERVICE_NAME, pb
+from loadtest.launch.server_process import ROOT, ServerProcess, request
+from server.grpc.wire import SERVICE_NAME, pb
 from tests.conftest import LOG_PROMPTS
 from tests.helpers.observe import assert_deadline_stops_the_work, metric, raw_stream, wait_until
 from tests.helpers.servers import run_cli

@@ -63,7 +63,7 @@ class Caps:
 
 
 def _vllm_options():
-    from engines.vllm_engine import VLLMOptions  # here: the module imports vLLM's parts only when asked
+    from engines.vllm.engine import VLLMOptions  # here: the module imports vLLM's parts only when asked
 
     return VLLMOptions(enforce_eager=True)  # a quicker start; test_vllm's server runs the compiled default
 
@@ -123,7 +123,7 @@ def engine_for(loop):
             except EngineNotInstalled as exc:
                 pytest.skip(str(exc))
             if name == "llama-cpp":
-                from engines.gguf import llama_server_binary
+                from engines.llama_cpp.gguf import llama_server_binary
 
                 try:
                     llama_server_binary()

@@ -16,11 +16,11 @@ import psutil
 import pytest
 
 from engines import EngineConfig, SamplingParams, create_engine
-from engines.child_process import _described, _rebuilt
 from engines.errors import EngineUnavailable, InvalidRequest, QueueFull
-from engines.hf_cb import CBOptions
-from loadtest.server_process import ServerProcess
-from server.wire import pb
+from engines.hf_cb.engine import CBOptions
+from engines.process.child import _described, _rebuilt
+from loadtest.launch.server_process import ServerProcess
+from server.grpc.wire import pb
 from tests.conftest import LOG_PROMPTS
 from tests.helpers.engine_calls import collect, started_engines, text, token_ids
 from tests.helpers.engine_calls import wait_until as wait_until_async

@@ -20,8 +20,7 @@ import pytest
 
 from engines.models import resolve_model
 from loadtest import ROOT
-from loadtest.eval_results import agreement, sample_differences
-from loadtest.evaluate import (
+from loadtest.evaluation.driver import (
     LOCAL_TAG,
     OFFLINE,
     hf_args,
@@ -30,8 +29,9 @@ from loadtest.evaluate import (
     served_model,
     task_manager,
 )
-from loadtest.server_process import ServerProcess
-from server.wire import pb
+from loadtest.evaluation.results import agreement, sample_differences
+from loadtest.launch.server_process import ServerProcess
+from server.grpc.wire import pb
 from tests.helpers.eval_tasks import LOCAL_TASKS
 from tests.helpers.servers import TINY_KV
 
@@ -122,7 +122,7 @@ def test_lm_eval_in_process_hf_model_on_tiny_llama(hf_reference):
 
 
 def run_driver(out, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
-    command = [sys.executable, "-m", "loadtest.evaluate", *TINY_KV[:4], "--out", str(out), *args]
+    command = [sys.executable, "-m", "loadtest.evaluation.driver", *TINY_KV[:4], "--out", str(out), *args]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=280)
     summary_path = out / "eval.json"
     assert summary_path.is_file(), done.stdout[-3000:] + done.stderr[-3000:]

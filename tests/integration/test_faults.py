@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2
 
 from engines import EngineConfig, SamplingParams, create_engine, faults
 from engines.errors import EngineOutOfMemory
-from loadtest.server_process import ROOT, ServerProcess
+from loadtest.launch.server_process import ROOT, ServerProcess
 from tests.helpers.observe import idle, metric, wait_until
 from tests.helpers.servers import TINY_KV, run_cli, served
 
@@ -93,8 +93,8 @@ def test_killed_client_process_stops_the_generation_and_frees_the_slot(tiny_serv
             "-c",
             (
                 "import time, grpc\n"
-                "from loadtest.server_process import request\n"
-                "from server.wire import pb_grpc\n"
+                "from loadtest.launch.server_process import request\n"
+                "from server.grpc.wire import pb_grpc\n"
                 f"stub = pb_grpc.InferenceStub(grpc.insecure_channel({tiny_server.address!r}))\n"
                 "stream = stub.GenerateStream(request('killed mid-stream', max_new_tokens=900, ignore_eos=True))\n"
                 "next(stream); print('streaming', flush=True); time.sleep(300)\n"
@@ -164,7 +164,7 @@ def _cuda() -> bool:
 
 @pytest.mark.skipif(not _cuda(), reason="CUDA only: the real device running out of memory")
 def test_real_cuda_out_of_memory_hands_the_memory_back(loop):
-    """The oom fault on CUDA fills the device until its allocator refuses (engines/hf.py)."""
+    """The oom fault on CUDA fills the device until its allocator refuses (engines/hf/engine.py)."""
     import torch
 
     engine = create_engine(

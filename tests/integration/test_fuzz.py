@@ -9,7 +9,7 @@ from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.wire import SERVICE_NAME, pb
+from server.grpc.wire import SERVICE_NAME, pb
 from tests.helpers.observe import raw_stream
 
 UINT32 = 2**32 - 1

@@ -33,7 +33,7 @@ def test_info_names_the_paged_kernel_and_the_cache(started):
 def test_snapshots_to_outputs_eos_length_and_backlog(started):
     """The manager's snapshots carry every token so far; a backlog of several tokens becomes one output."""
     from engines.base import EngineRequest
-    from engines.hf_cb import _TextStream
+    from engines.hf_cb.engine import _TextStream
 
     runtime = started()._runtime
     eos = runtime.eos_ids[0]

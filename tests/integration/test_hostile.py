@@ -16,8 +16,8 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loadtest.server_process import ServerProcess, request
-from server.wire import pb, pb_grpc
+from loadtest.launch.server_process import ServerProcess, request
+from server.grpc.wire import pb, pb_grpc
 from tests.helpers.observe import metric, wait_until
 from tests.helpers.servers import TINY_KV, served
 

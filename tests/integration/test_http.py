@@ -16,7 +16,7 @@ import grpc
 import openai
 import pytest
 
-from loadtest.server_process import ServerProcess
+from loadtest.launch.server_process import ServerProcess
 from tests.conftest import LOG_PROMPTS
 from tests.helpers.certs import CertificateAuthority
 from tests.helpers.observe import metric, wait_until
@@ -274,7 +274,7 @@ def test_health_and_metrics_by_front_end(server):
 @pytest.fixture(scope="module")
 def secure_server(tmp_path_factory):
     """TLS and token auth on both front ends."""
-    from loadtest.server_process import tls_credentials
+    from loadtest.launch.server_process import tls_credentials
 
     folder = tmp_path_factory.mktemp("http-pki")
     ca = CertificateAuthority("yayi http test CA")
@@ -404,7 +404,7 @@ def test_health_turns_503_while_draining_and_the_stream_in_flight_finishes():
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 def test_vllm_bench_serve_runs_clean_against_our_front_end(tmp_path):
     from engines.models import resolve_model
-    from loadtest.vllm_bench import client_args, run_client
+    from loadtest.compare.vllm_bench import client_args, run_client
 
     # A queue that holds the client's concurrency: a 429 here would be a failed request.
     server = ServerProcess("--engine", "hf-kv", "--model", MODEL, "--http-port", "0", "--max-queue", "8").wait_ready()

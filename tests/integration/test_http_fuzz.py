@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.http_app import CHAT, COMPLETIONS, HEALTH, MODELS
+from server.http.app import CHAT, COMPLETIONS, HEALTH, MODELS
 from tests.helpers.servers import TINY_KV, served
 
 GET_ROUTES = (HEALTH, MODELS)

@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 
-from loadtest.server_process import ServerProcess
+from loadtest.launch.server_process import ServerProcess
 from tests.helpers.observe import metric, wait_until
 from tests.helpers.servers import TINY_KV, served
 

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from engines.hf_cb import default_cache_plan
-from loadtest.locust_run import LoadSpec, locust_command, run_locust
-from loadtest.server_process import ROOT, ServerProcess
-from loadtest.token_stats import read_summary_csv
+from engines.hf_cb.engine import default_cache_plan
+from loadtest.compare.locust_run import LoadSpec, locust_command, run_locust
+from loadtest.launch.server_process import ROOT, ServerProcess
+from loadtest.measure.token_stats import read_summary_csv
 from tests.helpers.observe import metric
 
 SPEED = ROOT / "loadtest" / "speed.py"
@@ -23,11 +23,11 @@ def generated_tokens(server) -> float:
 
 
 def compare_command(out, *targets: str, probe_seconds: str, max_new_tokens: int = 16) -> list[str]:
-    """loadtest.compare on tiny-llama, as short as a full report allows: 2 users for 4 s, 16 tokens each."""
+    """loadtest.compare.driver on tiny-llama, as short as a full report allows: 2 users for 4 s, 16 tokens each."""
     return [
         sys.executable,
         "-m",
-        "loadtest.compare",
+        "loadtest.compare.driver",
         *targets,
         "--model",
         "tiny-llama",

@@ -14,7 +14,7 @@ import torch
 
 from engines import EngineConfig, SamplingParams, create_engine
 from engines.errors import InvalidRequest
-from engines.hf import KVCacheEngine
+from engines.hf.engine import KVCacheEngine
 from engines.models import resolve_model
 from tests.helpers.engine_calls import collect, started_engines, token_ids
 
@@ -38,7 +38,7 @@ def started(loop):
 @pytest.fixture(scope="module")
 def vllm_engine(loop):
     pytest.importorskip("vllm", reason="vllm is installed by `make venv`; this skip only shows where it is not")
-    from engines.vllm_engine import VLLMOptions
+    from engines.vllm.engine import VLLMOptions
 
     engines = {}
 

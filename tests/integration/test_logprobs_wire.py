@@ -11,8 +11,8 @@ import urllib.request
 import openai
 import pytest
 
-from loadtest.server_process import request
-from server.wire import pb
+from loadtest.launch.server_process import request
+from server.grpc.wire import pb
 from tests.helpers.observe import metric
 from tests.helpers.servers import TINY_KV, served
 

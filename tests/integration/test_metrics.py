@@ -1,4 +1,4 @@
-"""Every metric, read back through loadtest/scrape.py (the tools' own parser) after real requests to a real server."""
+"""Every metric, read back through loadtest/measure/scrape.py (the tools' own parser) after real requests."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import grpc
 import psutil
 import pytest
 
-from loadtest import scrape
-from loadtest.server_process import ServerProcess
+from loadtest.launch.server_process import ServerProcess
+from loadtest.measure import scrape
 from server.device_sampler import RaplReader
-from server.wire import pb
+from server.grpc.wire import pb
 
 
 def samples(server: ServerProcess) -> scrape.Samples:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.server_process import ROOT, ServerProcess
+from loadtest.launch.server_process import ROOT, ServerProcess
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "yayi-serve.json"
 RATE_WINDOW_S = 10

@@ -1,4 +1,4 @@
-"""Two real replicas of tiny-llama (hf-kv) behind a real HAProxy, on 127.0.0.1 (loadtest/replicas.py).
+"""Two real replicas of tiny-llama (hf-kv) behind a real HAProxy, on 127.0.0.1 (loadtest/launch/replicas.py).
 
 Balancing (every call counted by the replica that served it), a replica killed mid-stream, a
 replica drained through HAProxy, and one signalled behind HAProxy's back.  Which replica served a
@@ -25,8 +25,8 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
-from loadtest import ROOT, scrape
-from loadtest.replicas import (
+from loadtest import ROOT
+from loadtest.launch.replicas import (
     REPLICA_HEADER,
     RETRY_CHANNEL_OPTIONS,
     RETRY_SERVICE_CONFIG,
@@ -35,8 +35,9 @@ from loadtest.replicas import (
     find_haproxy,
     free_port,
 )
-from loadtest.server_process import open_channel, request
-from server.wire import pb_grpc
+from loadtest.launch.server_process import open_channel, request
+from loadtest.measure import scrape
+from server.grpc.wire import pb_grpc
 
 pytestmark = pytest.mark.skipif(
     find_haproxy() is None, reason="haproxy not installed (Debian package `haproxy`; `make test` installs it)"

@@ -9,8 +9,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from loadtest.server_process import ServerProcess, tls_credentials
-from server.wire import pb, pb_grpc
+from loadtest.launch.server_process import ServerProcess, tls_credentials
+from server.grpc.wire import pb, pb_grpc
 from tests.helpers.certs import CertificateAuthority
 from tests.helpers.observe import metric
 from tests.helpers.servers import run_cli

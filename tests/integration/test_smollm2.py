@@ -7,7 +7,7 @@ import re
 import grpc
 import pytest
 
-from server.wire import pb
+from server.grpc.wire import pb
 from tests.conftest import LOG_PROMPTS
 
 # Words any coherent English reply to the inference log's prompts (docs/design.md) is bound to use;

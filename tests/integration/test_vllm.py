@@ -11,8 +11,8 @@ import time
 import grpc
 import pytest
 
-from loadtest.server_process import ROOT, ServerProcess
-from server.wire import pb
+from loadtest.launch.server_process import ROOT, ServerProcess
+from server.grpc.wire import pb
 from tests.conftest import LOG_PROMPTS
 from tests.helpers.observe import metric
 
@@ -25,7 +25,7 @@ def test_context_is_the_models_own_capped():
 
     from engines import model_facts
     from engines.models import resolve_model
-    from engines.vllm_engine import MAX_MODEL_LEN_CAP, VLLMOptions
+    from engines.vllm.engine import MAX_MODEL_LEN_CAP, VLLMOptions
 
     limit = model_facts.context_length(AutoConfig.from_pretrained(resolve_model("smollm2-135m")))
     assert limit > MAX_MODEL_LEN_CAP

@@ -8,7 +8,7 @@ with UNAVAILABLE within seconds and turns health NOT_SERVING; a new server serve
 Layouts that cannot work end the start-up with one line that says why.
 
 tiny-llama because the model is not the point here; the stages start compiled (vLLM's CPU
-backend cannot pipeline eager, see engines/vllm_layout.py), which the compile cache in
+backend cannot pipeline eager, see engines/vllm/layout.py), which the compile cache in
 ``~/.cache/vllm`` makes quicker from the second start on.
 """
 
@@ -24,9 +24,9 @@ import urllib.request
 import psutil
 import pytest
 
-from loadtest.ray_cluster import RayCluster
-from loadtest.server_process import ROOT, ServerProcess
-from server.wire import pb
+from loadtest.launch.ray_cluster import RayCluster
+from loadtest.launch.server_process import ROOT, ServerProcess
+from server.grpc.wire import pb
 from tests.helpers.observe import dies_under_load, metric, wait_until
 from tests.helpers.servers import run_cli
 

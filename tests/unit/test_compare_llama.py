@@ -9,14 +9,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from loadtest.compare import build_parser, clock_pairs, http_twins, target_config
-from loadtest.gguf_file import context_length, read_weights
-from loadtest.report import VERSUS, markdown_report, ratio_rows
-from loadtest.roofline import Device
-from loadtest.roofline_column import RooflineColumn
-from loadtest.rounds import aggregate_all
-from loadtest.schedule import components
-from loadtest.targets import LlamaServerTarget, baseline_target, chosen_baselines, parse_baselines
+from loadtest.compare.driver import build_parser, clock_pairs, http_twins, target_config
+from loadtest.compare.report import VERSUS, markdown_report, ratio_rows
+from loadtest.compare.rounds import aggregate_all
+from loadtest.compare.schedule import components
+from loadtest.compare.targets import LlamaServerTarget, baseline_target, chosen_baselines, parse_baselines
+from loadtest.measure.gguf_file import context_length, read_weights
+from loadtest.measure.roofline import Device
+from loadtest.measure.roofline_column import RooflineColumn
 
 gguf = pytest.importorskip("gguf", reason="the gguf package comes with `make venv` (it reads SmolLM2's GGUF)")
 

@@ -8,12 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from loadtest import second_clock
-from loadtest.compare import Progress, build_parser, clock_pairs, printed_summary, run_plan
-from loadtest.report import VERSUS, markdown_report, ratio_cautions, ratio_rows
-from loadtest.rounds import Spread, aggregate, aggregate_all, clocks_differ, round_ratios
-from loadtest.schedule import GiB, components, plan_groups
-from loadtest.targets import (
+from loadtest.compare.driver import Progress, build_parser, clock_pairs, printed_summary, run_plan, second_clock
+from loadtest.compare.report import VERSUS, markdown_report, ratio_cautions, ratio_rows
+from loadtest.compare.rounds import Spread, aggregate, aggregate_all, clocks_differ, round_ratios
+from loadtest.compare.schedule import GiB, components, plan_groups
+from loadtest.compare.targets import (
     BASELINES,
     TransformersServeDefaultsTarget,
     VLLMServerTarget,

@@ -7,12 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from loadtest.compare import api_comparison, make_targets, parse_args, run_plan, run_versus
-from loadtest.report import markdown_report
-from loadtest.rounds import aggregate_all
-from loadtest.schedule import components, target_dtype
-from loadtest.targets import VLLMServerTarget, chosen_baselines
-from loadtest.variants import Variant
+from loadtest.compare.driver import api_comparison, make_targets, parse_args, run_plan, run_versus
+from loadtest.compare.report import markdown_report
+from loadtest.compare.rounds import aggregate_all
+from loadtest.compare.schedule import components, target_dtype
+from loadtest.compare.targets import VLLMServerTarget, chosen_baselines
+from loadtest.compare.variants import Variant
 
 PP2 = "vllm-pp2=vllm --pipeline-parallel-size 2"
 # --max-model-len given: the vllm flags are then set up without reading a model's config.
@@ -100,7 +100,7 @@ def test_the_report_holds_the_variant_against_its_engine():
 
 
 def test_the_second_clock_stays_with_the_outside_pairs(tmp_path):
-    from loadtest.compare import clock_pairs
+    from loadtest.compare.driver import clock_pairs
 
     args = parsed("--engines", "vllm,vllm-pp2", "--variant", PP2)
     peer = object.__new__(VLLMServerTarget)

@@ -17,7 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from engines.vllm_engine import VLLMOptions
+from engines.vllm.engine import VLLMOptions
 from tests.helpers.deploy_files import DEPLOY
 from tests.unit.test_deploy import K8S_VERSIONS, serve_config, strict_openapi
 

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 
-from loadtest.eval_tasks import build
-from loadtest.evaluate import Support, blocked_tasks, echo_shape_problem
+from loadtest.evaluation.driver import Support, blocked_tasks, echo_shape_problem
+from loadtest.evaluation.tasks import build
 from tests.helpers.eval_tasks import LOCAL_TASKS
 
 
 def test_the_task_data_is_what_the_builder_makes(tmp_path):
     written = build.build(tmp_path)
     for name, path in written.items():
-        assert path.read_bytes() == (build.DATA / path.name).read_bytes(), f"{name}: rerun loadtest.eval_tasks.build"
+        assert path.read_bytes() == (build.DATA / path.name).read_bytes(), (
+            f"{name}: rerun loadtest.evaluation.tasks.build"
+        )
     copy_task = (build.HERE / "yayi_docs_copy.yaml").read_text()
     assert build.copy_example() in copy_task
     assert all(doc["sentence"] != build.copy_example() for doc in map(json.loads, written["yayi_docs_copy"].open()))

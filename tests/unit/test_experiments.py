@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench import attention_kernels, cache_vs_length
-from loadtest.tables import markdown_table
+from loadtest.measure.tables import markdown_table
 
 
 def test_attention_backward_and_nan_fails(tmp_path, monkeypatch):

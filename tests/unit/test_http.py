@@ -10,7 +10,7 @@ MODEL = "tiny-llama"
 
 def test_request_parsing_types_and_names():
     from engines.errors import InvalidRequest
-    from server.http_api import FieldError, parse_generate
+    from server.http.api import FieldError, parse_generate
 
     call = parse_generate(
         {"prompt": ["one"], "max_tokens": 5, "top_k": -1, "stop": "x", "logprobs": None, "n": 1}, MODEL, chat=False
@@ -44,7 +44,7 @@ def _stream_parts(never_sent: int | None = None, hang_up_after: float | None = N
     from prometheus_client import CollectorRegistry
 
     from server.calls import CallFailed, Calls
-    from server.http_stream import EventStream
+    from server.http.stream import EventStream
     from server.metrics import ServerMetrics
 
     class Engine:

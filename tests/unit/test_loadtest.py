@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import scrape
-from loadtest.report import baseline_comparison, table_cells
-from loadtest.report_folder import default_out
-from loadtest.server_process import ROOT
-from loadtest.stream_clock import StreamClock
-from loadtest.token_stats import CUT, OK, RequestSample, percentile, summarize
-from server.wire import pb
+from loadtest.compare.report import baseline_comparison, table_cells
+from loadtest.launch.server_process import ROOT
+from loadtest.measure import scrape
+from loadtest.measure.report_folder import default_out
+from loadtest.measure.stream_clock import StreamClock
+from loadtest.measure.token_stats import CUT, OK, RequestSample, percentile, summarize
+from server.grpc.wire import pb
 
 
 def test_percentile_and_summary_from_samples():
@@ -122,7 +122,7 @@ def test_vllm_rows_are_set_beside_vllms_own_server():
 
 def test_a_hung_outside_client_is_killed_with_its_workers(tmp_path):
     """guidellm's deadlock leaves spawned workers behind: the watchdog ends the whole session."""
-    from loadtest import second_clock
+    from loadtest.compare import second_clock
 
     marker = tmp_path / "child.pid"
     argv = ["bash", "-c", f"sleep 60 & echo $! > {marker}; wait"]

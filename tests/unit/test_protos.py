@@ -16,7 +16,7 @@ def test_generated_code_matches_proto(tmp_path):
 
 
 def test_contract_field_names():
-    from server.wire import pb
+    from server.grpc.wire import pb
 
     fields = {
         m: {f.name for f in getattr(pb, m).DESCRIPTOR.fields}

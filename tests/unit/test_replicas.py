@@ -1,8 +1,8 @@
-"""How replicas share the cores (loadtest/replicas.py), without starting any."""
+"""How replicas share the cores (loadtest/launch/replicas.py), without starting any."""
 
 from __future__ import annotations
 
-from loadtest.replicas import replica_env
+from loadtest.launch.replicas import replica_env
 
 
 def test_replicas_share_the_cores_unless_told(monkeypatch):

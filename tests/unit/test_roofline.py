@@ -7,7 +7,7 @@ import math
 import pytest
 
 from bench import roofline as cli  # the command line and the shape files under bench/shapes
-from loadtest import roofline as rl  # the model
+from loadtest.measure import roofline as rl  # the model
 
 # A toy device and shape whose figures are easy to follow: 100 weights, all read each step.
 DEVICE = rl.Device("toy", peak_flops=1000.0, bandwidth=100.0, memory_bytes=1e6, source="test")

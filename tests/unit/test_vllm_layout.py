@@ -11,10 +11,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from engines import vllm_layout, vllm_ray
 from engines.errors import EngineUnavailable
-from engines.vllm_engine import VLLMOptions
-from engines.vllm_layout import BIND_ENV, Layout, binding_for, bound_threads, check_cores, check_layout, thread_binding
+from engines.vllm import layout as vllm_layout
+from engines.vllm import ray_cluster as vllm_ray
+from engines.vllm.engine import VLLMOptions
+from engines.vllm.layout import BIND_ENV, Layout, binding_for, bound_threads, check_cores, check_layout, thread_binding
 from server.cli import build_parser, config_from_args
 
 SMOLLM2 = SimpleNamespace(num_attention_heads=9, num_hidden_layers=30)
@@ -149,7 +150,7 @@ def test_describe_names_sizes_and_executor():
     assert Layout(2, 4, "ray").describe() == "TP 2 x PP 4 over ray" and Layout(2, 4).ranks == 8
 
 
-# ---- the Ray cluster's address (engines/vllm_ray.py), before Ray is asked anything -----------
+# ---- the Ray cluster's address (engines/vllm/ray_cluster.py), before Ray is asked anything -----------
 
 
 def test_no_address_leaves_the_cluster_to_vllm(monkeypatch):
