@@ -38,7 +38,7 @@ REPLICAS_ARGS ?=
 
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv model serve test test-fast lint format compare protos bench bench-vllm bench-compile bench-hf-cb bench-metrics clean prometheus \
+.PHONY: venv model serve test test-fast test-quick lint format compare protos bench bench-vllm bench-compile bench-hf-cb bench-metrics clean prometheus \
 	bench-attention bench-length roofline rope-alibi eval-checkpoints haproxy replicas bench-replicas
 
 $(STAMP): pyproject.toml Makefile
@@ -72,6 +72,12 @@ test: venv prometheus haproxy llama-cpp second-clock aiperf lint
 # The unit tier alone (tests/unit: no model, no server, no network), in well under a minute.
 test-fast: venv
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+# The middle tier: everything but the tests marked vllm, llama_cpp, slow or gpu (pyproject.toml's markers),
+# in under 5 minutes on 2 cores once `make prepare` has run.
+QUICK_MARKERS := not vllm and not llama_cpp and not slow and not gpu
+test-quick: venv prepare
+	$(BIN)/python -m pytest -m "$(QUICK_MARKERS)" $(PYTEST_ARGS)
 
 # llama.cpp's llama-server for the llama-cpp engine, built once from PyPI's llama-cpp-python source
 # into ~/.cache/yayi-serve (about 10 minutes on 2 cores). A failed build fails only this target:

@@ -1,14 +1,10 @@
 import pytest
 
 from loadtest.launch.server_process import ServerProcess
-from loadtest.measure.prompts import LOG_SPEED_PROMPTS
 from tests.helpers.loop_thread import LoopThread
 
 # Before any test module imports them: the helpers' asserts then show their values as a test's do.
 pytest.register_assert_rewrite("tests.helpers.engine_calls", "tests.helpers.observe")
-
-# The log's speed prompts from their one home, under the name the tests import.
-LOG_PROMPTS = LOG_SPEED_PROMPTS
 
 
 @pytest.fixture(scope="session")

@@ -38,7 +38,7 @@ PROMPTS = (
 MODES = ("completions", "chat")
 PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 # The first run on a machine installs AIPerf (some 40 s here, more with a cold pip cache) in the first test's setup.
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,14 @@ import pytest
 from engines.llama_cpp.gguf import llama_cpp_home
 from loadtest.launch.server_process import ROOT
 
-pytestmark = pytest.mark.skipif(
-    not os.access(llama_cpp_home() / "bin" / "llama-server", os.X_OK),
-    reason="llama.cpp's llama-server is built by `make llama-cpp` (make test depends on it)",
-)
+pytestmark = [
+    pytest.mark.llama_cpp,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not os.access(llama_cpp_home() / "bin" / "llama-server", os.X_OK),
+        reason="llama.cpp's llama-server is built by `make llama-cpp` (make test depends on it)",
+    ),
+]
 
 TOKENS = 16
 

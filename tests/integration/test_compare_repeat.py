@@ -13,6 +13,8 @@ import pytest
 from loadtest.compare import second_clock
 from loadtest.launch.server_process import ROOT
 
+pytestmark = pytest.mark.slow
+
 PAIR = ("hf-cb", "transformers-serve-defaults")
 
 

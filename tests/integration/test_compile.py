@@ -11,9 +11,11 @@ import pytest
 from engines import EngineConfig, SamplingParams, create_engine
 from engines.hf.engine import HFOptions
 from loadtest.launch.server_process import ServerProcess
-from tests.conftest import LOG_PROMPTS
+from loadtest.measure.prompts import LOG_SPEED_PROMPTS as LOG_PROMPTS
 from tests.helpers.observe import assert_deadline_stops_the_work, metric, wait_until
 from tests.helpers.servers import run_cli
+
+pytestmark = pytest.mark.slow
 
 GREEDY = SamplingParams(max_new_tokens=40, ignore_eos=True)
 BUCKETS = "64,256"

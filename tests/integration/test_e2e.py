@@ -13,8 +13,8 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from loadtest.launch.server_process import ROOT, ServerProcess, request
+from loadtest.measure.prompts import LOG_SPEED_PROMPTS as LOG_PROMPTS
 from server.grpc.wire import SERVICE_NAME, pb
-from tests.conftest import LOG_PROMPTS
 from tests.helpers.observe import assert_deadline_stops_the_work, metric, raw_stream, wait_until
 from tests.helpers.servers import run_cli
 

@@ -21,7 +21,7 @@ import pytest
 from engines import EngineConfig, SamplingParams, create_engine, engine_names
 from engines.errors import EngineUnavailable, InvalidRequest, Unsupported
 from engines.registry import EngineNotInstalled
-from tests.conftest import LOG_PROMPTS
+from loadtest.measure.prompts import LOG_SPEED_PROMPTS as LOG_PROMPTS
 from tests.helpers.engine_calls import (
     TINY_LLAMA_BAD_INPUTS,
     assert_refused,
@@ -34,6 +34,7 @@ from tests.helpers.engine_calls import (
     token_ids,
     wait_until,
 )
+from tests.helpers.marks import engine_param
 
 QUEUE = 2  # every engine's waiting-queue bound here
 
@@ -96,8 +97,8 @@ CAPS: dict[str, Caps] = {
         weights_file="bf16.gguf",
     ),
 }
-ENGINES = list(CAPS)
-ENGINE_MODELS = [pytest.param(name, model, id=f"{name}-{model}") for name in ENGINES for model in CAPS[name].models]
+ENGINES = [engine_param(name) for name in CAPS]
+ENGINE_MODELS = [engine_param(name, model, id=f"{name}-{model}") for name in CAPS for model in CAPS[name].models]
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +144,7 @@ def engine_for(loop):
 
 
 def test_every_registered_engine_has_a_row():
-    assert ENGINES == engine_names()
+    assert list(CAPS) == engine_names()
 
 
 @pytest.mark.parametrize("name", ENGINES)

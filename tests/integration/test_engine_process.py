@@ -20,8 +20,8 @@ from engines.errors import EngineUnavailable, InvalidRequest, QueueFull
 from engines.hf_cb.engine import CBOptions
 from engines.process.child import _described, _rebuilt
 from loadtest.launch.server_process import ServerProcess
+from loadtest.measure.prompts import LOG_SPEED_PROMPTS as LOG_PROMPTS
 from server.grpc.wire import pb
-from tests.conftest import LOG_PROMPTS
 from tests.helpers.engine_calls import collect, started_engines, text, token_ids
 from tests.helpers.engine_calls import wait_until as wait_until_async
 from tests.helpers.observe import dies_under_load, metric, wait_until

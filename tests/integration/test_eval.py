@@ -33,7 +33,10 @@ from loadtest.evaluation.results import agreement, sample_differences
 from loadtest.launch.server_process import ServerProcess
 from server.grpc.wire import pb
 from tests.helpers.eval_tasks import LOCAL_TASKS
+from tests.helpers.marks import engine_param
 from tests.helpers.servers import TINY_KV
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +162,7 @@ def test_driver_end_to_end_on_the_local_set(tmp_path):
     "engine, flags, options",
     [
         ("hf-cb", (), {"batch_size": 4, "num_concurrent": 2}),
-        ("vllm", ("--enforce-eager", "true"), {"batch_size": 1, "num_concurrent": 4}),
+        engine_param("vllm", ("--enforce-eager", "true"), {"batch_size": 1, "num_concurrent": 4}),
     ],
 )
 def test_lm_eval_through_each_engine_gives_the_in_process_figures(engine, flags, options, hf_reference):

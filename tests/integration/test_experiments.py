@@ -11,6 +11,8 @@ import torch
 
 from bench import attention_kernels, cache_vs_length, checkpoint_eval, roofline_measure, rope_vs_alibi
 
+pytestmark = pytest.mark.slow
+
 TINY_SHAPE = {
     "name": "tiny",
     "architecture": "llama",

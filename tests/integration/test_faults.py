@@ -162,6 +162,7 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not _cuda(), reason="CUDA only: the real device running out of memory")
 def test_real_cuda_out_of_memory_hands_the_memory_back(loop):
     """The oom fault on CUDA fills the device until its allocator refuses (engines/hf/engine.py)."""

@@ -12,7 +12,7 @@ import pytest
 
 from engines import EngineConfig, SamplingParams, create_engine
 from engines.errors import InvalidRequest
-from tests.conftest import LOG_PROMPTS
+from loadtest.measure.prompts import LOG_SPEED_PROMPTS as LOG_PROMPTS
 from tests.helpers.engine_calls import collect, started_engines, wait_until
 
 

@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from loadtest.launch.server_process import ServerProcess
-from tests.conftest import LOG_PROMPTS
+from loadtest.measure.prompts import LOG_SPEED_PROMPTS as LOG_PROMPTS
 from tests.helpers.certs import CertificateAuthority
 from tests.helpers.observe import metric, wait_until
 
@@ -401,6 +401,8 @@ def test_health_turns_503_while_draining_and_the_stream_in_flight_finishes():
 
 # find_spec, not importorskip: the client runs in a child process, and importing vllm here would
 # only cost this process 10 s.
+@pytest.mark.vllm
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 def test_vllm_bench_serve_runs_clean_against_our_front_end(tmp_path):
     from engines.models import resolve_model

@@ -16,8 +16,10 @@ import pytest
 
 from engines import SamplingParams
 from engines.errors import EngineUnavailable
-from tests.conftest import LOG_PROMPTS
+from loadtest.measure.prompts import LOG_SPEED_PROMPTS as LOG_PROMPTS
 from tests.helpers.engine_calls import collect, llama_server_own, started_engines
+
+pytestmark = pytest.mark.llama_cpp
 
 
 @pytest.fixture(scope="module")

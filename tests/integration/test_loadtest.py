@@ -108,6 +108,7 @@ def test_distributed_mode_gathers_every_workers_samples(tiny_server, tmp_path):
     assert generated_tokens(tiny_server) - before == summary["output_tokens"] == 512 * summary["requests_ok"]
 
 
+@pytest.mark.slow
 def test_compare_driver_writes_a_complete_report(tmp_path):
     out = tmp_path / "report"
     # A variant of hf-kv whose flags name no certificate: yayi-serve's parser takes them, its start does not.
@@ -144,6 +145,8 @@ def test_compare_driver_writes_a_complete_report(tmp_path):
     assert "idle (空载)" in table and "GB/s" in table
 
 
+@pytest.mark.vllm
+@pytest.mark.slow
 def test_vllm_openai_baseline_is_measured_the_same_way(tmp_path):
     pytest.importorskip("vllm", reason="vllm is installed by `make venv`; this skip only shows where it is not")
     out = tmp_path / "baseline"
@@ -161,6 +164,7 @@ def test_vllm_openai_baseline_is_measured_the_same_way(tmp_path):
     assert loaded["mem_mb"] > 100 and loaded["ttft_p50_ms"] > 0
 
 
+@pytest.mark.slow
 def test_transformers_serve_baseline_is_measured_the_same_way(tmp_path):
     out, most = tmp_path / "baseline", 32
     command = compare_command(

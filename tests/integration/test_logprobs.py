@@ -17,9 +17,10 @@ from engines.errors import InvalidRequest
 from engines.hf.engine import KVCacheEngine
 from engines.models import resolve_model
 from tests.helpers.engine_calls import collect, started_engines, token_ids
+from tests.helpers.marks import engine_param
 
 HF_ENGINES = ["hf-eager", "hf-kv", "hf-flash", "hf-cb"]
-ENGINES = [*HF_ENGINES, "vllm"]
+ENGINES = [*HF_ENGINES, engine_param("vllm")]
 TOLERANCE = 1e-3
 PROMPT = "The quick brown fox jumps over the lazy dog, and then"
 # Multi-byte characters split across byte-level tokens: their texts must still join up.
@@ -264,7 +265,7 @@ def test_an_engine_that_cannot_refuses_by_name(loop):
         loop.run(engine.shutdown())
 
 
-@pytest.mark.parametrize("name", ["hf-kv", "hf-cb", "vllm"])
+@pytest.mark.parametrize("name", ["hf-kv", "hf-cb", engine_param("vllm")])
 def test_smollm2_logprobs_equal_transformers_and_the_score(loop, engine_for, reference, name):
     engine = engine_for(name, "smollm2-135m")
     text = "The capital of France is Paris. The capital of Italy is"

@@ -16,6 +16,8 @@ import pytest
 
 from loadtest.launch.server_process import ROOT, ServerProcess
 
+pytestmark = pytest.mark.slow
+
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "yayi-serve.json"
 RATE_WINDOW_S = 10
 LOAD_SECONDS = 24

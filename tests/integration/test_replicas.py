@@ -39,9 +39,12 @@ from loadtest.launch.server_process import open_channel, request
 from loadtest.measure import scrape
 from server.grpc.wire import pb_grpc
 
-pytestmark = pytest.mark.skipif(
-    find_haproxy() is None, reason="haproxy not installed (Debian package `haproxy`; `make test` installs it)"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        find_haproxy() is None, reason="haproxy not installed (Debian package `haproxy`; `make test` installs it)"
+    ),
+]
 
 SERVE = ["--engine", "hf-kv", "--model", "tiny-llama"]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "yayi-serve.json"

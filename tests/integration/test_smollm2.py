@@ -7,8 +7,8 @@ import re
 import grpc
 import pytest
 
+from loadtest.measure.prompts import LOG_SPEED_PROMPTS as LOG_PROMPTS
 from server.grpc.wire import pb
-from tests.conftest import LOG_PROMPTS
 
 # Words any coherent English reply to the inference log's prompts (docs/design.md) is bound to use;
 # random weights never do.

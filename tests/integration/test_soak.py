@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bench.soak import MIX, report, run_soak
+
+pytestmark = pytest.mark.slow
 
 # 240 requests after warm-up.  A server that kept one float32 logits row of tiny-llama's
 # 49152-token vocabulary (192 KiB) per request would grow by ~45 MiB, 9 % of its ~510 MiB;

@@ -12,9 +12,11 @@ import grpc
 import pytest
 
 from loadtest.launch.server_process import ROOT, ServerProcess
+from loadtest.measure.prompts import LOG_SPEED_PROMPTS as LOG_PROMPTS
 from server.grpc.wire import pb
-from tests.conftest import LOG_PROMPTS
 from tests.helpers.observe import metric
+
+pytestmark = pytest.mark.vllm
 
 pytest.importorskip("vllm", reason="vllm is installed by `make venv`; this skip only shows where it is not")
 

@@ -30,6 +30,8 @@ from server.grpc.wire import pb
 from tests.helpers.observe import dies_under_load, metric, wait_until
 from tests.helpers.servers import run_cli
 
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
 pytest.importorskip("vllm", reason="vllm is installed by `make venv`; this skip only shows where it is not")
 pytest.importorskip("ray", reason="ray is installed by `make venv` (the ray extra)")
 
