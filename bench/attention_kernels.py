@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engines.hf.model import resolve_device
 from loadtest.measure.plots import line_plot, pyplot
 from loadtest.measure.report_folder import Report
 
@@ -215,13 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else "cpu"
-        if args.device == "auto"
-        else args.device
-    )
+    device = resolve_device(args.device)
     report = Report("attention", args.out, "bench.attention_kernels", argv, device=str(device))
     report.text(__doc__.split("\n", 2)[2])
     cells = [

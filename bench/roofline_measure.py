@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from engines.hf.model import resolve_device
 from loadtest.measure import roofline as rl
 from loadtest.measure.plots import pyplot
 from loadtest.measure.report_folder import Report
@@ -154,13 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else "cpu"
-        if args.device == "auto"
-        else args.device
-    )
+    device = resolve_device(args.device)
     dtype = DTYPES[args.dtype]
     bytes_per_param = torch.empty((), dtype=dtype).element_size()
     measure_names = args.measure if args.measure is not None else ("1.6b,7b" if device.type == "cuda" else "1.6b")

@@ -11,5 +11,5 @@ export YAYI_MODEL_CACHE=/tmp/yayi-gpu/cache PYTHONUNBUFFERED=1
 export YAYI_SMOLLM2_TOKENIZER=$PWD/.gpu_carry/models/smollm2-shape
 nvidia-smi --query-gpu=name,memory.total,power.draw,utilization.gpu --format=csv
 # The CUDA-only tests, as committed: a real device out-of-memory hands the memory back.
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_faults.py -k cuda || echo "CUDA tests failed"
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/integration/test_faults.py -k cuda || echo "CUDA tests failed"
 exec timeout 420 python3 scripts/gpu_check.py

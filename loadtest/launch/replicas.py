@@ -1,4 +1,4 @@
-"""N yayi-serve replicas on this machine behind HAProxy: ``make replicas``, tests/test_replicas.py, bench/.
+"""N yayi-serve replicas on this machine behind HAProxy: ``make replicas``, tests/integration/test_replicas.py, bench/.
 
     python -m loadtest.launch.replicas --replicas 2 --port 50050 -- --engine hf-kv --model tiny-llama
 

@@ -43,7 +43,7 @@ def _shared_channel(target: str, index: int = 0) -> grpc.Channel:
 
     With a channel per user, grpc's gevent mode stalled here: sixteen users streaming from a
     server that runs one request at a time received no token at all for a whole minute while
-    the server generated hundreds (tests/test_loadtest.py keeps that case).  One channel is
+    the server generated hundreds (tests/integration/test_loadtest.py keeps that case).  One channel is
     also what a real client does.
     """
     if (target, index) not in _channels:
