@@ -66,17 +66,27 @@ serve: model $(if $(filter llama-cpp,$(ENGINE)),llama-cpp)
 
 # The outside clients the suite drives (guidellm, AIPerf) are installed here, in their own environments,
 # so a fresh machine pays for them in the set-up, not in the suite's time.
-test: venv prometheus haproxy llama-cpp second-clock aiperf lint
+test: venv prometheus haproxy llama-cpp second-clock aiperf prepare lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# What the suite builds once, paid here and said, not inside the first test that needs it
+# (tests/helpers/prepare.py): the built-in models, the GGUF files the llama-cpp tests serve (after
+# `make llama-cpp`), matplotlib's font cache and torch.compile's cache for the compiled decode.
+# A second run finds everything in place and takes seconds. PREPARE_STEPS picks some of them.
+PREPARE_STEPS ?=
+.PHONY: prepare
+prepare: venv
+	$(BIN)/python -m tests.helpers.prepare $(PREPARE_STEPS)
 
 # The unit tier alone (tests/unit: no model, no server, no network), in well under a minute.
 test-fast: venv
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 # The middle tier: everything but the tests marked vllm, llama_cpp, slow or gpu (pyproject.toml's markers),
-# in under 5 minutes on 2 cores once `make prepare` has run.
+# in under 5 minutes on 2 cores; it prepares only the models and fonts those tests use.
 QUICK_MARKERS := not vllm and not llama_cpp and not slow and not gpu
-test-quick: venv prepare
+test-quick: venv
+	$(BIN)/python -m tests.helpers.prepare models fonts
 	$(BIN)/python -m pytest -m "$(QUICK_MARKERS)" $(PYTEST_ARGS)
 
 # llama.cpp's llama-server for the llama-cpp engine, built once from PyPI's llama-cpp-python source

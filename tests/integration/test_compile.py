@@ -13,12 +13,12 @@ from engines.hf.engine import HFOptions
 from loadtest.launch.server_process import ServerProcess
 from loadtest.measure.prompts import LOG_SPEED_PROMPTS as LOG_PROMPTS
 from tests.helpers.observe import assert_deadline_stops_the_work, metric, wait_until
+from tests.helpers.prepare import COMPILE_BUCKETS, SERVED_COMPILE_BUCKETS
 from tests.helpers.servers import run_cli
 
 pytestmark = pytest.mark.slow
 
 GREEDY = SamplingParams(max_new_tokens=40, ignore_eos=True)
-BUCKETS = "64,256"
 
 
 def started(loop, name: str, model: str, **options):
@@ -37,7 +37,7 @@ def pair(loop):
     for name in ("hf-kv", "hf-flash"):
         engines[name] = (
             started(loop, name, "tiny-llama"),
-            started(loop, name, "tiny-llama", compile=True, compile_buckets=BUCKETS),
+            started(loop, name, "tiny-llama", compile=True, compile_buckets=COMPILE_BUCKETS),
         )
     yield engines
     for plain, compiled in engines.values():
@@ -91,7 +91,7 @@ def test_consumer_leaving_stops_compiled_work_and_returns_the_cache(loop, pair):
 @pytest.fixture(scope="module")
 def compiled_server():
     server = ServerProcess(
-        "--engine", "hf-kv", "--model", "tiny-llama", "--compile", "--compile-buckets", "1024"
+        "--engine", "hf-kv", "--model", "tiny-llama", "--compile", "--compile-buckets", SERVED_COMPILE_BUCKETS
     ).wait_ready(600)
     yield server
     server.stop()

@@ -36,7 +36,9 @@ _REFERENCE_LINK = re.compile(r"^\s{0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s|$)", re.MUL
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 _PLACEHOLDER = re.compile(r"[*<{$%]|\.\.\.|(^|/)[A-Z][A-Z0-9_]*[A-Z0-9](/|$|\.)")
 _PATH_WORD = re.compile(
-    "^(?:" + "|".join(re.escape(f"{top}/") for top in TOP_FOLDERS) + ")\\S*$|^(?:"
+    "^(?:"
+    + "|".join(re.escape(f"{top}/") for top in TOP_FOLDERS)
+    + ")\\S*$|^(?:"
     + "|".join(re.escape(name) for name in TOP_FILES)
     + ")$"
 )
