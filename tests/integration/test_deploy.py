@@ -66,12 +66,7 @@ def test_healthcheck_fails_when_nothing_listens():
     assert result.returncode == 1, result.stdout + result.stderr
 
 
-def test_healthcheck_passes_against_a_serving_server():
-    from loadtest.launch.server_process import ServerProcess
-
-    server = ServerProcess("--engine", "hf-kv", "--model", "tiny-llama", "--metrics-port", "-1").wait_ready()
-    try:
-        result = run_healthcheck(server.address)
-        assert result.returncode == 0 and "SERVING" in result.stdout, result.stdout + result.stderr
-    finally:
-        server.stop()
+def test_healthcheck_passes_against_a_serving_server(tiny_server):
+    # It only reads health: the session's shared server does, no start of its own.
+    result = run_healthcheck(tiny_server.address)
+    assert result.returncode == 0 and "SERVING" in result.stdout, result.stdout + result.stderr
