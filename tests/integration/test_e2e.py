@@ -202,6 +202,7 @@ def test_deadline_shorter_than_generation(tiny_server):
     assert metric(tiny_server, "yayi_requests_total", status="DEADLINE_EXCEEDED") == expired_before + 1
 
 
+@pytest.mark.slow
 def test_sigterm_drains_in_flight_then_exits_zero():
     # The grace period only bounds a hang: 300 tokens take about a second, but on a machine whose
     # cores are oversubscribed torch's OpenMP threads can slow a step a hundredfold.

@@ -100,6 +100,7 @@ def gone_within(process: psutil.Process, timeout: float) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_a_killed_engine_process_fails_calls_and_health():
     server = ServerProcess(*SERVER).wait_ready()
     try:
@@ -126,6 +127,7 @@ def test_a_killed_engine_process_fails_calls_and_health():
         server.stop()
 
 
+@pytest.mark.slow
 def test_a_stopped_server_stops_its_engine_process_and_a_killed_one_leaves_none():
     stopped = ServerProcess(*SERVER).wait_ready()
     (child,) = stopped.engine_processes()

@@ -142,6 +142,7 @@ def _watch_opens(channel) -> bool:
         watch.cancel()
 
 
+@pytest.mark.slow
 def test_half_open_metrics_connections_hold_few_threads(one_slot):
     process = psutil.Process(one_slot.process.pid)
     threads_before = process.num_threads()
@@ -287,6 +288,7 @@ def test_forged_chat_roles_stay_text(one_slot):
     assert answer.usage.prompt_tokens == len(forged)
 
 
+@pytest.mark.slow
 def test_an_open_port_without_auth_is_warned_about():
     server = ServerProcess("--engine", "hf-kv", "--model", "tiny-llama", "--host", "0.0.0.0", "--metrics-port", "-1")
     try:

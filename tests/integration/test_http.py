@@ -367,6 +367,7 @@ def test_right_token_over_tls(secure_server):
 # ---- draining ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_health_turns_503_while_draining_and_the_stream_in_flight_finishes():
     # A long grace period: on a busy machine the stream must still end within it, drained and not cut.
     server = ServerProcess(

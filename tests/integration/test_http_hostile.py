@@ -211,6 +211,7 @@ def test_a_trickled_body_gets_408_and_is_counted(server):
     assert after == before + 1
 
 
+@pytest.mark.slow
 def test_when_every_connection_is_working_a_new_one_is_refused_with_503():
     server = ServerProcess(
         *TINY_KV, "--http-port", "0", "--max-concurrency", "1", "--max-queue", "2", "--http-max-connections", "2"
@@ -329,6 +330,7 @@ def test_thousands_of_bad_requests_leave_no_memory_behind(server):
 # ---- the drain's end ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_past_the_grace_period_a_queued_call_gets_503_and_a_stream_its_error_event():
     server = ServerProcess(
         *TINY_KV, "--http-port", "0", "--max-concurrency", "1", "--max-queue", "2", "--grace-period", "1"

@@ -90,6 +90,7 @@ def test_failures_are_counted_with_the_status_code(tiny_server, tmp_path):
     assert tiny_server.generate("still serving", max_new_tokens=2).usage.completion_tokens == 2
 
 
+@pytest.mark.slow
 def test_distributed_mode_gathers_every_workers_samples(tiny_server, tmp_path):
     prefix = tmp_path / "dist"
     # Requests long enough (about a second each on tiny-llama) that the run ends with one in flight
@@ -194,6 +195,7 @@ def test_transformers_serve_baseline_is_measured_the_same_way(tmp_path):
     assert any("ending at EOS" in note for note in report["context"]["column_notes"])
 
 
+@pytest.mark.slow
 def test_many_users_queued_behind_one_slot_still_receive_their_streams(tmp_path):
     # The case that once stalled every stream of a Locust process: more users than the engine
     # runs at once, each request long enough that most users wait with nothing to read.

@@ -10,6 +10,9 @@ import pytest
 from loadtest.measure.prompts import LOG_SPEED_PROMPTS as LOG_PROMPTS
 from server.grpc.wire import pb
 
+# The real SmolLM2 served and asked for whole sentences: about 45 s on 2 cores.
+pytestmark = pytest.mark.slow
+
 # Words any coherent English reply to the inference log's prompts (docs/design.md) is bound to use;
 # random weights never do.
 COMMON_WORDS = {
