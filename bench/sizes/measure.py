@@ -315,7 +315,7 @@ def _tables(report: Report, rows: list[Row], devices: dict) -> None:
                 "decode 4 users (tok/s)": _fmt(r.decode_4, 2),
                 "bound 1 user (tok/s)": _fmt(r.bound_1, 2),
                 "% of bound": _fmt(r.pct_bound_1),
-                "weights MB": _fmt(r.weights_mb, 0),
+                "weights MB": _fmt(r.weights_mb, 2),
             }
             for r in rows
         ],
