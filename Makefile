@@ -211,6 +211,19 @@ bench-length: venv model
 roofline: venv
 	$(BIN)/python -m bench.roofline_measure $(BENCH_ARGS)
 
+# The log's sizes (1.6B, 7B, 13B, 30B) with random weights at their shapes, built once into the model cache
+# (what fits: every size as a Q4_0 GGUF, bfloat16 where it fits in memory, Q8_0 while 10 GB of disk stay
+# free; the disk is printed before anything is written), then served and measured through yayi-serve beside
+# this machine's roofline: reports/sizes-<UTC time>/.  SIZES_ARGS for bench.sizes.measure, e.g. --sizes 7b.
+SIZES ?= 1.6b,7b,13b,30b
+SIZES_ARGS ?=
+.PHONY: sizes sizes-build
+sizes-build: model
+	$(BIN)/python -m bench.sizes.build --sizes $(SIZES)
+
+sizes: sizes-build llama-cpp
+	$(BIN)/python -m bench.sizes.measure --sizes $(SIZES) $(SIZES_ARGS)
+
 rope-alibi: venv
 	$(BIN)/python -m bench.rope_vs_alibi $(BENCH_ARGS)
 

@@ -267,8 +267,14 @@ def main(argv: list[str] | None = None) -> int:
         "bf16": rl.probe_this_machine(args.probe_seconds, torch.bfloat16),
         "quantized": rl.probe_this_machine(args.probe_seconds, torch.float32),
     }
-    rows: list[Row] = []
+    # Rows already measured into the same --out stay: the sizes can be measured one at a time.
+    raw = report.dir / "rows.json"
+    rows: list[Row] = [Row(**r) for r in json.loads(raw.read_text())] if raw.is_file() else []
+    done = {(r.model, r.fmt, r.engine) for r in rows if not r.notes}
+    rows = [r for r in rows if (r.model, r.fmt, r.engine) in done or r.engine == "hf-kv" and r.notes]
     for row, path, shape in plan(args):
+        if (row.model, row.fmt, row.engine) in done:
+            continue
         if row.notes:
             rows.append(row)
             continue
@@ -276,11 +282,15 @@ def main(argv: list[str] | None = None) -> int:
         device = devices["bf16" if row.fmt == "bf16" else "quantized"]
         rows.append(measure_row(row, path, args, tokenizer_for(path, shape), device, shape))
         print(f"  {json.dumps(asdict(rows[-1]), default=str)}", flush=True)
+        raw.write_text(json.dumps([asdict(r) for r in rows], indent=1, default=str))
         _tables(report, rows, devices)
     for size in [s for s in args.refuse.split(",") if s]:
         print(f"# {size} bf16: the memory check ...", flush=True)
-        rows.append(refusal_row(load_shape(size), args))
+        shape = load_shape(size)
+        rows = [r for r in rows if not (r.model == shape.name and r.fmt == "bf16" and r.notes)]
+        rows.append(refusal_row(shape, args))
         print(f"  {rows[-1].notes}", flush=True)
+    raw.write_text(json.dumps([asdict(r) for r in rows], indent=1, default=str))
     _tables(report, rows, devices)
     _plot(report, rows)
     print(report.markdown_path)
@@ -292,6 +302,8 @@ def _fmt(value, digits: int = 1):
 
 
 def _tables(report: Report, rows: list[Row], devices: dict) -> None:
+    order = {name: i for i, name in enumerate(FORMATS)}
+    rows = sorted(rows, key=lambda r: (r.size_b, order.get(r.fmt, len(order)), r.engine))
     report.sections.clear()
     report.text(__doc__.split("\n\n", 2)[2])
     report.table(

@@ -10,6 +10,8 @@ import pytest
 
 from bench.sizes import build, measure
 
+pytestmark = [pytest.mark.llama_cpp, pytest.mark.slow]
+
 SHAPE = str(Path(__file__).resolve().parents[1] / "data" / "tiny_size_shape.json")
 
 
