@@ -124,3 +124,37 @@ def test_the_private_call_check_finds_one(tmp_path):
         "        engine._stream(1)\n"
     )
     assert list(private_calls(source, tmp_path)) == ["engines/x.py:6: engine._stream(...)"]
+
+
+def property_writes(path: Path, root: Path = ROOT) -> Iterator[str]:
+    """A ``@property`` that assigns to an attribute: a read that changes state."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if not isinstance(node, ast.FunctionDef):
+            continue
+        if not any(isinstance(d, ast.Name) and d.id == "property" for d in node.decorator_list):
+            continue
+        for inner in ast.walk(node):
+            targets = inner.targets if isinstance(inner, ast.Assign) else []
+            if isinstance(inner, ast.AugAssign | ast.AnnAssign):
+                targets = [inner.target]
+            for target in targets:
+                if isinstance(target, ast.Attribute | ast.Subscript):
+                    yield f"{path.relative_to(root)}:{inner.lineno}: property {node.name} writes {ast.unparse(target)}"
+
+
+def test_no_property_writes_state():
+    writes = [
+        w
+        for package in ("engines", "server")
+        for p in sorted((ROOT / package).rglob("*.py"))
+        for w in property_writes(p)
+    ]
+    assert not writes, "properties that write:\n" + "\n".join(writes)
+
+
+def test_the_property_check_finds_a_write(tmp_path):
+    source = tmp_path / "x.py"
+    source.write_text(
+        "class A:\n    @property\n    def healthy(self):\n        self._failure = 'x'\n        return False\n"
+    )
+    assert list(property_writes(source, tmp_path)) == ["x.py:4: property healthy writes self._failure"]
