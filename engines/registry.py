@@ -3,6 +3,10 @@
 ``hf-*`` must start where vLLM is not installed, so nothing here imports a backend at
 module load, and an engine module imports its backend only inside its methods.  Adding
 an engine is one module (its class, with its ``Options``) and one line in ``ENGINES``.
+
+``build_engine`` is the one constructor, used by the server's process and by an engine
+process (engines/process/child.py) alike; ``create_engine`` puts an engine that is to run in
+a child process (``EngineConfig.engine_process``) behind its proxy instead.
 """
 
 from __future__ import annotations
