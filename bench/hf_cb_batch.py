@@ -66,7 +66,7 @@ def hf_cb_tokens_per_s(
     from engines import EngineConfig, SamplingParams, create_engine
     from engines.hf_cb.engine import CBOptions
 
-    options = CBOptions(cuda_graphs=device.type == "cuda" or None, engine_process=engine_process)
+    options = CBOptions(cuda_graphs=device.type == "cuda" or None)
     engine = create_engine(
         "hf-cb",
         EngineConfig(
@@ -76,6 +76,7 @@ def hf_cb_tokens_per_s(
             max_concurrency=len(prompts),
             max_queue=len(prompts),
             options=options,
+            engine_process=engine_process,
         ),
     )
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)

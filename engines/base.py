@@ -7,9 +7,26 @@ the model's work for that request right there, not at the end of the completion.
 
 The request path is written once, here: readiness, prompt checks, tokenization (or the
 checks of a prompt given as token ids), the context check, the admission slot, scoring a
-prompt without generating, and the text of each log-probability's token.  An engine
-supplies only what is its own: ``start``, ``info``, ``_stream`` (generate from token ids)
-and, if it can, ``_score_ids`` and ``_prompt_logprobs``.
+prompt without generating, and the text of each log-probability's token.
+
+What an engine supplies (the seam; the request path here and the engine process,
+engines/process/, call only these):
+
+- required: ``start`` (load the model, end with ``_open``), ``info`` and
+  ``stream_tokens(request)``, which generates one admitted request from its token ids;
+- optional, with defaults: ``score_ids(ids)`` (Score; default: unsupported),
+  ``prompt_logprobs(request)`` (the prompt's log-probabilities without generating;
+  default: unsupported), ``check_params(params)`` (refuse what the engine cannot do before a
+  slot is taken; default: all is fine), ``score_context()`` (the longest text Score takes;
+  default: the context), ``load()``, ``shutdown()`` and ``load_tokenizer(info)`` (the
+  tokenizer of a started engine, for a parent that runs it in a child process);
+- class declarations: ``name``, ``Options``, ``requires``, ``offers_logprobs`` and
+  ``runs_in_child_process``.
+
+Health: an engine records that it cannot serve again with ``fail(reason)`` (the first
+reason stays), and everything reads it through the ``failure`` property (``healthy`` is
+``failure is None``).  An engine whose failure lives in a part it does not own (a thread, a
+process) may override ``failure`` with a read that writes nothing.
 """
 
 from __future__ import annotations
@@ -45,6 +62,9 @@ class EngineConfig:
     max_concurrency: int | None = None  # None: the engine's own default
     max_queue: int = 64
     options: object | None = None  # an instance of the engine's Options; None: its defaults
+    # Run the engine in a child process of the server (engines/process/); only for an engine
+    # whose class declares runs_in_child_process.
+    engine_process: bool = False
     test_faults: tuple = ()  # engines/faults.py: set only by tests, with --allow-test-faults
 
 
@@ -109,7 +129,7 @@ class EngineLoad:
 
 @dataclass(frozen=True)
 class EngineRequest:
-    """A request that passed every check: what ``_stream`` generates from."""
+    """A request that passed every check: what ``stream_tokens`` generates from."""
 
     request_id: str
     # The text as sent ("" for token ids), kept for logs and test-only fault markers (engines/faults.py).
@@ -126,9 +146,12 @@ class Engine(abc.ABC):
     # Top-level packages the engine needs beyond torch and transformers; the registry checks
     # them before start so a missing one is reported as what to install, not as a traceback.
     requires: ClassVar[tuple[str, ...]] = ()
-    # Whether ``_stream`` honours SamplingParams.logprobs and prompt_logprobs and ``_prompt_logprobs``
+    # Whether ``stream_tokens`` honours SamplingParams.logprobs and prompt_logprobs and ``prompt_logprobs``
     # is supplied; an engine that does not is refused such requests here, by name.
     offers_logprobs: ClassVar[bool] = False
+    # Whether the engine may run in a child process of the server (EngineConfig.engine_process):
+    # its part of the seam must then only take and give what pickles (engines/process/).
+    runs_in_child_process: ClassVar[bool] = False
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -140,7 +163,7 @@ class Engine(abc.ABC):
         self._max_context = 0
         self._vocab_size = 0
         self._closing = False
-        self._failure: str | None = None  # set once the engine cannot serve again
+        self._failure: str | None = None  # set by fail(), once the engine cannot serve again
 
     # ---- what each engine supplies ---------------------------------------------------
 
@@ -151,22 +174,31 @@ class Engine(abc.ABC):
     def info(self) -> EngineInfo: ...
 
     @abc.abstractmethod
-    def _stream(self, request: EngineRequest) -> AsyncGenerator[GenerationOutput, None]:
+    def stream_tokens(self, request: EngineRequest) -> AsyncGenerator[GenerationOutput, None]:
         """Generates one admitted request; closing the iterator must stop its work at once."""
 
-    async def _score_ids(self, ids: list[int]) -> ScoreResult:
+    async def score_ids(self, ids: list[int]) -> ScoreResult:
+        """The log-probability of the text ``ids`` (Score), at most ``score_context()`` of them."""
         raise Unsupported(f"engine {self.name} cannot score texts")
 
-    async def _prompt_logprobs(self, request: EngineRequest) -> tuple[TokenLogprob | None, ...]:
+    async def prompt_logprobs(self, request: EngineRequest) -> tuple[TokenLogprob | None, ...]:
         """The prompt's log-probabilities, ``request.params.prompt_logprobs`` alternatives each, without generating."""
         raise Unsupported(f"engine {self.name} cannot return log-probabilities")
 
-    def _check_params(self, params: SamplingParams) -> None:
+    def check_params(self, params: SamplingParams) -> None:
         """Refuses what this engine cannot do, before the request takes a slot (default: all is fine)."""
 
-    def _score_context(self) -> int:
-        """The longest text, in tokens, that ``_score_ids`` takes."""
+    def score_context(self) -> int:
+        """The longest text, in tokens, that ``score_ids`` takes."""
         return self._max_context
+
+    @classmethod
+    def load_tokenizer(cls, info: EngineInfo):
+        """The tokenizer a started engine encodes with, from its info alone: what a parent process
+        needs where the engine runs in a child (default: transformers' tokenizer of the model folder)."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(info.model_path)
 
     def _open(self, tokenizer, max_context: int, vocab_size: int, admission: Admission) -> None:
         """Called by ``start`` once the model is loaded: from here on requests are served."""
@@ -201,7 +233,7 @@ class Engine(abc.ABC):
             prompt = ""
         check_against_model(params, len(prompt_ids), self._max_context, self._vocab_size)
         self._check_logprobs_offered(params)
-        self._check_params(params)
+        self.check_params(params)
         async with admission.slot():
             self._require_ready()
             started_at = time.monotonic()
@@ -211,7 +243,7 @@ class Engine(abc.ABC):
                 yield await self._scored_prompt(request, texts, started_at)
                 return
             first = True
-            async with contextlib.aclosing(self._stream(request)) as stream:
+            async with contextlib.aclosing(self.stream_tokens(request)) as stream:
                 async for output in stream:
                     # The engine's own start time (a batching engine's scheduling time) wins.
                     if first and output.started_at is None:
@@ -226,7 +258,7 @@ class Engine(abc.ABC):
 
     async def _scored_prompt(self, request: EngineRequest, texts: TokenTexts, started_at: float) -> GenerationOutput:
         """max_new_tokens 0: the prompt's log-probabilities and nothing generated (OpenAI's echo with max_tokens 0)."""
-        entries = await self._prompt_logprobs(request)
+        entries = await self.prompt_logprobs(request)
         return GenerationOutput(
             text="",
             token_ids=(),
@@ -262,25 +294,35 @@ class Engine(abc.ABC):
     async def score(self, text: str) -> ScoreResult:
         prompts, admission = self._ready()
         check_prompt_text(text)
-        ids = await prompts.encode_text(text, limit=self._score_context())
-        check_score_length(len(ids), self._score_context())
+        ids = await prompts.encode_text(text, limit=self.score_context())
+        check_score_length(len(ids), self.score_context())
         async with admission.slot():
             self._require_ready()
-            return await self._score_ids(ids)
+            return await self.score_ids(ids)
 
     def load(self) -> EngineLoad:
         if self._admission is None:
             return EngineLoad(running=0, waiting=0)
         return EngineLoad(running=self._admission.running, waiting=self._admission.waiting)
 
+    def fail(self, reason: str) -> None:
+        """Records that the engine cannot serve again without a restart; the first reason stays."""
+        if self._failure is None:
+            self._failure = reason
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine cannot serve again without a restart (a dead device or engine process), or None."""
+        return self._failure
+
     @property
     def healthy(self) -> bool:
-        """False once the engine cannot serve again without a restart (a dead device or engine process).
+        """False once the engine cannot serve again without a restart.
 
         The server then reports NOT_SERVING, so an orchestrator restarts it; a failure of one
         request (a bug, an out-of-memory) leaves the engine healthy.
         """
-        return self._failure is None
+        return self.failure is None
 
     async def shutdown(self) -> None:
         self._closing = True
@@ -298,8 +340,9 @@ class Engine(abc.ABC):
         return part
 
     def _require_ready(self) -> None:
-        if self._failure is not None:
-            raise EngineUnavailable(f"the engine failed and cannot recover ({self._failure}); restart the server")
+        failure = self.failure
+        if failure is not None:
+            raise EngineUnavailable(f"the engine failed and cannot recover ({failure}); restart the server")
         if self._closing:
             raise EngineUnavailable("engine is shutting down")
         if self._admission is None:

@@ -73,9 +73,9 @@ class FaultInjection:
 
     test_faults: tuple[Fault, ...] = ()
 
-    def _stream(self, request):
+    def stream_tokens(self, request):
         fault = match(self.test_faults, request.prompt)
-        inner = super()._stream(request)
+        inner = super().stream_tokens(request)
         return inner if fault is None else self._failing(inner, fault)
 
     async def _failing(self, inner, fault: Fault):

@@ -92,16 +92,3 @@ def is_tristate(options_class: type, name: str) -> bool:
 
 
 TRISTATE = {"auto": None, "true": True, "false": False}
-
-
-def parse_value(options_class: type, name: str, text: str):
-    """One flag's text to the field's type (argparse's ``type=``)."""
-    if is_tristate(options_class, name):
-        return TRISTATE[text]
-    kind = value_type(options_class, name)
-    return kind(text)
-
-
-def describe(options) -> str:
-    """``name=value`` pairs for the start-up log."""
-    return ", ".join(f"{f.name}={getattr(options, f.name)!r}" for f in dataclasses.fields(options))

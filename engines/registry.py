@@ -3,6 +3,10 @@
 ``hf-*`` must start where vLLM is not installed, so nothing here imports a backend at
 module load, and an engine module imports its backend only inside its methods.  Adding
 an engine is one module (its class, with its ``Options``) and one line in ``ENGINES``.
+
+``build_engine`` is the one constructor, used by the server's process and by an engine
+process (engines/process/child.py) alike; ``create_engine`` puts an engine that is to run in
+a child process (``EngineConfig.engine_process``) behind its proxy instead.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import importlib.util
 
 from engines import faults
 from engines.base import Engine, EngineConfig
+from engines.process.proxy import in_child_process
 
 ENGINES: dict[str, str] = {
     "hf-eager": "engines.hf.engine:EagerEngine",
@@ -40,6 +45,10 @@ class EngineNotInstalled(RuntimeError):
     pass
 
 
+class EngineSettingRefused(ValueError):
+    """A generic engine setting the chosen engine does not offer."""
+
+
 def engine_names() -> list[str]:
     return list(ENGINES)
 
@@ -64,17 +73,44 @@ def check_installed(name: str) -> None:
             raise EngineNotInstalled(f"engine {name!r} cannot load: {_hint(package)}")
 
 
-def create_engine(name: str, config: EngineConfig) -> Engine:
+def build_engine(name: str, config: EngineConfig) -> Engine:
+    """The engine, built in this process: the one constructor, for the server and for an engine process."""
     check_installed(name)
     cls = engine_class(name)
-    if getattr(config.options, "engine_process", False):
-        # The engine runs in a child process, which builds it again without the option (faults armed there).
-        from engines.process.child import in_child_process  # not at load: `python -m engines.process.child` runs it
-
-        return in_child_process(cls)(config)
     if config.test_faults:
         cls = faults.injecting(cls, config.test_faults)
     return cls(config)
+
+
+def create_engine(name: str, config: EngineConfig) -> Engine:
+    """The engine the server drives: built here, or, with ``config.engine_process``, in a child process
+    (engines/process/), which builds it with ``build_engine`` (test faults armed there)."""
+    if not config.engine_process:
+        return build_engine(name, config)
+    check_engine_process(name)
+    check_installed(name)
+    return in_child_process(engine_class(name))(config)
+
+
+def check_engine_process(name: str) -> None:
+    """Refuses ``engine_process`` for an engine that cannot run in a child process, naming those that can."""
+    if not engine_class(name).runs_in_child_process:
+        raise EngineSettingRefused(
+            f"engine {name} cannot run in an engine process (--engine-process); engines that can: "
+            f"{', '.join(child_process_engines()) or 'none installed'}"
+        )
+
+
+def child_process_engines() -> list[str]:
+    """The installed engines whose class declares it can run in a child process."""
+    names = []
+    for name in ENGINES:
+        try:
+            if engine_class(name).runs_in_child_process:
+                names.append(name)
+        except EngineNotInstalled:
+            continue
+    return names
 
 
 def _hint(module: str | None) -> str:

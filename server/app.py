@@ -55,6 +55,7 @@ async def serve(config: ServerConfig, announce=print) -> int:
             max_concurrency=config.max_concurrency,
             max_queue=config.max_queue,
             options=config.engine_options,
+            engine_process=config.engine_process,
             test_faults=config.test_faults,
         ),
     )

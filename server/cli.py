@@ -12,7 +12,15 @@ from pathlib import Path
 from engines import faults, options
 from engines.errors import EngineError
 from engines.models import ModelNotFound, builtin_models
-from engines.registry import EngineNotInstalled, UnknownEngine, engine_class, engine_names
+from engines.registry import (
+    EngineNotInstalled,
+    EngineSettingRefused,
+    UnknownEngine,
+    check_engine_process,
+    child_process_engines,
+    engine_class,
+    engine_names,
+)
 from server.app import StartupError, serve
 from server.config import SECURITY, ServerConfig
 
@@ -56,10 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# What the registry and the model table add to two server flags at run time.
+# What the registry and the model table add to server flags at run time.
 _SERVER_EXTRAS: dict[str, dict] = {
     "engine": {"choices": engine_names()},
     "model": {"help_suffix": f" ({', '.join(builtin_models())} are built in)"},
+    "engine_process": {"help_suffix": f"; engines that can: {', '.join(child_process_engines())}"},
 }
 
 
@@ -162,6 +171,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise SystemExit("yayi-serve: error: --tls-cert and --tls-key go together")
     if args.tls_client_ca and not args.tls_cert:
         raise SystemExit("yayi-serve: error: --tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    if args.engine_process:
+        try:
+            check_engine_process(args.engine)
+        except EngineSettingRefused as exc:
+            raise SystemExit(f"yayi-serve: error: {exc}") from None
     return ServerConfig(
         **values,
         auth_token=_auth_token(args.auth_token_file),

@@ -41,6 +41,12 @@ class ServerConfig:
         None, "requests generated at once (default: 1 for hf-*, vLLM's max_num_seqs for vllm)", minimum=1
     )
     max_queue: int = option(64, "requests that may wait for a slot; beyond it RESOURCE_EXHAUSTED", minimum=0)
+    # Which engines may is the registry's to say (added by the command line).
+    engine_process: bool = option(
+        False,
+        "run the engine (its model, its loop and Score) in a child process of the server, so that its loop "
+        "shares no GIL with the front ends (vLLM's EngineCore shape)",
+    )
     grace_period_s: float = option(
         30.0, "seconds in-flight requests get to finish on SIGTERM", flag="grace-period", minimum=0
     )

@@ -135,7 +135,7 @@ class HFEngine(Engine):
             model_path=str(lm.path),
         )
 
-    async def _stream(self, request: EngineRequest):
+    async def stream_tokens(self, request: EngineRequest):
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         job = _Job(request, emit=lambda item: _put_threadsafe(loop, outputs, item))
@@ -157,10 +157,10 @@ class HFEngine(Engine):
                 await asyncio.shield(worker)
             self._live_jobs.discard(job)
 
-    async def _score_ids(self, ids: list[int]) -> ScoreResult:
+    async def score_ids(self, ids: list[int]) -> ScoreResult:
         return await self._one_forward(self._loaded(self.lm).score_ids, ids)
 
-    async def _prompt_logprobs(self, request: EngineRequest):
+    async def prompt_logprobs(self, request: EngineRequest):
         return await self._one_forward(
             self._loaded(self.lm).prompt_logprobs, request.prompt_ids, request.params.prompt_logprobs
         )
@@ -204,9 +204,10 @@ class HFEngine(Engine):
         except torch.AcceleratorError as exc:
             # A CUDA error (illegal address, device-side assert) poisons the whole context: every
             # later kernel fails too, so the engine says it is done rather than fail each request.
-            self._failure = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
-            log.error("device failed, engine stops serving: %s", self._failure)
-            job.emit(EngineUnavailable(f"the device failed ({self._failure}); restart the server"))
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+            self.fail(reason)
+            log.error("device failed, engine stops serving: %s", reason)
+            job.emit(EngineUnavailable(f"the device failed ({reason}); restart the server"))
         except BaseException as exc:  # handed to the consumer, which raises it in its own task
             log.exception("decode step failed")
             job.emit(exc)

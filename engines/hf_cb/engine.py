@@ -62,11 +62,6 @@ class CBOptions:
         "CUDA: replay CUDA graphs; greedy requests only, since per-request "
         "sampling runs in Python, which a graph cannot hold (auto: off)",
     )
-    engine_process: bool = option(
-        False,
-        "run the manager, the model and Score in a child process of the server, so that the manager's "
-        "loop shares no GIL with the front ends (vLLM's EngineCore shape)",
-    )
 
 
 def default_cache_plan(model: str, dtype: str, device: str = "cpu", max_running: int | None = None):
@@ -96,6 +91,8 @@ class ContinuousBatchingEngine(Engine):
     Options = CBOptions
     options: CBOptions  # Engine.__init__ checks that it is one
     offers_logprobs = True
+    # With --engine-process the manager's loop shares no GIL with the front ends (vLLM's EngineCore shape).
+    runs_in_child_process = True
 
     def __init__(self, config) -> None:
         super().__init__(config)
@@ -172,13 +169,16 @@ class ContinuousBatchingEngine(Engine):
         )
 
     @property
-    def healthy(self) -> bool:
-        if self._failure is None and self._runtime is not None and not self._closing:
-            if self._runtime.fatal_error is not None or not self._runtime.manager.is_running():
-                self._failure = f"the continuous-batching loop stopped ({self._runtime.fatal_error})"
-        return self._failure is None
+    def failure(self) -> str | None:
+        """A recorded failure, or the manager's loop found stopped: it runs in a thread of transformers',
+        which can die while no request is there to see it (a read, nothing recorded)."""
+        runtime = self._runtime
+        if super().failure is None and runtime is not None and not self._closing:
+            if runtime.fatal_error is not None or not runtime.manager.is_running():
+                return f"the continuous-batching loop stopped ({runtime.fatal_error})"
+        return super().failure
 
-    def _check_params(self, params: SamplingParams) -> None:
+    def check_params(self, params: SamplingParams) -> None:
         if self._runtime is None or self._runtime.samplers is not None:
             return
         if params.logprobs is not None:
@@ -200,7 +200,7 @@ class ContinuousBatchingEngine(Engine):
 
     # ---- generation ---------------------------------------------------------------------
 
-    async def _stream(self, request: EngineRequest):
+    async def stream_tokens(self, request: EngineRequest):
         from engines.hf_cb.sampling import SAMPLER_KWARG, needs_sampler
 
         runtime = self._loaded(self._runtime)
@@ -217,7 +217,7 @@ class ContinuousBatchingEngine(Engine):
         extra: dict[str, Any] = {}  # add_request's logit-processor keywords
         prompt_logprobs = None
         if params.prompt_logprobs is not None:
-            prompt_logprobs = await self._prompt_logprobs(request)
+            prompt_logprobs = await self.prompt_logprobs(request)
         if runtime.samplers is not None and needs_sampler(params):
             sampler_key = runtime.samplers.add(request.prompt_ids, params)
             sampler = runtime.samplers.get(sampler_key)
@@ -282,18 +282,19 @@ class ContinuousBatchingEngine(Engine):
     def _failed(self, error: str) -> Exception:
         if not self._loaded(self._runtime).loop_failed():
             return RuntimeError(f"hf-cb request failed inside the manager: {error}")
-        self._failure = f"the continuous-batching loop failed: {error}"
-        log.error("%s; the engine stops serving", self._failure)
+        reason = f"the continuous-batching loop failed: {error}"
+        self.fail(reason)
+        log.error("%s; the engine stops serving", reason)
         if "out of memory" in error.lower():
             return EngineOutOfMemory(f"device out of memory while generating: {error}")
-        return EngineUnavailable(f"{self._failure}; restart the server")
+        return EngineUnavailable(f"{reason}; restart the server")
 
     # ---- scoring ------------------------------------------------------------------------
 
-    async def _score_ids(self, ids: list[int]) -> ScoreResult:
+    async def score_ids(self, ids: list[int]) -> ScoreResult:
         return await self._scoring_forward(self._loaded(self._runtime).scorer.score_ids, ids)
 
-    async def _prompt_logprobs(self, request: EngineRequest):
+    async def prompt_logprobs(self, request: EngineRequest):
         scorer = self._loaded(self._runtime).scorer
         return await self._scoring_forward(scorer.prompt_logprobs, request.prompt_ids, request.params.prompt_logprobs)
 

@@ -189,17 +189,21 @@ class CBRuntime:
             vocab_size=scorer.vocab_size,
         )
         manager.start()
-        try:
-            if graphs:
-                # A graph replay runs no Python forward to watch, and a recorder inside a capture could spoil it.
-                runtime.kernel = "not observed under CUDA graphs"
-                runtime._first_request()
-            else:
-                runtime.kernel = runtime._probe_kernel()
-        except BaseException:
-            runtime.stop()  # its thread is not a daemon: left running, the process could never exit
-            raise
+        runtime.probe()
         return runtime
+
+    def probe(self) -> None:
+        """Runs a first request through the started manager and names the attention operator it ran."""
+        try:
+            if self.graphs:
+                # A graph replay runs no Python forward to watch, and a recorder inside a capture could spoil it.
+                self.kernel = "not observed under CUDA graphs"
+                self._first_request()
+            else:
+                self.kernel = self._probe_kernel()
+        except BaseException:
+            self.stop()  # its thread is not a daemon: left running, the process could never exit
+            raise
 
     def _probe_kernel(self) -> str:
         """Sends one short request through the manager and names the attention operator its forward ran.

@@ -148,8 +148,9 @@ class LlamaCppEngine(Engine):
     async def _watch(self) -> None:
         code = await self._process.wait()
         if not self._closing:
-            self._failure = f"llama-server exited with code {code}"
-            log.error("llama-cpp: %s: %s", self._failure, self._tail())
+            reason = f"llama-server exited with code {code}"
+            self.fail(reason)
+            log.error("llama-cpp: %s: %s", reason, self._tail())
 
     def _tail(self) -> str:
         with contextlib.suppress(OSError):
@@ -198,7 +199,7 @@ class LlamaCppEngine(Engine):
         usage = min(1.0, sum(self._tokens_held.values()) / cells) if cells else 0.0
         return EngineLoad(running=load.running, waiting=load.waiting, kv_cache_usage=usage)
 
-    def _check_params(self, params: SamplingParams) -> None:
+    def check_params(self, params: SamplingParams) -> None:
         if params.prompt_logprobs is not None:
             raise InvalidRequest(
                 "engine llama-cpp cannot return the prompt's log-probabilities (llama-server gives them for "
@@ -206,7 +207,7 @@ class LlamaCppEngine(Engine):
                 field="prompt_logprobs",
             )
 
-    async def _stream(self, request: EngineRequest):
+    async def stream_tokens(self, request: EngineRequest):
         import aiohttp
 
         params = request.params
@@ -248,8 +249,9 @@ class LlamaCppEngine(Engine):
 
     def _unavailable(self, why: str) -> EngineUnavailable:
         if self._process is not None and self._process.returncode is not None:
-            self._failure = f"llama-server exited with code {self._process.returncode}"
-            return EngineUnavailable(f"the llama-server process died ({self._failure}); restart the server")
+            reason = f"llama-server exited with code {self._process.returncode}"
+            self.fail(reason)
+            return EngineUnavailable(f"the llama-server process died ({reason}); restart the server")
         return EngineUnavailable(why)
 
 

@@ -330,8 +330,11 @@ class VLLMEngine(Engine):
         )
 
     @property
-    def healthy(self) -> bool:
-        return self._llm is None or not self._llm.errored
+    def failure(self) -> str | None:
+        """A recorded failure, or vLLM's engine core found dead (it is vLLM's process; a read, nothing recorded)."""
+        if super().failure is None and self._llm is not None and self._llm.errored:
+            return f"the vLLM engine has died ({self._llm.dead_error})"
+        return super().failure
 
     def load(self) -> EngineLoad:
         if self._llm is None:
@@ -346,14 +349,14 @@ class VLLMEngine(Engine):
         queued = self._admission.waiting if self._admission is not None else 0
         return EngineLoad(running=unfinished - waiting, waiting=waiting + queued, kv_cache_usage=usage)
 
-    def _check_params(self, params: SamplingParams) -> None:
+    def check_params(self, params: SamplingParams) -> None:
         _to_vllm(params)
 
-    def _score_context(self) -> int:
+    def score_context(self) -> int:
         # One position is kept free: vLLM must generate a token even when only scoring.
         return self._max_model_len - 1
 
-    async def _stream(self, request: EngineRequest):
+    async def stream_tokens(self, request: EngineRequest):
         from vllm.inputs import TokensPrompt
 
         stream = self._loaded(self._llm).generate(
@@ -388,7 +391,7 @@ class VLLMEngine(Engine):
                 )
                 first = False
 
-    async def _prompt_logprobs(self, request: EngineRequest):
+    async def prompt_logprobs(self, request: EngineRequest):
         from vllm.inputs import TokensPrompt
 
         k = request.params.prompt_logprobs
@@ -403,7 +406,7 @@ class VLLMEngine(Engine):
                 final = output
         return _prompt_entries(request.prompt_ids, None if final is None else final.prompt_logprobs, k)
 
-    async def _score_ids(self, ids: list[int]) -> ScoreResult:
+    async def score_ids(self, ids: list[int]) -> ScoreResult:
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
@@ -422,11 +425,6 @@ class VLLMEngine(Engine):
         # Entry i holds the logprob of prompt token i given the ones before it; the first has none.
         total = sum(entry.logprob for entry in _entries(ids[1:], final.prompt_logprobs[1:], 0))
         return ScoreResult(total_logprob=float(total), token_count=len(ids) - 1)
-
-    def _require_ready(self) -> None:
-        super()._require_ready()
-        if self._llm is not None and self._llm.errored:
-            raise EngineUnavailable(f"the vLLM engine has died ({self._llm.dead_error}); restart the server")
 
 
 @contextlib.asynccontextmanager

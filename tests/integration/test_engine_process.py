@@ -18,7 +18,7 @@ import pytest
 from engines import EngineConfig, SamplingParams, create_engine
 from engines.errors import EngineUnavailable, InvalidRequest, QueueFull
 from engines.hf_cb.engine import CBOptions
-from engines.process.child import _described, _rebuilt
+from engines.process.messages import ErrorInfo
 from loadtest.launch.server_process import ServerProcess
 from loadtest.measure.prompts import LOG_SPEED_PROMPTS as LOG_PROMPTS
 from server.grpc.wire import pb
@@ -35,10 +35,7 @@ DEAD_WITHIN_S = 5
 def both(loop):
     """hf-cb in the test's process and in a child, the same model and slots."""
     for get in started_engines(loop, "hf-cb"):
-        yield {
-            where: get(options=CBOptions(engine_process=where == "child"), max_concurrency=4)
-            for where in ("in process", "child")
-        }
+        yield {where: get(engine_process=where == "child", max_concurrency=4) for where in ("in process", "child")}
 
 
 def test_the_child_answers_as_the_engine_in_process(loop, both):
@@ -144,8 +141,8 @@ def test_a_stopped_server_stops_its_engine_process_and_a_killed_one_leaves_none(
 
 
 def test_an_engine_that_cannot_start_says_why_and_leaves_no_process(loop):
-    options = CBOptions(block_size=2, engine_process=True)
-    engine = create_engine("hf-cb", EngineConfig(model="tiny-llama", options=options))
+    options = CBOptions(block_size=2)
+    engine = create_engine("hf-cb", EngineConfig(model="tiny-llama", options=options, engine_process=True))
     before = set(psutil.Process().children())
     with pytest.raises(EngineUnavailable, match="--block-size must be at least 4"):
         loop.run(engine.start(), timeout=120)
@@ -158,7 +155,7 @@ def test_an_engine_that_cannot_start_says_why_and_leaves_no_process(loop):
     ids=["invalid-with-field", "queue-full", "unavailable", "a-bug"],
 )
 def test_errors_cross_as_their_own_kind(error):
-    rebuilt = _rebuilt(_described(error))
+    rebuilt = ErrorInfo.of(error).rebuilt()
     if isinstance(error, KeyError):  # not an engine's error: a failure inside it, named
         assert type(rebuilt) is RuntimeError and str(rebuilt) == "KeyError: 'x'"
     else:

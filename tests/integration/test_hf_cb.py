@@ -97,11 +97,11 @@ def test_with_cuda_graphs_sampling_is_refused_by_name(started):
     samplers, runtime.samplers = runtime.samplers, None
     try:
         engine = started()
-        engine._check_params(SamplingParams(top_k=5, seed=3))  # greedy: top_k and seed change nothing
+        engine.check_params(SamplingParams(top_k=5, seed=3))  # greedy: top_k and seed change nothing
         with pytest.raises(InvalidRequest, match="temperature"):
-            engine._check_params(SamplingParams(temperature=0.7))
+            engine.check_params(SamplingParams(temperature=0.7))
         with pytest.raises(InvalidRequest, match="repetition_penalty"):
-            engine._check_params(SamplingParams(repetition_penalty=1.2))
+            engine.check_params(SamplingParams(repetition_penalty=1.2))
     finally:
         runtime.samplers = samplers
 
