@@ -13,7 +13,7 @@ vllm at PP 1.  Beside our engines, the same load against outside servers:
 vLLM's own OpenAI-compatible server beside our vllm rows, ``transformers serve
 --continuous-batching`` twice beside our hf-cb rows, once with hf-cb's KV cache and once left to
 its own defaults, and llama.cpp's own ``llama-server`` beside our llama-cpp rows, on the same GGUF
-and threads (loadtest/compare/targets.py).  ``--second-client guidellm`` has an outside client drive
+and threads (loadtest/compare/targets/).  ``--second-client guidellm`` has an outside client drive
 the same steps against our HTTP front end and each peer, a second clock for the ratios
 (loadtest/compare/second_clock.py).  Writes reports/speed-<UTC time>/ (see loadtest/compare/report.py and the
 folder rule in loadtest/measure/report_folder.py); every figure in it comes from a raw file under raw/.

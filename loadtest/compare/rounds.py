@@ -23,19 +23,14 @@ import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from loadtest.measure.token_stats import LATENCY_FIELDS
+
 # Figures of a round row whose median over rounds is the reported figure.
 MEDIAN_FIELDS = (
     "speed_tokens_per_s",
     "requests_per_s",
     "per_user_tokens_per_s",
-    "ttft_p50_ms",
-    "ttft_p95_ms",
-    "ttft_p99_ms",
-    "itl_p50_ms",
-    "itl_p95_ms",
-    "e2e_p50_ms",
-    "e2e_p95_ms",
-    "e2e_p99_ms",
+    *LATENCY_FIELDS,
     "util_pct",
     "power_w",
     "j_per_token",

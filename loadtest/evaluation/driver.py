@@ -274,12 +274,6 @@ def _num(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def _util(pct: float | None, cpu: bool) -> str:
-    if pct is None:
-        return "n/a"
-    return f"CPU {pct:.0f}%" if cpu else f"{pct:.0f}"
-
-
 def figure_rows(figures: dict, cpu: bool) -> list[dict]:
     """The server's figures as the report prints them: on a CPU the "GPU" figures say what they are."""
     util = figures["utilization_mean_pct"]
