@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from loadtest import ROOT
-from loadtest.compare.driver import parse_users
+from loadtest.compare.config import parse_users
 from loadtest.compare.targets import (
     Target,
     TargetConfig,
