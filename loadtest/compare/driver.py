@@ -38,6 +38,7 @@ from loadtest.compare.config import parse_args as parse_config
 from loadtest.compare.locust_run import LoadSpec, run_locust
 from loadtest.compare.report import VERSUS, write_report
 from loadtest.compare.rounds import aggregate_all
+from loadtest.compare.rows import ClockRow, SpeedRow
 from loadtest.compare.schedule import Group, memory_budget, plan_groups, target_dtype, target_estimate
 from loadtest.compare.targets import (
     HTTP_SUFFIX,
@@ -235,7 +236,7 @@ def ignores_eos(config: CompareConfig, targets: list) -> bool:
     return not any(isinstance(target, TransformersServeTarget) for target in targets)
 
 
-def reading_fields(reading: Reading) -> dict:
+def reading_fields(reading: Reading) -> SpeedRow:
     gpu = reading.device.startswith("cuda")
     return {
         "mem_mb": reading.memory_peak_bytes / 2**20 if reading.memory_peak_bytes is not None else None,
@@ -249,8 +250,8 @@ def reading_fields(reading: Reading) -> dict:
     }
 
 
-def base_row(model: str, target, info: dict) -> dict:
-    row = {
+def base_row(model: str, target, info: dict) -> SpeedRow:
+    row: SpeedRow = {
         "model": model,
         "engine": target.label,
         "use_cache": info.get("use_cache"),
@@ -265,7 +266,7 @@ def base_row(model: str, target, info: dict) -> dict:
     return row
 
 
-def load_row(row: dict, users: int, summary: dict, reading: Reading, raw_prefix: Path, out: Path) -> dict:
+def load_row(row: SpeedRow, users: int, summary: dict, reading: Reading, raw_prefix: Path, out: Path) -> SpeedRow:
     tokens = summary["output_tokens"]
     row.update(reading_fields(reading))
     row.update(
@@ -295,7 +296,7 @@ def load_row(row: dict, users: int, summary: dict, reading: Reading, raw_prefix:
     return row
 
 
-def row_notes(row: dict) -> str:
+def row_notes(row: SpeedRow) -> str:
     """A loaded row's Notes, from its fields: over several rounds the counts are the rounds' sums."""
     rounds = row.get("rounds") or 1
     over = f" over {rounds} rounds" if rounds > 1 else ""
@@ -345,10 +346,10 @@ class Comparison:
         self.prompts = load_prompts(config.prompts_file)
         self.eos_ignored = eos_ignored
         self.progress = Progress(run_plan(targets, config, self.clock_labels))
-        self.rounds: list[dict] = []
-        self.clock_rounds: list[dict] = []
-        self.idle: dict[str, dict] = {}
-        self.failed: dict[str, dict] = {}
+        self.rounds: list[SpeedRow] = []
+        self.clock_rounds: list[ClockRow] = []
+        self.idle: dict[str, SpeedRow] = {}
+        self.failed: dict[str, SpeedRow] = {}
         self.infos: dict[str, dict] = {}
         self.failures: list[str] = []
         self.seq = itertools.count(1)
@@ -498,7 +499,7 @@ class Comparison:
 
     # ---- the report's rows -------------------------------------------------------------
 
-    def rows(self) -> list[dict]:
+    def rows(self) -> list[SpeedRow]:
         """Per target, in the order given: the idle row, one row per concurrency (the rounds'
         medians), and a failure row where it failed."""
         loaded = aggregate_all(self.rounds)
@@ -592,7 +593,7 @@ def printed_summary(markdown: str) -> str:
     return "\n## ".join(kept)
 
 
-def api_comparison(rows: list[dict]) -> list[dict]:
+def api_comparison(rows: list[SpeedRow]) -> list[dict]:
     """For each engine measured through both front ends: HTTP's tokens/s and TTFT p50 over gRPC's, per step."""
     loaded = {(r["engine"], r["users"]): r for r in rows if r.get("users") and r.get("speed_tokens_per_s")}
     out = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from loadtest.compare.targets.base import OutsideServerTarget, TargetConfig
@@ -38,7 +39,7 @@ def parse_baselines(text: str) -> list[str] | str:
     return names
 
 
-def chosen_baselines(choice: list[str] | str, engines: list[str]) -> list[str]:
+def chosen_baselines(choice: Sequence[str] | str, engines: Sequence[str]) -> list[str]:
     """``auto``: each baseline whose peer engine is measured and whose software is installed."""
     if choice == "none":
         return []
