@@ -11,6 +11,8 @@ from engines.option_flags import flag_option, is_flag, parse_config
 from loadtest.compare.config import CompareConfig, parse_args
 from loadtest.compare.report import CSV_FIELDS
 from loadtest.compare.rows import SpeedRow
+from loadtest.compare.vllm_bench import VllmBenchConfig
+from loadtest.compare.vllm_bench import parse_args as vllm_bench_args
 from loadtest.evaluation.driver import EvalConfig
 from loadtest.evaluation.driver import parse_args as eval_args
 
@@ -33,6 +35,7 @@ def test_every_flag_default_is_the_fields_own():
     """No flags given: the config equals the dataclass's defaults, so a default lives in one place."""
     assert parse_args([]) == CompareConfig()
     assert eval_args([]) == EvalConfig()
+    assert vllm_bench_args([]) == VllmBenchConfig()
 
 
 @pytest.mark.parametrize(
