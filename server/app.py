@@ -4,9 +4,9 @@
 server with its services), bind (every port), warn (an open port off loopback), and run until
 a signal (load, serve, drain, stop).  Start-up order matters to probes: the ports are bound and
 health answers NOT_SERVING first (gRPC health and HTTP /health read the one ServingState,
-server/serving_state.py), the model loads, and only then does health turn SERVING.  On SIGTERM or SIGINT the order reverses: NOT_SERVING, no new
-work on either front end, in-flight calls get the grace period, the engine shuts down,
-exit 0.  A second signal exits at once.
+server/serving_state.py), the model loads, and only then does health turn SERVING.  On SIGTERM
+or SIGINT the order reverses: NOT_SERVING, no new work on either front end, in-flight calls get
+the grace period, the engine shuts down, exit 0.  A second signal exits at once.
 """
 
 from __future__ import annotations
