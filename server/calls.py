@@ -22,7 +22,7 @@ import contextlib
 import logging
 import traceback
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import cast
 
 from engines.base import Engine, GenerationOutput
@@ -30,6 +30,7 @@ from engines.errors import EngineUnavailable, InvalidRequest
 from engines.params import SamplingParams
 from server.errors import status_for
 from server.metrics import RequestRecorder, ServerMetrics
+from server.serving_state import ServingState
 
 log = logging.getLogger(__name__)
 
@@ -75,27 +76,26 @@ def forget_traceback(exc: BaseException | None) -> None:
 
 
 class Calls:
-    def __init__(self, engine: Engine, metrics: ServerMetrics) -> None:
+    """``state``: the server's ServingState (server/serving_state.py), which app.py moves; Calls reads
+    whether work is accepted and reports an engine a request left unable to serve.  Without one, a
+    Calls of its own accepts no work."""
+
+    def __init__(self, engine: Engine, metrics: ServerMetrics, state: ServingState | None = None) -> None:
         self.engine = engine
         self.metrics = metrics
-        self.accepting = False  # false while loading and once draining
-        self.serving = False  # what health reports (app.py sets it with gRPC health); read by HTTP /health
+        self.state = state if state is not None else ServingState()
         self.in_flight = 0
         self._live_request_ids: set[str] = set()
-        # Called when a request's failure left the engine unable to serve again (app.py turns
-        # health NOT_SERVING); the engine's own errors tell each later caller why.
-        self.on_engine_failure: Callable[[], Awaitable[None]] | None = None
 
-    async def drain(self, grace_s: float) -> bool:
-        """Refuses new work and waits for calls in flight on every front end; true if all ended in time."""
-        self.accepting = False
+    async def wait_for_in_flight(self, grace_s: float) -> bool:
+        """Waits for calls in flight on every front end; true if all ended within ``grace_s``."""
         deadline = asyncio.get_running_loop().time() + grace_s
         while self.in_flight and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         return self.in_flight == 0
 
     def require_accepting(self) -> None:
-        if not self.accepting:
+        if not self.state.accepting:
             raise EngineUnavailable(
                 "server is not accepting work (model loading or shutting down); retry when health reports SERVING"
             )
@@ -183,8 +183,9 @@ class Calls:
                 raise
             status, message = status_for(exc)
             count(status.name)
-            if not self.engine.healthy and self.on_engine_failure is not None:
-                await self.on_engine_failure()
+            if not self.engine.healthy:
+                # Reported before this call's error leaves: a client that then asks health reads NOT_SERVING.
+                await self.state.lose_engine()
             raise CallFailed(status.name, message, field=getattr(exc, "field", None)) from exc
         finally:
             self.in_flight -= 1

@@ -12,6 +12,7 @@ from pathlib import Path
 from engines import faults, options
 from engines.errors import EngineError
 from engines.models import ModelNotFound, builtin_models
+from engines.option_flags import add_flag
 from engines.registry import (
     EngineNotInstalled,
     EngineSettingRefused,
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         group = field.metadata["group"]
         if group not in groups:
             groups[group] = parser.add_argument_group(group)
-        _add_flag(
+        add_flag(
             groups[group],
             ServerConfig,
             field,
@@ -72,32 +73,6 @@ _SERVER_EXTRAS: dict[str, dict] = {
 }
 
 
-def _add_flag(group, options_class: type, field, dest: str, default, choices=None, help_suffix: str = "") -> None:
-    """One option() field as a flag: the same for the server's config and every engine's options."""
-    flag = options.flag(field.name, options_class)
-    help_text = field.metadata.get("help", "") + help_suffix
-    choices = choices or field.metadata.get("choices")
-    if options.is_tristate(options_class, field.name):
-        group.add_argument(
-            flag,
-            dest=dest,
-            default=default,
-            choices=list(options.TRISTATE),
-            type=str.lower,
-            help=f"{help_text} (default auto)",
-        )
-        return
-    kind = options.value_type(options_class, field.name)
-    if kind is bool:
-        group.add_argument(flag, dest=dest, default=default, action="store_true", help=help_text)
-        return
-    shown = field.default
-    if shown is not None and "(default" not in help_text:
-        help_text += f" (default {shown:g})" if isinstance(shown, float) else f" (default {shown})"
-    extra = {"choices": list(choices)} if choices else {"metavar": field.name.removesuffix("_s").split("_")[-1].upper()}
-    group.add_argument(flag, dest=dest, default=default, type=kind, help=help_text, **extra)
-
-
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     """Each engine's own flags (its ``Options``), one group per options class.
 
@@ -117,7 +92,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group(f"{', '.join(names)} engine options")
         for field in options.fields(options_class):
             # Absent flags stay absent (SUPPRESS): the chosen engine's dataclass supplies its defaults.
-            _add_flag(group, options_class, field, dest=f"option_{field.name}", default=argparse.SUPPRESS)
+            add_flag(group, options_class, field, dest=f"option_{field.name}", default=argparse.SUPPRESS)
 
 
 def engine_options_from_args(args: argparse.Namespace):

@@ -13,7 +13,7 @@ vllm at PP 1.  Beside our engines, the same load against outside servers:
 vLLM's own OpenAI-compatible server beside our vllm rows, ``transformers serve
 --continuous-batching`` twice beside our hf-cb rows, once with hf-cb's KV cache and once left to
 its own defaults, and llama.cpp's own ``llama-server`` beside our llama-cpp rows, on the same GGUF
-and threads (loadtest/compare/targets.py).  ``--second-client guidellm`` has an outside client drive
+and threads (loadtest/compare/targets/).  ``--second-client guidellm`` has an outside client drive
 the same steps against our HTTP front end and each peer, a second clock for the ratios
 (loadtest/compare/second_clock.py).  Writes reports/speed-<UTC time>/ (see loadtest/compare/report.py and the
 folder rule in loadtest/measure/report_folder.py); every figure in it comes from a raw file under raw/.
@@ -22,6 +22,7 @@ folder rule in loadtest/measure/report_folder.py); every figure in it comes from
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import itertools
 import re
@@ -31,9 +32,13 @@ import time
 from pathlib import Path
 
 from loadtest.compare import second_clock
+from loadtest.compare.config import CompareConfig
+from loadtest.compare.config import build_parser as config_parser
+from loadtest.compare.config import parse_args as parse_config
 from loadtest.compare.locust_run import LoadSpec, run_locust
 from loadtest.compare.report import VERSUS, write_report
 from loadtest.compare.rounds import aggregate_all
+from loadtest.compare.rows import ClockRow, SpeedRow
 from loadtest.compare.schedule import Group, memory_budget, plan_groups, target_dtype, target_estimate
 from loadtest.compare.targets import (
     HTTP_SUFFIX,
@@ -45,16 +50,17 @@ from loadtest.compare.targets import (
     YayiTarget,
     baseline_target,
     chosen_baselines,
-    parse_baselines,
     vllm_engine_args,
 )
-from loadtest.compare.variants import Variant, by_label, check_flags, check_names, parse_variant, variant_pairs
+from loadtest.compare.variants import Variant, by_label, variant_pairs
 from loadtest.measure.machine import describe, machine_info
 from loadtest.measure.prompts import load_prompts
 from loadtest.measure.report_folder import default_out
 from loadtest.measure.roofline_column import RooflineColumn
 from loadtest.measure.tables import markdown_table
 from loadtest.measure.token_stats import LATENCY_FIELDS
+
+DESCRIPTION = __doc__.split("\n\n")[0]
 
 # Rough start-up times on a 2-core CPU by engine or outside server, only for the "time left" estimate.
 START_ESTIMATE_S = {
@@ -73,155 +79,9 @@ CLOCK_OVERHEAD_S = 20.0  # guidellm's start (torch, the tokenizer, its workers) 
 ERROR_LINE = re.compile(r"\b(?:[Ee]rror|Exception)\b[:,]")
 
 
-def parse_duration(text: str) -> float:
-    units = {"s": 1, "m": 60, "h": 3600}
-    text = text.strip().lower()
-    try:
-        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
-    except (ValueError, IndexError):
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (examples: 60s, 2m, 45)") from None
-
-
-def parse_users(text: str) -> list[int]:
-    try:
-        users = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--users takes numbers separated by commas, got {text!r}") from None
-    if not users or min(users) < 1:
-        raise argparse.ArgumentTypeError("--users needs at least one concurrency, each 1 or more")
-    return users
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number, 1 or more, got {text!r}")
-    return value
-
-
-def parse_apis(text: str) -> list[str]:
-    apis = [part.strip() for part in text.split(",") if part.strip()]
-    if not apis or set(apis) - {"grpc", "http"}:
-        raise argparse.ArgumentTypeError(f"--apis takes grpc, http or both separated by a comma, got {text!r}")
-    return apis
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="yayi-compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--engines",
-        default="hf-eager,hf-kv,hf-flash,vllm",
-        help="comma-separated engines and --variant labels; empty with --baseline vllm-openai loads only vLLM's "
-        "own server",
-    )
-    parser.add_argument(
-        "--variant",
-        type=parse_variant,
-        action="append",
-        default=[],
-        metavar="LABEL=ENGINE [FLAGS...]",
-        help="one string, repeatable: LABEL, which --engines may then name, is ENGINE started as the run starts "
-        "it plus these yayi-serve flags, its rows labelled LABEL and set beside ENGINE's, e.g. "
-        "'vllm-pp2=vllm --pipeline-parallel-size 2'",
-    )
-    parser.add_argument("--model", default="smollm2-135m", help="built-in model name or local folder")
-    parser.add_argument(
-        "--apis",
-        type=parse_apis,
-        default=["grpc"],
-        help="front ends each engine is measured through: grpc, http (the OpenAI-compatible one) or grpc,http",
-    )
-    parser.add_argument("--users", type=parse_users, default=[1, 4, 16], help="concurrencies, e.g. 1,4,16")
-    parser.add_argument("--duration", type=parse_duration, default=60.0, help="load per step, e.g. 60s")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--prompts-file", default="", help="one prompt per line (default: the log's speed prompts)")
-    parser.add_argument("--chat-template", action="store_true", help="wrap prompts in the model's chat template")
-    parser.add_argument("--dtype", default="auto", help="hf engines' dtype (auto: float32 on CPU, bfloat16 on CUDA)")
-    parser.add_argument("--vllm-dtype", default="bfloat16", help="dtype of the vllm engine and of vLLM's own server")
-    parser.add_argument("--kv-cache-gb", type=float, default=1.0, help="vLLM's CPU KV cache (both vLLM servers)")
-    parser.add_argument(
-        "--max-model-len",
-        type=int,
-        default=None,
-        help="context both vLLM servers serve (default: the model's, at most 2048, as our engine)",
-    )
-    parser.add_argument(
-        "--baseline",
-        type=parse_baselines,
-        default="auto",
-        help="outside servers loaded too: vllm-openai, transformers-serve-matched, transformers-serve-defaults, "
-        "llama-server (comma-separated), none, or auto: vLLM's own server when vllm is among the engines and "
-        "installed, both transformers serves when hf-cb is, llama-server when llama-cpp is and llama.cpp is built",
-    )
-    parser.add_argument(
-        "--ignore-eos",
-        choices=["auto", "true", "false"],
-        default="auto",
-        help="true: every request makes exactly --max-new-tokens; false: requests end at EOS; auto: true "
-        "unless transformers-serve is loaded, which cannot ignore EOS (then false for every target)",
-    )
-    parser.add_argument("--server-args", default="", help="extra yayi-serve arguments for every engine, one string")
-    parser.add_argument("--baseline-args", default="", help="extra arguments for vLLM's own server, one string")
-    parser.add_argument(
-        "--transformers-serve-args",
-        default="",
-        help="extra arguments for transformers serve with hf-cb's cache (transformers-serve-matched), one string",
-    )
-    parser.add_argument(
-        "--transformers-serve-defaults-args",
-        default="",
-        help="extra arguments for transformers serve left to its defaults (transformers-serve-defaults), one string",
-    )
-    parser.add_argument(
-        "--llama-server-args",
-        default="",
-        help="extra arguments for llama.cpp's own llama-server (it takes llama-cpp's threads, slots and context "
-        "from --server-args), one string",
-    )
-    parser.add_argument(
-        "--repeat",
-        type=positive_int,
-        default=1,
-        help="rounds of every step, the targets of a group interleaved (A B C, A B C, ...); tables show "
-        "medians with their min-max, ratios the median of per-round ratios",
-    )
-    parser.add_argument(
-        "--together",
-        choices=["auto", "all", "pairs"],
-        default="auto",
-        help="which servers are up at once: all; pairs (each engine with the peers it is compared with, one "
-        "group after another); auto: all when the estimated memory fits what is free, else pairs packed",
-    )
-    parser.add_argument(
-        "--second-client",
-        choices=["none", "guidellm"],
-        default="none",
-        help="guidellm: an outside client also drives each step against our HTTP front end and each outside "
-        "peer (python -m loadtest.compare.second_clock install), its ratio printed beside Locust's",
-    )
-    parser.add_argument("--idle-seconds", type=float, default=5.0, help="how long the idle row is watched")
-    parser.add_argument("--sample-period", type=float, default=1.0, help="seconds between device readings")
-    parser.add_argument(
-        "--stop-timeout",
-        type=float,
-        default=0.0,
-        help="seconds requests in flight at the end of a step may finish (0: cut them)",
-    )
-    parser.add_argument(
-        "--processes", type=int, default=1, help="Locust processes (for loads one process cannot drive)"
-    )
-    parser.add_argument("--start-timeout", type=float, default=900.0, help="seconds a server may take to load")
-    parser.add_argument(
-        "--probe-seconds",
-        type=float,
-        default=3.0,
-        help="length of the CPU roofline probe per dtype; 0 skips it (no %% of bound on CPU)",
-    )
-    parser.add_argument("--out", default="", help="report folder (default reports/speed-<UTC time>)")
-    return parser
+    """yayi-compare's parser, one flag per CompareConfig field (loadtest/compare/config.py)."""
+    return config_parser(DESCRIPTION)
 
 
 class Progress:
@@ -259,26 +119,14 @@ class Progress:
         self.left = [i for i in self.left if self.plan[i][0] != label]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line, with what no single option can check refused in one line: every name in
-    --engines an engine or a defined variant, no variant defined twice, each variant's flags ones
-    its engine takes.  Adds ``engine_names`` (--engines as a list)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.engine_names = [name.strip() for name in args.engines.split(",") if name.strip()]
-    try:
-        variants = by_label(args.variant)
-        check_names(args.engine_names, variants)
-        for variant in variants.values():
-            check_flags(variant, args.model)
-    except ValueError as exc:
-        parser.error(str(exc))
-    return args
+def parse_args(argv: list[str] | None = None) -> CompareConfig:
+    """The command line as a CompareConfig, built once; see loadtest/compare/config.py."""
+    return parse_config(argv, DESCRIPTION)
 
 
-def run_versus(args) -> list[tuple[str, str, str]]:
+def run_versus(config: CompareConfig) -> list[tuple[str, str, str]]:
     """The pairs this run's report may set side by side: report.VERSUS and each variant over its engine."""
-    return [*VERSUS, *variant_pairs(args.variant)]
+    return [*VERSUS, *variant_pairs(config.variant)]
 
 
 def http_twins(versus, targets: list) -> list[tuple[str, str, str]]:
@@ -307,62 +155,62 @@ def start_estimate(target) -> float:
     return START_ESTIMATE_S.get(kind, DEFAULT_START_ESTIMATE_S)
 
 
-def run_plan(targets: list, args, clock_labels: set[str]) -> list[tuple[str, float]]:
+def run_plan(targets: list, config: CompareConfig, clock_labels: set[str]) -> list[tuple[str, float]]:
     plan = []
     for target in targets:
         plan.append((target.label, start_estimate(target)))
-        plan.append((target.label, args.idle_seconds))
-        plan += [(target.label, args.duration + STEP_OVERHEAD_S)] * (len(args.users) * args.repeat)
+        plan.append((target.label, config.idle_seconds))
+        plan += [(target.label, config.duration + STEP_OVERHEAD_S)] * (len(config.users) * config.repeat)
         if target.label in clock_labels:
-            plan += [(target.label, args.duration + CLOCK_OVERHEAD_S)] * (len(args.users) * args.repeat)
+            plan += [(target.label, config.duration + CLOCK_OVERHEAD_S)] * (len(config.users) * config.repeat)
     return plan
 
 
-def target_config(args: argparse.Namespace, model_path: str) -> TargetConfig:
-    """The command line's part the targets need, typed: the one place a Namespace is read for them."""
+def target_config(config: CompareConfig) -> TargetConfig:
+    """The part of the run's config the targets are set up from (the model's folder already resolved)."""
     return TargetConfig(
-        model=args.model,
-        model_path=model_path,
-        dtype=args.dtype,
-        vllm_dtype=args.vllm_dtype,
-        kv_cache_gb=args.kv_cache_gb,
-        max_model_len=args.max_model_len,
-        sample_period=args.sample_period,
-        baseline_args=tuple(shlex.split(args.baseline_args)),
-        transformers_serve_args=tuple(shlex.split(args.transformers_serve_args)),
-        transformers_serve_defaults_args=tuple(shlex.split(args.transformers_serve_defaults_args)),
-        server_args=tuple(shlex.split(args.server_args)),
-        llama_server_args=tuple(shlex.split(args.llama_server_args)),
+        model=config.model,
+        model_path=config.model_path,
+        dtype=config.dtype,
+        vllm_dtype=config.vllm_dtype,
+        kv_cache_gb=config.kv_cache_gb,
+        max_model_len=config.max_model_len,
+        sample_period=config.sample_period,
+        baseline_args=tuple(shlex.split(config.baseline_args)),
+        transformers_serve_args=tuple(shlex.split(config.transformers_serve_args)),
+        transformers_serve_defaults_args=tuple(shlex.split(config.transformers_serve_defaults_args)),
+        server_args=tuple(shlex.split(config.server_args)),
+        llama_server_args=tuple(shlex.split(config.llama_server_args)),
     )
 
 
-def make_targets(args, engines: list[str], model_path: str, raw: Path) -> list[Target]:
-    queue = max(64, 2 * max(args.users))
-    common = shlex.split(args.server_args)
-    config = target_config(args, model_path)
+def make_targets(config: CompareConfig, raw: Path) -> list[Target]:
+    queue = max(64, 2 * max(config.users))
+    common = shlex.split(config.server_args)
+    setup = target_config(config)
     targets: list[Target] = []
-    baselines = chosen_baselines(args.baseline, engines)
-    versus = run_versus(args)
-    clocked = {ours for ours, theirs, _ in versus if theirs in baselines} if args.second_client != "none" else set()
-    variants = by_label(args.variant)
-    for name in engines:
+    baselines = chosen_baselines(config.baseline, config.engine_names)
+    versus = run_versus(config)
+    clocked = {ours for ours, theirs, _ in versus if theirs in baselines} if config.second_client != "none" else set()
+    variants = by_label(config.variant)
+    for name in config.engine_names:
         variant: Variant | None = variants.get(name)
         engine = variant.engine if variant else name
-        extra = vllm_engine_args(config) if engine == "vllm" else ["--dtype", args.dtype]
-        if name in clocked and args.apis == ["grpc"]:
+        extra = vllm_engine_args(setup) if engine == "vllm" else ["--dtype", config.dtype]
+        if name in clocked and config.apis == ("grpc",):
             extra += ["--http-port", "0"]  # the second clock reaches our engine through the HTTP front end
         # A variant's flags come last: where it repeats a flag given above, its value is the one taken.
         server_args = extra + common + list(variant.args if variant else ())
         note = f"variant: {variant.describe()}" if variant else ""
         previous = None
-        for api in args.apis:
+        for api in config.apis:
             # The second front end of an engine is measured on the first one's server, right after it.
             previous = YayiTarget(
                 engine,
-                args.model,
+                config.model,
                 server_args,
                 queue,
-                args.sample_period,
+                config.sample_period,
                 api,
                 shares_with=previous,
                 name=name,
@@ -370,7 +218,7 @@ def make_targets(args, engines: list[str], model_path: str, raw: Path) -> list[T
             )
             targets.append(previous)
     for name in baselines:
-        targets.append(baseline_target(name, config, raw))
+        targets.append(baseline_target(name, setup, raw))
     return targets
 
 
@@ -380,15 +228,15 @@ def clock_pairs(targets: list, versus=VERSUS) -> list[tuple[str, str]]:
     return [(ours, theirs) for ours, theirs, _ in versus if ours in labels and theirs in outside]
 
 
-def ignores_eos(args, targets: list) -> bool:
+def ignores_eos(config: CompareConfig, targets: list) -> bool:
     """--ignore-eos auto: exactly --max-new-tokens per request, unless a target cannot be told to ignore
     EOS (transformers serve): then every target honours it, so all do the same work."""
-    if args.ignore_eos != "auto":
-        return args.ignore_eos == "true"
+    if config.ignore_eos != "auto":
+        return config.ignore_eos == "true"
     return not any(isinstance(target, TransformersServeTarget) for target in targets)
 
 
-def reading_fields(reading: Reading) -> dict:
+def reading_fields(reading: Reading) -> SpeedRow:
     gpu = reading.device.startswith("cuda")
     return {
         "mem_mb": reading.memory_peak_bytes / 2**20 if reading.memory_peak_bytes is not None else None,
@@ -402,8 +250,8 @@ def reading_fields(reading: Reading) -> dict:
     }
 
 
-def base_row(model: str, target, info: dict) -> dict:
-    row = {
+def base_row(model: str, target, info: dict) -> SpeedRow:
+    row: SpeedRow = {
         "model": model,
         "engine": target.label,
         "use_cache": info.get("use_cache"),
@@ -418,7 +266,7 @@ def base_row(model: str, target, info: dict) -> dict:
     return row
 
 
-def load_row(row: dict, users: int, summary: dict, reading: Reading, raw_prefix: Path, out: Path) -> dict:
+def load_row(row: SpeedRow, users: int, summary: dict, reading: Reading, raw_prefix: Path, out: Path) -> SpeedRow:
     tokens = summary["output_tokens"]
     row.update(reading_fields(reading))
     row.update(
@@ -448,7 +296,7 @@ def load_row(row: dict, users: int, summary: dict, reading: Reading, raw_prefix:
     return row
 
 
-def row_notes(row: dict) -> str:
+def row_notes(row: SpeedRow) -> str:
     """A loaded row's Notes, from its fields: over several rounds the counts are the rounds' sums."""
     rounds = row.get("rounds") or 1
     over = f" over {rounds} rounds" if rounds > 1 else ""
@@ -479,27 +327,29 @@ class Comparison:
     Every load step of every round is kept (``rounds``, ``clock_rounds``: in the order they ran,
     numbered by ``seq``); the report's rows are built from them at the end."""
 
-    def __init__(self, args, targets: list, out: Path, roofline: RooflineColumn, eos_ignored: bool) -> None:
-        self.args, self.targets, self.out, self.raw = args, targets, out, out / "raw"
+    def __init__(
+        self, config: CompareConfig, targets: list, out: Path, roofline: RooflineColumn, eos_ignored: bool
+    ) -> None:
+        self.config, self.targets, self.out, self.raw = config, targets, out, out / "raw"
         self.roofline = roofline
         self.load = dict(
-            max_new_tokens=args.max_new_tokens,
+            max_new_tokens=config.max_new_tokens,
             ignore_eos=eos_ignored,
-            prompts_file=args.prompts_file,
-            chat_template=args.chat_template,
-            stop_timeout_s=args.stop_timeout,
-            processes=args.processes,
+            prompts_file=config.prompts_file,
+            chat_template=config.chat_template,
+            stop_timeout_s=config.stop_timeout,
+            processes=config.processes,
         )
-        self.pairs = clock_pairs(targets, run_versus(args)) if args.second_client != "none" else []
+        self.pairs = clock_pairs(targets, run_versus(config)) if config.second_client != "none" else []
         self.clock_labels = {label for pair in self.pairs for label in pair}
         self.guidellm = second_clock.executable() if self.pairs else None
-        self.prompts = load_prompts(args.prompts_file)
+        self.prompts = load_prompts(config.prompts_file)
         self.eos_ignored = eos_ignored
-        self.progress = Progress(run_plan(targets, args, self.clock_labels))
-        self.rounds: list[dict] = []
-        self.clock_rounds: list[dict] = []
-        self.idle: dict[str, dict] = {}
-        self.failed: dict[str, dict] = {}
+        self.progress = Progress(run_plan(targets, config, self.clock_labels))
+        self.rounds: list[SpeedRow] = []
+        self.clock_rounds: list[ClockRow] = []
+        self.idle: dict[str, SpeedRow] = {}
+        self.failed: dict[str, SpeedRow] = {}
         self.infos: dict[str, dict] = {}
         self.failures: list[str] = []
         self.seq = itertools.count(1)
@@ -513,11 +363,11 @@ class Comparison:
                 if self.start(target):
                     up.append(target)
             # The utilisation gauge covers the last sample period: let the warm-ups leave it first.
-            time.sleep(2 * self.args.sample_period + 0.5)
+            time.sleep(2 * self.config.sample_period + 0.5)
             for target in list(up):
                 self.guarded(up, self.idle_row, target)
-            for users in self.args.users:
-                for number in range(1, self.args.repeat + 1):
+            for users in self.config.users:
+                for number in range(1, self.config.repeat + 1):
                     for target in list(up):
                         self.guarded(up, self.load_step, target, users, number)
                     for target in [t for t in up if t.label in self.clock_labels]:
@@ -532,7 +382,7 @@ class Comparison:
     def start(self, target) -> bool:
         self.progress.step(target.label, "starting the server")
         try:
-            self.infos[target.label] = target.start(self.args.start_timeout)
+            self.infos[target.label] = target.start(self.config.start_timeout)
             target.warm_up()
             self.progress.done(target.label)
             return True
@@ -554,7 +404,7 @@ class Comparison:
         self.failures.append(f"{target.label}: {why}")
         info = self.infos.get(target.label, {})
         self.failed[target.label] = {
-            **base_row(self.args.model, target, info),
+            **base_row(self.config.model, target, info),
             "users": 0,
             "failed": True,
             "notes": f"{what}: {why}",
@@ -567,8 +417,8 @@ class Comparison:
 
     def idle_row(self, target) -> None:
         with target.watch(self.raw / f"{target.label}_idle") as watch:
-            time.sleep(self.args.idle_seconds)
-        row = base_row(self.args.model, target, self.infos[target.label])
+            time.sleep(self.config.idle_seconds)
+        row = base_row(self.config.model, target, self.infos[target.label])
         notes = [row.pop("target_note")] if row.get("target_note") else []
         self.idle[target.label] = {
             **row,
@@ -580,17 +430,22 @@ class Comparison:
         self.progress.done(target.label)
 
     def prefix(self, target, users: int, number: int) -> Path:
-        suffix = f"_r{number}" if self.args.repeat > 1 else ""
+        suffix = f"_r{number}" if self.config.repeat > 1 else ""
         return self.raw / f"{target.label}_u{users}{suffix}"
 
     def load_step(self, target, users: int, number: int) -> None:
-        self.progress.step(target.label, f"{users} users for {self.args.duration:g} s{self.round_text(number)}")
+        self.progress.step(target.label, f"{users} users for {self.config.duration:g} s{self.round_text(number)}")
         prefix = self.prefix(target, users, number)
         with target.watch(prefix) as watch:
-            spec = LoadSpec(users, self.args.duration, **self.load)
+            spec = LoadSpec(users, self.config.duration, **self.load)
             summary = run_locust(target.locustfile, target.host, spec, prefix, target.locust_args())
         row = load_row(
-            base_row(self.args.model, target, self.infos[target.label]), users, summary, watch.reading, prefix, self.out
+            base_row(self.config.model, target, self.infos[target.label]),
+            users,
+            summary,
+            watch.reading,
+            prefix,
+            self.out,
         )
         self.roofline.fill(row)
         row.update({"round": number, "seq": next(self.seq), "clock": "locust"})
@@ -598,11 +453,11 @@ class Comparison:
         self.progress.done(target.label)
 
     def round_text(self, number: int) -> str:
-        return f", round {number}/{self.args.repeat}" if self.args.repeat > 1 else ""
+        return f", round {number}/{self.config.repeat}" if self.config.repeat > 1 else ""
 
     def clock_step(self, target, users: int, number: int) -> None:
         """guidellm against the target's OpenAI-compatible URL; a failure is reported, the target runs on."""
-        what = f"guidellm, {users} streams for {self.args.duration:g} s{self.round_text(number)}"
+        what = f"guidellm, {users} streams for {self.config.duration:g} s{self.round_text(number)}"
         self.progress.step(target.label, what)
         prefix = Path(f"{self.prefix(target, users, number)}_clock")
         try:
@@ -610,17 +465,17 @@ class Comparison:
                 raise RuntimeError("guidellm is not installed: python -m loadtest.compare.second_clock install")
             load = second_clock.ClockLoad(
                 users=users,
-                duration_s=self.args.duration,
-                max_new_tokens=self.args.max_new_tokens,
+                duration_s=self.config.duration,
+                max_new_tokens=self.config.max_new_tokens,
                 ignore_eos=self.eos_ignored,
                 prompts=self.prompts,
-                chat_template=self.args.chat_template,
+                chat_template=self.config.chat_template,
             )
             served = target.served_name if isinstance(target, OutsideServerTarget) else target.model
             url = target.openai_url
             if not url:
                 raise RuntimeError("no OpenAI-compatible URL (our server runs without --http-port)")
-            summary = second_clock.run(url, served, self.args.model_path, load, prefix, self.guidellm)
+            summary = second_clock.run(url, served, self.config.model_path, load, prefix, self.guidellm)
             notes = ["the prompts file ran out before the step's end"] if summary.pop("data_ran_out") else []
             if summary["requests_failed"]:
                 notes.append(f"{summary['requests_failed']} failed")
@@ -644,7 +499,7 @@ class Comparison:
 
     # ---- the report's rows -------------------------------------------------------------
 
-    def rows(self) -> list[dict]:
+    def rows(self) -> list[SpeedRow]:
         """Per target, in the order given: the idle row, one row per concurrency (the rounds'
         medians), and a failure row where it failed."""
         loaded = aggregate_all(self.rounds)
@@ -654,64 +509,64 @@ class Comparison:
         for target in self.targets:
             if target.label in self.idle:
                 rows.append(self.idle[target.label])
-            rows += [loaded[(target.label, u)] for u in self.args.users if (target.label, u) in loaded]
+            rows += [loaded[(target.label, u)] for u in self.config.users if (target.label, u) in loaded]
             if target.label in self.failed:
                 rows.append(self.failed[target.label])
         return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    engines = args.engine_names
+    config = parse_args(argv)
     started = dt.datetime.now()
-    out = Path(args.out) if args.out else default_out("speed")
+    out = Path(config.out) if config.out else default_out("speed")
     raw = out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     from engines.models import resolve_model
 
-    args.model_path = model_path = str(resolve_model(args.model))
+    model_path = str(resolve_model(config.model))
+    config = dataclasses.replace(config, model_path=model_path)
 
-    targets = make_targets(args, engines, model_path, raw)
-    roofline = RooflineColumn(model_path, context=16 + args.max_new_tokens // 2)
-    eos_ignored = ignores_eos(args, targets)
-    run = Comparison(args, targets, out, roofline, eos_ignored)
+    targets = make_targets(config, raw)
+    roofline = RooflineColumn(model_path, context=16 + config.max_new_tokens // 2)
+    eos_ignored = ignores_eos(config, targets)
+    run = Comparison(config, targets, out, roofline, eos_ignored)
     if run.pairs and run.guidellm is None:
         print("guidellm is not installed: python -m loadtest.compare.second_clock install", file=sys.stderr)
         return 2
-    estimate = target_estimate(roofline.shape.params, args.kv_cache_gb)
-    versus = run_versus(args)
-    groups, together = plan_groups(targets, versus, args.together, memory_budget(), estimate)
+    estimate = target_estimate(roofline.shape.params, config.kv_cache_gb)
+    versus = run_versus(config)
+    groups, together = plan_groups(targets, versus, config.together, memory_budget(), estimate)
     print(f"  {together}: " + " | ".join(", ".join(g.labels) for g in groups), file=sys.stderr, flush=True)
-    if args.probe_seconds > 0:
+    if config.probe_seconds > 0:
         run.progress.step("roofline", "probing this machine's bandwidth and FLOP/s")
         # A variant may run its engine in another dtype (--dtype in its flags): that one is probed too.
         ours = {target_dtype(t) for t in targets if isinstance(t, YayiTarget)}
-        roofline.probe({args.vllm_dtype, args.dtype, "float32", *ours} - {"auto"}, args.probe_seconds)
+        roofline.probe({config.vllm_dtype, config.dtype, "float32", *ours} - {"auto"}, config.probe_seconds)
 
     for group in groups:
         run.run_group(group)
     rows = run.rows()
 
     context = {
-        "model": args.model,
+        "model": config.model,
         "model_path": model_path,
         "command": "yayi-compare " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "started": started.isoformat(timespec="seconds"),
         "finished": dt.datetime.now().isoformat(timespec="seconds"),
         "machine": describe(machine_info()),
-        "users": args.users,
-        "duration_s": args.duration,
-        "max_new_tokens": args.max_new_tokens,
-        "repeat": args.repeat,
+        "users": config.users,
+        "duration_s": config.duration,
+        "max_new_tokens": config.max_new_tokens,
+        "repeat": config.repeat,
         "together": together,
         "groups": [g.labels for g in groups],
-        "second_client": args.second_client if run.pairs else "none",
+        "second_client": config.second_client if run.pairs else "none",
         "clock_pairs": run.pairs,
-        "variants": {v.label: v.describe() for v in args.variant},
+        "variants": {v.label: v.describe() for v in config.variant},
         "versus": versus + http_twins(versus, targets),
         "failures": run.failures,
         "roofline": roofline.describe(),
-        "column_notes": column_notes(args, eos_ignored),
+        "column_notes": column_notes(config, eos_ignored),
     }
     paths = write_report(out, rows, context, run.rounds, run.clock_rounds)
     versus = api_comparison(rows)
@@ -738,7 +593,7 @@ def printed_summary(markdown: str) -> str:
     return "\n## ".join(kept)
 
 
-def api_comparison(rows: list[dict]) -> list[dict]:
+def api_comparison(rows: list[SpeedRow]) -> list[dict]:
     """For each engine measured through both front ends: HTTP's tokens/s and TTFT p50 over gRPC's, per step."""
     loaded = {(r["engine"], r["users"]): r for r in rows if r.get("users") and r.get("speed_tokens_per_s")}
     out = []
@@ -762,26 +617,26 @@ def api_comparison(rows: list[dict]) -> list[dict]:
     return out
 
 
-def column_notes(args, eos_ignored: bool) -> list[str]:
+def column_notes(config: CompareConfig, eos_ignored: bool) -> list[str]:
     length = (
-        f"exactly {args.max_new_tokens} new tokens (ignore_eos)"
+        f"exactly {config.max_new_tokens} new tokens (ignore_eos)"
         if eos_ignored
-        else f"up to {args.max_new_tokens} new tokens, ending at EOS (transformers serve cannot ignore it)"
+        else f"up to {config.max_new_tokens} new tokens, ending at EOS (transformers serve cannot ignore it)"
     )
     variants = [
         f"{v.label}: our {v.engine} engine started as the {v.engine} rows are, plus `{shlex.join(v.args)}` "
         f"(`--variant`); where both run, a ratio table sets it over {v.engine}."
-        for v in getattr(args, "variant", [])
+        for v in config.variant
     ]
     return [
         f"Load: each user sends the prompts in turn, greedy, {length}, "
-        f"no pause between requests, for {args.duration:g} s per step; Users is the concurrency.",
+        f"no pause between requests, for {config.duration:g} s per step; Users is the concurrency.",
         "Speed: output tokens over the step (first request sent to last token received), all users together; "
         "tokens of requests cut by the end of the step count, their latencies do not."
         + (
-            f" Over the {args.repeat} rounds: the median, with the rounds' min–max in brackets; every other "
+            f" Over the {config.repeat} rounds: the median, with the rounds' min–max in brackets; every other "
             "figure of a loaded row is the median of its rounds too (Mem: the peak; Errors: the sum)."
-            if args.repeat > 1
+            if config.repeat > 1
             else ""
         ),
         "Mem: peak of the server's memory during the step: on CPU the resident memory of the server process "

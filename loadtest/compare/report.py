@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from loadtest.compare.rounds import Spread, clocks_differ, median, round_ratios
+from loadtest.compare.rows import ClockRow, SpeedRow
 from loadtest.measure.plots import pyplot
 from loadtest.measure.tables import markdown_table
 from loadtest.measure.token_stats import LATENCY_FIELDS
@@ -30,7 +31,7 @@ EXTRA_COLUMNS = [
     "% of bound",
 ]
 
-# Every field a row carries, in the order speed.csv writes them.
+# The columns of speed.csv, in their order: each a key of SpeedRow (loadtest/compare/rows.py).
 CSV_FIELDS = [
     "model",
     "engine",
@@ -122,10 +123,10 @@ def speed_table(rows: list[dict]) -> str:
 
 def write_report(
     out: Path,
-    rows: list[dict],
+    rows: list[SpeedRow],
     context: dict,
-    rounds: list[dict] | None = None,
-    clock_rounds: list[dict] | None = None,
+    rounds: list[SpeedRow] | None = None,
+    clock_rounds: list[ClockRow] | None = None,
 ) -> list[Path]:
     """``rounds``: every Locust step of every round, in the order they ran (``seq``); ``clock_rounds``:
     the second clock's.  Without them (a report from before rounds) each loaded row is its own round."""

@@ -14,7 +14,7 @@ interleaved (A B C, A B C, ...), and reports what the rounds agree on:
 - ``Spread.reading`` says whether the rounds carry the difference: a ratio whose min-max range
   is wider than its distance from 1.00 is "not distinguishable".
 
-Pure functions on plain rows: the unit tests feed them made-up rounds.
+Pure functions on rows (loadtest/compare/rows.py's SpeedRow): the unit tests feed them made-up rounds.
 """
 
 from __future__ import annotations
@@ -22,20 +22,17 @@ from __future__ import annotations
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import cast
+
+from loadtest.compare.rows import SpeedRow
+from loadtest.measure.token_stats import LATENCY_FIELDS
 
 # Figures of a round row whose median over rounds is the reported figure.
 MEDIAN_FIELDS = (
     "speed_tokens_per_s",
     "requests_per_s",
     "per_user_tokens_per_s",
-    "ttft_p50_ms",
-    "ttft_p95_ms",
-    "ttft_p99_ms",
-    "itl_p50_ms",
-    "itl_p95_ms",
-    "e2e_p50_ms",
-    "e2e_p95_ms",
-    "e2e_p99_ms",
+    *LATENCY_FIELDS,
     "util_pct",
     "power_w",
     "j_per_token",
@@ -93,11 +90,11 @@ class Spread:
         return f"{self.median:.{digits}f} ({self.low:.{digits}f}–{self.high:.{digits}f})"
 
 
-def aggregate(rounds: list[dict]) -> dict:
+def aggregate(rounds: list[SpeedRow]) -> SpeedRow:
     """One target's rounds at one concurrency as the report's row: medians, counts summed, the peak
     memory, speed's min and max, and the raw prefix of every round (``raw`` is the first's)."""
     first = rounds[0]
-    row = {key: value for key, value in first.items() if key not in ("round", "seq", "clock")}
+    row = cast(SpeedRow, {key: value for key, value in first.items() if key not in ("round", "seq", "clock")})
     for key in MEDIAN_FIELDS:
         if any(key in r for r in rounds):
             row[key] = median(r.get(key) for r in rounds)
@@ -122,9 +119,9 @@ def _joined(texts: Iterable[str | None]) -> str:
     return "; ".join(dict.fromkeys(t for t in texts if t))
 
 
-def aggregate_all(rounds: list[dict]) -> dict[tuple[str, int], dict]:
+def aggregate_all(rounds: list[SpeedRow]) -> dict[tuple[str, int], SpeedRow]:
     """Every (engine, users) of the run's rounds, aggregated, in the order they first ran."""
-    grouped: dict[tuple[str, int], list[dict]] = {}
+    grouped: dict[tuple[str, int], list[SpeedRow]] = {}
     for r in sorted(rounds, key=lambda r: r.get("seq", 0)):
         grouped.setdefault((r["engine"], r["users"]), []).append(r)
     return {key: aggregate(group) for key, group in grouped.items()}

@@ -111,7 +111,7 @@ def plan_groups(
 
 def memory_budget() -> float:
     """What the run may take: the memory free now, less the reserve the capped transformers-serve
-    cache also leaves (loadtest/compare/targets.py)."""
+    cache also leaves (loadtest/compare/targets/)."""
     import psutil
 
     from loadtest.compare.targets import MEMORY_RESERVE_BYTES, MEMORY_RESERVE_SHARE

@@ -20,16 +20,17 @@ runs the client alone (what the runs above run, and what the tests call).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from engines.option_flags import flag_option, parse_config
 from loadtest import ROOT
-from loadtest.compare.driver import parse_users
+from loadtest.compare.config import parse_users
 from loadtest.compare.targets import (
     Target,
     TargetConfig,
@@ -139,55 +140,59 @@ def client_main(argv: list[str]) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.compare.vllm_bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--engines", default="vllm", help="our engines, each behind --http-port (comma-separated)")
-    parser.add_argument("--model", default="smollm2-135m", help="built-in model name or local folder")
-    parser.add_argument(
-        "--concurrency", type=parse_users, default=[16], help="vllm bench's --max-concurrency, e.g. 4,16"
+@dataclass(frozen=True)
+class VllmBenchConfig:
+    """Everything the command line sets, built once from argv (engines/option_flags.py makes the parser)."""
+
+    engines: str = flag_option("vllm", "our engines, each behind --http-port (comma-separated)")
+    model: str = flag_option("smollm2-135m", "built-in model name or local folder")
+    concurrency: tuple[int, ...] = flag_option((16,), "vllm bench's --max-concurrency, e.g. 4,16", parse=parse_users)
+    num_prompts: int = flag_option(64, "requests per run", minimum=1)
+    input_len: int = flag_option(128, "random prompt length, tokens", minimum=1)
+    output_len: int = flag_option(128, "tokens generated per request (ignore_eos)", minimum=1)
+    seed: int = flag_option(0, "the random dataset's seed, the same for every server")
+    baseline: str = flag_option(
+        "auto",
+        "vLLM's own server too (auto: when vllm is among the engines and installed)",
+        choices=("auto", "vllm-openai", "none"),
     )
-    parser.add_argument("--num-prompts", type=int, default=64, help="requests per run")
-    parser.add_argument("--input-len", type=int, default=128, help="random prompt length, tokens")
-    parser.add_argument("--output-len", type=int, default=128, help="tokens generated per request (ignore_eos)")
-    parser.add_argument("--seed", type=int, default=0, help="the random dataset's seed, the same for every server")
-    parser.add_argument(
-        "--baseline",
-        choices=["auto", "vllm-openai", "none"],
-        default="auto",
-        help="vLLM's own server too (auto: when vllm is among the engines and installed)",
-    )
-    parser.add_argument("--vllm-dtype", default="bfloat16", help="dtype of the vllm engine and of vLLM's server")
-    parser.add_argument("--kv-cache-gb", type=float, default=1.0, help="vLLM's CPU KV cache (both vLLM servers)")
-    parser.add_argument("--max-model-len", type=int, default=None, help="context both vLLM servers serve")
-    parser.add_argument("--server-args", default="", help="extra yayi-serve arguments, one string")
-    parser.add_argument("--baseline-args", default="", help="extra arguments for vLLM's own server, one string")
-    parser.add_argument("--start-timeout", type=float, default=900.0, help="seconds a server may take to load")
-    parser.add_argument("--run-timeout", type=float, default=1800.0, help="seconds one client run may take")
-    parser.add_argument("--out", default="", help="report folder (default reports/vllm-bench-<UTC time>)")
-    return parser
+    vllm_dtype: str = flag_option("bfloat16", "dtype of the vllm engine and of vLLM's server")
+    kv_cache_gb: float = flag_option(1.0, "vLLM's CPU KV cache (both vLLM servers)", positive=True)
+    max_model_len: int | None = flag_option(None, "context both vLLM servers serve", minimum=1)
+    server_args: str = flag_option("", "extra yayi-serve arguments, one string")
+    baseline_args: str = flag_option("", "extra arguments for vLLM's own server, one string")
+    start_timeout: float = flag_option(900.0, "seconds a server may take to load", positive=True)
+    run_timeout: float = flag_option(1800.0, "seconds one client run may take", positive=True)
+    out: str = flag_option("", "report folder (default reports/vllm-bench-<UTC time>)")
 
 
-def make_targets(args, model_path: str, raw: Path) -> list:
-    engines = [name.strip() for name in args.engines.split(",") if name.strip()]
-    common = shlex.split(args.server_args)
-    queue = max(64, 2 * max(args.concurrency))
-    config = TargetConfig(
-        model=args.model,
+def parse_args(argv: list[str] | None) -> VllmBenchConfig:
+    return parse_config(
+        VllmBenchConfig, argv, prog="python -m loadtest.compare.vllm_bench", description=__doc__.split("\n\n")[0]
+    )
+
+
+def make_targets(config: VllmBenchConfig, model_path: str, raw: Path) -> list:
+    engines = [name.strip() for name in config.engines.split(",") if name.strip()]
+    common = shlex.split(config.server_args)
+    queue = max(64, 2 * max(config.concurrency))
+    setup = TargetConfig(
+        model=config.model,
         model_path=model_path,
         dtype="auto",
-        vllm_dtype=args.vllm_dtype,
-        kv_cache_gb=args.kv_cache_gb,
-        max_model_len=args.max_model_len,
+        vllm_dtype=config.vllm_dtype,
+        kv_cache_gb=config.kv_cache_gb,
+        max_model_len=config.max_model_len,
         sample_period=1.0,
-        baseline_args=tuple(shlex.split(args.baseline_args)),
+        baseline_args=tuple(shlex.split(config.baseline_args)),
     )
     targets: list[Target] = []
     for engine in engines:
-        extra = vllm_engine_args(config) if engine == "vllm" else []
-        targets.append(YayiTarget(engine, args.model, extra + common, queue, sample_period=1.0, api="http"))
+        extra = vllm_engine_args(setup) if engine == "vllm" else []
+        targets.append(YayiTarget(engine, config.model, extra + common, queue, sample_period=1.0, api="http"))
     # vLLM's client asks for ignore_eos, which transformers serve refuses: vLLM's own server only.
-    if "vllm-openai" in chosen_baselines(args.baseline, engines):
-        targets.append(baseline_target("vllm-openai", config, raw))
+    if "vllm-openai" in chosen_baselines(config.baseline, engines):
+        targets.append(baseline_target("vllm-openai", setup, raw))
     return targets
 
 
@@ -195,35 +200,35 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["client"]:
         return client_main(argv[2:] if argv[1:2] == ["--"] else argv[1:])
-    args = build_parser().parse_args(argv)
+    config = parse_args(argv)
     from engines.models import resolve_model
 
-    model_path = str(resolve_model(args.model))
-    report = Report("vllm-bench", args.out or None, "loadtest.compare.vllm_bench", argv)
+    model_path = str(resolve_model(config.model))
+    report = Report("vllm-bench", config.out or None, "loadtest.compare.vllm_bench", argv)
     raw = report.dir / "raw"
     raw.mkdir(exist_ok=True)
     rows, failures = [], []
-    for target in make_targets(args, model_path, raw):
+    for target in make_targets(config, model_path, raw):
         print(f"vllm-bench: {target.label}: starting", file=sys.stderr, flush=True)
         try:
-            target.start(args.start_timeout)
+            target.start(config.start_timeout)
             target.warm_up()
-            for concurrency in args.concurrency:
+            for concurrency in config.concurrency:
                 stem = f"{target.label}_c{concurrency}"
                 print(f"vllm-bench: {target.label}: concurrency {concurrency}", file=sys.stderr, flush=True)
                 bench = client_args(
                     target.openai_url,
-                    args.model,
+                    config.model,
                     model_path,
-                    num_prompts=args.num_prompts,
+                    num_prompts=config.num_prompts,
                     concurrency=concurrency,
-                    input_len=args.input_len,
-                    output_len=args.output_len,
+                    input_len=config.input_len,
+                    output_len=config.output_len,
                     result_dir=raw,
                     result_file=f"{stem}.json",
-                    seed=args.seed,
+                    seed=config.seed,
                 )
-                result = run_client(bench, raw / f"{stem}_client.log", args.run_timeout)
+                result = run_client(bench, raw / f"{stem}_client.log", config.run_timeout)
                 rows.append({"target": target.label, **{key: result.get(key) for key in COLUMNS if key != "target"}})
                 print(f"  {_one_line(rows[-1])}", file=sys.stderr, flush=True)
         except Exception as exc:  # one server's failure must not cost the other its rows
@@ -235,9 +240,10 @@ def main(argv: list[str] | None = None) -> int:
             target.stop()
 
     report.text(
-        f"vLLM's `vllm bench serve` (module `vllm.benchmarks.serve`), random dataset: {args.num_prompts} prompts of "
-        f"{args.input_len} tokens, {args.output_len} output tokens each (`--ignore-eos`), greedy, seed {args.seed}, "
-        f"streaming `/v1/completions`. Model `{args.model}`. Servers run one at a time on this machine. Each run's "
+        f"vLLM's `vllm bench serve` (module `vllm.benchmarks.serve`), random dataset: {config.num_prompts} prompts "
+        f"of {config.input_len} tokens, {config.output_len} output tokens each (`--ignore-eos`), greedy, "
+        f"seed {config.seed}, "
+        f"streaming `/v1/completions`. Model `{config.model}`. Servers run one at a time on this machine. Each run's "
         "command is in `raw/*_client.log`, its JSON as vLLM saved it in `raw/*.json`."
     )
     report.table("results", rows, list(COLUMNS), COLUMNS, title="Results")

@@ -18,7 +18,6 @@ report says where, and the server's log is under raw/).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -29,6 +28,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from engines.option_flags import flag_option, parse_config
 from loadtest import ROOT
 from loadtest.evaluation.results import agreement, metric_values, sample_differences
 from loadtest.measure import scrape
@@ -204,7 +204,7 @@ def hf_args(folder: Path, info) -> dict:
     return {"pretrained": str(folder), "dtype": info.dtype, "device": info.device, "max_length": context(info) - 2}
 
 
-def run_lm_eval(model: str, model_args: dict, tasks: list[str], args, manager) -> tuple[dict, float]:
+def run_lm_eval(model: str, model_args: dict, tasks: list[str], config: EvalConfig, manager) -> tuple[dict, float]:
     from lm_eval import simple_evaluate
 
     started = time.perf_counter()
@@ -214,10 +214,10 @@ def run_lm_eval(model: str, model_args: dict, tasks: list[str], args, manager) -
         tasks=tasks,
         task_manager=manager,
         # The in-process side is lm-eval's plain reference: one document at a time.
-        batch_size=args.batch_size if model != "hf" else 1,
-        limit=args.limit,
+        batch_size=config.batch_size if model != "hf" else 1,
+        limit=config.limit,
         log_samples=True,
-        bootstrap_iters=args.bootstrap_iters,
+        bootstrap_iters=config.bootstrap_iters,
     )
     return results, time.perf_counter() - started
 
@@ -272,12 +272,6 @@ def server_figures(before: scrape.Samples, after: scrape.Samples, sampler: scrap
 
 def _num(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def _util(pct: float | None, cpu: bool) -> str:
-    if pct is None:
-        return "n/a"
-    return f"CPU {pct:.0f}%" if cpu else f"{pct:.0f}"
 
 
 def figure_rows(figures: dict, cpu: bool) -> list[dict]:
@@ -336,38 +330,39 @@ def agreement_table(rows: list[dict]) -> list[dict]:
     ]
 
 
-def parse_args(argv: list[str] | None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--engine", default="hf-kv")
-    parser.add_argument("--model", default="smollm2-135m", help="a built-in model name or a local folder")
-    parser.add_argument(
-        "--tasks",
-        default=LOCAL_TAG,
-        help=f"comma-separated lm-eval tasks, groups or tags (default {LOCAL_TAG}: the repo's local set)",
+@dataclass(frozen=True)
+class EvalConfig:
+    """Everything the command line sets, built once from argv (engines/option_flags.py makes the parser)."""
+
+    engine: str = flag_option("hf-kv", "the server's engine")
+    model: str = flag_option("smollm2-135m", "a built-in model name or a local folder")
+    tasks: str = flag_option(
+        LOCAL_TAG, f"comma-separated lm-eval tasks, groups or tags ({LOCAL_TAG}: the repo's local set)"
     )
-    parser.add_argument("--num-concurrent", type=int, default=1, help="lm-eval's requests in flight at once")
-    parser.add_argument("--batch-size", type=int, default=1, help="prompts per HTTP request (lm-eval's batch_size)")
-    parser.add_argument("--limit", type=float, default=None, help="documents per task (lm-eval's --limit)")
-    parser.add_argument(
-        "--tokenized-requests",
-        choices=("auto", "true", "false"),
-        default="auto",
-        help="send prompts as token ids (lm-eval's default, true) or text; auto: token ids when the "
+    num_concurrent: int = flag_option(1, "lm-eval's requests in flight at once", minimum=1)
+    batch_size: int = flag_option(1, "prompts per HTTP request (lm-eval's batch_size)", minimum=1)
+    limit: float | None = flag_option(None, "documents per task (lm-eval's --limit)", positive=True)
+    tokenized_requests: str = flag_option(
+        "auto",
+        "send prompts as token ids (lm-eval's default, true) or text; auto: token ids when the "
         "server takes them, else text for generation tasks (the report says which)",
+        choices=("auto", "true", "false"),
     )
-    parser.add_argument(
-        "--tokenizer-backend",
+    tokenizer_backend: str = flag_option(
+        "huggingface",
+        "huggingface: the model folder's tokenizer on the client; remote: the server's /tokenize",
         choices=("huggingface", "remote"),
-        default="huggingface",
-        help="huggingface: the model folder's tokenizer on the client; remote: the server's /tokenize",
     )
-    parser.add_argument("--dtype", default="auto", help="the server's --dtype; the in-process run uses what it chose")
-    parser.add_argument("--device", default="auto", help="the server's --device; the in-process run uses the same")
-    parser.add_argument("--serve-args", default="", help="more yayi-serve flags, one shell-quoted string")
-    parser.add_argument("--bootstrap-iters", type=int, default=0, help="lm-eval's stderr bootstrap (0: none)")
-    parser.add_argument("--skip-in-process", action="store_true", help="only the server run (no agreement check)")
-    parser.add_argument("--out", help="report folder (default reports/eval-<UTC time>)")
-    return parser.parse_args(argv)
+    dtype: str = flag_option("auto", "the server's --dtype; the in-process run uses what it chose")
+    device: str = flag_option("auto", "the server's --device; the in-process run uses the same")
+    serve_args: str = flag_option("", "more yayi-serve flags, one shell-quoted string")
+    bootstrap_iters: int = flag_option(0, "lm-eval's stderr bootstrap (0: none)", minimum=0)
+    skip_in_process: bool = flag_option(False, "only the server run (no agreement check)")
+    out: str | None = flag_option(None, "report folder (default reports/eval-<UTC time>)")
+
+
+def parse_args(argv: list[str] | None) -> EvalConfig:
+    return parse_config(EvalConfig, argv, prog="loadtest.evaluation.driver", description=__doc__.splitlines()[0])
 
 
 @dataclass
@@ -388,7 +383,7 @@ class Outcome:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    config = parse_args(argv)
     for key, value in OFFLINE.items():
         os.environ.setdefault(key, value)
     os.chdir(ROOT)
@@ -396,16 +391,16 @@ def main(argv: list[str] | None = None) -> int:
     from loadtest.launch.server_process import ServerProcess
     from server.grpc.wire import pb
 
-    folder = resolve_model(args.model)
-    names = [n.strip() for n in args.tasks.split(",") if n.strip()]
+    folder = resolve_model(config.model)
+    names = [n.strip() for n in config.tasks.split(",") if n.strip()]
     manager = task_manager(names)
     output_types = leaf_output_types(names, manager)
-    report = Report("eval", args.out, "loadtest.evaluation.driver", argv)
+    report = Report("eval", config.out, "loadtest.evaluation.driver", argv)
     raw = report.dir / "raw"
     raw.mkdir(parents=True, exist_ok=True)
 
-    serve = ["--engine", args.engine, "--model", args.model, "--http-port", "0"]
-    serve += ["--dtype", args.dtype, "--device", args.device, *shlex.split(args.serve_args)]
+    serve = ["--engine", config.engine, "--model", config.model, "--http-port", "0"]
+    serve += ["--dtype", config.dtype, "--device", config.device, *shlex.split(config.serve_args)]
     print(f"# serving: yayi-serve {shlex.join(serve)}", flush=True)
     server = ServerProcess(*serve).wait_ready(900)
     try:
@@ -416,11 +411,11 @@ def main(argv: list[str] | None = None) -> int:
 
         probe_ids = AutoTokenizer.from_pretrained(folder)(TEXT_PROBE, add_special_tokens=False).input_ids
         support = probe(server.http_url, model_name, probe_ids)
-        tokenized = {"true": True, "false": False}.get(args.tokenized_requests, support.token_ids)
+        tokenized = {"true": True, "false": False}.get(config.tokenized_requests, support.token_ids)
         blocked = blocked_tasks(output_types, support, tokenized)
         runnable = [t for t in output_types if t not in blocked]
         api_args = local_completions_args(
-            server.http_url, model_name, folder, info, tokenized, args.num_concurrent, args.tokenizer_backend
+            server.http_url, model_name, folder, info, tokenized, config.num_concurrent, config.tokenizer_backend
         )
         outcome = Outcome(info, support, tokenized, blocked, api_args)
         print(
@@ -437,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             with scrape.GaugeSampler(metrics, GAUGES, period=1.0) as sampler:
                 try:
-                    outcome.server_results, wall = run_lm_eval("local-completions", api_args, tasks, args, manager)
+                    outcome.server_results, wall = run_lm_eval("local-completions", api_args, tasks, config, manager)
                 except Exception as error:  # the report still says what the server did until then
                     outcome.failures["server"] = f"{type(error).__name__}: {error}"
                     wall = time.perf_counter() - started
@@ -451,28 +446,28 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
         (raw / "server.log").write_text("\n".join(server.lines) + "\n")
 
-    if runnable and not args.skip_in_process:
+    if runnable and not config.skip_in_process:
         outcome.hf_args = hf_args(folder, info)
         print(f"# in-process: lm-eval hf {outcome.hf_args}", flush=True)
         try:
-            outcome.hf_results, outcome.hf_wall = run_lm_eval("hf", outcome.hf_args, tasks, args, manager)
+            outcome.hf_results, outcome.hf_wall = run_lm_eval("hf", outcome.hf_args, tasks, config, manager)
             write_raw(raw, "in_process", outcome.hf_results)
         except Exception as error:
             outcome.failures["in_process"] = f"{type(error).__name__}: {error}"
-    return write_report(report, args, outcome)
+    return write_report(report, config, outcome)
 
 
-def write_report(report: Report, args, outcome: Outcome) -> int:
+def write_report(report: Report, config: EvalConfig, outcome: Outcome) -> int:
     info, figures = outcome.info, outcome.figures
     cpu = info.device.startswith("cpu")
     lines = [
         f"lm-eval {lm_eval_version()} `local-completions` against `yayi-serve --engine {info.engine} "
-        f"--model {args.model}` ({info.dtype} on {info.device}, attention {info.attention}), "
-        f"`num_concurrent={args.num_concurrent}`, `batch_size={args.batch_size}`, prompts sent as "
-        f"{'token ids' if outcome.tokenized else 'text'}, tokenizer `{args.tokenizer_backend}`; beside it "
+        f"--model {config.model}` ({info.dtype} on {info.device}, attention {info.attention}), "
+        f"`num_concurrent={config.num_concurrent}`, `batch_size={config.batch_size}`, prompts sent as "
+        f"{'token ids' if outcome.tokenized else 'text'}, tokenizer `{config.tokenizer_backend}`; beside it "
         f"lm-eval's in-process `hf` model on the same folder, dtype and device, batch size 1.",
     ]
-    if args.tokenized_requests == "auto" and not outcome.tokenized:
+    if config.tokenized_requests == "auto" and not outcome.tokenized:
         lines.append(
             "**Prompts went as text, not lm-eval's default token ids**: the server refused token-id prompts "
             f"(`{outcome.support.token_ids_error}`)."
@@ -547,7 +542,7 @@ def write_report(report: Report, args, outcome: Outcome) -> int:
     )
     summary = {
         "engine": info.engine,
-        "model": args.model,
+        "model": config.model,
         "dtype": info.dtype,
         "device": info.device,
         "lm_eval_version": lm_eval_version(),
@@ -569,7 +564,7 @@ def write_report(report: Report, args, outcome: Outcome) -> int:
         return EXIT_DISAGREE
     if outcome.failures:
         return EXIT_FAILED
-    if outcome.blocked or (not rows and not args.skip_in_process):
+    if outcome.blocked or (not rows and not config.skip_in_process):
         return EXIT_BLOCKED
     return 0
 

@@ -150,8 +150,8 @@ class HttpFrontEnd:
     # ---- routes -------------------------------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
-        # Open to probes without a token, like gRPC health; the same state (app.py sets both).
-        if self._calls.serving:
+        # Open to probes without a token, like gRPC health; the same ServingState (server/serving_state.py).
+        if self._calls.state.serving:
             return JSONResponse({"status": "SERVING"})
         return JSONResponse({"status": "NOT_SERVING"}, status_code=503)
 

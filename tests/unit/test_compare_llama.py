@@ -4,12 +4,13 @@ its GGUF file's own tensors, llama-server set up from llama-cpp's flags, and its
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from loadtest.compare.driver import build_parser, clock_pairs, http_twins, target_config
+from loadtest.compare.driver import clock_pairs, http_twins, parse_args, target_config
 from loadtest.compare.report import VERSUS, markdown_report, ratio_rows
 from loadtest.compare.rounds import aggregate_all
 from loadtest.compare.schedule import components
@@ -136,8 +137,8 @@ def test_llama_server_is_started_as_the_engine_starts_its_child(tmp_path, built)
     path = tmp_path / "m.Q4_1.gguf"
     write_gguf(path)
     argv = ["--engines", "llama-cpp", "--model", str(path), "--server-args", "--threads 3 --max-concurrency 5"]
-    args = build_parser().parse_args([*argv, "--llama-server-args", "--cache-type-k f16"])
-    target = baseline_target("llama-server", target_config(args, str(tmp_path)), tmp_path)
+    config = replace(parse_args([*argv, "--llama-server-args", "--cache-type-k f16"]), model_path=str(tmp_path))
+    target = baseline_target("llama-server", target_config(config), tmp_path)
     assert isinstance(target, LlamaServerTarget)
     command = target.command()
     assert command[0] == str(built) and command[command.index("--model") + 1] == str(path)
@@ -150,9 +151,9 @@ def test_llama_server_is_started_as_the_engine_starts_its_child(tmp_path, built)
     # The row says what runs: the file's own type, and the file, for its roofline.
     assert (target.dtype, target.model_path) == ("Q4_1", str(path))
     # A flag llama-cpp refuses is the baseline's failure, said in the server's own words.
-    args = build_parser().parse_args([*argv[:4], "--server-args", "--kv-cache-gb 2"])
+    config = replace(parse_args([*argv[:4], "--server-args", "--kv-cache-gb 2"]), model_path=str(tmp_path))
     with pytest.raises(RuntimeError, match="--kv-cache-gb is not an option of engine llama-cpp"):
-        baseline_target("llama-server", target_config(args, str(tmp_path)), tmp_path).command()
+        baseline_target("llama-server", target_config(config), tmp_path).command()
 
 
 def test_llama_server_goes_with_llama_cpp(built):

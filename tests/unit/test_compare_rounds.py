@@ -8,7 +8,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from loadtest.compare.driver import Progress, build_parser, clock_pairs, printed_summary, run_plan, second_clock
+from loadtest.compare.driver import (
+    Progress,
+    build_parser,
+    clock_pairs,
+    parse_args,
+    printed_summary,
+    run_plan,
+    second_clock,
+)
 from loadtest.compare.report import VERSUS, markdown_report, ratio_cautions, ratio_rows
 from loadtest.compare.rounds import Spread, aggregate, aggregate_all, clocks_differ, round_ratios
 from loadtest.compare.schedule import GiB, components, plan_groups
@@ -210,7 +218,7 @@ def test_guidellm_summary_is_read_from_its_json(tmp_path):
 
 
 def test_the_plan_counts_every_round_and_clock_step():
-    args = build_parser().parse_args(["--users", "1,4", "--repeat", "3", "--duration", "10s"])
+    args = parse_args(["--users", "1,4", "--repeat", "3", "--duration", "10s"])
     targets = [SimpleNamespace(label="hf-cb"), SimpleNamespace(label="transformers-serve-matched")]
     plan = run_plan(targets, args, {"hf-cb", "transformers-serve-matched"})
     assert len(plan) == 2 * (2 + 2 * 3 + 2 * 3)  # start, idle, Locust's rounds, guidellm's rounds

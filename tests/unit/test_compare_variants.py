@@ -34,8 +34,8 @@ def refusal(capsys, *argv: str) -> str:
 def test_a_variant_is_its_engine_with_more_flags_under_its_own_label(tmp_path):
     args = parsed("--engines", "vllm,vllm-pp2", "--variant", PP2, "--server-args", "--max-concurrency 8")
     assert args.engine_names == ["vllm", "vllm-pp2"]
-    assert args.variant == [Variant("vllm-pp2", "vllm", ("--pipeline-parallel-size", "2"))]
-    plain, pp2 = make_targets(args, args.engine_names, "unused", tmp_path)
+    assert args.variant == (Variant("vllm-pp2", "vllm", ("--pipeline-parallel-size", "2")),)
+    plain, pp2 = make_targets(args, tmp_path)
     assert (plain.label, plain.engine, pp2.label, pp2.engine) == ("vllm", "vllm", "vllm-pp2", "vllm")
     # The same flags as the plain engine's (vllm's matched dtype, cache and context, --server-args), then its own.
     assert pp2.server_args == [*plain.server_args, "--pipeline-parallel-size", "2"]
@@ -46,13 +46,13 @@ def test_a_variant_is_its_engine_with_more_flags_under_its_own_label(tmp_path):
 
 def test_a_variants_flag_wins_over_the_same_flag_given_before_it(tmp_path):
     args = parsed("--engines", "hf-kv,hf-kv-bf16", "--variant", "hf-kv-bf16=hf-kv --dtype bfloat16")
-    plain, bf16 = make_targets(args, args.engine_names, "unused", tmp_path)
+    plain, bf16 = make_targets(args, tmp_path)
     assert (target_dtype(plain), target_dtype(bf16)) == ("float32", "bfloat16")
 
 
 def test_each_front_end_of_a_variant_is_labelled_apart(tmp_path):
     args = parsed("--engines", "vllm-pp2", "--variant", PP2, "--apis", "grpc,http")
-    grpc, http = make_targets(args, args.engine_names, "unused", tmp_path)
+    grpc, http = make_targets(args, tmp_path)
     assert (grpc.label, http.label) == ("vllm-pp2", "vllm-pp2-http") and http.shares_with is grpc
     assert http.server_args[-4:] == ["--pipeline-parallel-size", "2", "--http-port", "0"]
     rows = [
