@@ -171,6 +171,74 @@ def measure_row(row: Row, path: Path, args, tokenizer, device: rl.Device | None,
 LOG_PROMPT_TOKENS = 16  # the log's prompt is about a dozen tokens; the bound's context is dominated by the output
 
 
+def peer_row(row: Row, path: Path, args, device: rl.Device | None, shape: rl.ModelShape | None) -> Row:
+    """llama.cpp's own llama-server on the same file with the same threads, slots and context, as
+    ``make compare`` starts it: decode tokens/s of one stream of ``--decode-tokens``, timed here."""
+    import requests
+
+    from loadtest.compare.targets import LlamaServerTarget, TargetConfig
+
+    peer = Row(row.model, row.size_b, row.fmt, "llama-server")
+    server_args = ("--max-concurrency", "4", "--context", str(args.context), *args.server_args)
+    config = TargetConfig(
+        model=str(path),
+        model_path=str(path),
+        dtype="auto",
+        vllm_dtype="auto",
+        kv_cache_gb=1.0,
+        max_model_len=None,
+        sample_period=1.0,
+        server_args=server_args,
+    )
+    log = Path(args.out or ".") / f"llama-server-{row.model}-{row.fmt}.log"
+    target = LlamaServerTarget(config, log)
+    started = time.monotonic()
+    try:
+        target.start(args.ready_timeout)
+        peer.startup_s = time.monotonic() - started
+        body = {
+            "model": target.served_name,
+            "prompt": LOG_PROMPT,
+            "max_tokens": args.decode_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        stamps = []
+        with requests.post(
+            f"{target.host}/v1/completions",
+            json=body,
+            stream=True,
+            timeout=args.request_timeout,
+            headers={"Connection": "close"},
+        ) as response:
+            response.raise_for_status()
+            for line in response.iter_lines(chunk_size=None):
+                if line.startswith(b"data: ") and line != b"data: [DONE]":
+                    chunk = json.loads(line[6:])
+                    if any(c.get("text") for c in chunk.get("choices") or ()):
+                        stamps.append(time.monotonic())
+        peer.decode_1 = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+        peer.notes = f"llama.cpp's own server, the same file and settings ({len(stamps)} streamed pieces)"
+    except Exception as error:  # the row says why
+        peer.notes = f"llama-server: {error}"
+    finally:
+        target.stop()
+    if device is not None and shape is not None and peer.decode_1:
+        per_param, weights = bytes_per_param(peer, path, shape)
+        peer.weights_mb = weights / 1e6
+        peer.bound_1 = rl.decode_bound_tokens_per_s(
+            shape,
+            device,
+            1,
+            LOG_PROMPT_TOKENS + args.decode_tokens // 2,
+            bytes_per_param=per_param,
+            kv_bytes_per_value=2,
+        )
+        peer.pct_bound_1 = 100 * peer.decode_1 / peer.bound_1
+    return peer
+
+
 def bytes_per_param(row: Row, path: Path, shape: rl.ModelShape) -> tuple[float, float]:
     """What a decode step reads per streamed weight, and the weights' bytes: a GGUF's own, tensor by tensor."""
     if row.fmt == "bf16":
@@ -247,6 +315,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", default="llama-cpp,hf-kv,vllm", type=lambda s: s.split(","))
     parser.add_argument("--model", action="append", default=[], help="NAME=PATH: a folder or .gguf of your own, again")
     parser.add_argument("--refuse", default="13b,30b", help="sizes offered in bf16 to show the memory check's refusal")
+    parser.add_argument(
+        "--peer-sizes",
+        default="7b",
+        type=lambda s: [x for x in s.split(",") if x],
+        help="sizes whose Q4_0 row gets llama.cpp's own llama-server beside it (decode, one user)",
+    )
     parser.add_argument("--users", default="1,4", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--prompt-tokens", default="128,512", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--decode-tokens", type=int, default=128)
@@ -271,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = report.dir / "rows.json"
     rows: list[Row] = [Row(**r) for r in json.loads(raw.read_text())] if raw.is_file() else []
     done = {(r.model, r.fmt, r.engine) for r in rows if not r.notes}
-    rows = [r for r in rows if (r.model, r.fmt, r.engine) in done or r.engine == "hf-kv" and r.notes]
+    rows = [r for r in rows if (r.model, r.fmt, r.engine) in done or r.engine in ("hf-kv", "llama-server") and r.notes]
     for row, path, shape in plan(args):
         if (row.model, row.fmt, row.engine) in done:
             continue
@@ -284,6 +358,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {json.dumps(asdict(rows[-1]), default=str)}", flush=True)
         raw.write_text(json.dumps([asdict(r) for r in rows], indent=1, default=str))
         _tables(report, rows, devices)
+    # llama.cpp's own server beside our llama-cpp engine, on the same Q4_0 file.
+    for row, path, shape in plan(args):
+        have_peer = any(r.model == row.model and r.fmt == row.fmt and r.engine == "llama-server" for r in rows)
+        ours = any(r.model == row.model and r.fmt == row.fmt and r.engine == "llama-cpp" and not r.notes for r in rows)
+        if row.fmt == "Q4_0" and row.engine == "llama-cpp" and row.model in args.peer_sizes and ours and not have_peer:
+            print(f"# {row.model} {row.fmt} on llama-server ...", flush=True)
+            rows.append(peer_row(row, path, args, devices["quantized"], shape))
+            print(f"  {json.dumps(asdict(rows[-1]), default=str)}", flush=True)
+            raw.write_text(json.dumps([asdict(r) for r in rows], indent=1, default=str))
     for size in [s for s in args.refuse.split(",") if s]:
         print(f"# {size} bf16: the memory check ...", flush=True)
         shape = load_shape(size)
