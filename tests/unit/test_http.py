@@ -10,7 +10,8 @@ MODEL = "tiny-llama"
 
 def test_request_parsing_types_and_names():
     from engines.errors import InvalidRequest
-    from server.http.api import FieldError, parse_generate
+    from server.http.protocol import FieldError
+    from server.http.protocol import generate_call as parse_generate
 
     call = parse_generate(
         {"prompt": ["one"], "max_tokens": 5, "top_k": -1, "stop": "x", "logprobs": None, "n": 1}, MODEL, chat=False
