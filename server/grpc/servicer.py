@@ -19,6 +19,7 @@ from server.calls import CANCELLED, CallFailed, Calls, StreamStalled
 from server.grpc import convert
 from server.grpc.wire import pb, pb_grpc
 from server.metrics import RequestRecorder
+from server.whole_output import WholeOutput
 
 log = logging.getLogger(__name__)
 
@@ -38,30 +39,22 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         recorder = self._metrics.recorder("Generate")
         async with self._guard(context, recorder), self._calls.claim_request_id(request.request_id) as request_id:
-            text_parts: list[str] = []
-            token_ids: list[int] = []
-            logprobs: list = []
-            prompt_logprobs = None
-            last = None
+            whole = WholeOutput()
             outputs = self._outputs(request, request_id, recorder)
             async with contextlib.aclosing(outputs):
                 async for output in outputs:
-                    text_parts.append(output.text)
-                    token_ids.extend(output.token_ids)
-                    logprobs.extend(output.logprobs)
-                    prompt_logprobs = prompt_logprobs or output.prompt_logprobs
-                    last = output
-            assert last is not None  # every generation ends with an output that carries its finish
+                    whole.add(output)
+            assert whole.finish_reason is not None  # every generation ends with an output that carries its finish
             return pb.GenerateResponse(
                 request_id=request_id,
-                text="".join(text_parts),
-                token_ids=token_ids,
-                finish_reason=last.finish_reason,
-                usage=_usage(last),
+                text=whole.text,
+                token_ids=whole.token_ids,
+                finish_reason=whole.finish_reason,
+                usage=_usage(whole),
                 ttft_ms=recorder.ttft_ms,
                 e2e_ms=recorder.e2e_ms,
-                logprobs=convert.token_logprobs(logprobs),
-                prompt_logprobs=convert.token_logprobs(prompt_logprobs or ()),
+                logprobs=convert.token_logprobs(whole.logprobs),
+                prompt_logprobs=convert.token_logprobs(whole.prompt_logprobs),
             )
 
     async def GenerateStream(self, request: pb.GenerateRequest, context) -> None:
@@ -69,30 +62,26 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         # that stopped reading) can then be given up after the stall timeout, freeing the slot.
         recorder = self._metrics.recorder("GenerateStream")
         async with self._guard(context, recorder), self._calls.claim_request_id(request.request_id) as request_id:
-            held_ids: list[int] = []
-            held_logprobs: list = []
-            prompt_logprobs = None
+            held = WholeOutput()  # what the next chunk carries
             outputs = self._outputs(request, request_id, recorder)
             async with contextlib.aclosing(outputs):
                 async for output in outputs:
-                    held_ids.extend(output.token_ids)
-                    held_logprobs.extend(output.logprobs)
-                    prompt_logprobs = prompt_logprobs or output.prompt_logprobs
+                    held.add(output)
                     # One chunk per new piece of text: tokens whose text is held back ride along later
                     # (the prompt's log-probabilities ride on the first chunk).
                     if not output.text and output.finish_reason is None:
                         continue
                     chunk = pb.GenerateChunk(
                         request_id=request_id,
-                        text=output.text,
-                        token_ids=held_ids,
-                        logprobs=convert.token_logprobs(held_logprobs),
-                        prompt_logprobs=convert.token_logprobs(prompt_logprobs or ()),
+                        text=held.text,
+                        token_ids=held.token_ids,
+                        logprobs=convert.token_logprobs(held.logprobs),
+                        prompt_logprobs=convert.token_logprobs(held.prompt_logprobs),
                     )
-                    if output.finish_reason is not None:
-                        chunk.finish_reason = output.finish_reason
-                        chunk.usage.CopyFrom(_usage(output))
-                    held_ids, held_logprobs, prompt_logprobs = [], [], ()
+                    if held.finish_reason is not None:
+                        chunk.finish_reason = held.finish_reason
+                        chunk.usage.CopyFrom(_usage(held))
+                    held = WholeOutput()
                     await self._write(context, chunk)
 
     async def _write(self, context, chunk: pb.GenerateChunk) -> None:
@@ -161,5 +150,5 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             await context.abort(grpc.StatusCode[failure.status], failure.message)
 
 
-def _usage(output) -> pb.Usage:
-    return pb.Usage(prompt_tokens=output.prompt_tokens, completion_tokens=output.completion_tokens)
+def _usage(whole: WholeOutput) -> pb.Usage:
+    return pb.Usage(prompt_tokens=whole.prompt_tokens, completion_tokens=whole.completion_tokens)

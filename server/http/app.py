@@ -4,8 +4,9 @@ Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions`` and
 ``POST /v1/chat/completions``.  Everything a request goes through after its bytes are read
 (checks, request ids, generation, metrics, the outcome and its count) is server/calls.py,
 shared with the gRPC servicer; this module turns OpenAI's JSON into that path's plain types
-(through server/http/api.py) and its outcome into an HTTP answer.  The answer's status comes
-from the gRPC status name through the one table in server/errors.py.
+(through the typed requests of server/http/protocol.py) and its outcome into an HTTP answer
+(in the shapes of server/http/api.py).  The answer's status comes from the gRPC status name
+through the one table in server/errors.py.
 
 What happens before the shared path mirrors server/grpc/gate.py: the token is checked before a
 byte of the body is read, and a body over ``--max-receive-mb`` is refused; both counted.
@@ -36,18 +37,8 @@ from server.auth import TokenAuth
 from server.calls import CANCELLED, MAX_REQUEST_ID_CHARS, CallFailed, Calls, forget_traceback
 from server.http import tokens as http_tokens
 from server.http.answer import Answer
-from server.http.api import (
-    DONE,
-    ChunkWriter,
-    GenerateCall,
-    completion,
-    error_body,
-    event,
-    http_param,
-    parse_generate,
-    parse_json,
-    usage,
-)
+from server.http.api import DONE, ChunkWriter, completion, error_body, event, usage
+from server.http.protocol import GenerateCall, generate_call, http_param, parse_json
 from server.http.stream import ClientGone, EventStream, unless_disconnected
 from server.metrics import RequestRecorder
 
@@ -258,7 +249,7 @@ class HttpFrontEnd:
                 self._calls.claim_request_id(given_id) as request_id,
             ):
                 headers[REQUEST_ID_HEADER] = request_id
-                call = parse_generate(parse_json(raw), self.served_model, chat=method == CHAT)
+                call = generate_call(parse_json(raw), self.served_model, chat=method == CHAT)
                 if not call.stream:
                     yield await self._whole(call, request_id, method, recorder)
                     return

@@ -8,45 +8,30 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.http.api import FieldError, check_model, conversation, typed
-
-TOKENIZE_FIELDS = frozenset(
-    {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "return_token_strs"}
-)
-DETOKENIZE_FIELDS = frozenset({"model", "tokens"})
+from server.http.protocol import DetokenizeRequest, FieldError, TokenizeRequest
 
 
 def tokenize(body: dict, served_model: str, tokenizer, max_context: int) -> dict:
-    _only(body, TOKENIZE_FIELDS)
-    check_model(body.get("model"), served_model)
-    strings = typed(body, "return_token_strs", bool, False)
-    if "messages" in body:
-        chat = conversation(body)
+    request = TokenizeRequest.parse(body, served_model)
+    if request.messages is not None:
         rendered = tokenizer.apply_chat_template(
-            [{"role": role, "content": text} for role, text in chat.messages],
+            [{"role": role, "content": text} for role, text in request.messages.messages],
             tokenize=False,
-            add_generation_prompt=typed(body, "add_generation_prompt", bool, True),
+            add_generation_prompt=request.add_generation_prompt,
         )
         ids = tokenizer(rendered, add_special_tokens=False).input_ids
     else:
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str):
-            raise FieldError("prompt", "prompt is required and must be a string (or send messages)")
-        ids = tokenizer(prompt, add_special_tokens=typed(body, "add_special_tokens", bool, True)).input_ids
+        ids = tokenizer(request.prompt, add_special_tokens=request.add_special_tokens).input_ids
     return {
         "count": len(ids),
         "max_model_len": max_context,
         "tokens": ids,
-        "token_strs": tokenizer.convert_ids_to_tokens(ids) if strings else None,
+        "token_strs": tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None,
     }
 
 
 def detokenize(body: dict, served_model: str, tokenizer, vocab_size: int) -> dict:
-    _only(body, DETOKENIZE_FIELDS)
-    check_model(body.get("model"), served_model)
-    tokens = body.get("tokens")
-    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
-        raise FieldError("tokens", "tokens is required: a list of token ids")
+    tokens = DetokenizeRequest.parse(body, served_model).tokens
     for index, token in enumerate(tokens):
         if not 0 <= token < vocab_size:
             raise FieldError(
@@ -84,9 +69,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, str | int | float | bool) or value is None:
         return value
     return str(value)
-
-
-def _only(body: dict, allowed: frozenset[str]) -> None:
-    for name in body:
-        if name not in allowed:
-            raise FieldError(name, f"unsupported field {name!r}; this route takes {', '.join(sorted(allowed))}")
