@@ -44,6 +44,7 @@ class EngineConfig:
     device: str = "auto"
     max_concurrency: int | None = None  # None: the engine's own default
     max_queue: int = 64
+    max_queue_wait_s: float | None = None  # refuse a request whose estimated wait for a slot is longer
     options: object | None = None  # an instance of the engine's Options; None: its defaults
     test_faults: tuple = ()  # engines/faults.py: set only by tests, with --allow-test-faults
 

@@ -54,6 +54,7 @@ async def serve(config: ServerConfig, announce=print) -> int:
             device=config.device,
             max_concurrency=config.max_concurrency,
             max_queue=config.max_queue,
+            max_queue_wait_s=config.max_queue_wait_s,
             options=config.engine_options,
             test_faults=config.test_faults,
         ),

@@ -41,6 +41,13 @@ class ServerConfig:
         None, "requests generated at once (default: 1 for hf-*, vLLM's max_num_seqs for vllm)", minimum=1
     )
     max_queue: int = option(64, "requests that may wait for a slot; beyond it RESOURCE_EXHAUSTED", minimum=0)
+    max_queue_wait_s: float | None = option(
+        None,
+        "seconds a request may be expected to wait for a slot (estimated from the queue and the measured "
+        "service time); beyond it RESOURCE_EXHAUSTED (HTTP 429) at once with a retry hint (default: off)",
+        flag="max-queue-wait",
+        positive=True,
+    )
     grace_period_s: float = option(
         30.0, "seconds in-flight requests get to finish on SIGTERM", flag="grace-period", minimum=0
     )

@@ -100,7 +100,7 @@ class ChildProcessEngine(Engine):
             tokenizer,
             payload.max_context,
             payload.vocab_size,
-            Admission(payload.max_concurrent_requests, self.config.max_queue),
+            Admission(payload.max_concurrent_requests, self.config.max_queue, self.config.max_queue_wait_s),
         )
 
     async def shutdown(self) -> None:
