@@ -140,6 +140,8 @@ def summarize(step: Step, terms: tuple[Term, ...]) -> dict:
         "valid": step.valid,
     }
     row["goodput_rps"] = row["achieved_rps"] * n_good / len(answered) if answered else 0.0
+    # Good requests over the whole step, first send to last answer: vllm bench serve's definition.
+    row["goodput_run_rps"] = n_good / step.duration_s if step.duration_s > 0 else 0.0
     for metric in (*METRICS, "itl"):
         if metric == "itl":
             figures = [gap for s in answered for gap in s.itls_s]
