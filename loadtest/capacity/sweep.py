@@ -23,8 +23,10 @@ from loadtest.capacity.client import ERROR, OK, REFUSED, TIMEOUT, Sample, Step, 
 METRICS = ("ttft", "tpot", "e2e")
 # MLPerf Inference's server scenario for Llama-2-70B.
 DEFAULT_SLO = "ttft_p99=2s,tpot_p99=200ms"
-# Achieved below this share of the rate sent: the server no longer follows the offered rate.
-FOLLOWS = 0.9
+# Achieved below this share of the rate sent: the server no longer follows the offered rate.  Read only
+# from steps of at least RATE_SAMPLE answers: over fewer, the spread of latencies alone moves it that much.
+FOLLOWS = 0.8
+RATE_SAMPLE = 20
 # The queue grew when its mean over the step's last quarter is this many times its second quarter's, plus one.
 QUEUE_GROWTH = 1.5
 
@@ -154,7 +156,8 @@ def summarize(step: Step, terms: tuple[Term, ...]) -> dict:
         figure = percentile(_figures(samples, term.metric, failed_as_inf=True), term.percentile)
         if figure is None or figure > term.bound_s:
             misses.append(term.name)
-    row["saturated"] = bool(samples) and (achieved_rps < FOLLOWS * sent_rps or queue_grew(samples))
+    falls_behind = len(answered) >= RATE_SAMPLE and achieved_rps < FOLLOWS * sent_rps
+    row["saturated"] = bool(samples) and (falls_behind or queue_grew(samples))
     row["meets"] = not misses and not row["saturated"] and bool(answered)
     row["why"] = ", ".join(misses + (["saturated"] if row["saturated"] else []))
     return row
