@@ -180,7 +180,8 @@ class Driver:
             todo = [(run, rate) for run, rate in todo if rate is not None]
             if not todo:
                 return
-            left = sum(self.step_seconds(rate) for _, rate in todo) * self.config.repeat * 4
+            # The next rate's step time for every step still ahead: a rough bound, said as "about".
+            left = sum(self.step_seconds(rate) * run.search.steps_left() for run, rate in todo) * self.config.repeat
             for round_no in range(self.config.repeat):
                 for run, rate in todo:
                     self.progress(run, rate, f"search round {round_no + 1}", left)

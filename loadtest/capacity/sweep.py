@@ -199,6 +199,17 @@ class Search:
         else:
             self._next = math.sqrt(low * self.failed)
 
+    def steps_left(self) -> int:
+        """About how many rates are still to try (the progress line's time left): the climb to the maximum,
+        if nothing has failed yet, and the bisection's halvings of the bracket down to the tolerance."""
+        if self._next is None:
+            return 0
+        if self.failed is None:
+            climb = math.ceil(math.log(self.maximum / self._next) / math.log(self.factor)) + 1
+            return climb + math.ceil(math.log2(math.log(self.factor) / math.log(1 + self.tolerance)))
+        low = self.passed if self.passed is not None else self.failed / self.factor**2
+        return max(1, math.ceil(math.log2(math.log(self.failed / low) / math.log(1 + self.tolerance))))
+
     def stop(self, why: str) -> None:
         """Ends the search without a verdict on the last rate (the client fell behind: an invalid step)."""
         self.stopped = why

@@ -98,3 +98,13 @@ def test_the_search_finds_a_servers_known_capacity_within_ten_percent():
         assert row["achieved_rps"] <= row["sent_rps"] * 1.15
         if row["offered_rps"] > capacity * 1.2:
             assert row["saturated"] and not math.isclose(row["achieved_rps"], row["sent_rps"], rel_tol=0.1)
+
+
+def test_the_steps_left_shrink_to_none():
+    search = sweep.Search(start=1.0, factor=2.0, maximum=16, tolerance=0.1)
+    counts = []
+    while (rate := search.next_rate()) is not None:
+        counts.append(search.steps_left())
+        search.record(rate, rate <= 5)
+    assert counts[0] >= 5 and search.steps_left() == 0
+    assert all(count >= 1 for count in counts)
