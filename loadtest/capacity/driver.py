@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loadtest.capacity import client, report, sweep, trace, workloads
+from loadtest.capacity import client, report, second_clock, sweep, trace, workloads
 from loadtest.capacity.config import CapacityConfig, parse
 from loadtest.compare.targets import (
     TargetConfig,
@@ -235,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     out = folder.dir
     (out / "raw").mkdir(exist_ok=True)
     built.save(out / "trace.jsonl")
-    second_clock = report.second_clock_wanted(config.second_clock)
-    runs = make_runs(config, model_path, out / "raw", terms, second_clock)
+    clocked = second_clock.wanted(config.second_clock)
+    runs = make_runs(config, model_path, out / "raw", terms, clocked)
     driver = Driver(config, built, terms, out)
     searched = [run for run in runs if not run.bound_of]
     bounded = [run for run in runs if run.bound_of]
@@ -247,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         driver.search(searched)
         capacities = {run.label: c for run in searched if (c := report.capacity_of(run.rows)[0]) is not None}
         driver.overload(searched, capacities)
-        if second_clock:
-            clock_rows = report.second_clock(searched, capacities, config, terms, out / "raw", model_path)
+        if clocked:
+            clock_rows = second_clock.run(searched, capacities, config, terms, out / "raw", model_path)
         for run in searched:
             run.target.stop()
         for run in bounded:
