@@ -20,6 +20,11 @@ def wanted(choice: str) -> bool:
     return choice == "true"
 
 
+def burstiness(arrival: str, factor: float) -> str:
+    """Our arrival process in vLLM's terms: gamma's shape, 1 for Poisson, infinity for constant gaps."""
+    return {"poisson": "1", "constant": "inf"}.get(arrival, f"{factor:g}")
+
+
 def run(runs, capacities: dict[str, float], config, terms, raw: Path, model_path: str) -> list[dict]:
     """``vllm bench serve`` at each target's capacity point, with its ``--goodput`` set to the target's
     terms (its goodput is per request, over the whole run: compared with ours counted the same way)."""
@@ -44,7 +49,7 @@ def run(runs, capacities: dict[str, float], config, terms, raw: Path, model_path
             "--model", served, "--tokenizer", model_path, "--dataset-name", "random",
             "--random-input-len", str(prompt_tokens), "--random-output-len", str(config.output_tokens),
             "--random-range-ratio", "0", "--num-prompts", str(count), "--request-rate", f"{rate:g}",
-            "--burstiness", f"{config.burstiness if config.arrival == 'gamma' else 1.0:g}",
+            "--burstiness", burstiness(config.arrival, config.burstiness),
             "--temperature", "0", "--seed", str(config.seed), "--goodput", *goodput,
             "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99", "--disable-tqdm",
             "--save-result", "--result-dir", str(raw), "--result-filename", f"{stem}.json",

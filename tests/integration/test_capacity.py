@@ -130,3 +130,32 @@ def test_past_capacity_ours_with_the_bound_refuses_rather_than_fails(report):
         assert row["offered_rps"] == pytest.approx(2 * capacities[base])
         assert row["errors"] == 0  # refusals, never errors
         assert row["goodput_rps"] <= row["offered_rps"] * TOLERANCE
+
+
+def test_the_second_clock_agrees_with_ours_on_a_server_of_known_capacity(tmp_path):
+    """vllm bench serve and our sender at the same constant rate, below capacity, against the same
+    in-process server (4 slots, 0.2 s): every request is good on both clocks, so the goodputs agree."""
+    pytest.importorskip("vllm")
+    from engines.models import resolve_model
+    from loadtest.capacity import config as capacity_config
+    from loadtest.capacity import driver, second_clock, sweep, trace, workloads
+    from tests.unit.test_capacity_driver import SlotTarget, ThreadedServer
+
+    settings = capacity_config.parse(
+        ["--arrival", "constant", "--step-seconds", "3", "--min-requests", "30", "--output-tokens", "4"]
+    )
+    terms = sweep.parse_slo("ttft_p99=2s,tpot_p99=500ms")
+    built = trace.build(workloads.Speed(workloads.Lengths("fixed", (4,))), 60, "constant", seed=0)
+    (tmp_path / "raw").mkdir()
+    with ThreadedServer(4, 0.2) as url:
+        run = driver.Run(SlotTarget("slots", url), True, None)
+        measuring = driver.Driver(settings, built, terms, tmp_path)
+        measuring.step(run, 10.0, 0, "search")
+        measuring.samples.close()
+        rows = second_clock.run(
+            [run], {"slots": 10.0}, settings, terms, tmp_path / "raw", str(resolve_model("tiny-llama"))
+        )
+    assert len(rows) == 1, rows
+    row = rows[0]
+    assert "note" not in row, row
+    assert row["agree"], row
