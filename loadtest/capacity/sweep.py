@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 from dataclasses import dataclass
 
 from loadtest.capacity.client import ERROR, OK, REFUSED, TIMEOUT, Sample, Step, percentile
@@ -27,7 +28,8 @@ DEFAULT_SLO = "ttft_p99=2s,tpot_p99=200ms"
 # from steps of at least RATE_SAMPLE answers: over fewer, the spread of latencies alone moves it that much.
 FOLLOWS = 0.8
 RATE_SAMPLE = 20
-# The queue grew when its mean over the step's last quarter is this many times its second quarter's, plus one.
+# The queue grew when its mean over the later half of the step (past the ramp-up) is this many times the
+# earlier half's, plus one.
 QUEUE_GROWTH = 1.5
 
 
@@ -105,12 +107,20 @@ def rate_of(times: list[float]) -> float:
 
 
 def queue_grew(samples: list[Sample]) -> bool:
-    queue = [s.in_flight_at_send for s in sorted(samples, key=lambda s: s.sent_s)]
-    if len(queue) < 8:
+    """Whether the requests unanswered when each one left grew across the step, once past the ramp-up:
+    in an open loop the count rises from zero over the first answer's time even when the server keeps
+    up, so only requests sent after the median E2E are compared, the later half against the earlier."""
+    ordered = sorted(samples, key=lambda s: s.sent_s)
+    e2es = [s.e2e_s for s in samples if s.status == OK and s.e2e_s is not None]
+    if not ordered or not e2es:
         return False
-    quarter = len(queue) // 4
-    second, last = queue[quarter : 2 * quarter], queue[-quarter:]
-    return sum(last) / len(last) > QUEUE_GROWTH * (sum(second) / len(second)) + 1
+    settled = ordered[0].sent_s + statistics.median(e2es)
+    queue = [s.in_flight_at_send for s in ordered if s.sent_s >= settled]
+    if len(queue) < 8:
+        return False  # too few after the ramp-up to tell growth from noise
+    half = len(queue) // 2
+    earlier, later = queue[:half], queue[half:]
+    return sum(later) / len(later) > QUEUE_GROWTH * (sum(earlier) / len(earlier)) + 1
 
 
 def summarize(step: Step, terms: tuple[Term, ...]) -> dict:

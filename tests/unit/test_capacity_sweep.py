@@ -108,3 +108,12 @@ def test_the_steps_left_shrink_to_none():
         search.record(rate, rate <= 5)
     assert counts[0] >= 5 and search.steps_left() == 0
     assert all(count >= 1 for count in counts)
+
+
+def test_the_ramp_up_of_an_open_loop_is_not_a_growing_queue():
+    """Requests of 9 s arriving every 0.5 s for 8 s: the count in flight climbs all step long only because
+    no answer has come back yet.  Nothing was sent past the ramp-up: no verdict of growth."""
+    ramp = [sample(i, 0.1, 9.0, sent=i * 0.5, queue=i) for i in range(16)]
+    assert not sweep.queue_grew(ramp)
+    # Past the ramp-up (answers in 1 s), the same climb is growth.
+    assert sweep.queue_grew([sample(i, 0.1, 1.0, sent=i * 0.5, queue=i) for i in range(16)])
