@@ -63,6 +63,10 @@ def run(runs, capacities: dict[str, float], config, terms, raw: Path, model_path
             row["note"] = f"vllm bench serve failed: {str(exc).splitlines()[0]}"[:300]
             rows.append(row)
             continue
+        if not result.get("completed"):
+            row["note"] = f"vllm bench serve: every request failed ({stem}.log says why)"
+            rows.append(row)
+            continue
         ours_goodput = statistics.median(r["goodput_run_rps"] for r in ours) if ours else None
         theirs = result.get("request_goodput")
         row.update(
