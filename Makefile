@@ -242,3 +242,17 @@ EVAL_ARGS ?=
 .PHONY: eval
 eval: model
 	$(BIN)/python -m loadtest.evaluation.driver --engine $(ENGINE) --model $(MODEL) --tasks $(TASKS) $(EVAL_ARGS)
+
+# make capacity: requests/s each engine and its outside peers take within a latency target (open-loop
+# arrivals from one seeded trace, a rate sweep to saturation, goodput), written to reports/capacity-<UTC time>/:
+#   make capacity ENGINES=hf-cb,vllm,llama-cpp MODEL=smollm2-135m SLO=ttft_p99=2s,tpot_p99=200ms WORKLOAD=speed
+# WORKLOAD: speed, synthetic:in=uniform(64,256),out=fixed(128), file:PATH.jsonl or prefix:k=4,l=256,suffix=32.
+comma := ,
+ENGINES ?= hf-cb,vllm,llama-cpp
+SLO ?= ttft_p99=2s,tpot_p99=200ms
+WORKLOAD ?= speed
+CAPACITY_ARGS ?=
+.PHONY: capacity
+capacity: model $(if $(filter llama-cpp,$(subst $(comma), ,$(ENGINES))),llama-cpp)
+	$(BIN)/python -m loadtest.capacity --engines $(ENGINES) --model $(MODEL) --slo '$(SLO)' \
+	  --workload '$(WORKLOAD)' $(CAPACITY_ARGS)

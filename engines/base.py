@@ -61,6 +61,7 @@ class EngineConfig:
     device: str = "auto"
     max_concurrency: int | None = None  # None: the engine's own default
     max_queue: int = 64
+    max_queue_wait_s: float | None = None  # refuse a request whose estimated wait for a slot is longer
     options: object | None = None  # an instance of the engine's Options; None: its defaults
     # Run the engine in a child process of the server (engines/process/); only for an engine
     # whose class declares runs_in_child_process.

@@ -82,6 +82,7 @@ class Server:
                 device=config.device,
                 max_concurrency=config.max_concurrency,
                 max_queue=config.max_queue,
+                max_queue_wait_s=config.max_queue_wait_s,
                 options=config.engine_options,
                 engine_process=config.engine_process,
                 test_faults=config.test_faults,

@@ -47,6 +47,13 @@ class ServerConfig:
         "run the engine (its model, its loop and Score) in a child process of the server, so that its loop "
         "shares no GIL with the front ends (vLLM's EngineCore shape)",
     )
+    max_queue_wait_s: float | None = option(
+        None,
+        "seconds a request may be expected to wait for a slot (estimated from the queue and the measured "
+        "service time); beyond it RESOURCE_EXHAUSTED (HTTP 429) at once with a retry hint (default: off)",
+        flag="max-queue-wait",
+        positive=True,
+    )
     grace_period_s: float = option(
         30.0, "seconds in-flight requests get to finish on SIGTERM", flag="grace-period", minimum=0
     )

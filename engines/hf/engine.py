@@ -94,7 +94,10 @@ class HFEngine(Engine):
             else "eager (dynamic cache)",
         )
         self._open(
-            self.lm.tokenizer, self.lm.max_context, self.lm.vocab_size, Admission(self._slots, self.config.max_queue)
+            self.lm.tokenizer,
+            self.lm.max_context,
+            self.lm.vocab_size,
+            Admission(self._slots, self.config.max_queue, self.config.max_queue_wait_s),
         )
 
     def _load(self) -> HFModel:

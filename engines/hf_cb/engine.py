@@ -130,7 +130,7 @@ class ContinuousBatchingEngine(Engine):
             runtime.tokenizer,
             runtime.max_context,
             runtime.vocab_size,
-            Admission(self._max_running, self.config.max_queue),
+            Admission(self._max_running, self.config.max_queue, self.config.max_queue_wait_s),
         )
 
     async def shutdown(self) -> None:

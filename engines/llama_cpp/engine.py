@@ -129,7 +129,12 @@ class LlamaCppEngine(Engine):
             self._context,
             self._threads,
         )
-        self._open(tokenizer, self._context, len(tokenizer), Admission(self._parallel, self.config.max_queue))
+        self._open(
+            tokenizer,
+            self._context,
+            len(tokenizer),
+            Admission(self._parallel, self.config.max_queue, self.config.max_queue_wait_s),
+        )
 
     async def _wait_healthy(self) -> None:
         deadline = asyncio.get_running_loop().time() + START_TIMEOUT_S

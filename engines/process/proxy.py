@@ -82,7 +82,7 @@ class ChildProcessEngine(Engine):
             tokenizer,
             answer.info.max_context,
             answer.info.vocab_size,
-            Admission(answer.info.max_concurrent_requests, self.config.max_queue),
+            Admission(answer.info.max_concurrent_requests, self.config.max_queue, self.config.max_queue_wait_s),
         )
 
     async def shutdown(self) -> None:

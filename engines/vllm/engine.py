@@ -198,7 +198,7 @@ class VLLMEngine(Engine):
             tokenizer,
             self._max_model_len,
             int(model_config.vocab_size),
-            Admission(self._max_num_seqs, self.config.max_queue),
+            Admission(self._max_num_seqs, self.config.max_queue, self.config.max_queue_wait_s),
         )
 
     def _wants_cuda(self) -> bool:

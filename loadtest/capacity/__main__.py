@@ -1,0 +1,5 @@
+import sys
+
+from loadtest.capacity.driver import main
+
+sys.exit(main())
