@@ -24,6 +24,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
+from engines import remote_code
 from engines.admission import Admission
 from engines.errors import EngineUnavailable, InvalidRequest, Unsupported
 from engines.logprobs import TokenLogprob, TokenTexts
@@ -45,6 +46,8 @@ class EngineConfig:
     max_concurrency: int | None = None  # None: the engine's own default
     max_queue: int = 64
     options: object | None = None  # an instance of the engine's Options; None: its defaults
+    # Load a folder that names classes of its own (auto_map): their Python files run (engines/remote_code.py).
+    trust_remote_code: bool = False
     test_faults: tuple = ()  # engines/faults.py: set only by tests, with --allow-test-faults
 
 
@@ -98,6 +101,7 @@ class EngineInfo:
     model_path: str = ""
     kv_cache_tokens: int = 0  # paged engines: tokens the KV cache holds across all sequences
     kv_cache_bytes: int = 0
+    custom_code: tuple[str, ...] = ()  # the model folder's own Python files that ran (--trust-remote-code)
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,8 @@ class Engine(abc.ABC):
         self.options = config.options if config.options is not None else self.Options()
         if not isinstance(self.options, self.Options):
             raise TypeError(f"engine {self.name} takes {self.Options.__name__}, got {type(self.options).__name__}")
+        # Before anything loads: a folder with code of its own is refused unless it was trusted.
+        self.custom_code = remote_code.checked(config.model, config.trust_remote_code)
         self._prompts: PromptTokenizer | None = None
         self._admission: Admission | None = None
         self._max_context = 0

@@ -55,6 +55,7 @@ async def serve(config: ServerConfig, announce=print) -> int:
             max_concurrency=config.max_concurrency,
             max_queue=config.max_queue,
             options=config.engine_options,
+            trust_remote_code=config.trust_remote_code,
             test_faults=config.test_faults,
         ),
     )
@@ -136,7 +137,10 @@ async def serve(config: ServerConfig, announce=print) -> int:
         announce(
             f"yayi-serve: ready: engine={info.engine} model={info.model} device={info.device} "
             f"dtype={info.dtype} attention={info.attention} use_cache={info.use_cache}"
+            + (f" custom_code={','.join(info.custom_code)}" if info.custom_code else "")
         )
+        if info.custom_code:
+            log.warning("the model's own code ran (--trust-remote-code): %s", ", ".join(info.custom_code))
         await stop.wait()
         engine_watch.cancel()
         announce(f"yayi-serve: draining (grace {config.grace_period_s:g}s)")

@@ -80,6 +80,12 @@ class ServerConfig:
         group=HTTP,
         minimum=1,
     )
+    trust_remote_code: bool = option(
+        False,
+        "load a model folder that names classes of its own (auto_map in config.json or tokenizer_config.json): "
+        "its Python files run in the server with the server's rights; without this flag such a folder is refused",
+        group=SECURITY,
+    )
     tls_cert: str | None = option(
         None, "PEM server certificate (chain): serve TLS instead of plaintext", group=SECURITY
     )

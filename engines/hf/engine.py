@@ -98,16 +98,19 @@ class HFEngine(Engine):
         )
 
     def _load(self) -> HFModel:
-        lm = self.load_model(self.config.model, self.config.dtype, self.config.device)
+        lm = self.load_model(self.config.model, self.config.dtype, self.config.device, self.config.trust_remote_code)
         if isinstance(self.options, HFOptions) and self.options.compile:  # hf-eager has no options
             lm.enable_compile(parse_buckets(self.options.compile_buckets))
         return lm
 
     @classmethod
-    def load_model(cls, model: str, dtype: str = "auto", device: str = "auto") -> HFModel:
+    def load_model(
+        cls, model: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False
+    ) -> HFModel:
         """The model exactly as this engine runs it (cache and attention choices), without a server:
         for offline experiments that drive ``HFModel.generate`` themselves."""
-        return HFModel.load(resolve_model(model), dtype, device, use_cache=cls.use_cache, flash=cls.flash)
+        path = resolve_model(model)
+        return HFModel.load(path, dtype, device, cls.use_cache, cls.flash, trust_remote_code)
 
     async def shutdown(self) -> None:
         await super().shutdown()
@@ -133,6 +136,7 @@ class HFEngine(Engine):
             max_concurrent_requests=self._slots,
             max_queue=self.config.max_queue,
             model_path=str(lm.path),
+            custom_code=self.custom_code,
         )
 
     async def _stream(self, request: EngineRequest):

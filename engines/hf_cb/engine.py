@@ -69,7 +69,9 @@ class CBOptions:
     )
 
 
-def default_cache_plan(model: str, dtype: str, device: str = "cpu", max_running: int | None = None):
+def default_cache_plan(
+    model: str, dtype: str, device: str = "cpu", max_running: int | None = None, trust_remote_code: bool = False
+):
     """The KV cache hf-cb builds with its default options, for a peer (transformers serve, generate_batch)
     that is to get the same."""
     from transformers import AutoConfig
@@ -81,7 +83,7 @@ def default_cache_plan(model: str, dtype: str, device: str = "cpu", max_running:
     where = resolve_device(device)
     options = CBOptions()
     return plan_cache(
-        AutoConfig.from_pretrained(resolve_model(model)).get_text_config(),
+        AutoConfig.from_pretrained(resolve_model(model), trust_remote_code=trust_remote_code).get_text_config(),
         resolve_dtype(dtype, where),
         where,
         options.num_blocks,
@@ -116,7 +118,13 @@ class ContinuousBatchingEngine(Engine):
         self._max_running = self.config.max_concurrency or DEFAULT_MAX_RUNNING[kind]
         self._score_lock = asyncio.Lock()
         runtime = await _in_passing_thread(
-            CBRuntime.build, self.config.model, self.config.dtype, self.config.device, self.options, self._max_running
+            CBRuntime.build,
+            self.config.model,
+            self.config.dtype,
+            self.config.device,
+            self.options,
+            self._max_running,
+            self.config.trust_remote_code,
         )
         self._runtime = runtime
         log.info(
@@ -160,6 +168,7 @@ class ContinuousBatchingEngine(Engine):
             model_path=str(runtime.path),
             kv_cache_tokens=runtime.num_blocks * runtime.block_size,
             kv_cache_bytes=runtime.kv_cache_bytes,
+            custom_code=self.custom_code,
         )
 
     def load(self) -> EngineLoad:

@@ -86,12 +86,9 @@ class LlamaCppEngine(Engine):
             raise EngineUnavailable(f"engine llama-cpp is built for the CPU; --device {self.config.device} is not")
         binary = llama_server_binary(options.llama_server)
         self._gguf: GGUFModel = await asyncio.to_thread(resolve_gguf, self.config.model, self.config.dtype)
-        tokenizer = await asyncio.to_thread(
-            AutoTokenizer.from_pretrained, self._gguf.tokenizer_folder, gguf_file=self._gguf.tokenizer_gguf
-        )
-        model_config = await asyncio.to_thread(
-            AutoConfig.from_pretrained, self._gguf.tokenizer_folder, gguf_file=self._gguf.tokenizer_gguf
-        )
+        where = dict(gguf_file=self._gguf.tokenizer_gguf, trust_remote_code=self.config.trust_remote_code)
+        tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self._gguf.tokenizer_folder, **where)
+        model_config = await asyncio.to_thread(AutoConfig.from_pretrained, self._gguf.tokenizer_folder, **where)
         self._context = options.context or min(DEFAULT_CONTEXT, context_length(model_config))
         self._parallel = self.config.max_concurrency or options.parallel
         self._threads = options.threads or os.cpu_count() or 1
@@ -190,6 +187,7 @@ class LlamaCppEngine(Engine):
             max_queue=self.config.max_queue,
             model_path=str(self._gguf.path),
             kv_cache_tokens=self._context * self._parallel,
+            custom_code=self.custom_code,
         )
 
     def load(self) -> EngineLoad:

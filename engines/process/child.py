@@ -95,7 +95,9 @@ class ChildProcessEngine(Engine):
         self._info = payload
         log.info("%s runs in engine process %d", self.name, self._process.pid)
         asyncio.get_running_loop().add_reader(self._conn.fileno(), self._on_readable)
-        tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, payload.model_path)
+        tokenizer = await asyncio.to_thread(
+            AutoTokenizer.from_pretrained, payload.model_path, trust_remote_code=self.config.trust_remote_code
+        )
         self._open(
             tokenizer,
             payload.max_context,

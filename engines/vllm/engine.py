@@ -137,8 +137,9 @@ class VLLMEngine(Engine):
         self._dtype = (
             self.config.dtype if self.config.dtype != "auto" else ("bfloat16" if self._device == "cuda" else "float32")
         )
-        tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self._path)
-        model_config = await asyncio.to_thread(AutoConfig.from_pretrained, self._path)
+        trust = self.config.trust_remote_code
+        tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self._path, trust_remote_code=trust)
+        model_config = await asyncio.to_thread(AutoConfig.from_pretrained, self._path, trust_remote_code=trust)
         self._max_model_len = options.max_model_len_for(model_facts.context_length(model_config))
         check_layout(layout, model_config, device=self._device, enforce_eager=options.enforce_eager)
         if self._device == "cpu":
@@ -154,6 +155,7 @@ class VLLMEngine(Engine):
         args = AsyncEngineArgs(
             model=str(self._path),
             tokenizer=str(self._path),
+            trust_remote_code=trust,
             # One of the server's --dtype choices, or the auto rule's above: all names vLLM takes.
             dtype=cast("ModelDType", self._dtype),
             max_model_len=self._max_model_len,
@@ -327,6 +329,7 @@ class VLLMEngine(Engine):
             model_path=str(self._path),
             kv_cache_tokens=self._kv_cache_tokens,
             kv_cache_bytes=int(self.options.kv_cache_gb * 2**30) if self._device == "cpu" else 0,
+            custom_code=self.custom_code,
         )
 
     @property

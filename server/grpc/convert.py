@@ -53,6 +53,7 @@ def model_info(info: EngineInfo) -> pb.ModelInfo:
         model_path=info.model_path,
         kv_cache_tokens=info.kv_cache_tokens,
         kv_cache_bytes=info.kv_cache_bytes,
+        custom_code=info.custom_code,
     )
 
 

@@ -133,7 +133,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("engine", "model", "dtype", "device", "attention", "use_cache", "max_context", "vocab_size", "max_concurrent_requests", "max_queue", "model_path", "kv_cache_tokens", "kv_cache_bytes")
+    __slots__ = ("engine", "model", "dtype", "device", "attention", "use_cache", "max_context", "vocab_size", "max_concurrent_requests", "max_queue", "model_path", "kv_cache_tokens", "kv_cache_bytes", "custom_code")
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +147,7 @@ class ModelInfo(_message.Message):
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CUSTOM_CODE_FIELD_NUMBER: _ClassVar[int]
     engine: str
     model: str
     dtype: str
@@ -160,4 +161,5 @@ class ModelInfo(_message.Message):
     model_path: str
     kv_cache_tokens: int
     kv_cache_bytes: int
-    def __init__(self, engine: _Optional[str] = ..., model: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., attention: _Optional[str] = ..., use_cache: _Optional[bool] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ..., max_queue: _Optional[int] = ..., model_path: _Optional[str] = ..., kv_cache_tokens: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
+    custom_code: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, engine: _Optional[str] = ..., model: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., attention: _Optional[str] = ..., use_cache: _Optional[bool] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ..., max_queue: _Optional[int] = ..., model_path: _Optional[str] = ..., kv_cache_tokens: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., custom_code: _Optional[_Iterable[str]] = ...) -> None: ...
