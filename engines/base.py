@@ -48,6 +48,7 @@ class EngineConfig:
     options: object | None = None  # an instance of the engine's Options; None: its defaults
     # Load a folder that names classes of its own (auto_map): their Python files run (engines/remote_code.py).
     trust_remote_code: bool = False
+    chat_template: str | None = None  # Jinja text that replaces the tokenizer's own template (or gives one)
     test_faults: tuple = ()  # engines/faults.py: set only by tests, with --allow-test-faults
 
 
@@ -176,6 +177,9 @@ class Engine(abc.ABC):
 
     def _open(self, tokenizer, max_context: int, vocab_size: int, admission: Admission) -> None:
         """Called by ``start`` once the model is loaded: from here on requests are served."""
+        if self.config.chat_template is not None:
+            # On the one tokenizer every prompt, /tokenize and /tokenizer_info read.
+            tokenizer.chat_template = self.config.chat_template
         self._prompts = PromptTokenizer(tokenizer, max_context, self.config.model)
         self._max_context = max_context
         self._vocab_size = vocab_size

@@ -45,6 +45,23 @@ class StartupError(RuntimeError):
     """A failure a person fixes by changing the command line or the machine: no traceback needed."""
 
 
+def _chat_template(path: str | None) -> str | None:
+    """The text of --chat-template FILE, checked to be Jinja before anything loads."""
+    if path is None:
+        return None
+    import jinja2
+
+    try:
+        text = open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StartupError(f"--chat-template {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as exc:
+        raise StartupError(f"--chat-template {path}: not a Jinja template (line {exc.lineno}: {exc.message})") from None
+    return text
+
+
 async def serve(config: ServerConfig, announce=print) -> int:
     engine = create_engine(
         config.engine,
@@ -56,6 +73,7 @@ async def serve(config: ServerConfig, announce=print) -> int:
             max_queue=config.max_queue,
             options=config.engine_options,
             trust_remote_code=config.trust_remote_code,
+            chat_template=_chat_template(config.chat_template),
             test_faults=config.test_faults,
         ),
     )

@@ -80,6 +80,11 @@ class ServerConfig:
         group=HTTP,
         minimum=1,
     )
+    chat_template: str | None = option(
+        None,
+        "a Jinja chat template file (as vLLM and transformers serve take it) for chat prompts: gives a model "
+        "that has none its template, or replaces the model's own",
+    )
     trust_remote_code: bool = option(
         False,
         "load a model folder that names classes of its own (auto_map in config.json or tokenizer_config.json): "
