@@ -240,7 +240,7 @@ class ContinuousBatchingEngine(Engine):
                 request_id=request_id,
                 max_new_tokens=params.max_new_tokens,
                 streaming=True,
-                eos_token_id=-1 if params.ignore_eos else list(runtime.eos_ids),
+                eos_token_id=_ending_ids(params, runtime.eos_ids),
                 **extra,
             )
             if added is None:
@@ -336,6 +336,12 @@ async def _in_passing_thread(function, *args):
     """
     with ThreadPoolExecutor(1, thread_name_prefix="hf-cb-passing") as thread:
         return await asyncio.get_running_loop().run_in_executor(thread, function, *args)
+
+
+def _ending_ids(params: SamplingParams, eos_ids) -> list[int] | int:
+    """The ids the manager ends the request at: the model's EOS (unless ignored) and the request's stop ids."""
+    ids = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids)))
+    return ids or -1
 
 
 class _TextStream:

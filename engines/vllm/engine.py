@@ -369,7 +369,7 @@ class VLLMEngine(Engine):
             async for output in stream:
                 sequence = output.outputs[0]
                 completion += len(sequence.token_ids)
-                finish = _finish_reason(sequence) if output.finished else None
+                finish = _finish_reason(sequence, request.params) if output.finished else None
                 text = sequence.text.rstrip("\ufffd") if finish else sequence.text
                 entries: tuple[TokenLogprob, ...] = ()
                 if params.logprobs is not None:
@@ -464,6 +464,8 @@ def _vllm_params(params: SamplingParams):
         top_k=params.top_k,
         repetition_penalty=params.repetition_penalty,
         stop=list(params.stop) or None,
+        # vLLM adds the folder's generation_config.json end-of-sequence ids to these itself.
+        stop_token_ids=list(params.stop_token_ids) or None,
         seed=params.seed,
         ignore_eos=params.ignore_eos,
         output_kind=RequestOutputKind.FINAL_ONLY if scoring_only else RequestOutputKind.DELTA,
@@ -500,10 +502,11 @@ def _prompt_entries(prompt_ids, positions, k: int) -> tuple[TokenLogprob | None,
     return (None, *_entries(prompt_ids[1:], positions[1:], k))
 
 
-def _finish_reason(sequence) -> str:
-    # vLLM says "stop" both for EOS and for a stop string; stop_reason tells them apart.
+def _finish_reason(sequence, params: SamplingParams) -> str:
+    # vLLM says "stop" for EOS, a stop string and a stop id alike; stop_reason tells them apart.
     if sequence.finish_reason == "stop":
-        return "stop" if isinstance(sequence.stop_reason, str) else "eos"
+        asked = isinstance(sequence.stop_reason, str) or sequence.stop_reason in params.stop_token_ids
+        return "stop" if asked else "eos"
     if sequence.finish_reason == "abort":
         return "cancelled"
     return sequence.finish_reason or "length"

@@ -23,7 +23,9 @@ def sampling_params(message: pb.SamplingParams) -> SamplingParams:
     """Unset optional fields take SamplingParams' own defaults, as the HTTP front end's absent fields do;
     set ones are validated by SamplingParams itself."""
     given = {name: getattr(message, name) for name in OPTIONAL_FIELDS if message.HasField(name)}
-    return SamplingParams(**given, stop=tuple(message.stop), ignore_eos=message.ignore_eos)
+    return SamplingParams(
+        **given, stop=tuple(message.stop), ignore_eos=message.ignore_eos, stop_token_ids=tuple(message.stop_token_ids)
+    )
 
 
 def token_logprobs(entries) -> list[pb.TokenLogprob]:
