@@ -164,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
         "unless transformers-serve is loaded, which cannot ignore EOS (then false for every target)",
     )
     parser.add_argument("--server-args", default="", help="extra yayi-serve arguments for every engine, one string")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="the model folder's own code runs: passed to every yayi-serve this run starts",
+    )
     parser.add_argument("--baseline-args", default="", help="extra arguments for vLLM's own server, one string")
     parser.add_argument(
         "--transformers-serve-args",
@@ -338,7 +343,7 @@ def target_config(args: argparse.Namespace, model_path: str) -> TargetConfig:
 
 def make_targets(args, engines: list[str], model_path: str, raw: Path) -> list[Target]:
     queue = max(64, 2 * max(args.users))
-    common = shlex.split(args.server_args)
+    common = shlex.split(args.server_args) + (["--trust-remote-code"] if args.trust_remote_code else [])
     config = target_config(args, model_path)
     targets: list[Target] = []
     baselines = chosen_baselines(args.baseline, engines)

@@ -364,6 +364,12 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--dtype", default="auto", help="the server's --dtype; the in-process run uses what it chose")
     parser.add_argument("--device", default="auto", help="the server's --device; the in-process run uses the same")
     parser.add_argument("--serve-args", default="", help="more yayi-serve flags, one shell-quoted string")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="the model folder's own code runs: in the server (yayi-serve --trust-remote-code) and in lm-eval's "
+        "tokenizer and in-process model",
+    )
     parser.add_argument("--bootstrap-iters", type=int, default=0, help="lm-eval's stderr bootstrap (0: none)")
     parser.add_argument("--skip-in-process", action="store_true", help="only the server run (no agreement check)")
     parser.add_argument("--out", help="report folder (default reports/eval-<UTC time>)")
@@ -406,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
 
     serve = ["--engine", args.engine, "--model", args.model, "--http-port", "0"]
     serve += ["--dtype", args.dtype, "--device", args.device, *shlex.split(args.serve_args)]
+    serve += ["--trust-remote-code"] if args.trust_remote_code else []
     print(f"# serving: yayi-serve {shlex.join(serve)}", flush=True)
     server = ServerProcess(*serve).wait_ready(900)
     try:
@@ -414,13 +421,17 @@ def main(argv: list[str] | None = None) -> int:
         model_name = served_model(server.http_url)
         from transformers import AutoTokenizer
 
-        probe_ids = AutoTokenizer.from_pretrained(folder)(TEXT_PROBE, add_special_tokens=False).input_ids
+        own_code = {"trust_remote_code": True} if args.trust_remote_code else {}
+        probe_ids = AutoTokenizer.from_pretrained(folder, **own_code)(TEXT_PROBE, add_special_tokens=False).input_ids
         support = probe(server.http_url, model_name, probe_ids)
         tokenized = {"true": True, "false": False}.get(args.tokenized_requests, support.token_ids)
         blocked = blocked_tasks(output_types, support, tokenized)
         runnable = [t for t in output_types if t not in blocked]
-        api_args = local_completions_args(
-            server.http_url, model_name, folder, info, tokenized, args.num_concurrent, args.tokenizer_backend
+        api_args = (
+            local_completions_args(
+                server.http_url, model_name, folder, info, tokenized, args.num_concurrent, args.tokenizer_backend
+            )
+            | own_code
         )
         outcome = Outcome(info, support, tokenized, blocked, api_args)
         print(
@@ -452,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         (raw / "server.log").write_text("\n".join(server.lines) + "\n")
 
     if runnable and not args.skip_in_process:
-        outcome.hf_args = hf_args(folder, info)
+        outcome.hf_args = hf_args(folder, info) | own_code
         print(f"# in-process: lm-eval hf {outcome.hf_args}", flush=True)
         try:
             outcome.hf_results, outcome.hf_wall = run_lm_eval("hf", outcome.hf_args, tasks, args, manager)
