@@ -49,6 +49,8 @@ class EngineConfig:
     # Load a folder that names classes of its own (auto_map): their Python files run (engines/remote_code.py).
     trust_remote_code: bool = False
     chat_template: str | None = None  # Jinja text that replaces the tokenizer's own template (or gives one)
+    memory_budget: int | None = None  # bytes the model may take (engines/memory.py); None: what is free
+    skip_memory_check: bool = False
     test_faults: tuple = ()  # engines/faults.py: set only by tests, with --allow-test-faults
 
 

@@ -74,6 +74,8 @@ async def serve(config: ServerConfig, announce=print) -> int:
             options=config.engine_options,
             trust_remote_code=config.trust_remote_code,
             chat_template=_chat_template(config.chat_template),
+            memory_budget=config.memory_budget,
+            skip_memory_check=config.skip_memory_check,
             test_faults=config.test_faults,
         ),
     )

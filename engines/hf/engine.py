@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from engines import faults
+from engines import faults, memory, model_facts
 from engines.admission import Admission
 from engines.base import Engine, EngineInfo, EngineRequest, GenerationOutput, ScoreResult
 from engines.errors import EngineOutOfMemory, EngineUnavailable
-from engines.hf.model import HFModel
+from engines.hf.model import HFModel, resolve_device, resolve_dtype
 from engines.hf.static import parse_buckets
 from engines.models import resolve_model
 from engines.options import NoOptions, option
@@ -98,7 +98,19 @@ class HFEngine(Engine):
         )
 
     def _load(self) -> HFModel:
-        lm = self.load_model(self.config.model, self.config.dtype, self.config.device, self.config.trust_remote_code)
+        from transformers import AutoConfig
+
+        config = self.config
+        path = resolve_model(config.model)
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+        model_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code).get_text_config()
+        # The cache grows per request; at worst every slot holds a whole context.
+        per_token = model_facts.kv_bytes_per_token(model_config, dtype)
+        kv = per_token * model_facts.context_length(model_config) * self._slots
+        needed = memory.ensure_fits(config, path, dtype, device, kv)
+        with memory.loading(f"{path.name} at {model_facts.dtype_name(dtype)} on {device}", needed):
+            lm = self.load_model(config.model, config.dtype, config.device, config.trust_remote_code)
         if isinstance(self.options, HFOptions) and self.options.compile:  # hf-eager has no options
             lm.enable_compile(parse_buckets(self.options.compile_buckets))
         return lm

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from engines import memory, model_facts
 from engines.admission import Admission
 from engines.base import Engine, EngineInfo, EngineLoad, EngineRequest, GenerationOutput, ScoreResult
 from engines.completion import Completion
@@ -117,6 +118,9 @@ class ContinuousBatchingEngine(Engine):
         kind = "cuda" if device.type == "cuda" else "cpu"
         self._max_running = self.config.max_concurrency or DEFAULT_MAX_RUNNING[kind]
         self._score_lock = asyncio.Lock()
+        path, needed = await asyncio.to_thread(self._check_memory)
+        started = time.perf_counter()
+        log.info("hf-cb: loading %s (%s)...", path.name, memory.size(needed) if needed else "size unknown")
         runtime = await _in_passing_thread(
             CBRuntime.build,
             self.config.model,
@@ -126,6 +130,7 @@ class ContinuousBatchingEngine(Engine):
             self._max_running,
             self.config.trust_remote_code,
         )
+        log.info("hf-cb: loaded %s in %.1f s", path.name, time.perf_counter() - started)
         self._runtime = runtime
         log.info(
             "hf-cb on %s: %s %s, attention %s, up to %d requests at once, %d tokens per step, context %d",
@@ -143,6 +148,33 @@ class ContinuousBatchingEngine(Engine):
             runtime.vocab_size,
             Admission(self._max_running, self.config.max_queue),
         )
+
+    def _check_memory(self):
+        """The weights and the paged KV cache this engine will allocate, against what is free (engines/memory.py)."""
+        from transformers import AutoConfig
+
+        from engines.hf.model import resolve_device, resolve_dtype
+        from engines.hf_cb.runtime import plan_cache
+        from engines.models import resolve_model
+
+        path = resolve_model(self.config.model)
+        device = resolve_device(self.config.device)
+        dtype = resolve_dtype(self.config.dtype, device)
+        text_config = AutoConfig.from_pretrained(
+            path, trust_remote_code=self.config.trust_remote_code
+        ).get_text_config()
+        options = self.options
+        plan = plan_cache(
+            text_config,
+            dtype,
+            device,
+            options.num_blocks,
+            options.block_size,
+            options.max_batch_tokens,
+            self._max_running,
+        )
+        kv = plan.num_blocks * plan.block_size * model_facts.kv_bytes_per_token(text_config, dtype)
+        return path, memory.ensure_fits(self.config, path, dtype, device, kv)
 
     async def shutdown(self) -> None:
         await super().shutdown()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engines.errors import EngineUnavailable
+from engines.memory import loading
 from engines.models import SMOLLM2_GGUF, cache_root, file_lock, resolve_model, smollm2_gguf_folder
 
 LLAMA_CPP_VERSION = "0.3.36"  # the llama-cpp-python source distribution whose llama.cpp tree is built
@@ -84,7 +85,9 @@ def _converted(folder: Path, dtype: str) -> Path:
         staging = target.with_suffix(".partial")
         command = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(folder)]
         command += ["--outtype", OUTTYPES[dtype], "--outfile", str(staging)]
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        with loading(f"{folder.name} converted to GGUF {OUTTYPES[dtype]} by llama.cpp's converter", weights):
+            done = subprocess.run(command, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             staging.unlink(missing_ok=True)
             raise EngineUnavailable(f"llama.cpp's converter failed on {folder}: {done.stderr.strip()[-500:]}")

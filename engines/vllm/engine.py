@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from engines import model_facts
+from engines import memory, model_facts
 from engines.admission import Admission
 from engines.base import Engine, EngineInfo, EngineLoad, EngineRequest, GenerationOutput, ScoreResult
 from engines.errors import EngineUnavailable, InvalidRequest
@@ -146,6 +146,9 @@ class VLLMEngine(Engine):
             self._check_kv_fits(model_config)
             # vLLM's CPU backend sizes its KV cache from this variable (GiB), read in the engine process.
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{options.kv_cache_gb:g}"
+        # On the CPU the KV cache is --kv-cache-gb of RAM; on CUDA vLLM sizes it from what the weights leave.
+        kv = int(options.kv_cache_gb * 2**30) if self._device == "cpu" else 0
+        needed = memory.ensure_fits(self.config, self._path, self._dtype, self._device, kv)
         binding = binding_for(layout, self._device)
         executor = await self._executor_backend(layout)
 
@@ -174,7 +177,7 @@ class VLLMEngine(Engine):
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         self._view = _scheduler_view_class()
         try:
-            with bound_threads(binding):
+            with bound_threads(binding), memory.loading(f"{self._path.name} into vLLM on {self._device}", needed):
                 self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[self._view])
         except Exception as exc:
             raise EngineUnavailable(
