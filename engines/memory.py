@@ -37,6 +37,8 @@ _SAFETENSORS_BYTES = {
     "U8": 1,
     "BOOL": 1,
 }
+# safetensors caps its JSON header at 100 MB; anything claiming more is not one.
+_MAX_HEADER = 100_000_000
 # A Q4_0 GGUF holds 4.5 bits per weight (blocks of 32 four-bit values and one float16 scale).
 _Q4_BYTES_PER_PARAM = 4.5 / 8
 # Beyond the weights and the KV cache: activations, the allocator's slack, the runtime itself.
@@ -50,11 +52,16 @@ def parameter_count(folder: Path) -> int | None:
         return None
     total = 0
     for file in files:
-        with open(file, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(length))
+        try:
+            with open(file, "rb") as handle:
+                (length,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(min(length, _MAX_HEADER)))
+        except (OSError, ValueError, struct.error):
+            return None  # not a safetensors file after all: the loader says what is wrong with it
+        if not isinstance(header, dict):
+            return None
         for name, entry in header.items():
-            if name != "__metadata__" and entry.get("dtype") in _SAFETENSORS_BYTES:
+            if name != "__metadata__" and isinstance(entry, dict) and entry.get("dtype") in _SAFETENSORS_BYTES:
                 total += math.prod(entry.get("shape") or [1])
     return total
 

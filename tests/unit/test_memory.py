@@ -49,3 +49,9 @@ def test_a_model_over_the_budget_is_refused_with_both_numbers_and_what_would_fit
 
 def test_the_flag_overrides_the_check(folder):
     assert memory.ensure_fits(Config(memory_budget=1, skip_memory_check=True), folder, "float32", "cpu", 0) > 1
+
+
+def test_a_file_that_is_not_safetensors_is_left_to_the_loader(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file at all")
+    assert memory.parameter_count(tmp_path) is None
+    assert memory.ensure_fits(Config(memory_budget=1), tmp_path, "float32", "cpu", 0) == 0
