@@ -105,9 +105,9 @@ class HFEngine(Engine):
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
         model_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code).get_text_config()
-        # The cache grows per request; at worst every slot holds a whole context.
-        per_token = model_facts.kv_bytes_per_token(model_config, dtype)
-        kv = per_token * model_facts.context_length(model_config) * self._slots
+        # Nothing is reserved up front (each request's cache grows with it), but one whole context must fit;
+        # more slots at once are a load question, not a reason to refuse the model.
+        kv = model_facts.kv_bytes_per_token(model_config, dtype) * model_facts.context_length(model_config)
         needed = memory.ensure_fits(config, path, dtype, device, kv)
         with memory.loading(f"{path.name} at {model_facts.dtype_name(dtype)} on {device}", needed):
             lm = self.load_model(config.model, config.dtype, config.device, config.trust_remote_code)
