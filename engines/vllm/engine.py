@@ -140,6 +140,8 @@ class VLLMEngine(Engine):
         trust = self.config.trust_remote_code
         tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self._path, trust_remote_code=trust)
         model_config = await asyncio.to_thread(AutoConfig.from_pretrained, self._path, trust_remote_code=trust)
+        if self.custom_code:
+            _check_transformers_backend(model_config, self._path)
         self._max_model_len = options.max_model_len_for(model_facts.context_length(model_config))
         check_layout(layout, model_config, device=self._device, enforce_eager=options.enforce_eager)
         if self._device == "cpu":
@@ -503,6 +505,22 @@ def _prompt_entries(prompt_ids, positions, k: int) -> tuple[TokenLogprob | None,
     if positions is None or len(positions) != len(prompt_ids):
         raise RuntimeError("vLLM returned no prompt log-probabilities for a request that asked for them")
     return (None, *_entries(prompt_ids[1:], positions[1:], k))
+
+
+def _check_transformers_backend(model_config, path) -> None:
+    """A model of its own code runs in vLLM through its Transformers backend, unless vLLM has the architecture
+    itself; that backend builds the base model with ``AutoModel``, which the folder's auto_map must then name."""
+    from vllm.model_executor.models import ModelRegistry
+
+    architectures = getattr(model_config, "architectures", None) or []
+    if any(name in ModelRegistry.get_supported_archs() for name in architectures):
+        return
+    if "AutoModel" not in (getattr(model_config, "auto_map", None) or {}):
+        raise EngineUnavailable(
+            f"vLLM runs {', '.join(architectures) or 'this model'} from {path} through its Transformers backend, "
+            "which builds the base model with AutoModel, and config.json's auto_map names none: add "
+            '"AutoModel": "<modeling file>.<base model class>" to it, or serve the folder with hf-kv or hf-cb'
+        )
 
 
 def _finish_reason(sequence, params: SamplingParams) -> str:

@@ -35,11 +35,15 @@ class YayiConfig(LlamaConfig):
     model_type = "yayi"
 '''
 
-MODELING = '''"""The custom model's causal LM: Llama's, under a name of its own."""
+MODELING = '''"""The custom model's base model and causal LM: Llama's, under names of their own."""
 
-from transformers import LlamaForCausalLM
+from transformers import LlamaForCausalLM, LlamaModel
 
 from .configuration_yayi import YayiConfig
+
+
+class YayiModel(LlamaModel):
+    config_class = YayiConfig
 
 
 class YayiForCausalLM(LlamaForCausalLM):
@@ -127,8 +131,9 @@ def train_sentencepiece(out: Path) -> None:
     (out / "tokenizer.model").write_bytes(model.getvalue())
 
 
-def build_custom_model(out: Path, extra_eos: int | None = None) -> Path:
-    """The custom-code folder at ``out``; ``extra_eos``: one more end-of-sequence id in generation_config.json."""
+def build_custom_model(out: Path, extra_eos: int | None = None, auto_model: bool = True) -> Path:
+    """The custom-code folder at ``out``; ``extra_eos``: one more end-of-sequence id in generation_config.json;
+    ``auto_model`` False leaves AutoModel out of auto_map, as YAYI2's own config.json does."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -155,9 +160,13 @@ def build_custom_model(out: Path, extra_eos: int | None = None) -> Path:
         architectures=["YayiForCausalLM"],
         auto_map={
             "AutoConfig": "configuration_yayi.YayiConfig",
+            # vLLM's Transformers backend builds the base model through AutoModel.
+            "AutoModel": "modeling_yayi.YayiModel",
             "AutoModelForCausalLM": "modeling_yayi.YayiForCausalLM",
         },
     )
+    if not auto_model:
+        del settings["auto_map"]["AutoModel"]
     (out / "config.json").write_text(json.dumps(settings, indent=2))
     eos = [2] if extra_eos is None else [2, extra_eos]
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": eos}))

@@ -60,6 +60,17 @@ def test_llama_cpp_names_the_architecture_its_converter_cannot_convert(folder):
     assert "llama.cpp's converter cannot convert architecture YayiForCausalLM" in done.stderr.strip().splitlines()[-1]
 
 
+def test_vllm_says_what_its_transformers_backend_needs_from_auto_map(tmp_path):
+    pytest.importorskip("vllm", reason="vllm is installed by `make venv`")
+    # As YAYI2's own config.json: AutoConfig and AutoModelForCausalLM, no AutoModel.
+    folder = build_custom_model(tmp_path / "yayi", auto_model=False)
+    done = run_cli("--engine", "vllm", "--model", str(folder), "--trust-remote-code", timeout=300)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert "through its Transformers backend, which builds the base model with AutoModel" in last, last
+    assert '"AutoModel": "<modeling file>.<base model class>"' in last
+
+
 @pytest.fixture(scope="module", params=["hf-kv", "hf-cb", "vllm"])
 def server(request, folder):
     if request.param == "vllm":
