@@ -237,11 +237,17 @@ clean:
 # lm-evaluation-harness through the server's HTTP front end, beside lm-eval's in-process hf model on the
 # same weights: reports/eval-<UTC time>/ (docs/evaluation.md). TASKS: the repo's local set by default.
 #   make eval ENGINE=hf-cb MODEL=smollm2-135m TASKS=yayi_docs_mc EVAL_ARGS="--num-concurrent 8"
+# With CHECKPOINTS=RUN_FOLDER: every checkpoint-<step> of a training run, its metrics and Score's perplexity
+# by step beside the trainer's loss curve (loadtest/evaluation/checkpoints.py): reports/eval-checkpoints-<time>/.
 TASKS ?= yayi_local
 EVAL_ARGS ?=
 .PHONY: eval
 eval: model
+ifdef CHECKPOINTS
+	$(BIN)/python -m loadtest.evaluation.checkpoints $(CHECKPOINTS) --engine $(ENGINE) --tasks $(TASKS) $(EVAL_ARGS)
+else
 	$(BIN)/python -m loadtest.evaluation.driver --engine $(ENGINE) --model $(MODEL) --tasks $(TASKS) $(EVAL_ARGS)
+endif
 
 # make capacity: requests/s each engine and its outside peers take within a latency target (open-loop
 # arrivals from one seeded trace, a rate sweep to saturation, goodput), written to reports/capacity-<UTC time>/:

@@ -74,12 +74,25 @@ def score_direct(path: Path, chunks: list[list[int]], device: str) -> tuple[floa
     return sum(r.total_logprob for r in results), sum(r.token_count for r in results)
 
 
-def score_via_server(path: Path, texts: list[str], device: str) -> tuple[float, int]:
+def score_via_server(
+    path: Path, texts: list[str], device: str, engine: str = "hf-kv", serve_args: tuple[str, ...] = ()
+) -> tuple[float, int]:
+    """The texts' summed log-probability and token count from one server's Score RPC on the checkpoint."""
     from loadtest.launch.server_process import ServerProcess
     from server.grpc.wire import pb
 
     server = ServerProcess(
-        "--engine", "hf-kv", "--model", str(path), "--metrics-port", "-1", "--device", device, "--dtype", "float32"
+        "--engine",
+        engine,
+        "--model",
+        str(path),
+        "--metrics-port",
+        "-1",
+        "--device",
+        device,
+        "--dtype",
+        "float32",
+        *serve_args,
     ).wait_ready(600)
     try:
         total, count = 0.0, 0

@@ -41,6 +41,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
+from engines import remote_code
 from engines.admission import Admission
 from engines.errors import EngineUnavailable, InvalidRequest, Unsupported
 from engines.logprobs import TokenLogprob, TokenTexts
@@ -66,6 +67,11 @@ class EngineConfig:
     # Run the engine in a child process of the server (engines/process/); only for an engine
     # whose class declares runs_in_child_process.
     engine_process: bool = False
+    # Load a folder that names classes of its own (auto_map): their Python files run (engines/remote_code.py).
+    trust_remote_code: bool = False
+    chat_template: str | None = None  # Jinja text that replaces the tokenizer's own template (or gives one)
+    memory_budget: int | None = None  # bytes the model may take (engines/memory.py); None: what is free
+    skip_memory_check: bool = False
     test_faults: tuple = ()  # engines/faults.py: set only by tests, with --allow-test-faults
 
 
@@ -119,6 +125,7 @@ class EngineInfo:
     model_path: str = ""
     kv_cache_tokens: int = 0  # paged engines: tokens the KV cache holds across all sequences
     kv_cache_bytes: int = 0
+    custom_code: tuple[str, ...] = ()  # the model folder's own Python files that ran (--trust-remote-code)
 
 
 @dataclass(frozen=True)
@@ -159,6 +166,8 @@ class Engine(abc.ABC):
         self.options = config.options if config.options is not None else self.Options()
         if not isinstance(self.options, self.Options):
             raise TypeError(f"engine {self.name} takes {self.Options.__name__}, got {type(self.options).__name__}")
+        # Before anything loads: a folder with code of its own is refused unless it was trusted.
+        self.custom_code = remote_code.checked(config.model, config.trust_remote_code)
         self._prompts: PromptTokenizer | None = None
         self._admission: Admission | None = None
         self._max_context = 0
@@ -199,10 +208,14 @@ class Engine(abc.ABC):
         needs where the engine runs in a child (default: transformers' tokenizer of the model folder)."""
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(info.model_path)
+        # A child that ran the folder's own code had --trust-remote-code; its tokenizer may be that code too.
+        return AutoTokenizer.from_pretrained(info.model_path, trust_remote_code=bool(info.custom_code))
 
     def _open(self, tokenizer, max_context: int, vocab_size: int, admission: Admission) -> None:
         """Called by ``start`` once the model is loaded: from here on requests are served."""
+        if self.config.chat_template is not None:
+            # On the one tokenizer every prompt, /tokenize and /tokenizer_info read.
+            tokenizer.chat_template = self.config.chat_template
         self._prompts = PromptTokenizer(tokenizer, max_context, self.config.model)
         self._max_context = max_context
         self._vocab_size = vocab_size

@@ -29,6 +29,7 @@ class Completion:
     ) -> None:
         self._params = params
         self._eos_ids = frozenset(eos_ids)
+        self._stop_ids = frozenset(params.stop_token_ids)
         self._detokenizer = IncrementalDetokenizer(decode)
         self._stops = StopStringFilter(params.stop)
         self.prompt_tokens = prompt_tokens
@@ -41,6 +42,9 @@ class Completion:
         """
         self.completion_tokens += 1
         finish = None
+        if token in self._stop_ids:
+            # As a stop string: it ends the completion and its text is not returned (the id is).
+            return self._detokenizer.flush() + self._stops.flush(), "stop"
         if token in self._eos_ids and not self._params.ignore_eos:
             finish = "eos"
         elif last or self.completion_tokens >= self._params.max_new_tokens:

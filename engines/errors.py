@@ -34,3 +34,10 @@ class EngineOutOfMemory(EngineError):
 
 class Unsupported(EngineError):
     """This engine does not offer the operation at all."""
+
+
+class ModelRefused(EngineError):
+    """The model cannot be loaded as configured: code of its own not trusted, or too big for the memory free.
+
+    Raised before anything loads; the message says what to change.
+    """

@@ -9,7 +9,9 @@ for the context, its ``config.json`` as a dict.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 # The context served for a config that names none.
@@ -49,3 +51,14 @@ def kv_bytes_per_token(config: Any, dtype: object) -> int:
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes(dtype)
+
+
+def generation_eos_ids(folder: Path) -> frozenset[int]:
+    """The end-of-sequence ids a model folder's generation_config.json names (one id or a list); none without it."""
+    try:
+        settings = json.loads((Path(folder) / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return frozenset()
+    ids = settings.get("eos_token_id") if isinstance(settings, dict) else None
+    ids = [ids] if isinstance(ids, int) else ids if isinstance(ids, list) else []
+    return frozenset(int(i) for i in ids if isinstance(i, int) and not isinstance(i, bool))

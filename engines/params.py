@@ -15,6 +15,7 @@ from engines.errors import InvalidRequest
 DEFAULT_MAX_NEW_TOKENS = 128
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
 # vLLM refuses temperatures above 2 (as OpenAI's API does): one limit for every engine.
 MAX_TEMPERATURE = 2.0
 # Below this a temperature is greedy, as in vLLM: dividing logits by less overflows float32.
@@ -39,10 +40,15 @@ class SamplingParams:
     # None: none. k: each token's log-probability and the k most likely tokens (engines/logprobs.py).
     logprobs: int | None = None
     prompt_logprobs: int | None = None  # the same for every prompt token but the first
+    # Token ids that end the completion as a stop string does (finish "stop"), beside the model's own
+    # end-of-sequence ids; unlike those, ignore_eos leaves them in force (as vLLM's stop_token_ids).
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         # Tolerate a list from callers; the frozen object itself holds a tuple.
         object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        _check_stop_token_ids(self.stop_token_ids)
         _check_logprobs("logprobs", self.logprobs)
         _check_logprobs("prompt_logprobs", self.prompt_logprobs)
         if self.max_new_tokens < 1 and not (self.max_new_tokens == 0 and self.prompt_logprobs is not None):
@@ -103,6 +109,12 @@ def check_against_model(params: SamplingParams, prompt_tokens: int, max_context:
             f"model's context of {max_context} tokens; ask for at most {max_context - prompt_tokens}",
             field="max_new_tokens",
         )
+    for token in params.stop_token_ids:
+        if token >= vocab_size:
+            raise InvalidRequest(
+                f"stop_token_ids must be ids of the model's vocabulary, below {vocab_size}; got {token}",
+                field="stop_token_ids",
+            )
     if params.top_k > vocab_size:
         raise InvalidRequest(
             f"top_k must be at most the vocabulary size {vocab_size}, got {params.top_k}", field="top_k"
@@ -148,6 +160,18 @@ def _check_logprobs(name: str, value: int | None) -> None:
             f"{name} must be an integer between 0 (the token's own only) and {MAX_LOGPROBS}, got {value!r}",
             field=name,
         )
+
+
+def _check_stop_token_ids(ids: tuple[int, ...]) -> None:
+    if len(ids) > MAX_STOP_TOKEN_IDS:
+        raise InvalidRequest(
+            f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}", field="stop_token_ids"
+        )
+    for token in ids:
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise InvalidRequest(
+                f"stop_token_ids must be non-negative integer token ids, got {token!r}", field="stop_token_ids"
+            )
 
 
 def _check_finite(name: str, value: float) -> None:

@@ -105,7 +105,8 @@ class PromptTokenizer:
     def encode_chat(self, messages: tuple[tuple[str, str], ...]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequest(
-                f"model {self.model_name!r} has no chat template; send the prompt as plain text "
+                f"model {self.model_name!r} has no chat template: start the server with --chat-template FILE "
+                "(a Jinja chat template, as vLLM takes it), or send the prompt as plain text "
                 "(gRPC: use_chat_template=false; HTTP: /v1/completions)"
             )
         rendered = self.tokenizer.apply_chat_template(

@@ -46,6 +46,23 @@ class StartupError(RuntimeError):
     """A failure a person fixes by changing the command line or the machine: no traceback needed."""
 
 
+def _chat_template(path: str | None) -> str | None:
+    """The text of --chat-template FILE, checked to be Jinja before anything loads."""
+    if path is None:
+        return None
+    import jinja2
+
+    try:
+        text = open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StartupError(f"--chat-template {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as exc:
+        raise StartupError(f"--chat-template {path}: not a Jinja template (line {exc.lineno}: {exc.message})") from None
+    return text
+
+
 async def serve(config: ServerConfig, announce=print) -> int:
     """The server's life in its named steps; see the module's docstring for the order probes see."""
     server = Server.build(config)
@@ -85,6 +102,10 @@ class Server:
                 max_queue_wait_s=config.max_queue_wait_s,
                 options=config.engine_options,
                 engine_process=config.engine_process,
+                trust_remote_code=config.trust_remote_code,
+                chat_template=_chat_template(config.chat_template),
+                memory_budget=config.memory_budget,
+                skip_memory_check=config.skip_memory_check,
                 test_faults=config.test_faults,
             ),
         )
@@ -177,7 +198,10 @@ class Server:
             announce(
                 f"yayi-serve: ready: engine={info.engine} model={info.model} device={info.device} "
                 f"dtype={info.dtype} attention={info.attention} use_cache={info.use_cache}"
+                + (f" custom_code={','.join(info.custom_code)}" if info.custom_code else "")
             )
+            if info.custom_code:
+                log.warning("the model's own code ran (--trust-remote-code): %s", ", ".join(info.custom_code))
             await stop.wait()
             engine_watch.cancel()
             await self._drain(announce)

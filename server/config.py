@@ -93,6 +93,24 @@ class ServerConfig:
         group=HTTP,
         minimum=1,
     )
+    chat_template: str | None = option(
+        None,
+        "a Jinja chat template file (as vLLM and transformers serve take it) for chat prompts: gives a model "
+        "that has none its template, or replaces the model's own",
+    )
+    memory_budget: int | None = option(
+        None,
+        "bytes the model (weights at --dtype plus the KV cache its engine reserves) may take; a model that needs "
+        "more is refused before loading (default: the RAM available, or the CUDA device's free memory)",
+        minimum=1,
+    )
+    skip_memory_check: bool = option(False, "load the model even when it seems not to fit the memory free")
+    trust_remote_code: bool = option(
+        False,
+        "load a model folder that names classes of its own (auto_map in config.json or tokenizer_config.json): "
+        "its Python files run in the server with the server's rights; without this flag such a folder is refused",
+        group=SECURITY,
+    )
     tls_cert: str | None = option(
         None, "PEM server certificate (chain): serve TLS instead of plaintext", group=SECURITY
     )

@@ -119,6 +119,8 @@ class ServerMetrics:
                 "device": info.device,
                 "attention": info.attention,
                 "use_cache": str(info.use_cache).lower(),
+                # The model folder's own Python files that ran (--trust-remote-code); "none" when none did.
+                "custom_code": ",".join(info.custom_code) or "none",
             }
         )
 

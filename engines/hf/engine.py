@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from engines import faults
+from engines import faults, memory, model_facts
 from engines.admission import Admission
 from engines.base import Engine, EngineInfo, EngineRequest, GenerationOutput, ScoreResult
 from engines.errors import EngineOutOfMemory, EngineUnavailable
-from engines.hf.model import HFModel
+from engines.hf.model import HFModel, resolve_device, resolve_dtype
 from engines.hf.static import parse_buckets
 from engines.models import resolve_model
 from engines.options import NoOptions, option
@@ -101,16 +101,31 @@ class HFEngine(Engine):
         )
 
     def _load(self) -> HFModel:
-        lm = self.load_model(self.config.model, self.config.dtype, self.config.device)
+        from transformers import AutoConfig
+
+        config = self.config
+        path = resolve_model(config.model)
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+        model_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code).get_text_config()
+        # Nothing is reserved up front (each request's cache grows with it), but one whole context must fit;
+        # more slots at once are a load question, not a reason to refuse the model.
+        kv = model_facts.kv_bytes_per_token(model_config, dtype) * model_facts.context_length(model_config)
+        needed = memory.ensure_fits(config, path, dtype, device, kv)
+        with memory.loading(f"{path.name} at {model_facts.dtype_name(dtype)} on {device}", needed):
+            lm = self.load_model(config.model, config.dtype, config.device, config.trust_remote_code)
         if isinstance(self.options, HFOptions) and self.options.compile:  # hf-eager has no options
             lm.enable_compile(parse_buckets(self.options.compile_buckets))
         return lm
 
     @classmethod
-    def load_model(cls, model: str, dtype: str = "auto", device: str = "auto") -> HFModel:
+    def load_model(
+        cls, model: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False
+    ) -> HFModel:
         """The model exactly as this engine runs it (cache and attention choices), without a server:
         for offline experiments that drive ``HFModel.generate`` themselves."""
-        return HFModel.load(resolve_model(model), dtype, device, use_cache=cls.use_cache, flash=cls.flash)
+        path = resolve_model(model)
+        return HFModel.load(path, dtype, device, cls.use_cache, cls.flash, trust_remote_code)
 
     async def shutdown(self) -> None:
         await super().shutdown()
@@ -136,6 +151,7 @@ class HFEngine(Engine):
             max_concurrent_requests=self._slots,
             max_queue=self.config.max_queue,
             model_path=str(lm.path),
+            custom_code=self.custom_code,
         )
 
     async def stream_tokens(self, request: EngineRequest):

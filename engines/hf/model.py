@@ -78,15 +78,24 @@ class HFModel:
 
     @classmethod
     def load(
-        cls, path: Path, dtype: str = "auto", device: str = "auto", use_cache: bool = True, flash: bool = False
+        cls,
+        path: Path,
+        dtype: str = "auto",
+        device: str = "auto",
+        use_cache: bool = True,
+        flash: bool = False,
+        trust_remote_code: bool = False,
     ) -> HFModel:
         from transformers import AutoTokenizer
 
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        implementation = hf_attention.requested_implementation(flash, torch_device, model_supports_sdpa(path))
-        model = load_causal_lm(path, torch_dtype, torch_device, implementation)
+        # Always said, never left to transformers: unset, it asks on the terminal (a signal alarm that
+        # fails off the main thread) instead of refusing or running the folder's own code.
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        supports_sdpa = model_supports_sdpa(path, trust_remote_code)
+        implementation = hf_attention.requested_implementation(flash, torch_device, supports_sdpa)
+        model = load_causal_lm(path, torch_dtype, torch_device, implementation, trust_remote_code)
         return cls(path, model, tokenizer, torch_device, torch_dtype, use_cache, implementation)
 
     @property
@@ -254,7 +263,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         raise InvalidRequest(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}") from None
 
 
-def load_causal_lm(path: Path, dtype: torch.dtype, device: torch.device, implementation: str) -> Any:
+def load_causal_lm(
+    path: Path, dtype: torch.dtype, device: torch.device, implementation: str, trust_remote_code: bool = False
+) -> Any:
     """The causal LM at ``path`` with the attention ``implementation``, on ``device``, in eval mode.
 
     Typed Any: it is whichever class AutoModelForCausalLM picks, a PreTrainedModel with
@@ -262,18 +273,27 @@ def load_causal_lm(path: Path, dtype: torch.dtype, device: torch.device, impleme
     """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=implementation)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=implementation, trust_remote_code=trust_remote_code
+    )
     # transformers wraps its Module.to override with functools.wraps, which mypy then reads as unbound.
     model.to(device).eval()  # type: ignore[arg-type]
     return model
 
 
-def model_supports_sdpa(path) -> bool:
+def model_supports_sdpa(path, trust_remote_code: bool = False) -> bool:
     """Whether the causal-LM class for the model at ``path`` can run SDPA attention, before loading it."""
     from transformers import AutoConfig
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(path))]
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    own_class = (getattr(config, "auto_map", None) or {}).get("AutoModelForCausalLM")
+    if own_class and trust_remote_code:
+        # The folder's own class (engines/remote_code.py), which transformers' table does not hold.
+        model_class: Any = get_class_from_dynamic_module(own_class, path)
+    else:
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     return transformers_compat.class_supports_sdpa(model_class)
 
 

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from engines import memory, model_facts
 from engines.admission import Admission
 from engines.base import Engine, EngineInfo, EngineLoad, EngineRequest, GenerationOutput, ScoreResult
 from engines.completion import Completion
@@ -64,7 +65,9 @@ class CBOptions:
     )
 
 
-def default_cache_plan(model: str, dtype: str, device: str = "cpu", max_running: int | None = None):
+def default_cache_plan(
+    model: str, dtype: str, device: str = "cpu", max_running: int | None = None, trust_remote_code: bool = False
+):
     """The KV cache hf-cb builds with its default options, for a peer (transformers serve, generate_batch)
     that is to get the same."""
     from transformers import AutoConfig
@@ -76,7 +79,7 @@ def default_cache_plan(model: str, dtype: str, device: str = "cpu", max_running:
     where = resolve_device(device)
     options = CBOptions()
     return plan_cache(
-        AutoConfig.from_pretrained(resolve_model(model)).get_text_config(),
+        AutoConfig.from_pretrained(resolve_model(model), trust_remote_code=trust_remote_code).get_text_config(),
         resolve_dtype(dtype, where),
         where,
         options.num_blocks,
@@ -112,9 +115,19 @@ class ContinuousBatchingEngine(Engine):
         kind = "cuda" if device.type == "cuda" else "cpu"
         self._max_running = self.config.max_concurrency or DEFAULT_MAX_RUNNING[kind]
         self._score_lock = asyncio.Lock()
+        path, needed = await asyncio.to_thread(self._check_memory)
+        started = time.perf_counter()
+        log.info("hf-cb: loading %s (%s)...", path.name, memory.size(needed) if needed else "size unknown")
         runtime = await _in_passing_thread(
-            CBRuntime.build, self.config.model, self.config.dtype, self.config.device, self.options, self._max_running
+            CBRuntime.build,
+            self.config.model,
+            self.config.dtype,
+            self.config.device,
+            self.options,
+            self._max_running,
+            self.config.trust_remote_code,
         )
+        log.info("hf-cb: loaded %s in %.1f s", path.name, time.perf_counter() - started)
         self._runtime = runtime
         log.info(
             "hf-cb on %s: %s %s, attention %s, up to %d requests at once, %d tokens per step, context %d",
@@ -132,6 +145,33 @@ class ContinuousBatchingEngine(Engine):
             runtime.vocab_size,
             Admission(self._max_running, self.config.max_queue, self.config.max_queue_wait_s),
         )
+
+    def _check_memory(self):
+        """The weights and the paged KV cache this engine will allocate, against what is free (engines/memory.py)."""
+        from transformers import AutoConfig
+
+        from engines.hf.model import resolve_device, resolve_dtype
+        from engines.hf_cb.runtime import plan_cache
+        from engines.models import resolve_model
+
+        path = resolve_model(self.config.model)
+        device = resolve_device(self.config.device)
+        dtype = resolve_dtype(self.config.dtype, device)
+        text_config = AutoConfig.from_pretrained(
+            path, trust_remote_code=self.config.trust_remote_code
+        ).get_text_config()
+        options = self.options
+        plan = plan_cache(
+            text_config,
+            dtype,
+            device,
+            options.num_blocks,
+            options.block_size,
+            options.max_batch_tokens,
+            self._max_running,
+        )
+        kv = plan.num_blocks * plan.block_size * model_facts.kv_bytes_per_token(text_config, dtype)
+        return path, memory.ensure_fits(self.config, path, dtype, device, kv)
 
     async def shutdown(self) -> None:
         await super().shutdown()
@@ -157,6 +197,7 @@ class ContinuousBatchingEngine(Engine):
             model_path=str(runtime.path),
             kv_cache_tokens=runtime.num_blocks * runtime.block_size,
             kv_cache_bytes=runtime.kv_cache_bytes,
+            custom_code=self.custom_code,
         )
 
     def load(self) -> EngineLoad:
@@ -231,7 +272,7 @@ class ContinuousBatchingEngine(Engine):
                 request_id=request_id,
                 max_new_tokens=params.max_new_tokens,
                 streaming=True,
-                eos_token_id=-1 if params.ignore_eos else list(runtime.eos_ids),
+                eos_token_id=_ending_ids(params, runtime.eos_ids),
                 **extra,
             )
             if added is None:
@@ -328,6 +369,12 @@ async def _in_passing_thread(function, *args):
     """
     with ThreadPoolExecutor(1, thread_name_prefix="hf-cb-passing") as thread:
         return await asyncio.get_running_loop().run_in_executor(thread, function, *args)
+
+
+def _ending_ids(params: SamplingParams, eos_ids) -> list[int] | int:
+    """The ids the manager ends the request at: the model's EOS (unless ignored) and the request's stop ids."""
+    ids = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids)))
+    return ids or -1
 
 
 class _TextStream:

@@ -115,7 +115,15 @@ class CBRuntime:
     # ---- building ------------------------------------------------------------------------
 
     @classmethod
-    def build(cls, model_name: str, dtype_name: str, device_name: str, options, max_running: int) -> CBRuntime:
+    def build(
+        cls,
+        model_name: str,
+        dtype_name: str,
+        device_name: str,
+        options,
+        max_running: int,
+        trust_remote_code: bool = False,
+    ) -> CBRuntime:
         from transformers import AutoTokenizer, GenerationConfig
 
         from engines.hf_cb import sampling as hf_cb_sampling
@@ -123,9 +131,9 @@ class CBRuntime:
         path = resolve_model(model_name)
         device = resolve_device(device_name)
         dtype = resolve_dtype(dtype_name, device)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        implementation = paged_implementation(path, device)
-        model = load_causal_lm(path, dtype, device, implementation)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        implementation = paged_implementation(path, device, trust_remote_code)
+        model = load_causal_lm(path, dtype, device, implementation, trust_remote_code)
         # Before the manager touches the model: the scorer keeps plain (eager) attention, as hf-kv scores.
         scorer = HFModel(
             path,
@@ -314,11 +322,11 @@ class CBRuntime:
         self.manager.destroy()
 
 
-def paged_implementation(path: Path, device: torch.device) -> str:
+def paged_implementation(path: Path, device: torch.device, trust_remote_code: bool = False) -> str:
     """The paged attention kernel: flash-attn on CUDA when installed, else SDPA, else eager."""
     if hf_attention.flash_attn_package_usable(device):
         return "flash_attention_2"
-    return "sdpa" if model_supports_sdpa(path) else "eager"
+    return "sdpa" if model_supports_sdpa(path, trust_remote_code) else "eager"
 
 
 def _shared_weights_copy(model, implementation: str):

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engines import model_facts
 from engines.admission import Admission
 from engines.base import Engine, EngineInfo, EngineLoad, EngineRequest, GenerationOutput
 from engines.errors import EngineUnavailable, InvalidRequest
@@ -86,12 +87,13 @@ class LlamaCppEngine(Engine):
             raise EngineUnavailable(f"engine llama-cpp is built for the CPU; --device {self.config.device} is not")
         binary = llama_server_binary(options.llama_server)
         self._gguf: GGUFModel = await asyncio.to_thread(resolve_gguf, self.config.model, self.config.dtype)
-        tokenizer = await asyncio.to_thread(
-            AutoTokenizer.from_pretrained, self._gguf.tokenizer_folder, gguf_file=self._gguf.tokenizer_gguf
-        )
-        model_config = await asyncio.to_thread(
-            AutoConfig.from_pretrained, self._gguf.tokenizer_folder, gguf_file=self._gguf.tokenizer_gguf
-        )
+        where = dict(gguf_file=self._gguf.tokenizer_gguf, trust_remote_code=self.config.trust_remote_code)
+        tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self._gguf.tokenizer_folder, **where)
+        model_config = await asyncio.to_thread(AutoConfig.from_pretrained, self._gguf.tokenizer_folder, **where)
+        # Every end-of-sequence id of the folder's generation_config.json: the GGUF keeps one, llama-server stops
+        # at its own end-of-generation tokens only, so the others end a completion in _stream.
+        eos = model_facts.generation_eos_ids(self._gguf.tokenizer_folder) if self._gguf.tokenizer_gguf is None else ()
+        self._eos_ids = frozenset(eos)
         self._context = options.context or min(DEFAULT_CONTEXT, context_length(model_config))
         self._parallel = self.config.max_concurrency or options.parallel
         self._threads = options.threads or os.cpu_count() or 1
@@ -196,6 +198,7 @@ class LlamaCppEngine(Engine):
             max_queue=self.config.max_queue,
             model_path=str(self._gguf.path),
             kv_cache_tokens=self._context * self._parallel,
+            custom_code=self.custom_code,
         )
 
     def load(self) -> EngineLoad:
@@ -217,6 +220,8 @@ class LlamaCppEngine(Engine):
 
         params = request.params
         body = _request_body(request, self._context)
+        # Ended here: llama-server's completion body takes stop strings, not ids.
+        ending = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self._eos_ids))
         completion = 0
         self._tokens_held[request.request_id] = len(request.prompt_ids)
         try:
@@ -229,16 +234,24 @@ class LlamaCppEngine(Engine):
                         continue
                     chunk = json.loads(line[6:])
                     ids = tuple(int(t) for t in chunk.get("tokens") or ())
+                    text = chunk.get("content", "")
+                    finish = _FINISH.get(chunk.get("stop_type"), "length") if chunk.get("stop") else None
+                    hit = next((i for i, token in enumerate(ids) if token in ending), None)
+                    if hit is not None:
+                        # The ending id is kept, its text is not (as the model's own EOS); closing the
+                        # connection on return stops llama-server's slot.
+                        finish = "stop" if ids[hit] in params.stop_token_ids else "eos"
+                        ids, text = ids[: hit + 1], ("" if hit == 0 else text)
                     completion += len(ids)
                     self._tokens_held[request.request_id] = len(request.prompt_ids) + completion
-                    finish = _FINISH.get(chunk.get("stop_type"), "length") if chunk.get("stop") else None
                     entries: tuple[TokenLogprob, ...] = ()
                     if params.logprobs is not None:
-                        entries = _entries(ids, chunk.get("completion_probabilities") or (), params.logprobs)
+                        positions = (chunk.get("completion_probabilities") or ())[: len(ids)]
+                        entries = _entries(ids, positions, params.logprobs)
                     if not ids and finish is None:
                         continue
                     yield GenerationOutput(
-                        text=chunk.get("content", ""),
+                        text=text,
                         token_ids=ids,
                         prompt_tokens=len(request.prompt_ids),
                         completion_tokens=completion,

@@ -11,6 +11,7 @@ llama-cpp``) into one folder keyed by the llama-cpp-python version its tree come
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engines.errors import EngineUnavailable
+from engines.memory import loading
 from engines.models import SMOLLM2_GGUF, cache_root, file_lock, resolve_model, smollm2_gguf_folder
 
 LLAMA_CPP_VERSION = "0.3.36"  # the llama-cpp-python source distribution whose llama.cpp tree is built
@@ -78,16 +80,43 @@ def _converted(folder: Path, dtype: str) -> Path:
         src = llama_cpp_home() / "src"
         if not (src / "convert_hf_to_gguf.py").is_file():
             llama_server_binary()  # says what to run
-        staging = target.with_suffix(".partial")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src / "gguf-py"), str(src)]))
+        _check_convertible(folder, src, env)
+        staging = target.with_suffix(".partial")
         command = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(folder)]
         command += ["--outtype", OUTTYPES[dtype], "--outfile", str(staging)]
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        with loading(f"{folder.name} converted to GGUF {OUTTYPES[dtype]} by llama.cpp's converter", weights):
+            done = subprocess.run(command, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             staging.unlink(missing_ok=True)
             raise EngineUnavailable(f"llama.cpp's converter failed on {folder}: {done.stderr.strip()[-500:]}")
         staging.rename(target)
     return target
+
+
+def _check_convertible(folder: Path, src: Path, env: dict[str, str]) -> None:
+    """Refuses, by name, an architecture the converter has no class for (a folder's own model code)."""
+    try:
+        architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return  # the converter says what is wrong with the folder itself
+    listed = subprocess.run(
+        [sys.executable, str(src / "convert_hf_to_gguf.py"), "--print-supported-models"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    # The converter logs its list (on stderr), one "  - Name" line per architecture.
+    supported = {line.strip()[2:] for line in listed.stderr.splitlines() if line.strip().startswith("- ")}
+    if listed.returncode != 0 or not supported:
+        return  # an older converter without the list: its own error names the architecture
+    unknown = [name for name in architectures[:1] if name not in supported]
+    if unknown:
+        raise EngineUnavailable(
+            f"llama.cpp's converter cannot convert architecture {unknown[0]} ({folder}); serve it with hf-kv, "
+            "hf-cb or vllm (with --trust-remote-code if it has code of its own), or give llama-cpp a .gguf file"
+        )
 
 
 def _file_type(path: Path) -> str:

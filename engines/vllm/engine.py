@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from engines import model_facts
+from engines import memory, model_facts
 from engines.admission import Admission
 from engines.base import Engine, EngineInfo, EngineLoad, EngineRequest, GenerationOutput, ScoreResult
 from engines.errors import EngineUnavailable, InvalidRequest
@@ -137,14 +137,20 @@ class VLLMEngine(Engine):
         self._dtype = (
             self.config.dtype if self.config.dtype != "auto" else ("bfloat16" if self._device == "cuda" else "float32")
         )
-        tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self._path)
-        model_config = await asyncio.to_thread(AutoConfig.from_pretrained, self._path)
+        trust = self.config.trust_remote_code
+        tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self._path, trust_remote_code=trust)
+        model_config = await asyncio.to_thread(AutoConfig.from_pretrained, self._path, trust_remote_code=trust)
+        if self.custom_code:
+            _check_transformers_backend(model_config, self._path)
         self._max_model_len = options.max_model_len_for(model_facts.context_length(model_config))
         check_layout(layout, model_config, device=self._device, enforce_eager=options.enforce_eager)
         if self._device == "cpu":
             self._check_kv_fits(model_config)
             # vLLM's CPU backend sizes its KV cache from this variable (GiB), read in the engine process.
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{options.kv_cache_gb:g}"
+        # On the CPU the KV cache is --kv-cache-gb of RAM; on CUDA vLLM sizes it from what the weights leave.
+        kv = int(options.kv_cache_gb * 2**30) if self._device == "cpu" else 0
+        needed = memory.ensure_fits(self.config, self._path, self._dtype, self._device, kv)
         binding = binding_for(layout, self._device)
         executor = await self._executor_backend(layout)
 
@@ -154,6 +160,7 @@ class VLLMEngine(Engine):
         args = AsyncEngineArgs(
             model=str(self._path),
             tokenizer=str(self._path),
+            trust_remote_code=trust,
             # One of the server's --dtype choices, or the auto rule's above: all names vLLM takes.
             dtype=cast("ModelDType", self._dtype),
             max_model_len=self._max_model_len,
@@ -172,7 +179,7 @@ class VLLMEngine(Engine):
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         self._view = _scheduler_view_class()
         try:
-            with bound_threads(binding):
+            with bound_threads(binding), memory.loading(f"{self._path.name} into vLLM on {self._device}", needed):
                 self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[self._view])
         except Exception as exc:
             raise EngineUnavailable(
@@ -327,6 +334,7 @@ class VLLMEngine(Engine):
             model_path=str(self._path),
             kv_cache_tokens=self._kv_cache_tokens,
             kv_cache_bytes=int(self.options.kv_cache_gb * 2**30) if self._device == "cpu" else 0,
+            custom_code=self.custom_code,
         )
 
     @property
@@ -369,7 +377,7 @@ class VLLMEngine(Engine):
             async for output in stream:
                 sequence = output.outputs[0]
                 completion += len(sequence.token_ids)
-                finish = _finish_reason(sequence) if output.finished else None
+                finish = _finish_reason(sequence, request.params) if output.finished else None
                 text = sequence.text.rstrip("\ufffd") if finish else sequence.text
                 entries: tuple[TokenLogprob, ...] = ()
                 if params.logprobs is not None:
@@ -459,6 +467,8 @@ def _vllm_params(params: SamplingParams):
         top_k=params.top_k,
         repetition_penalty=params.repetition_penalty,
         stop=list(params.stop) or None,
+        # vLLM adds the folder's generation_config.json end-of-sequence ids to these itself.
+        stop_token_ids=list(params.stop_token_ids) or None,
         seed=params.seed,
         ignore_eos=params.ignore_eos,
         output_kind=RequestOutputKind.FINAL_ONLY if scoring_only else RequestOutputKind.DELTA,
@@ -495,10 +505,27 @@ def _prompt_entries(prompt_ids, positions, k: int) -> tuple[TokenLogprob | None,
     return (None, *_entries(prompt_ids[1:], positions[1:], k))
 
 
-def _finish_reason(sequence) -> str:
-    # vLLM says "stop" both for EOS and for a stop string; stop_reason tells them apart.
+def _check_transformers_backend(model_config, path) -> None:
+    """A model of its own code runs in vLLM through its Transformers backend, unless vLLM has the architecture
+    itself; that backend builds the base model with ``AutoModel``, which the folder's auto_map must then name."""
+    from vllm.model_executor.models import ModelRegistry
+
+    architectures = getattr(model_config, "architectures", None) or []
+    if any(name in ModelRegistry.get_supported_archs() for name in architectures):
+        return
+    if "AutoModel" not in (getattr(model_config, "auto_map", None) or {}):
+        raise EngineUnavailable(
+            f"vLLM runs {', '.join(architectures) or 'this model'} from {path} through its Transformers backend, "
+            "which builds the base model with AutoModel, and config.json's auto_map names none: add "
+            '"AutoModel": "<modeling file>.<base model class>" to it, or serve the folder with hf-kv or hf-cb'
+        )
+
+
+def _finish_reason(sequence, params: SamplingParams) -> str:
+    # vLLM says "stop" for EOS, a stop string and a stop id alike; stop_reason tells them apart.
     if sequence.finish_reason == "stop":
-        return "stop" if isinstance(sequence.stop_reason, str) else "eos"
+        asked = isinstance(sequence.stop_reason, str) or sequence.stop_reason in params.stop_token_ids
+        return "stop" if asked else "eos"
     if sequence.finish_reason == "abort":
         return "cancelled"
     return sequence.finish_reason or "length"

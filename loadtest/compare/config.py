@@ -98,6 +98,9 @@ class CompareConfig:
         choices=("auto", "true", "false"),
     )
     server_args: str = flag_option("", "extra yayi-serve arguments for every engine, one string")
+    trust_remote_code: bool = flag_option(
+        False, "the model folder's own code runs: passed to every yayi-serve this run starts"
+    )
     baseline_args: str = flag_option("", "extra arguments for vLLM's own server, one string")
     transformers_serve_args: str = flag_option(
         "", "extra arguments for transformers serve with hf-cb's cache (transformers-serve-matched), one string"

@@ -186,7 +186,7 @@ def target_config(config: CompareConfig) -> TargetConfig:
 
 def make_targets(config: CompareConfig, raw: Path) -> list[Target]:
     queue = max(64, 2 * max(config.users))
-    common = shlex.split(config.server_args)
+    common = shlex.split(config.server_args) + (["--trust-remote-code"] if config.trust_remote_code else [])
     setup = target_config(config)
     targets: list[Target] = []
     baselines = chosen_baselines(config.baseline, config.engine_names)

@@ -356,6 +356,11 @@ class EvalConfig:
     dtype: str = flag_option("auto", "the server's --dtype; the in-process run uses what it chose")
     device: str = flag_option("auto", "the server's --device; the in-process run uses the same")
     serve_args: str = flag_option("", "more yayi-serve flags, one shell-quoted string")
+    trust_remote_code: bool = flag_option(
+        False,
+        "the model folder's own code runs: in the server (yayi-serve --trust-remote-code) and in lm-eval's "
+        "tokenizer and in-process model",
+    )
     bootstrap_iters: int = flag_option(0, "lm-eval's stderr bootstrap (0: none)", minimum=0)
     skip_in_process: bool = flag_option(False, "only the server run (no agreement check)")
     out: str | None = flag_option(None, "report folder (default reports/eval-<UTC time>)")
@@ -401,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
 
     serve = ["--engine", config.engine, "--model", config.model, "--http-port", "0"]
     serve += ["--dtype", config.dtype, "--device", config.device, *shlex.split(config.serve_args)]
+    serve += ["--trust-remote-code"] if config.trust_remote_code else []
     print(f"# serving: yayi-serve {shlex.join(serve)}", flush=True)
     server = ServerProcess(*serve).wait_ready(900)
     try:
@@ -409,13 +415,17 @@ def main(argv: list[str] | None = None) -> int:
         model_name = served_model(server.http_url)
         from transformers import AutoTokenizer
 
-        probe_ids = AutoTokenizer.from_pretrained(folder)(TEXT_PROBE, add_special_tokens=False).input_ids
+        own_code = {"trust_remote_code": True} if config.trust_remote_code else {}
+        probe_ids = AutoTokenizer.from_pretrained(folder, **own_code)(TEXT_PROBE, add_special_tokens=False).input_ids
         support = probe(server.http_url, model_name, probe_ids)
         tokenized = {"true": True, "false": False}.get(config.tokenized_requests, support.token_ids)
         blocked = blocked_tasks(output_types, support, tokenized)
         runnable = [t for t in output_types if t not in blocked]
-        api_args = local_completions_args(
-            server.http_url, model_name, folder, info, tokenized, config.num_concurrent, config.tokenizer_backend
+        api_args = (
+            local_completions_args(
+                server.http_url, model_name, folder, info, tokenized, config.num_concurrent, config.tokenizer_backend
+            )
+            | own_code
         )
         outcome = Outcome(info, support, tokenized, blocked, api_args)
         print(
@@ -447,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         (raw / "server.log").write_text("\n".join(server.lines) + "\n")
 
     if runnable and not config.skip_in_process:
-        outcome.hf_args = hf_args(folder, info)
+        outcome.hf_args = hf_args(folder, info) | own_code
         print(f"# in-process: lm-eval hf {outcome.hf_args}", flush=True)
         try:
             outcome.hf_results, outcome.hf_wall = run_lm_eval("hf", outcome.hf_args, tasks, config, manager)

@@ -23,7 +23,9 @@ def sampling_params(message: pb.SamplingParams) -> SamplingParams:
     """Unset optional fields take SamplingParams' own defaults, as the HTTP front end's absent fields do;
     set ones are validated by SamplingParams itself."""
     given = {name: getattr(message, name) for name in OPTIONAL_FIELDS if message.HasField(name)}
-    return SamplingParams(**given, stop=tuple(message.stop), ignore_eos=message.ignore_eos)
+    return SamplingParams(
+        **given, stop=tuple(message.stop), ignore_eos=message.ignore_eos, stop_token_ids=tuple(message.stop_token_ids)
+    )
 
 
 def token_logprobs(entries) -> list[pb.TokenLogprob]:
@@ -53,6 +55,7 @@ def model_info(info: EngineInfo) -> pb.ModelInfo:
         model_path=info.model_path,
         kv_cache_tokens=info.kv_cache_tokens,
         kv_cache_bytes=info.kv_cache_bytes,
+        custom_code=info.custom_code,
     )
 
 

@@ -26,6 +26,10 @@ from engines.params import SamplingParams, check_against_model
         (dict(stop=("",)), "stop"),
         (dict(stop=tuple(f"s{i}" for i in range(1000))), "stop"),
         (dict(stop=("x" * 10_000,)), "stop"),
+        (dict(stop_token_ids=(-1,)), "stop_token_ids"),
+        (dict(stop_token_ids=(True,)), "stop_token_ids"),
+        (dict(stop_token_ids=("2",)), "stop_token_ids"),
+        (dict(stop_token_ids=tuple(range(1000))), "stop_token_ids"),
     ],
 )
 def test_out_of_range_values_name_the_field(fields, field_named):
@@ -54,3 +58,23 @@ def test_context_checks_give_the_numbers():
     with pytest.raises(InvalidRequest, match="ask for at most 10"):
         check_against_model(SamplingParams(max_new_tokens=11), 90, 100, 1000)
     check_against_model(SamplingParams(max_new_tokens=10), 90, 100, 1000)
+
+
+def test_stop_token_ids_must_be_in_the_vocabulary():
+    params = SamplingParams(max_new_tokens=8, stop_token_ids=[5, 99])
+    assert params.stop_token_ids == (5, 99)
+    check_against_model(params, prompt_tokens=3, max_context=64, vocab_size=100)
+    with pytest.raises(InvalidRequest, match="below 99; got 99") as error:
+        check_against_model(params, prompt_tokens=3, max_context=64, vocab_size=99)
+    assert error.value.field == "stop_token_ids"
+
+
+def test_a_stop_token_id_ends_the_completion_without_its_text_even_with_ignore_eos():
+    from engines.completion import Completion
+
+    completion = Completion(
+        lambda ids: "".join(chr(97 + i) for i in ids), SamplingParams(stop_token_ids=(3,), ignore_eos=True), {2}, 1
+    )
+    assert completion.add(0) == ("a", None)
+    assert completion.add(2) == ("c", None)  # the model's own EOS, ignored
+    assert completion.add(3) == ("", "stop")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fyayi/serving/v1/inference.proto\x12\x0fyayi.serving.v1\"\xf2\x02\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x05\x88\x01\x01\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\rH\x06\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\n \x01(\rH\x07\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"z\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12(\n\x03top\x18\x04 \x03(\x0b\x32\x1b.yayi.serving.v1.TopLogprobB\n\n\x08_logprob\"\x81\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12/\n\x06params\x18\x03 \x01(\x0b\x32\x1f.yayi.serving.v1.SamplingParams\x12\x19\n\x11use_chat_template\x18\x04 \x01(\x08\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\x8f\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12%\n\x05usage\x18\x05 \x01(\x0b\x32\x16.yayi.serving.v1.Usage\x12\x0f\n\x07ttft_ms\x18\x06 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x07 \x01(\x01\x12/\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1d.yayi.serving.v1.TokenLogprob\x12\x36\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x1d.yayi.serving.v1.TokenLogprob\"\xeb\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12%\n\x05usage\x18\x05 \x01(\x0b\x32\x16.yayi.serving.v1.Usage\x12/\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1d.yayi.serving.v1.TokenLogprob\x12\x36\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x1d.yayi.serving.v1.TokenLogprob\"\x1c\n\x0cScoreRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"O\n\rScoreResponse\x12\x15\n\rtotal_logprob\x18\x01 \x01(\x01\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12\x12\n\nperplexity\x18\x03 \x01(\x01\"\x12\n\x10ModelInfoRequest\"\x91\x02\n\tModelInfo\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x11\n\tattention\x18\x05 \x01(\t\x12\x11\n\tuse_cache\x18\x06 \x01(\x08\x12\x13\n\x0bmax_context\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x1f\n\x17max_concurrent_requests\x18\t \x01(\r\x12\x11\n\tmax_queue\x18\n \x01(\r\x12\x12\n\nmodel_path\x18\x0b \x01(\t\x12\x17\n\x0fkv_cache_tokens\x18\x0c \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\r \x01(\x04\x32\xc9\x02\n\tInference\x12O\n\x08Generate\x12 .yayi.serving.v1.GenerateRequest\x1a!.yayi.serving.v1.GenerateResponse\x12T\n\x0eGenerateStream\x12 .yayi.serving.v1.GenerateRequest\x1a\x1e.yayi.serving.v1.GenerateChunk0\x01\x12\x46\n\x05Score\x12\x1d.yayi.serving.v1.ScoreRequest\x1a\x1e.yayi.serving.v1.ScoreResponse\x12M\n\x0cGetModelInfo\x12!.yayi.serving.v1.ModelInfoRequest\x1a\x1a.yayi.serving.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fyayi/serving/v1/inference.proto\x12\x0fyayi.serving.v1\"\x8a\x03\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x05\x88\x01\x01\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\rH\x06\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\n \x01(\rH\x07\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\rB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"z\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12(\n\x03top\x18\x04 \x03(\x0b\x32\x1b.yayi.serving.v1.TopLogprobB\n\n\x08_logprob\"\x81\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12/\n\x06params\x18\x03 \x01(\x0b\x32\x1f.yayi.serving.v1.SamplingParams\x12\x19\n\x11use_chat_template\x18\x04 \x01(\x08\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\x8f\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12%\n\x05usage\x18\x05 \x01(\x0b\x32\x16.yayi.serving.v1.Usage\x12\x0f\n\x07ttft_ms\x18\x06 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x07 \x01(\x01\x12/\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1d.yayi.serving.v1.TokenLogprob\x12\x36\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x1d.yayi.serving.v1.TokenLogprob\"\xeb\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12%\n\x05usage\x18\x05 \x01(\x0b\x32\x16.yayi.serving.v1.Usage\x12/\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1d.yayi.serving.v1.TokenLogprob\x12\x36\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x1d.yayi.serving.v1.TokenLogprob\"\x1c\n\x0cScoreRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"O\n\rScoreResponse\x12\x15\n\rtotal_logprob\x18\x01 \x01(\x01\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12\x12\n\nperplexity\x18\x03 \x01(\x01\"\x12\n\x10ModelInfoRequest\"\xa6\x02\n\tModelInfo\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x11\n\tattention\x18\x05 \x01(\t\x12\x11\n\tuse_cache\x18\x06 \x01(\x08\x12\x13\n\x0bmax_context\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x1f\n\x17max_concurrent_requests\x18\t \x01(\r\x12\x11\n\tmax_queue\x18\n \x01(\r\x12\x12\n\nmodel_path\x18\x0b \x01(\t\x12\x17\n\x0fkv_cache_tokens\x18\x0c \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\r \x01(\x04\x12\x13\n\x0b\x63ustom_code\x18\x0e \x03(\t2\xc9\x02\n\tInference\x12O\n\x08Generate\x12 .yayi.serving.v1.GenerateRequest\x1a!.yayi.serving.v1.GenerateResponse\x12T\n\x0eGenerateStream\x12 .yayi.serving.v1.GenerateRequest\x1a\x1e.yayi.serving.v1.GenerateChunk0\x01\x12\x46\n\x05Score\x12\x1d.yayi.serving.v1.ScoreRequest\x1a\x1e.yayi.serving.v1.ScoreResponse\x12M\n\x0cGetModelInfo\x12!.yayi.serving.v1.ModelInfoRequest\x1a\x1a.yayi.serving.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,27 +32,27 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'yayi.serving.v1.inference_p
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS']._serialized_start=53
-  _globals['_SAMPLINGPARAMS']._serialized_end=423
-  _globals['_TOPLOGPROB']._serialized_start=425
-  _globals['_TOPLOGPROB']._serialized_end=486
-  _globals['_TOKENLOGPROB']._serialized_start=488
-  _globals['_TOKENLOGPROB']._serialized_end=610
-  _globals['_GENERATEREQUEST']._serialized_start=613
-  _globals['_GENERATEREQUEST']._serialized_end=742
-  _globals['_USAGE']._serialized_start=744
-  _globals['_USAGE']._serialized_end=801
-  _globals['_GENERATERESPONSE']._serialized_start=804
-  _globals['_GENERATERESPONSE']._serialized_end=1075
-  _globals['_GENERATECHUNK']._serialized_start=1078
-  _globals['_GENERATECHUNK']._serialized_end=1313
-  _globals['_SCOREREQUEST']._serialized_start=1315
-  _globals['_SCOREREQUEST']._serialized_end=1343
-  _globals['_SCORERESPONSE']._serialized_start=1345
-  _globals['_SCORERESPONSE']._serialized_end=1424
-  _globals['_MODELINFOREQUEST']._serialized_start=1426
-  _globals['_MODELINFOREQUEST']._serialized_end=1444
-  _globals['_MODELINFO']._serialized_start=1447
-  _globals['_MODELINFO']._serialized_end=1720
-  _globals['_INFERENCE']._serialized_start=1723
-  _globals['_INFERENCE']._serialized_end=2052
+  _globals['_SAMPLINGPARAMS']._serialized_end=447
+  _globals['_TOPLOGPROB']._serialized_start=449
+  _globals['_TOPLOGPROB']._serialized_end=510
+  _globals['_TOKENLOGPROB']._serialized_start=512
+  _globals['_TOKENLOGPROB']._serialized_end=634
+  _globals['_GENERATEREQUEST']._serialized_start=637
+  _globals['_GENERATEREQUEST']._serialized_end=766
+  _globals['_USAGE']._serialized_start=768
+  _globals['_USAGE']._serialized_end=825
+  _globals['_GENERATERESPONSE']._serialized_start=828
+  _globals['_GENERATERESPONSE']._serialized_end=1099
+  _globals['_GENERATECHUNK']._serialized_start=1102
+  _globals['_GENERATECHUNK']._serialized_end=1337
+  _globals['_SCOREREQUEST']._serialized_start=1339
+  _globals['_SCOREREQUEST']._serialized_end=1367
+  _globals['_SCORERESPONSE']._serialized_start=1369
+  _globals['_SCORERESPONSE']._serialized_end=1448
+  _globals['_MODELINFOREQUEST']._serialized_start=1450
+  _globals['_MODELINFOREQUEST']._serialized_end=1468
+  _globals['_MODELINFO']._serialized_start=1471
+  _globals['_MODELINFO']._serialized_end=1765
+  _globals['_INFERENCE']._serialized_start=1768
+  _globals['_INFERENCE']._serialized_end=2097
 # @@protoc_insertion_point(module_scope)
