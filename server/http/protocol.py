@@ -260,6 +260,8 @@ class GenerateRequest(Request):
     top_k: StrictInt | None = None
     seed: StrictInt | None = None
     stop: Any = None
+    # vLLM's extension: generation ends at any of these ids (SamplingParams checks them, as on gRPC).
+    stop_token_ids: list[StrictInt] | None = None
     repetition_penalty: Number | None = None
     ignore_eos: StrictBool | None = None
 
@@ -297,7 +299,7 @@ class GenerateRequest(Request):
     def _sampling_params(self, given: dict[str, Any]) -> SamplingParams:
         """The fields every generate route shares, with the route's own in ``given``; absent fields take
         SamplingParams' own defaults, as gRPC's unset fields do."""
-        for name in ("temperature", "top_p", "repetition_penalty", "seed", "ignore_eos", "stop"):
+        for name in ("temperature", "top_p", "repetition_penalty", "seed", "ignore_eos", "stop", "stop_token_ids"):
             value = getattr(self, name)
             if value is not None:
                 given[name] = value

@@ -11,6 +11,7 @@ import pytest
 from engines.models import resolve_model
 from loadtest.launch.server_process import ServerProcess
 from server.grpc.wire import pb
+from tests.helpers.marks import engine_param
 
 PROMPT = "The quick brown fox"
 NEW_TOKENS = 12
@@ -47,7 +48,7 @@ def folder(tmp_path_factory, greedy):
     return target
 
 
-@pytest.fixture(scope="module", params=["hf-kv", "hf-cb", "vllm", "llama-cpp"])
+@pytest.fixture(scope="module", params=[engine_param(e) for e in ("hf-kv", "hf-cb", "vllm", "llama-cpp")])
 def server(request, folder):
     if request.param == "vllm":
         pytest.importorskip("vllm", reason="vllm is installed by `make venv`")
@@ -57,7 +58,7 @@ def server(request, folder):
         if not (llama_cpp_home() / "bin" / "llama-server").is_file():
             pytest.skip("llama.cpp is built by `make llama-cpp`")
     args = ("--dtype", "float32") if request.param == "llama-cpp" else ()
-    server = ServerProcess("--engine", request.param, "--model", str(folder), *args).wait_ready(600)
+    server = ServerProcess("--engine", request.param, "--model", str(folder), "--http-port", "0", *args).wait_ready(600)
     yield server
     server.stop()
 
@@ -75,3 +76,25 @@ def test_stop_token_ids_end_generation_even_with_ignore_eos(server, greedy):
     answer = server.stub.Generate(pb.GenerateRequest(prompt=PROMPT, params=params), timeout=60)
     assert list(answer.token_ids) == greedy[: k + 1]
     assert answer.finish_reason == "stop"
+
+
+def test_stop_token_ids_over_http_as_vllm_takes_them(server, greedy):
+    import requests
+
+    k = first_new(greedy)
+    body = {"model": server_model(server), "prompt": PROMPT, "max_tokens": NEW_TOKENS, "temperature": 0}
+    answer = requests.post(
+        f"{server.http_url}/v1/completions",
+        json={**body, "ignore_eos": True, "stop_token_ids": [greedy[k]]},
+        timeout=60,
+    ).json()
+    assert answer["choices"][0]["finish_reason"] == "stop"
+    assert answer["usage"]["completion_tokens"] == k + 1
+    refused = requests.post(f"{server.http_url}/v1/completions", json={**body, "stop_token_ids": [-1]}, timeout=60)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "stop_token_ids"
+
+
+def server_model(server) -> str:
+    import requests
+
+    return requests.get(f"{server.http_url}/v1/models", timeout=10).json()["data"][0]["id"]
