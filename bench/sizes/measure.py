@@ -27,8 +27,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from bench.roofline import LOG_ROW, load_shape
-from bench.sizes.build import FORMATS, bf16_folder, gguf_path, hf_config, tokenizer_folder
+from bench.sizes.build import FORMATS, bf16_folder, gguf_path, hf_config, hf_tensors, tokenizer_folder
 from bench.sizes.vocabulary import resized, smollm2_vocabulary, write_tokenizer_folder
 from loadtest.launch.server_process import ServerProcess
 from loadtest.measure import roofline as rl
@@ -254,11 +256,23 @@ def _last_error(server: ServerProcess) -> str:
 
 
 def refusal_row(shape: rl.ModelShape, args) -> Row:
-    """A size whose bf16 weights do not fit, offered to the server as a folder of config and tokenizer only."""
-    folder = bf16_folder(shape).with_name(f"{shape.name}-bf16-config-only")
+    """A size whose bf16 weights do not fit, offered to the server as its config, tokenizer and a sparse
+    safetensors file: the real header (every tensor's name, dtype, shape and offsets) before a hole the
+    size of the weights, which takes no disk, so the memory check sizes it as it would the real folder."""
+    folder = bf16_folder(shape).with_name(f"{shape.name}-bf16-header-only")
     folder.mkdir(parents=True, exist_ok=True)
     vocabulary = resized(smollm2_vocabulary(), shape.vocab)
-    (folder / "config.json").write_text(json.dumps(hf_config(shape, vocabulary), indent=2))
+    config = hf_config(shape, vocabulary)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, tensor_shape in hf_tensors(config):
+        size = 2 * int(np.prod(tensor_shape))
+        header[name] = {"dtype": "BF16", "shape": list(tensor_shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    with open(folder / "model.safetensors", "wb") as handle:
+        handle.write(len(raw).to_bytes(8, "little") + raw)
+        handle.truncate(8 + len(raw) + offset)
     from engines.models import resolve_model
 
     write_tokenizer_folder(vocabulary, resolve_model("smollm2-135m"), folder)
@@ -345,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = report.dir / "rows.json"
     rows: list[Row] = [Row(**r) for r in json.loads(raw.read_text())] if raw.is_file() else []
     done = {(r.model, r.fmt, r.engine) for r in rows if not r.notes}
-    rows = [r for r in rows if (r.model, r.fmt, r.engine) in done or r.engine in ("hf-kv", "llama-server") and r.notes]
+    rows = [r for r in rows if (r.model, r.fmt, r.engine) in done or r.engine == "hf-kv" and r.notes]
     for row, path, shape in plan(args):
         if (row.model, row.fmt, row.engine) in done:
             continue
