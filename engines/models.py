@@ -119,7 +119,8 @@ def _build_smollm2(out: Path) -> None:
     _load_smollm2_tokenizer().save_pretrained(out)
 
 
-def _tiny_config(architecture: str, vocab_size: int):
+def tiny_config(architecture: str, vocab_size: int):
+    """The tiny models' shape: a few MB, and a head size vLLM's CPU kernels take (the tests' custom-code model too)."""
     from transformers import BloomConfig, LlamaConfig
 
     common: dict[str, Any] = dict(
@@ -146,7 +147,7 @@ def _build_tiny(architecture: str) -> Callable[[Path], None]:
 
         tokenizer = _load_smollm2_tokenizer()
         torch.manual_seed(TINY_SEED)
-        config = _tiny_config(architecture, vocab_size=len(tokenizer))
+        config = tiny_config(architecture, vocab_size=len(tokenizer))
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         # BLOOM's config has no context length; ALiBi has no learned positions, so we set one.
         model.config.max_position_embeddings = 1024

@@ -135,24 +135,14 @@ def build_custom_model(out: Path, extra_eos: int | None = None, auto_model: bool
     """The custom-code folder at ``out``; ``extra_eos``: one more end-of-sequence id in generation_config.json;
     ``auto_model`` False leaves AutoModel out of auto_map, as YAYI2's own config.json does."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
+
+    from engines.models import tiny_config
 
     out.mkdir(parents=True, exist_ok=True)
     train_sentencepiece(out)
     torch.manual_seed(SEED)
-    # head_dim 32: the smallest vLLM's CPU attention kernel supports.
-    config = LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=172,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=1024,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=True,
-    )
+    config = tiny_config("llama", VOCAB_SIZE)  # the tiny models' shape, which vLLM's CPU kernels take
     LlamaForCausalLM(config).save_pretrained(out)
     settings = json.loads((out / "config.json").read_text())
     settings.update(

@@ -13,6 +13,7 @@ import pytest
 from loadtest.launch.server_process import ServerProcess
 from server.grpc.wire import pb
 from tests.helpers.custom_model import CUSTOM_FILES, build_custom_model
+from tests.helpers.marks import engine_param
 from tests.helpers.observe import metric
 from tests.helpers.servers import run_cli
 
@@ -71,7 +72,7 @@ def test_vllm_says_what_its_transformers_backend_needs_from_auto_map(tmp_path):
     assert '"AutoModel": "<modeling file>.<base model class>"' in last
 
 
-@pytest.fixture(scope="module", params=["hf-kv", "hf-cb", "vllm"])
+@pytest.fixture(scope="module", params=[engine_param(e) for e in ("hf-kv", "hf-cb", "vllm")])
 def server(request, folder):
     if request.param == "vllm":
         pytest.importorskip("vllm", reason="vllm is installed by `make venv`")
