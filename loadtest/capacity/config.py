@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, fields
 
-from engines import options
+from engines import option_flags, options
 from engines.options import option
 from loadtest.capacity.sweep import DEFAULT_SLO
 
@@ -73,6 +73,9 @@ class CapacityConfig:
     vllm_dtype: str = option("bfloat16", "our vllm engine's and vLLM's own server's dtype", group=PEERS)
     kv_cache_gb: float = option(1.0, "vLLM's CPU KV cache (both vLLM servers)", group=PEERS, positive=True)
     server_args: str = option("", "extra yayi-serve arguments for every engine, one string", group=PEERS)
+    trust_remote_code: bool = option(
+        False, "the model folder's own code runs: passed to every yayi-serve this run starts", group=PEERS
+    )
     baseline_args: str = option("", "extra arguments for vLLM's own server, one string", group=PEERS)
     llama_server_args: str = option("", "extra arguments for llama-server, one string", group=PEERS)
     transformers_serve_args: str = option("", "extra arguments for transformers serve, one string", group=PEERS)
@@ -85,29 +88,15 @@ class CapacityConfig:
     out: str = option("", "report folder (default reports/capacity-<UTC time>)")
 
 
+DESCRIPTION = (
+    "Capacity at a latency target: open-loop arrivals from one seeded trace, a rate sweep to "
+    "saturation for each engine and peer, goodput, and reports/capacity-<UTC time>/."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m loadtest.capacity",
-        description="Capacity at a latency target: open-loop arrivals from one seeded trace, a rate sweep to "
-        "saturation for each engine and peer, goodput, and reports/capacity-<UTC time>/.",
-    )
-    groups: dict = {None: parser}
-    for field in fields(CapacityConfig):
-        group = field.metadata["group"]
-        if group not in groups:
-            groups[group] = parser.add_argument_group(group)
-        kind = options.value_type(CapacityConfig, field.name)
-        extra = {"choices": list(field.metadata["choices"])} if field.metadata["choices"] else {}
-        help_text = field.metadata["help"] + (f" (default {field.default})" if field.default != "" else "")
-        groups[group].add_argument(
-            options.flag(field.name, CapacityConfig),
-            dest=field.name,
-            type=kind,
-            default=field.default,
-            help=help_text.replace("%", "%%"),
-            **extra,
-        )
-    return parser
+    """The flags, made from the fields by the one flag builder the server and the other drivers use."""
+    return option_flags.build_parser(CapacityConfig, "python -m loadtest.capacity", DESCRIPTION)
 
 
 def parse(argv: list[str] | None = None) -> CapacityConfig:

@@ -93,7 +93,7 @@ def make_runs(config: CapacityConfig, model_path: str, raw: Path, terms, second_
         llama_server_args=tuple(shlex.split(config.llama_server_args)),
     )
     runs: list[Run] = []
-    common = shlex.split(config.server_args)
+    common = shlex.split(config.server_args) + (["--trust-remote-code"] if config.trust_remote_code else [])
     search_args = dict(
         start=config.start_rate, factor=config.factor, maximum=config.max_rate, tolerance=config.tolerance
     )
