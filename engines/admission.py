@@ -55,17 +55,22 @@ class Admission:
     @contextlib.asynccontextmanager
     async def slot(self):
         if self._free.locked() and self.waiting >= self.max_waiting:
+            wait = self.estimated_wait_s()
             raise QueueFull(
                 f"server is at capacity: {self.running} running, {self.waiting} waiting "
-                f"(queue bound {self.max_waiting}); retry later"
+                f"(queue bound {self.max_waiting}); retry later",
+                # The queue moves up one place per freed slot: a retry after one service time may find room.
+                retry_after_s=self.service_s / self.max_running if wait and self.service_s else None,
             )
         if self.max_wait_s is not None:
             wait = self.estimated_wait_s()
             if wait > self.max_wait_s:
+                retry = max(1.0, wait - self.max_wait_s)
                 raise QueueFull(
                     f"server is at capacity: the wait for a slot would be about {wait:.1f} s "
                     f"({self.waiting} waiting), over the bound of {self.max_wait_s:g} s; retry in about "
-                    f"{max(1, round(wait - self.max_wait_s))} s"
+                    f"{round(retry)} s",
+                    retry_after_s=retry,
                 )
         self.waiting += 1
         try:

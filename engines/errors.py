@@ -21,7 +21,15 @@ class InvalidRequest(EngineError):
 
 
 class QueueFull(EngineError):
-    """Every slot is busy and the waiting queue is at its bound."""
+    """Every slot is busy and the waiting queue is at its bound (in requests, or in estimated wait).
+
+    ``retry_after_s``: about when a slot should be free, or None where nothing is measured yet;
+    each front end says it in its own words (HTTP's Retry-After, gRPC's retry pushback).
+    """
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class EngineUnavailable(EngineError):

@@ -48,14 +48,23 @@ class CallFailed(Exception):
 
     ``stalled``: the client stopped reading, so nothing more can be sent to it.  ``field``: the
     request field at fault, as the refusing code named it (engines' InvalidRequest.field).
+    ``retry_after_s``: a refusal's hint of when to come back (engines' QueueFull.retry_after_s).
     """
 
-    def __init__(self, status: str, message: str, stalled: bool = False, field: str | None = None) -> None:
+    def __init__(
+        self,
+        status: str,
+        message: str,
+        stalled: bool = False,
+        field: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.stalled = stalled
         self.field = field
+        self.retry_after_s = retry_after_s
 
 
 def forget_traceback(exc: BaseException | None) -> None:
@@ -186,7 +195,12 @@ class Calls:
             if not self.engine.healthy:
                 # Reported before this call's error leaves: a client that then asks health reads NOT_SERVING.
                 await self.state.lose_engine()
-            raise CallFailed(status.name, message, field=getattr(exc, "field", None)) from exc
+            raise CallFailed(
+                status.name,
+                message,
+                field=getattr(exc, "field", None),
+                retry_after_s=getattr(exc, "retry_after_s", None),
+            ) from exc
         finally:
             self.in_flight -= 1
             count("UNKNOWN")  # only if nothing above counted: a bug here, still counted

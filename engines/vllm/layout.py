@@ -106,10 +106,14 @@ def binding_for(layout: Layout, device: str) -> str | None:
 
     vLLM's own default ("auto") gives each local rank a NUMA node of its own and stops at start-up
     when there are fewer nodes than ranks, which is every one-socket machine; one core share per
-    rank serves instead.  None where it does not apply (one rank, Ray's workers, a GPU) or where
-    the user has set the variable (their binding stands).
+    rank serves instead.  For one rank, "auto" keeps a core per rank back for vLLM's scheduler
+    process (``reserve_cpu_num``): on a 2-core machine the model then runs on one core.  The
+    scheduler sleeps while the model runs, so the model gets every core instead: measured by
+    ``make capacity`` against vLLM's own server left at "auto" and bound the same way
+    (docs/results).  None where it does not apply (Ray's workers, a GPU) or where the user has
+    set the variable (their binding stands).
     """
-    if device != "cpu" or layout.executor != "mp" or not layout.parallel:
+    if device != "cpu" or layout.executor != "mp":
         return None
     chosen = os.environ.get(BIND_ENV)
     if chosen:

@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         capacities = {run.label: c for run in searched if (c := report.capacity_of(run.rows)[0]) is not None}
         driver.overload(searched, capacities)
         if clocked:
-            clock_rows = second_clock.run(searched, capacities, config, terms, out / "raw", model_path)
+            clock_rows = second_clock.run(searched, capacities, config, terms, out / "raw", model_path, built)
         for run in searched:
             run.target.stop()
         for run in bounded:

@@ -296,8 +296,10 @@ def write(folder, config, terms, built, runs, clock_rows: list[dict]) -> None:
             "second_clock",
             clock_rows,
             title="Second clock: vllm bench serve at each capacity point",
-            note="Its goodput (good requests over its run) beside ours counted the same way; they agree when within "
-            f"{CLOCK_AGREEMENT:.0%}.  Its prompts are its random dataset at the speed prompts' mean length.",
+            note="The same prompts at the same rate and burstiness, its arrival instants its own draw.  Each "
+            "clock's goodput is the share of its requests that met every term times the offered rate; they agree "
+            f"when within {CLOCK_AGREEMENT:.0%}.  Each tool's goodput over its own run (its span moves with the "
+            "arrival draw) is beside them.",
         )
     _plots(folder, [r for r in steps if r.get("valid") and r.get("phase") == "search"], terms)
 

@@ -1,13 +1,16 @@
 """The second clock: ``vllm bench serve`` (loadtest/compare/vllm_bench.py runs it) replays each target's
-capacity point, its rate and burstiness, with its ``--goodput`` set to the target's terms, against our
-HTTP front end and each peer; the report says whether its goodput and ours agree."""
+capacity point, the same prompts at the same rate and burstiness, with its ``--goodput`` set to the
+target's terms, against our HTTP front end and each peer; the report says whether its goodput and ours
+agree.  Its arrival instants are its own draw (it takes no trace), hence ``compare``'s definition."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import statistics
 from pathlib import Path
 
+from loadtest.capacity.trace import Trace
 from loadtest.compare.targets import HTTP_SUFFIX, YayiTarget
 
 # The two clocks must agree within this share.
@@ -25,15 +28,56 @@ def burstiness(arrival: str, factor: float) -> str:
     return {"poisson": "1", "constant": "inf"}.get(arrival, f"{factor:g}")
 
 
-def run(runs, capacities: dict[str, float], config, terms, raw: Path, model_path: str) -> list[dict]:
-    """``vllm bench serve`` at each target's capacity point, with its ``--goodput`` set to the target's
-    terms (its goodput is per request, over the whole run: compared with ours counted the same way)."""
+def dataset_rows(built: Trace, count: int) -> list[dict]:
+    """The trace's first ``count`` requests as vllm bench serve's custom dataset: the same prompts and exact
+    output lengths our clock sent at that rate, in the same order."""
+    return [{"prompt": r.prompt, "output_tokens": r.output_tokens} for r in built.requests[:count]]
+
+
+def bench_args(url: str, served: str, model_path: str, dataset: Path, count: int, rate: float, config, terms):
+    """``vllm bench serve``'s arguments for one capacity point: our prompts (--dataset-name custom, no chat
+    template, unshuffled), our rate and burstiness, its --goodput set to our terms."""
+    unit = {"ttft": "ttft", "tpot": "tpot", "e2e": "e2el"}
+    return [
+        "--backend", "openai", "--base-url", url, "--endpoint", "/v1/completions", "--model", served,
+        "--tokenizer", model_path, "--dataset-name", "custom", "--dataset-path", str(dataset),
+        "--custom-output-len", "-1", "--skip-chat-template", "--disable-shuffle", "--num-prompts", str(count),
+        "--request-rate", f"{rate:g}", "--burstiness", burstiness(config.arrival, config.burstiness),
+        "--temperature", "0", "--seed", str(config.seed),
+        "--goodput", *(f"{unit[t.metric]}:{t.bound_s * 1000:g}" for t in terms),
+        "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99", "--disable-tqdm",
+    ]  # fmt: skip
+
+
+def compare(ours: list[dict], result: dict, rate: float) -> dict:
+    """The two clocks' goodput at one capacity point, each as the share of its requests that met every term
+    times the offered rate.  Goodput over the run's own duration (each tool's raw figure, kept beside) also
+    moves with the span of that run's random arrival draw, about 1/sqrt(n) of it, which is not the server's."""
+    completed = result.get("completed") or 0
+    sent = completed + (result.get("failed") or 0) or result.get("num_prompts") or completed
+    good_theirs = (result.get("request_goodput") or 0.0) * (result.get("duration") or 0.0)
+    row: dict = {
+        "vllm_bench_good_pct": 100.0 * good_theirs / sent if sent else None,
+        "vllm_bench_goodput_run_rps": result.get("request_goodput"),
+        "vllm_bench_ttft_p99_s": (result.get("p99_ttft_ms") or 0) / 1000 or None,
+        "vllm_bench_tpot_p99_s": (result.get("p99_tpot_ms") or 0) / 1000 or None,
+    }
+    if ours:
+        row["ours_good_pct"] = statistics.median(r["good_pct"] for r in ours)
+        row["ours_goodput_run_rps"] = statistics.median(r["goodput_run_rps"] for r in ours)
+    if row.get("ours_good_pct") and row["vllm_bench_good_pct"] is not None:
+        row["ours_goodput_rps"] = rate * row["ours_good_pct"] / 100
+        row["vllm_bench_goodput_rps"] = rate * row["vllm_bench_good_pct"] / 100
+        row["difference"] = row["vllm_bench_goodput_rps"] / row["ours_goodput_rps"] - 1
+        row["agree"] = abs(row["difference"]) <= CLOCK_AGREEMENT
+    return row
+
+
+def run(runs, capacities: dict[str, float], config, terms, raw: Path, model_path: str, built: Trace) -> list[dict]:
+    """``vllm bench serve`` at each target's capacity point, on the same prompts as our clock's step there."""
     from loadtest.compare.vllm_bench import run_client
 
     rows = []
-    unit_ms = {"ttft": "ttft", "tpot": "tpot", "e2e": "e2el"}
-    goodput = [f"{unit_ms[t.metric]}:{t.bound_s * 1000:g}" for t in terms]
-    prompt_tokens = _mean_prompt_tokens(model_path)
     for run in runs:
         rate = capacities.get(run.label)
         if run.failed or not rate:
@@ -44,16 +88,10 @@ def run(runs, capacities: dict[str, float], config, terms, raw: Path, model_path
         ours = [r for r in run.rows if r.get("phase") == "search" and r.get("offered_rps") == rate and r.get("valid")]
         count = ours[0]["requests"] if ours else config.min_requests
         stem = f"{run.label}_vllm_bench_{rate:.4g}"
-        args = [
-            "--backend", "openai", "--base-url", run.target.openai_url, "--endpoint", "/v1/completions",
-            "--model", served, "--tokenizer", model_path, "--dataset-name", "random",
-            "--random-input-len", str(prompt_tokens), "--random-output-len", str(config.output_tokens),
-            "--random-range-ratio", "0", "--num-prompts", str(count), "--request-rate", f"{rate:g}",
-            "--burstiness", burstiness(config.arrival, config.burstiness),
-            "--temperature", "0", "--seed", str(config.seed), "--goodput", *goodput,
-            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99", "--disable-tqdm",
-            "--save-result", "--result-dir", str(raw), "--result-filename", f"{stem}.json",
-        ]  # fmt: skip
+        dataset = raw / f"{stem}_prompts.jsonl"
+        dataset.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in dataset_rows(built, count)))
+        args = bench_args(run.target.openai_url, served, model_path, dataset, count, rate, config, terms)
+        args += ["--save-result", "--result-dir", str(raw), "--result-filename", f"{stem}.json"]
         if run.ignore_eos:
             args.append("--ignore-eos")
         row = {"target": run.label, "rate_rps": rate, "requests": count}
@@ -67,26 +105,6 @@ def run(runs, capacities: dict[str, float], config, terms, raw: Path, model_path
             row["note"] = f"vllm bench serve: every request failed ({stem}.log says why)"
             rows.append(row)
             continue
-        ours_goodput = statistics.median(r["goodput_run_rps"] for r in ours) if ours else None
-        theirs = result.get("request_goodput")
-        row.update(
-            ours_goodput_rps=ours_goodput,
-            vllm_bench_goodput_rps=theirs,
-            vllm_bench_rps=result.get("request_throughput"),
-            vllm_bench_ttft_p99_s=(result.get("p99_ttft_ms") or 0) / 1000 or None,
-        )
-        if ours_goodput and theirs is not None:
-            row["difference"] = theirs / ours_goodput - 1
-            row["agree"] = abs(row["difference"]) <= CLOCK_AGREEMENT
+        row.update(compare(ours, result, rate))
         rows.append(row)
     return rows
-
-
-def _mean_prompt_tokens(model_path: str) -> int:
-    """vllm bench's random prompts as long as the speed prompts, in the model's tokens."""
-    from loadtest.capacity.workloads import load_tokenizer
-    from loadtest.measure.prompts import LOG_SPEED_PROMPTS
-
-    tokenizer = load_tokenizer(model_path)
-    counts = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in LOG_SPEED_PROMPTS]
-    return max(1, round(sum(counts) / len(counts)))

@@ -66,6 +66,7 @@ DESCRIPTION = __doc__.split("\n\n")[0]
 START_ESTIMATE_S = {
     "vllm": 150.0,
     "vllm-openai": 150.0,
+    "vllm-openai-matched": 150.0,
     "hf-cb": 40.0,
     "transformers-serve-matched": 40.0,
     "transformers-serve-defaults": 60.0,

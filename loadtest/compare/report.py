@@ -257,7 +257,8 @@ def write_plots(out: Path, rows: list[dict]) -> list[Path]:
 # server it must match (vllm, hf-cb twice, llama-cpp), and the batched hf engine against the
 # one-at-a-time one.
 VERSUS = (
-    ("vllm", "vllm-openai", "Our vllm engine against vLLM's own OpenAI server"),
+    ("vllm", "vllm-openai", "Our vllm engine against vLLM's own OpenAI server, as its users start it"),
+    ("vllm", "vllm-openai-matched", "Our vllm engine against vLLM's own OpenAI server with the same thread binding"),
     (
         "hf-cb",
         "transformers-serve-matched",

@@ -19,6 +19,7 @@ GiB = 2**30
 BASE_BYTES = {
     "vllm": 3.0 * GiB,  # plus its --kv-cache-gb
     "vllm-openai": 3.0 * GiB,
+    "vllm-openai-matched": 3.0 * GiB,
     "hf-cb": 2.2 * GiB,  # hf-cb's 1 GiB cache on a CPU
     "transformers-serve-matched": 2.2 * GiB,
     "transformers-serve-defaults": 2.2 * GiB,  # plus the cache it sizes itself
@@ -136,7 +137,7 @@ def target_estimate(params: float, kv_cache_gb: float, total_memory: float | Non
         dtype = getattr(target, "dtype", None) or target_dtype(target)
         weights = params * (2 if dtype in ("bfloat16", "float16") else 4)
         base = BASE_BYTES.get(kind, DEFAULT_BASE_BYTES)
-        if kind in ("vllm", "vllm-openai"):
+        if kind in ("vllm", "vllm-openai", "vllm-openai-matched"):
             return base + kv_cache_gb * GiB + weights
         if kind == "transformers-serve-defaults":
             capped = _capped_share(getattr(target, "extra_args", []))

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 
 import grpc
 
@@ -24,6 +25,8 @@ from server.whole_output import WholeOutput
 log = logging.getLogger(__name__)
 
 DEADLINE_SLACK_S = 0.25
+# Trailing metadata with a refusal's retry hint in milliseconds, the key gRPC's retry policy reads.
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -147,6 +150,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 context.set_code(grpc.StatusCode.CANCELLED)
                 context.set_details(failure.message)
                 return
+            if failure.retry_after_s is not None:
+                # gRPC's own retry policy waits this long before its next attempt (gRFC A6, server pushback).
+                context.set_trailing_metadata(((PUSHBACK_KEY, str(math.ceil(failure.retry_after_s * 1000))),))
             await context.abort(grpc.StatusCode[failure.status], failure.message)
 
 

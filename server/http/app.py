@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from typing import Any, cast
 
@@ -379,6 +380,9 @@ def _message(failure: CallFailed) -> str:
 def _error(failure: CallFailed, headers: dict | None = None) -> JSONResponse:
     status, body = error_body(failure.status, _message(failure), _param(failure))
     forget_traceback(failure)
+    if failure.retry_after_s is not None:
+        # RFC 9110 takes whole seconds; the OpenAI SDK waits this long before its own retry.
+        headers = {**(headers or {}), "retry-after": str(max(1, math.ceil(failure.retry_after_s)))}
     return JSONResponse(body, status_code=status, headers=headers)
 
 

@@ -162,29 +162,42 @@ def test_non_latin_prompts_stream_valid_utf8_chunks(tiny_server, prompt):
     assert any(len(c.token_ids) > 1 for c in chunks), "no character was held back: the case was not exercised"
 
 
-def test_queue_full_is_resource_exhausted_at_once(tiny_server):
+@pytest.fixture(scope="module")
+def queued_server():
+    """SmolLM2 on hf-kv, one request at a time and a queue of two.  Its occupants must outlast the test:
+    tiny-llama streams a long answer in about a second, so a slot could free up between the check of the
+    queue and the call meant to be refused; SmolLM2's 3000 tokens take minutes on any machine we run on."""
+    server = ServerProcess(
+        "--engine", "hf-kv", "--model", "smollm2-135m", "--max-concurrency", "1", "--max-queue", "2"
+    ).wait_ready()
+    yield server
+    server.stop()
+
+
+@pytest.mark.slow  # the real SmolLM2
+def test_queue_full_is_resource_exhausted_at_once(queued_server):
     # One running, two waiting (--max-queue 2): the fourth call is refused without waiting.
-    long = dict(max_new_tokens=900, ignore_eos=True)
-    streams = [tiny_server.stream("busy", **long) for _ in range(3)]
+    server = queued_server
+    server.generate("measure", max_new_tokens=2)  # a service time, for the retry hint
+    long = dict(max_new_tokens=3000, ignore_eos=True)
+    streams = [server.stream("busy", **long) for _ in range(3)]
     next(streams[0])
-    deadline = time.monotonic() + 10
-    while metric(tiny_server, "yayi_requests_waiting") < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert wait_until(lambda: metric(server, "yayi_requests_waiting") == 2, 10), "the queue never filled"
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as error:
-        tiny_server.generate("one too many", max_new_tokens=2, timeout=30)
+        server.generate("one too many", max_new_tokens=2, timeout=30)
     assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "queue bound 2" in error.value.details()
+    pushback = dict(error.value.trailing_metadata())["grpc-retry-pushback-ms"]
+    assert int(pushback) > 0, "a measured service time gives the retry policy a wait"
     assert time.monotonic() - started < 5, "refusal must not wait for a slot"
+    assert metric(server, "yayi_requests_running") == 1, "the occupant ended early: the case was not exercised"
     for stream in streams:
         stream.cancel()
-    deadline = time.monotonic() + 10
-    while (
-        metric(tiny_server, "yayi_requests_waiting") + metric(tiny_server, "yayi_requests_running") > 0
-        and time.monotonic() < deadline
-    ):
-        time.sleep(0.05)
-    assert tiny_server.generate("free again", max_new_tokens=2, timeout=10).usage.completion_tokens == 2
+    assert wait_until(
+        lambda: metric(server, "yayi_requests_waiting") + metric(server, "yayi_requests_running") == 0, 10
+    ), "cancelled requests kept their places"
+    assert server.generate("free again", max_new_tokens=2, timeout=10).usage.completion_tokens == 2
 
 
 def test_duplicate_live_request_id_is_refused(tiny_server):

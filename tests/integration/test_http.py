@@ -240,6 +240,7 @@ def _hold(server: ServerProcess) -> socket.socket:
 
 
 def test_queue_full_is_429_and_hang_ups_free_every_place(server, client):
+    client.completions.create(model=MODEL, prompt="measure", max_tokens=2)  # a service time, for the hint
     cancelled = requests_total(server, status="CANCELLED", api="http", method="/v1/completions")
     held = [_hold(server)]
     assert wait_until(lambda: metric(server, "yayi_requests_running") == 1, 10)
@@ -250,6 +251,7 @@ def test_queue_full_is_429_and_hang_ups_free_every_place(server, client):
         client.completions.create(model=MODEL, prompt="one more", max_tokens=2)
     assert error.value.status_code == 429 and error.value.code == "RESOURCE_EXHAUSTED"
     assert "at capacity" in error.value.message
+    assert int(error.value.response.headers["retry-after"]) >= 1  # whole seconds, as the SDK reads it
     assert requests_total(server, status="RESOURCE_EXHAUSTED", api="http") == refused + 1
     for connection in held:  # the running one and both waiting ones hang up
         connection.close()

@@ -48,14 +48,42 @@ def test_a_request_that_would_wait_past_the_bound_is_refused_at_once_with_a_hint
 
         first = asyncio.create_task(user())
         await asyncio.sleep(0.01)
-        with pytest.raises(QueueFull, match=r"about 3\.0 s.*bound of 1 s; retry in about 2 s"):
+        with pytest.raises(QueueFull, match=r"about 3\.0 s.*bound of 1 s; retry in about 2 s") as refused:
             async with admission.slot():
                 pass
+        assert refused.value.retry_after_s == pytest.approx(2.0)  # the wait past the bound
         assert admission.waiting == 0 and admission.running == 1  # the refusal held nothing
         hold.set()
         await first
         async with admission.slot():  # free again: admitted
             assert admission.running == 1
+
+    asyncio.run(main())
+
+
+def test_a_full_queue_hints_one_service_time_once_one_is_measured():
+    async def main():
+        admission = Admission(max_running=2, max_waiting=1)
+        hold = asyncio.Event()
+
+        async def user():
+            async with admission.slot():
+                await hold.wait()
+
+        tasks = [asyncio.create_task(user()) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull, match="queue bound 1") as unmeasured:
+            async with admission.slot():
+                pass
+        assert unmeasured.value.retry_after_s is None  # nothing measured: no guess
+        admission.record_service(3.0)
+        with pytest.raises(QueueFull) as measured:
+            async with admission.slot():
+                pass
+        # Two slots each held about 3 s: one frees, and the queue moves up, in about 1.5 s.
+        assert measured.value.retry_after_s == pytest.approx(1.5)
+        hold.set()
+        await asyncio.gather(*tasks)
 
     asyncio.run(main())
 

@@ -95,3 +95,31 @@ def test_the_driver_finds_each_capacity_interleaved_and_writes_the_report(settin
     assert "large takes the most requests" in text
     samples = (folder.dir / "raw" / "samples.jsonl").read_text().splitlines()
     assert len(samples) == sum(row["requests"] for run in runs for row in run.rows)
+
+
+def test_the_second_clock_replays_our_prompts_and_counts_goodput_as_ours(tmp_path):
+    from loadtest.capacity import second_clock, sweep, trace
+    from loadtest.capacity.config import parse
+
+    built = trace.Trace(
+        tuple(trace.Request(i, float(i), f"prompt {i}", 8 + i) for i in range(5)), "gamma", 4.0, 3, "speed"
+    )
+    assert second_clock.dataset_rows(built, 2) == [
+        {"prompt": "prompt 0", "output_tokens": 8},
+        {"prompt": "prompt 1", "output_tokens": 9},
+    ]
+    config = parse(["--arrival", "gamma", "--burstiness", "4", "--seed", "3"])
+    terms = sweep.parse_slo("ttft_p99=2s,tpot_p99=200ms")
+    args = second_clock.bench_args("http://h/v1", "m", "/model", tmp_path / "d.jsonl", 2, 1.5, config, terms)
+    flags = dict(zip(args[::2], args[1::2], strict=False))
+    assert flags["--dataset-name"] == "custom" and flags["--custom-output-len"] == "-1"
+    assert "--skip-chat-template" in args and "--disable-shuffle" in args
+    assert args[args.index("--request-rate") + 1] == "1.5" and args[args.index("--burstiness") + 1] == "4"
+    assert args[args.index("--goodput") + 1 : args.index("--goodput") + 3] == ["ttft:2000", "tpot:200"]
+    # 9 of 10 good over a 12 s run on their clock; 80 % on ours: goodput 0.9 and 0.8 of the rate.
+    theirs = {"completed": 10, "failed": 0, "duration": 12.0, "request_goodput": 9 / 12.0, "p99_ttft_ms": 900.0}
+    row = second_clock.compare([{"good_pct": 80.0, "goodput_run_rps": 0.7}], theirs, 2.0)
+    assert row["vllm_bench_good_pct"] == pytest.approx(90.0) and row["ours_good_pct"] == 80.0
+    assert row["vllm_bench_goodput_rps"] == pytest.approx(1.8) and row["ours_goodput_rps"] == pytest.approx(1.6)
+    assert row["difference"] == pytest.approx(0.125) and row["agree"] is False
+    assert second_clock.compare([{"good_pct": 90.0, "goodput_run_rps": 0.7}], theirs, 2.0)["agree"] is True

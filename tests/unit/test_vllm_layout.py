@@ -91,12 +91,12 @@ def test_eager_pipeline_on_cpu_is_refused_but_not_on_cuda():
     check_layout(Layout(1, 2), SMOLLM2, device="cuda", enforce_eager=True)
 
 
-def test_binding_applies_to_cpu_mp_with_more_than_one_rank_only(monkeypatch):
+def test_binding_applies_to_cpu_mp_only(monkeypatch):
     monkeypatch.delenv(BIND_ENV, raising=False)
     monkeypatch.setattr(vllm_layout, "allowed_cpus", lambda: [0, 1])
     assert binding_for(Layout(1, 2, "mp"), "cpu") == "0|1"
     assert binding_for(Layout(2, 1, "mp"), "cpu") == "0|1"
-    assert binding_for(Layout(1, 1, "mp"), "cpu") is None  # vLLM's own default binds one rank fine
+    assert binding_for(Layout(1, 1, "mp"), "cpu") == "0-1"  # every core: vLLM's own would keep one back
     assert binding_for(Layout(1, 2, "ray"), "cpu") is None  # Ray's workers are placed by the cluster
     assert binding_for(Layout(1, 2, "mp"), "cuda") is None
     with pytest.raises(EngineUnavailable, match="4 worker processes"):

@@ -2,10 +2,11 @@
 
 One module per server: ``ours`` (our server, one engine through one front end, read through its
 /metrics), and the outside OpenAI-compatible servers read through their process tree as our CPU
-probe reads ours: ``vllm_openai`` (vLLM's own), ``transformers_serve`` (``transformers serve
---continuous-batching``, matched and left to its defaults) and ``llama_server`` (llama.cpp's own).
-``base`` holds what they share, ``baselines`` which outside servers a run loads and how each is
-built.  The names below are the ones the drivers and tests import.
+probe reads ours: ``vllm_openai`` (vLLM's own, as its users start it and with our engine's thread
+binding), ``transformers_serve`` (``transformers serve --continuous-batching``, matched and left to
+its defaults) and ``llama_server`` (llama.cpp's own).  ``base`` holds what they share,
+``baselines`` which outside servers a run loads and how each is built.  The names below are the
+ones the drivers and tests import.
 """
 
 from loadtest.compare.targets.base import OutsideServerTarget, ProcessWatch, Reading, Target, TargetConfig, Watch
@@ -27,7 +28,12 @@ from loadtest.compare.targets.transformers_serve import (
     TransformersServeTarget,
     default_cache_share,
 )
-from loadtest.compare.targets.vllm_openai import VLLMServerTarget, max_model_len, vllm_engine_args
+from loadtest.compare.targets.vllm_openai import (
+    VLLMServerMatchedTarget,
+    VLLMServerTarget,
+    max_model_len,
+    vllm_engine_args,
+)
 
 __all__ = [
     "BASELINES",
@@ -47,6 +53,7 @@ __all__ = [
     "TargetConfig",
     "TransformersServeDefaultsTarget",
     "TransformersServeTarget",
+    "VLLMServerMatchedTarget",
     "VLLMServerTarget",
     "Watch",
     "YayiTarget",

@@ -9,12 +9,19 @@ from pathlib import Path
 from loadtest.compare.targets.base import OutsideServerTarget, TargetConfig
 from loadtest.compare.targets.llama_server import LlamaServerTarget
 from loadtest.compare.targets.transformers_serve import TransformersServeDefaultsTarget, TransformersServeTarget
-from loadtest.compare.targets.vllm_openai import VLLMServerTarget, max_model_len
+from loadtest.compare.targets.vllm_openai import VLLMServerMatchedTarget, VLLMServerTarget, max_model_len
 
-BASELINES = ("vllm-openai", "transformers-serve-matched", "transformers-serve-defaults", "llama-server")
+BASELINES = (
+    "vllm-openai",
+    "vllm-openai-matched",
+    "transformers-serve-matched",
+    "transformers-serve-defaults",
+    "llama-server",
+)
 # The engine each outside baseline stands beside: it runs under "auto" when that engine does.
 BASELINE_PEER = {
     "vllm-openai": "vllm",
+    "vllm-openai-matched": "vllm",
     "transformers-serve-matched": "hf-cb",
     "transformers-serve-defaults": "hf-cb",
     "llama-server": "llama-cpp",
@@ -51,6 +58,7 @@ def chosen_baselines(choice: Sequence[str] | str, engines: Sequence[str]) -> lis
 
     installed = {
         "vllm-openai": importlib.util.find_spec("vllm") is not None,
+        "vllm-openai-matched": importlib.util.find_spec("vllm") is not None,
         "llama-server": os.access(llama_cpp_home() / "bin" / "llama-server", os.X_OK),
     }
     return [name for name in BASELINES if BASELINE_PEER[name] in engines and installed.get(name, True)]
@@ -59,8 +67,9 @@ def chosen_baselines(choice: Sequence[str] | str, engines: Sequence[str]) -> lis
 def baseline_target(name: str, config: TargetConfig, raw: Path) -> OutsideServerTarget:
     """An outside server set up as its peer engine is: the same dtype, KV cache and context."""
     log_path = raw / f"{name}_server.log"
-    if name == "vllm-openai":
-        return VLLMServerTarget(
+    if name in ("vllm-openai", "vllm-openai-matched"):
+        kind = VLLMServerMatchedTarget if name == "vllm-openai-matched" else VLLMServerTarget
+        return kind(
             config.model_path,
             config.model,
             config.vllm_dtype,

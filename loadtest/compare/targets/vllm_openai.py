@@ -48,6 +48,21 @@ class VLLMServerTarget(OutsideServerTarget):
         return {**os.environ, "VLLM_CPU_KVCACHE_SPACE": f"{self.kv_cache_gb:g}"}
 
 
+class VLLMServerMatchedTarget(VLLMServerTarget):
+    """vLLM's own server with our vllm engine's CPU thread binding (engines/vllm/layout.py): its worker on
+    every core, where its own "auto" keeps one back for its scheduler.  Beside ``VLLMServerTarget`` (as its
+    users start it), it shows whether a lead comes from the binding or from the rest of the engine."""
+
+    label = "vllm-openai-matched"
+    name = "vllm (OpenAI server), our engine's thread binding"
+
+    def env(self) -> dict[str, str]:
+        from engines.vllm.layout import BIND_ENV, Layout, binding_for
+
+        binding = binding_for(Layout(), "cpu")
+        return {**super().env(), **({BIND_ENV: binding} if binding else {})}
+
+
 def max_model_len(config: TargetConfig) -> int:
     """The context both vLLM servers serve: the configured one, else the model's by our vllm engine's rule."""
     if config.max_model_len:
