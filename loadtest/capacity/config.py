@@ -39,13 +39,13 @@ class CapacityConfig:
     arrival: str = option("poisson", "arrival process", choices=("poisson", "constant", "gamma"))
     burstiness: float = option(1.0, "gamma arrivals' shape (vLLM's convention); 1 is Poisson", positive=True)
     seed: int = option(0, "the trace's seed: the same seed gives the same trace")
-    step_seconds: float = option(30.0, "arrivals per step last about this long", group=SEARCH, positive=True)
+    step_seconds: float = option(20.0, "arrivals per step last about this long", group=SEARCH, positive=True)
     min_requests: int = option(12, "requests in a step at least, however low the rate", group=SEARCH, minimum=2)
     max_requests: int = option(400, "requests in a step at most (the trace's length)", group=SEARCH, minimum=2)
-    start_rate: float = option(0.25, "first rate tried, requests/s", group=SEARCH, positive=True)
+    start_rate: float = option(0.5, "first rate tried, requests/s", group=SEARCH, positive=True)
     factor: float = option(2.0, "the rate's step up before the first failure", group=SEARCH, minimum=1.01)
     max_rate: float = option(32.0, "highest rate tried, requests/s", group=SEARCH, positive=True)
-    tolerance: float = option(0.15, "bisection stops when fail/pass is within 1 + this", group=SEARCH, positive=True)
+    tolerance: float = option(0.2, "bisection stops when fail/pass is within 1 + this", group=SEARCH, positive=True)
     repeat: int = option(1, "rounds of every step, the targets interleaved at each rate", group=SEARCH, minimum=1)
     max_lag_s: float = option(
         0.25, "a step whose requests left this late at p99 is invalid", flag="max-lag", group=SEARCH, positive=True

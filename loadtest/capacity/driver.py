@@ -205,7 +205,25 @@ class Driver:
                     continue
                 rate = capacity * self.config.overload
                 self.progress(run, rate, f"{self.config.overload:g}x capacity", self.step_seconds(rate))
-                self.step(run, rate, round_no, "overload")
+                row = self.step(run, rate, round_no, "overload")
+                row["health_after"] = health(run.target)
+
+
+def health(target) -> str:
+    """The server's health right after a step past capacity: ours by the gRPC health service (SERVING or
+    not), an outside server by its /health answer's HTTP code."""
+    import urllib.request
+
+    try:
+        if isinstance(target, YayiTarget):
+            from grpc_health.v1 import health_pb2
+
+            status = target.server.health_status()
+            return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+        with urllib.request.urlopen(target.host + "/health", timeout=10) as answer:
+            return f"HTTP {answer.status}"
+    except Exception as exc:  # the answer is the figure: a server that cannot say is reported so
+        return f"no answer ({type(exc).__name__})"
 
 
 def start(run: Run, timeout: float) -> None:

@@ -237,6 +237,7 @@ def overload_table(runs, capacities: dict[str, float]) -> list[dict]:
                     "refused": row.get("refused"),
                     "errors": row.get("errors"),
                     "mem_mb": row.get("mem_mb"),
+                    "health_after": row.get("health_after"),
                     "valid": row.get("valid"),
                     "error": row.get("error", ""),
                 }

@@ -129,6 +129,8 @@ def test_past_capacity_ours_with_the_bound_refuses_rather_than_fails(report):
         base = row["target"].removesuffix("+wait")
         assert row["offered_rps"] == pytest.approx(2 * capacities[base])
         assert row["errors"] == 0  # refusals, never errors
+        ours = row["target"].removesuffix("+wait") in ("hf-kv", "hf-cb")
+        assert row["health_after"] == ("SERVING" if ours else "HTTP 200"), row
         assert row["goodput_rps"] <= row["offered_rps"] * TOLERANCE
 
 
@@ -153,7 +155,7 @@ def test_the_second_clock_agrees_with_ours_on_a_server_of_known_capacity(tmp_pat
         measuring.step(run, 10.0, 0, "search")
         measuring.samples.close()
         rows = second_clock.run(
-            [run], {"slots": 10.0}, settings, terms, tmp_path / "raw", str(resolve_model("tiny-llama"))
+            [run], {"slots": 10.0}, settings, terms, tmp_path / "raw", str(resolve_model("tiny-llama")), built
         )
     assert len(rows) == 1, rows
     row = rows[0]
