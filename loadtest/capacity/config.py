@@ -69,7 +69,9 @@ class CapacityConfig:
         "is installed), true or false",
         choices=("auto", "true", "false"),
     )
-    dtype: str = option("auto", "hf engines' and transformers serve's dtype", group=PEERS)
+    dtype: str = option(
+        "bfloat16", "hf engines', llama-cpp's and transformers serve's dtype (auto: each one's own)", group=PEERS
+    )
     vllm_dtype: str = option("bfloat16", "our vllm engine's and vLLM's own server's dtype", group=PEERS)
     kv_cache_gb: float = option(1.0, "vLLM's CPU KV cache (both vLLM servers)", group=PEERS, positive=True)
     server_args: str = option("", "extra yayi-serve arguments for every engine, one string", group=PEERS)
