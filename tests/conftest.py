@@ -2,6 +2,7 @@ import pytest
 
 from loadtest.launch.server_process import ServerProcess
 from tests.helpers.loop_thread import LoopThread
+from tests.helpers.marks import engine_param
 
 # Before any test module imports them: the helpers' asserts then show their values as a test's do.
 pytest.register_assert_rewrite("tests.helpers.engine_calls", "tests.helpers.observe")
@@ -20,6 +21,28 @@ def tiny_server():
 @pytest.fixture(scope="session")
 def smol_server():
     server = ServerProcess("--engine", "hf-kv", "--model", "smollm2-135m").wait_ready()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def custom_reference(tmp_path_factory):
+    """A folder with code of its own (tests/helpers/custom_model.py) whose generation_config.json lists an
+    extra end-of-sequence id, with transformers' own greedy continuation of the custom tests' prompt."""
+    from tests.helpers.custom_model import build_with_reference
+
+    return build_with_reference(tmp_path_factory.mktemp("custom") / "yayi")
+
+
+@pytest.fixture(scope="session", params=[engine_param(e) for e in ("hf-kv", "hf-cb", "vllm")])
+def custom_server(request, custom_reference):
+    """That folder served with --trust-remote-code, one engine at a time: the custom-code and the stop-token
+    tests share each server (pytest runs every test of one engine before starting the next)."""
+    if request.param == "vllm":
+        pytest.importorskip("vllm", reason="vllm is installed by `make venv`")
+    server = ServerProcess(
+        "--engine", request.param, "--model", str(custom_reference.folder), "--trust-remote-code", "--http-port", "0"
+    ).wait_ready(600)
     yield server
     server.stop()
 

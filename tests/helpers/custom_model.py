@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 SEED = 0
@@ -131,9 +133,9 @@ def train_sentencepiece(out: Path) -> None:
     (out / "tokenizer.model").write_bytes(model.getvalue())
 
 
-def build_custom_model(out: Path, extra_eos: int | None = None, auto_model: bool = True) -> Path:
-    """The custom-code folder at ``out``; ``extra_eos``: one more end-of-sequence id in generation_config.json;
-    ``auto_model`` False leaves AutoModel out of auto_map, as YAYI2's own config.json does."""
+def build_custom_model(out: Path, auto_model: bool = True) -> Path:
+    """The custom-code folder at ``out``; ``auto_model`` False leaves AutoModel out of auto_map, as YAYI2's own
+    config.json does."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -158,8 +160,7 @@ def build_custom_model(out: Path, extra_eos: int | None = None, auto_model: bool
     if not auto_model:
         del settings["auto_map"]["AutoModel"]
     (out / "config.json").write_text(json.dumps(settings, indent=2))
-    eos = [2] if extra_eos is None else [2, extra_eos]
-    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": eos}))
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2]}))
     (out / "tokenizer_config.json").write_text(
         json.dumps(
             {
@@ -176,6 +177,54 @@ def build_custom_model(out: Path, extra_eos: int | None = None, auto_model: bool
     for name, source in zip(CUSTOM_FILES, (CONFIGURATION, MODELING, TOKENIZATION), strict=True):
         (out / name).write_text(source)
     return out
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The custom folder with transformers' own greedy continuation of ``PROMPT`` on its own classes, and the
+    extra end-of-sequence id its generation_config.json lists: the token at ``stop_at`` of that continuation."""
+
+    folder: Path
+    prompt_ids: list[int]
+    greedy: list[int]  # NEW_TOKENS tokens, its end-of-sequence ids ignored
+    stop_at: int
+    tokenizer: Any
+
+
+PROMPT = "雅意模型的分词器把数字 2024 切成"
+NEW_TOKENS = 12
+
+
+def first_new(tokens: list[int]) -> int:
+    """The last position whose token appears there first: generation that stops at that token ends exactly
+    there (random weights may repeat one token: then position 0)."""
+    return max(k for k in range(len(tokens)) if tokens[k] not in tokens[:k])
+
+
+def greedy_reference(folder: Path) -> tuple[list[int], list[int], Any]:
+    """The prompt's ids and transformers' own greedy continuation of them, on the folder's own classes."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
+    assert type(tokenizer).__name__ == "YayiTokenizer" and type(model).__name__ == "YayiForCausalLM"
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return ids[0].tolist(), out[0, ids.shape[1] :].tolist(), tokenizer
+
+
+def build_with_reference(out: Path) -> Reference:
+    """The custom folder whose generation_config.json lists one more end-of-sequence id, a token its greedy
+    continuation of ``PROMPT`` reaches: one folder for the custom-code and the stop-token tests, so each
+    engine's server starts once for both."""
+    build_custom_model(out)
+    prompt_ids, greedy, tokenizer = greedy_reference(out)
+    stop_at = first_new(greedy)
+    settings = json.loads((out / "generation_config.json").read_text())
+    settings["eos_token_id"] = [2, greedy[stop_at]]
+    (out / "generation_config.json").write_text(json.dumps(settings))
+    return Reference(out, prompt_ids, greedy, stop_at, tokenizer)
 
 
 if __name__ == "__main__":

@@ -10,34 +10,15 @@ import urllib.request
 import openai
 import pytest
 
-from loadtest.launch.server_process import ServerProcess
 from server.grpc.wire import pb
-from tests.helpers.custom_model import CUSTOM_FILES, build_custom_model
-from tests.helpers.marks import engine_param
+from tests.helpers.custom_model import CUSTOM_FILES, NEW_TOKENS, PROMPT, build_custom_model
 from tests.helpers.observe import metric
 from tests.helpers.servers import run_cli
 
-PROMPT = "雅意模型的分词器把数字 2024 切成"
-NEW_TOKENS = 12
-
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return build_custom_model(tmp_path_factory.mktemp("custom") / "yayi")
-
-
-@pytest.fixture(scope="module")
-def reference(folder):
-    """The prompt's ids and transformers' own greedy continuation of them, on the folder's own classes."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
-    assert type(tokenizer).__name__ == "YayiTokenizer" and type(model).__name__ == "YayiForCausalLM"
-    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
-    return ids[0].tolist(), out[0, ids.shape[1] :].tolist(), tokenizer
+def folder(custom_reference):
+    return custom_reference.folder
 
 
 def test_a_folder_with_its_own_code_is_refused_without_the_flag(folder):
@@ -72,18 +53,8 @@ def test_vllm_says_what_its_transformers_backend_needs_from_auto_map(tmp_path):
     assert '"AutoModel": "<modeling file>.<base model class>"' in last
 
 
-@pytest.fixture(scope="module", params=[engine_param(e) for e in ("hf-kv", "hf-cb", "vllm")])
-def server(request, folder):
-    if request.param == "vllm":
-        pytest.importorskip("vllm", reason="vllm is installed by `make venv`")
-    server = ServerProcess(
-        "--engine", request.param, "--model", str(folder), "--trust-remote-code", "--http-port", "0"
-    ).wait_ready(600)
-    yield server
-    server.stop()
-
-
-def test_it_says_that_custom_code_ran(server):
+def test_it_says_that_custom_code_ran(custom_server):
+    server = custom_server
     info = server.stub.GetModelInfo(pb.ModelInfoRequest(), timeout=10)
     assert list(info.custom_code) == list(CUSTOM_FILES)
     assert any("custom_code=" + ",".join(CUSTOM_FILES) in line for line in server.lines)
@@ -91,23 +62,24 @@ def test_it_says_that_custom_code_ran(server):
     assert metric(server, "yayi_engine_info", **labels) == 1
 
 
-def test_greedy_tokens_are_transformers_own(server, reference):
-    _, expected, tokenizer = reference
-    answer = server.generate(PROMPT, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+def test_greedy_tokens_are_transformers_own(custom_server, custom_reference):
+    expected, tokenizer = custom_reference.greedy, custom_reference.tokenizer
+    answer = custom_server.generate(PROMPT, max_new_tokens=NEW_TOKENS, ignore_eos=True)
     assert list(answer.token_ids) == expected
     assert answer.text == tokenizer.decode(expected)
 
 
-def test_streams_whole_characters(server, reference):
-    _, expected, tokenizer = reference
-    chunks = list(server.stream(PROMPT, max_new_tokens=NEW_TOKENS, ignore_eos=True))
+def test_streams_whole_characters(custom_server, custom_reference):
+    expected, tokenizer = custom_reference.greedy, custom_reference.tokenizer
+    chunks = list(custom_server.stream(PROMPT, max_new_tokens=NEW_TOKENS, ignore_eos=True))
     assert [i for c in chunks for i in c.token_ids] == expected
     assert "".join(c.text for c in chunks) == tokenizer.decode(expected)
     assert not any("\ufffd" in c.text for c in chunks) or "\ufffd" in tokenizer.decode(expected)
 
 
-def test_http_tokenize_logprobs_and_token_id_prompts(server, reference):
-    prompt_ids, expected, tokenizer = reference
+def test_http_tokenize_logprobs_and_token_id_prompts(custom_server, custom_reference):
+    server, reference = custom_server, custom_reference
+    prompt_ids, expected, tokenizer = reference.prompt_ids, reference.greedy, reference.tokenizer
     call = urllib.request.Request(
         server.http_url + "/tokenize",
         data=json.dumps({"prompt": PROMPT}).encode(),

@@ -10,18 +10,24 @@ from engines.admission import Admission
 from engines.errors import QueueFull
 
 
+async def occupy(admission: Admission, count: int) -> tuple[asyncio.Event, list[asyncio.Task]]:
+    """``count`` requests that take their slot (or wait for one) and hold it until the event is set."""
+    hold = asyncio.Event()
+
+    async def user():
+        async with admission.slot():
+            await hold.wait()
+
+    tasks = [asyncio.create_task(user()) for _ in range(count)]
+    await asyncio.sleep(0.01)
+    return hold, tasks
+
+
 def test_the_wait_is_estimated_from_the_queue_and_the_service_time():
     async def main():
         admission = Admission(max_running=2, max_waiting=10)
         assert admission.estimated_wait_s() == 0.0  # a slot is free
-        hold = asyncio.Event()
-
-        async def user():
-            async with admission.slot():
-                await hold.wait()
-
-        tasks = [asyncio.create_task(user()) for _ in range(3)]
-        await asyncio.sleep(0.01)
+        hold, tasks = await occupy(admission, 3)
         assert admission.running == 2 and admission.waiting == 1
         assert admission.estimated_wait_s() == 0.0  # nothing measured yet: no guess
         admission.record_service(4.0)
@@ -40,14 +46,7 @@ def test_a_request_that_would_wait_past_the_bound_is_refused_at_once_with_a_hint
     async def main():
         admission = Admission(max_running=1, max_waiting=64, max_wait_s=1.0)
         admission.record_service(3.0)
-        hold = asyncio.Event()
-
-        async def user():
-            async with admission.slot():
-                await hold.wait()
-
-        first = asyncio.create_task(user())
-        await asyncio.sleep(0.01)
+        hold, (first,) = await occupy(admission, 1)
         with pytest.raises(QueueFull, match=r"about 3\.0 s.*bound of 1 s; retry in about 2 s") as refused:
             async with admission.slot():
                 pass
@@ -64,14 +63,7 @@ def test_a_request_that_would_wait_past_the_bound_is_refused_at_once_with_a_hint
 def test_a_full_queue_hints_one_service_time_once_one_is_measured():
     async def main():
         admission = Admission(max_running=2, max_waiting=1)
-        hold = asyncio.Event()
-
-        async def user():
-            async with admission.slot():
-                await hold.wait()
-
-        tasks = [asyncio.create_task(user()) for _ in range(3)]
-        await asyncio.sleep(0.01)
+        hold, tasks = await occupy(admission, 3)
         with pytest.raises(QueueFull, match="queue bound 1") as unmeasured:
             async with admission.slot():
                 pass
