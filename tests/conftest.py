@@ -38,10 +38,19 @@ def custom_reference(tmp_path_factory):
 def custom_server(request, custom_reference):
     """That folder served with --trust-remote-code, one engine at a time: the custom-code and the stop-token
     tests share each server (pytest runs every test of one engine before starting the next)."""
+    extra: tuple[str, ...] = ()
     if request.param == "vllm":
         pytest.importorskip("vllm", reason="vllm is installed by `make venv`")
+        extra = ("--enforce-eager", "true")  # a quicker start; test_vllm's server runs the compiled default
     server = ServerProcess(
-        "--engine", request.param, "--model", str(custom_reference.folder), "--trust-remote-code", "--http-port", "0"
+        "--engine",
+        request.param,
+        "--model",
+        str(custom_reference.folder),
+        "--trust-remote-code",
+        "--http-port",
+        "0",
+        *extra,
     ).wait_ready(600)
     yield server
     server.stop()
