@@ -144,23 +144,48 @@ class HttpWire:
 
 
 class GrpcWire:
-    """Our GenerateStream through grpc.aio."""
+    """Our GenerateStream through grpc.aio, over as many connections as the calls in flight need.
 
-    def __init__(self, address: str, ignore_eos: bool = True) -> None:
+    One HTTP/2 connection carries at most the server's ``--max-concurrent-streams`` (64) calls at
+    once; past that the server refuses the stream (RST_STREAM REFUSED_STREAM, seen as UNAVAILABLE).
+    An open loop past capacity holds more calls than that, as many clients would, each on its own
+    connection: a call goes out on the connection with the fewest in flight, and a new connection
+    opens once each holds ``streams_per_connection``.  The HTTP sender likewise opens a connection
+    per request in flight (its pool has no limit).
+    """
+
+    def __init__(self, address: str, ignore_eos: bool = True, streams_per_connection: int = 32) -> None:
         self.address, self.ignore_eos = address, ignore_eos
-        self.channel = None
+        self.streams_per_connection = streams_per_connection
+        self.channels: list = []
+        self.stubs: list = []
+        self.in_flight: list[int] = []
 
     async def open(self) -> None:
+        self._connect()
+
+    def _connect(self) -> None:
         import grpc
 
         from server.grpc.wire import pb_grpc
 
-        self.channel = grpc.aio.insecure_channel(self.address)
-        self.stub = pb_grpc.InferenceStub(self.channel)
+        # A channel of its own subchannel pool opens its own connection: channels with the same target and
+        # options otherwise share one.
+        channel = grpc.aio.insecure_channel(self.address, options=[("grpc.use_local_subchannel_pool", 1)])
+        self.channels.append(channel)
+        self.stubs.append(pb_grpc.InferenceStub(channel))
+        self.in_flight.append(0)
+
+    def _pick(self) -> int:
+        index = min(range(len(self.in_flight)), key=self.in_flight.__getitem__)
+        if self.in_flight[index] >= self.streams_per_connection:
+            self._connect()
+            index = len(self.in_flight) - 1
+        return index
 
     async def close(self) -> None:
-        if self.channel is not None:
-            await self.channel.close()
+        for channel in self.channels:
+            await channel.close()
 
     async def stream(self, request: Request):
         import grpc
@@ -168,8 +193,10 @@ class GrpcWire:
         from server.grpc.wire import pb
 
         params = pb.SamplingParams(max_new_tokens=request.output_tokens, temperature=0.0, ignore_eos=self.ignore_eos)
-        call = self.stub.GenerateStream(pb.GenerateRequest(prompt=request.prompt, params=params))
+        index = self._pick()
+        self.in_flight[index] += 1
         try:
+            call = self.stubs[index].GenerateStream(pb.GenerateRequest(prompt=request.prompt, params=params))
             async for chunk in call:
                 if chunk.token_ids:
                     yield len(chunk.token_ids)
@@ -179,6 +206,8 @@ class GrpcWire:
             if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise Refused(f"RESOURCE_EXHAUSTED: {exc.details()}") from None
             raise RuntimeError(f"{exc.code().name}: {exc.details()}") from None
+        finally:
+            self.in_flight[index] -= 1
 
 
 @dataclass

@@ -11,10 +11,16 @@ import statistics
 from pathlib import Path
 
 from loadtest.capacity.trace import Trace
-from loadtest.compare.targets import HTTP_SUFFIX, YayiTarget
+from loadtest.compare.targets import HTTP_SUFFIX, TransformersServeTarget, YayiTarget
 
 # The two clocks must agree within this share.
 CLOCK_AGREEMENT = 0.05
+# vllm bench serve's completions requests always carry repetition_penalty (vllm 0.32's
+# benchmarks/lib/endpoint_request_func.py), a field transformers serve refuses.
+TRANSFORMERS_SERVE_REFUSES = (
+    "not clocked: vllm bench serve's requests carry repetition_penalty, which transformers serve refuses "
+    "(422, Unexpected fields in the request)"
+)
 
 
 def wanted(choice: str) -> bool:
@@ -84,6 +90,9 @@ def run(runs, capacities: dict[str, float], config, terms, raw: Path, model_path
             continue
         if isinstance(run.target, YayiTarget) and run.target.api == "grpc" and run.label + HTTP_SUFFIX in capacities:
             continue  # its HTTP front end's own row is clocked instead
+        if isinstance(run.target, TransformersServeTarget):
+            rows.append({"target": run.label, "rate_rps": rate, "note": TRANSFORMERS_SERVE_REFUSES})
+            continue
         served = run.target.model if isinstance(run.target, YayiTarget) else run.target.served_name
         ours = [r for r in run.rows if r.get("phase") == "search" and r.get("offered_rps") == rate and r.get("valid")]
         count = ours[0]["requests"] if ours else config.min_requests

@@ -161,3 +161,34 @@ def test_the_second_clock_agrees_with_ours_on_a_server_of_known_capacity(tmp_pat
     row = rows[0]
     assert "note" not in row, row
     assert row["agree"], row
+
+
+def test_grpc_calls_past_one_connections_stream_limit_go_out_on_more_connections():
+    """A server that lets one connection hold 2 calls (--max-concurrent-streams 2) refuses a third stream on it
+    (RST_STREAM REFUSED_STREAM): 6 calls at once through the sender all complete, over 3 connections."""
+    import asyncio
+
+    from loadtest.capacity import client, trace
+    from loadtest.launch.server_process import ServerProcess
+    from tests.helpers.servers import TINY_KV
+
+    server = ServerProcess(*TINY_KV, "--max-concurrent-streams", "2", "--max-concurrency", "6").wait_ready()
+    try:
+        wire = client.GrpcWire(server.address, streams_per_connection=2)
+
+        async def main():
+            await wire.open()
+            try:
+
+                async def one(index):
+                    request = trace.Request(index, 0.0, "Tell me a story.", 200)
+                    return sum([n async for n in wire.stream(request)])
+
+                return await asyncio.gather(*(one(i) for i in range(6)))
+            finally:
+                await wire.close()
+
+        assert asyncio.run(main()) == [200] * 6
+        assert len(wire.channels) == 3
+    finally:
+        server.stop()

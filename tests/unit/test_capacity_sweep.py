@@ -40,10 +40,26 @@ def test_goodput_counts_requests_meeting_every_term_and_failures_count_as_late()
     assert row["ttft_p50_s"] == pytest.approx(0.2)
 
 
-def test_a_growing_queue_is_saturation():
-    rising = [sample(i, 0.1, 0.5, queue=i) for i in range(40)]
-    steady = [sample(i, 0.1, 0.5, queue=3) for i in range(40)]
+def test_a_growing_wait_for_the_first_token_is_saturation_and_a_burst_in_flight_is_not():
+    rising = [sample(i, 0.1 + 0.05 * i, 0.5 + 0.05 * i) for i in range(40)]
+    steady = [sample(i, 0.1, 0.5) for i in range(40)]
     assert sweep.queue_grew(rising) and not sweep.queue_grew(steady)
+    # More in flight with the same wait: a burst of arrivals or a batch that fills (Little's law), not a queue.
+    burst = [sample(i, 0.1, 0.5, queue=i) for i in range(40)]
+    assert not sweep.queue_grew(burst)
+
+
+def test_answers_that_fall_behind_the_sends_are_saturation_and_a_spread_of_latencies_is_not():
+    # 40 sent over 3.9 s, each answered 1 s later: all within the shifted span.
+    keeping_up = [sample(i, 0.1, 1.0) for i in range(40)]
+    assert not sweep.falls_behind(keeping_up)
+    # The same sends with latencies from 0.5 to 2 s (a batch that fills): still every answer keeps pace.
+    spread = [sample(i, 0.1, 0.5 + 1.5 * (i % 7) / 6) for i in range(40)]
+    assert not sweep.falls_behind(spread)
+    # Served one at a time, 0.2 s each, at 10/s sent: answers come at 5/s.
+    behind = [sample(i, 0.1 + 0.1 * i, 0.2 * (i + 1) - 0.1 * i) for i in range(40)]
+    assert sweep.falls_behind(behind)
+    assert not sweep.falls_behind(behind[:10])  # too few answers to tell
 
 
 def test_the_search_doubles_then_bisects_to_the_tolerance():
@@ -111,9 +127,9 @@ def test_the_steps_left_shrink_to_none():
 
 
 def test_the_ramp_up_of_an_open_loop_is_not_a_growing_queue():
-    """Requests of 9 s arriving every 0.5 s for 8 s: the count in flight climbs all step long only because
-    no answer has come back yet.  Nothing was sent past the ramp-up: no verdict of growth."""
-    ramp = [sample(i, 0.1, 9.0, sent=i * 0.5, queue=i) for i in range(16)]
+    """Requests of 9 s arriving every 0.5 s for 8 s: nothing was sent past the ramp-up (one median E2E after
+    the first send), so no verdict of growth, whatever the waits."""
+    ramp = [sample(i, 0.1 + 0.1 * i, 9.0, sent=i * 0.5, queue=i) for i in range(16)]
     assert not sweep.queue_grew(ramp)
-    # Past the ramp-up (answers in 1 s), the same climb is growth.
-    assert sweep.queue_grew([sample(i, 0.1, 1.0, sent=i * 0.5, queue=i) for i in range(16)])
+    # Past the ramp-up (answers in 1 s), the same climb of the first token's wait is growth.
+    assert sweep.queue_grew([sample(i, 0.1 + 0.1 * i, 1.0 + 0.1 * i, sent=i * 0.5) for i in range(16)])
