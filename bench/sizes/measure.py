@@ -42,6 +42,7 @@ ENGINES_FOR = {"Q4_0": ["llama-cpp"], "Q8_0": ["llama-cpp"], "bf16": ["hf-kv", "
 PROMPT_TEXT_FILE = Path(__file__).resolve().parents[2] / "loadtest" / "evaluation" / "tasks" / "source.txt"
 LOG_PROMPT = "Hey, are you conscious? Can you talk to me?"
 KV_BYTES_LLAMA_CPP = 2  # llama.cpp's f16 cache
+SLOTS = 4  # every row's server takes this many requests at once: the 4-user decode fills them
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Row:
     prefill_512: float | None = None
     decode_1: float | None = None
     decode_4: float | None = None
+    cancel_s: float | None = None  # 4 streams cut mid-answer: seconds until a new request's first token
     bound_1: float | None = None
     pct_bound_1: float | None = None
     weights_mb: float | None = None
@@ -124,13 +126,28 @@ def decode_rate(server: ServerProcess, users: int, tokens: int, timeout: float) 
     return sum(rates)
 
 
+def cancel_then_serve(server: ServerProcess, streams: int, timeout: float) -> float:
+    """``streams`` long answers (every slot) cut after their first token; then the seconds until a new
+    request's first token.  A slot still held by a cut stream would make it wait for a whole answer."""
+    calls = [server.stream(LOG_PROMPT, timeout=timeout, max_new_tokens=512, ignore_eos=True) for _ in range(streams)]
+    for call in calls:
+        next(call)  # its first token: the slot is taken and generating
+    for call in calls:
+        call.cancel()
+    started = time.monotonic()
+    for chunk in server.stream(LOG_PROMPT, timeout=timeout, max_new_tokens=2):
+        if chunk.token_ids:
+            return time.monotonic() - started
+    raise RuntimeError("the request after the cancelled ones streamed no token")
+
+
 def prefill_rate(server: ServerProcess, prompt: str, timeout: float) -> tuple[float, int]:
     response = server.generate(prompt, timeout=timeout, max_new_tokens=1, ignore_eos=True)
     return response.usage.prompt_tokens / (response.ttft_ms / 1000), response.usage.prompt_tokens
 
 
 def measure_row(row: Row, path: Path, args, tokenizer, device: rl.Device | None, shape: rl.ModelShape | None) -> Row:
-    extra = ["--max-concurrency", "4", "--max-queue", "8"]
+    extra = ["--max-concurrency", str(SLOTS), "--max-queue", str(2 * SLOTS)]
     if row.engine != "llama-cpp":
         extra += ["--dtype", "bfloat16"]
     if row.engine == "llama-cpp":
@@ -157,6 +174,7 @@ def measure_row(row: Row, path: Path, args, tokenizer, device: rl.Device | None,
             rate = decode_rate(server, users, args.decode_tokens, args.request_timeout)
             setattr(row, f"decode_{users}", rate) if users in (1, 4) else row.extra.update({f"decode_{users}": rate})
         row.mem_peak_mb = max(memory.stop(), memory.now()) / 1e6
+        row.cancel_s = cancel_then_serve(server, SLOTS, args.request_timeout)
     finally:
         server.stop()
     if device is not None and shape is not None and row.decode_1:
@@ -175,13 +193,16 @@ LOG_PROMPT_TOKENS = 16  # the log's prompt is about a dozen tokens; the bound's 
 
 def peer_row(row: Row, path: Path, args, device: rl.Device | None, shape: rl.ModelShape | None) -> Row:
     """llama.cpp's own llama-server on the same file with the same threads, slots and context, as
-    ``make compare`` starts it: decode tokens/s of one stream of ``--decode-tokens``, timed here."""
-    import requests
+    ``make compare`` starts it, beside our llama-cpp engine: both up at once (one file, mapped once by
+    the page cache), decode tokens/s of one stream of ``--decode-tokens`` on each in turn for
+    ``--peer-rounds`` rounds, ours first.  The peer row gets the median of its rounds; ``row`` (ours)
+    gets its own rounds' median, the rounds and the median of the per-round ratios in its extra."""
+    import statistics
 
     from loadtest.compare.targets import LlamaServerTarget, TargetConfig
 
     peer = Row(row.model, row.size_b, row.fmt, "llama-server")
-    server_args = ("--max-concurrency", "4", "--context", str(args.context), *args.server_args)
+    server_args = ("--max-concurrency", str(SLOTS), "--context", str(args.context), *args.server_args)
     config = TargetConfig(
         model=str(path),
         model_path=str(path),
@@ -194,38 +215,32 @@ def peer_row(row: Row, path: Path, args, device: rl.Device | None, shape: rl.Mod
     )
     log = Path(args.out or ".") / f"llama-server-{row.model}-{row.fmt}.log"
     target = LlamaServerTarget(config, log)
-    started = time.monotonic()
+    ours = ServerProcess("--engine", "llama-cpp", "--model", str(path), *server_args)
     try:
+        ours.wait_ready(args.ready_timeout)
+        started = time.monotonic()
         target.start(args.ready_timeout)
         peer.startup_s = time.monotonic() - started
-        body = {
-            "model": target.served_name,
-            "prompt": LOG_PROMPT,
-            "max_tokens": args.decode_tokens,
-            "temperature": 0,
-            "ignore_eos": True,
-            "stream": True,
+        rounds: list[tuple[float, float]] = []
+        for _ in range(args.peer_rounds):
+            mine = decode_rate(ours, 1, args.decode_tokens, args.request_timeout)
+            rounds.append((mine, _peer_decode(target, args)))
+        peer.decode_1 = statistics.median(theirs for _, theirs in rounds)
+        row.extra["interleaved"] = {
+            "ours": [round(mine, 3) for mine, _ in rounds],
+            "llama_server": [round(theirs, 3) for _, theirs in rounds],
+            "ratio_median": round(statistics.median(mine / theirs for mine, theirs in rounds), 3),
         }
-        stamps = []
-        with requests.post(
-            f"{target.host}/v1/completions",
-            json=body,
-            stream=True,
-            timeout=args.request_timeout,
-            headers={"Connection": "close"},
-        ) as response:
-            response.raise_for_status()
-            for line in response.iter_lines(chunk_size=None):
-                if line.startswith(b"data: ") and line != b"data: [DONE]":
-                    chunk = json.loads(line[6:])
-                    if any(c.get("text") for c in chunk.get("choices") or ()):
-                        stamps.append(time.monotonic())
-        peer.decode_1 = (len(stamps) - 1) / (stamps[-1] - stamps[0])
-        peer.notes = f"llama.cpp's own server, the same file and settings ({len(stamps)} streamed pieces)"
+        ratios = [mine / theirs for mine, theirs in rounds]
+        peer.notes = (
+            f"llama.cpp's own server, the same file and settings, {len(rounds)} rounds interleaved with ours: "
+            f"ours / llama-server {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+        )
     except Exception as error:  # the row says why
         peer.notes = f"llama-server: {error}"
     finally:
         target.stop()
+        ours.stop()
     if device is not None and shape is not None and peer.decode_1:
         per_param, weights = bytes_per_param(peer, path, shape)
         peer.weights_mb = weights / 1e6
@@ -239,6 +254,35 @@ def peer_row(row: Row, path: Path, args, device: rl.Device | None, shape: rl.Mod
         )
         peer.pct_bound_1 = 100 * peer.decode_1 / peer.bound_1
     return peer
+
+
+def _peer_decode(target, args) -> float:
+    """One stream's decode tokens/s from llama-server, timed here as ``decode_rate`` times ours."""
+    import requests
+
+    body = {
+        "model": target.served_name,
+        "prompt": LOG_PROMPT,
+        "max_tokens": args.decode_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    stamps = []
+    with requests.post(
+        f"{target.host}/v1/completions",
+        json=body,
+        stream=True,
+        timeout=args.request_timeout,
+        headers={"Connection": "close"},
+    ) as response:
+        response.raise_for_status()
+        for line in response.iter_lines(chunk_size=None):
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
+                chunk = json.loads(line[6:])
+                if any(c.get("text") for c in chunk.get("choices") or ()):
+                    stamps.append(time.monotonic())
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
 def bytes_per_param(row: Row, path: Path, shape: rl.ModelShape) -> tuple[float, float]:
@@ -335,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         type=lambda s: [x for x in s.split(",") if x],
         help="sizes whose Q4_0 row gets llama.cpp's own llama-server beside it (decode, one user)",
     )
+    parser.add_argument("--peer-rounds", type=int, default=3, help="interleaved rounds of ours and llama-server")
     parser.add_argument("--users", default="1,4", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--prompt-tokens", default="128,512", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--decode-tokens", type=int, default=128)
@@ -422,6 +467,7 @@ def _tables(report: Report, rows: list[Row], devices: dict) -> None:
                 "prefill 128 (tok/s)": _fmt(r.prefill_128),
                 "prefill 512 (tok/s)": _fmt(r.prefill_512),
                 "decode 4 users (tok/s)": _fmt(r.decode_4, 2),
+                "after cancel (s)": _fmt(r.cancel_s, 2),
                 "bound 1 user (tok/s)": _fmt(r.bound_1, 2),
                 "% of bound": _fmt(r.pct_bound_1),
                 "weights MB": _fmt(r.weights_mb, 2),
@@ -431,7 +477,8 @@ def _tables(report: Report, rows: list[Row], devices: dict) -> None:
         title="The log's table at its sizes, measured through the server on this machine",
         note="Speed is decode tokens/s of one user, greedy; Mem is the server's resident memory at its peak "
         "under load (its whole process tree); the bound is this machine's decode roofline for the bytes the row "
-        "really reads.",
+        f"really reads; after cancel: {SLOTS} streams (every slot) cut after their first token, then the seconds "
+        "to a new request's first token.",
     )
     report.table(
         "devices",

@@ -58,6 +58,9 @@ class CBOptions:
     max_batch_tokens: int | None = option(
         None, "tokens one forward pass may take, prefill chunks included (default: 1024 on CPU, 8192 on CUDA)"
     )
+    torch_threads: int = option(
+        0, "CPU: torch's threads for the model (0: torch's own default, one per core)", minimum=0
+    )
     cuda_graphs: bool | None = option(
         None,
         "CUDA: replay CUDA graphs; greedy requests only, since per-request "
@@ -115,6 +118,11 @@ class ContinuousBatchingEngine(Engine):
         kind = "cuda" if device.type == "cuda" else "cpu"
         self._max_running = self.config.max_concurrency or DEFAULT_MAX_RUNNING[kind]
         self._score_lock = asyncio.Lock()
+        if self.options.torch_threads and kind == "cpu":
+            import torch
+
+            # Process-wide: the manager's thread and the scorer's take their pools' size from it.
+            torch.set_num_threads(self.options.torch_threads)
         path, needed = await asyncio.to_thread(self._check_memory)
         started = time.perf_counter()
         log.info("hf-cb: loading %s (%s)...", path.name, memory.size(needed) if needed else "size unknown")
@@ -130,7 +138,7 @@ class ContinuousBatchingEngine(Engine):
         log.info("hf-cb: loaded %s in %.1f s", path.name, time.perf_counter() - started)
         self._runtime = runtime
         log.info(
-            "hf-cb on %s: %s %s, attention %s, up to %d requests at once, %d tokens per step, context %d",
+            "hf-cb on %s: %s %s, attention %s, up to %d requests at once, %d tokens per step, context %d%s",
             runtime.device,
             self.config.model,
             dtype_name(runtime.dtype),
@@ -138,6 +146,7 @@ class ContinuousBatchingEngine(Engine):
             self._max_running,
             runtime.max_batch_tokens,
             runtime.max_context,
+            f", {_torch_threads()} torch threads" if runtime.device.type == "cpu" else "",
         )
         self._open(
             runtime.tokenizer,
@@ -356,6 +365,12 @@ def _one_token(scorer, request: EngineRequest) -> list[GenerationOutput]:
     """The prompt's log-probabilities and one new token from the scorer's one forward over the prompt
     (its generate samples the last position's logits as hf-kv does, the request's sampling and all)."""
     return list(scorer.generate(request.prompt_ids, request.params))
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 async def _in_passing_thread(function, *args):

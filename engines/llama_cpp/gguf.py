@@ -23,6 +23,9 @@ from engines.memory import loading
 from engines.models import SMOLLM2_GGUF, cache_root, file_lock, resolve_model, smollm2_gguf_folder
 
 LLAMA_CPP_VERSION = "0.3.36"  # the llama-cpp-python source distribution whose llama.cpp tree is built
+# What scripts/build_llama_cpp.sh writes beside a build made without ggml's AMX kernels; a folder
+# without it was built before, and its repacked weights can die with SIGILL on a CPU that lists AMX.
+BUILD_FLAGS_FILE = "BUILD_FLAGS"
 # dtype -> the converter's --outtype
 OUTTYPES = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
 
@@ -38,6 +41,11 @@ def llama_server_binary(configured: str = "") -> Path:
         raise EngineUnavailable(
             f"engine 'llama-cpp' needs llama.cpp's llama-server, not found at {path}: run `make llama-cpp` "
             f"(builds it once from PyPI's llama-cpp-python {LLAMA_CPP_VERSION} source, about 10 minutes)"
+        )
+    if not configured and not (path.parent.parent / BUILD_FLAGS_FILE).is_file():
+        raise EngineUnavailable(
+            f"llama-server at {path} is an older build, whose AMX kernels can die on repacked weights: run "
+            "`make llama-cpp` to rebuild it (about 10 minutes)"
         )
     return path
 

@@ -7,8 +7,10 @@ import argparse
 from dataclasses import dataclass, fields
 
 from engines import option_flags, options
+from engines.option_flags import flag_option
 from engines.options import option
 from loadtest.capacity.sweep import DEFAULT_SLO
+from loadtest.compare.variants import Variant, by_label, check_flags, check_names, parse_variant
 
 SEARCH = "the rate search"
 PEERS = "targets and their servers"
@@ -17,7 +19,19 @@ PEERS = "targets and their servers"
 @dataclass(frozen=True)
 class CapacityConfig:
     engines: str = option(
-        "hf-cb,vllm,llama-cpp", "our engines, comma-separated, each started as `make compare` starts it", group=PEERS
+        "hf-cb,vllm,llama-cpp",
+        "our engines and --variant labels, comma-separated, each started as `make compare` starts it",
+        group=PEERS,
+    )
+    variant: tuple[Variant, ...] = flag_option(
+        (),
+        "one string, repeatable: LABEL, which --engines may then name, is ENGINE plus these yayi-serve flags, "
+        "searched like any target and set beside ENGINE in the ratio table, e.g. 'llama-cpp-t1=llama-cpp "
+        "--threads 1' (python -m loadtest.capacity.tune makes them)",
+        parse=parse_variant,
+        repeat=True,
+        metavar="LABEL=ENGINE [FLAGS...]",
+        group=PEERS,
     )
     model: str = option("smollm2-135m", "built-in model name or local Hugging Face folder")
     apis: str = option("grpc", "front ends each engine is measured through: grpc, http or grpc,http", group=PEERS)
@@ -89,6 +103,10 @@ class CapacityConfig:
     )
     out: str = option("", "report folder (default reports/capacity-<UTC time>)")
 
+    def engine_names(self) -> list[str]:
+        """--engines as a list: engines and variant labels."""
+        return [name.strip() for name in self.engines.split(",") if name.strip()]
+
 
 DESCRIPTION = (
     "Capacity at a latency target: open-loop arrivals from one seeded trace, a rate sweep to "
@@ -108,9 +126,16 @@ def parse(argv: list[str] | None = None) -> CapacityConfig:
         why = options.out_of_range(CapacityConfig, field.name, getattr(args, field.name))
         if why is not None:
             parser.error(f"{options.flag(field.name, CapacityConfig)} {why}")
-    config = CapacityConfig(**vars(args))
+    config = CapacityConfig(**{**vars(args), "variant": tuple(args.variant)})
     if config.max_rate < config.start_rate:
         parser.error("--max-rate must be at least --start-rate")
     if config.max_requests < config.min_requests:
         parser.error("--max-requests must be at least --min-requests")
+    try:
+        variants = by_label(config.variant)
+        check_names(config.engine_names(), variants)
+        for variant in variants.values():
+            check_flags(variant, config.model)
+    except ValueError as exc:
+        parser.error(str(exc))
     return config

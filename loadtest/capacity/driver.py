@@ -25,6 +25,7 @@ from loadtest.compare.targets import (
     parse_baselines,
     vllm_engine_args,
 )
+from loadtest.compare.variants import by_label
 from loadtest.measure.report_folder import Report
 
 # The count bound our servers run with, as a user starts yayi-serve: the time bound is the one compared.
@@ -71,12 +72,15 @@ def queue_wait_bound(config: CapacityConfig, terms: tuple[sweep.Term, ...]) -> f
 
 
 def make_runs(config: CapacityConfig, model_path: str, raw: Path, terms, second_clock: bool) -> list[Run]:
-    engines = [name.strip() for name in config.engines.split(",") if name.strip()]
+    names = config.engine_names()
+    variants = by_label(config.variant)
+    # A variant is its engine wherever a label stands for a kind of server (its peers, its flags).
+    engines = [variants[name].engine if name in variants else name for name in names]
     apis = [api.strip() for api in config.apis.split(",") if api.strip()]
     if not set(apis) <= {"grpc", "http"} or not apis:
         raise SystemExit(f"capacity: error: --apis takes grpc, http or grpc,http, got {config.apis!r}")
     try:
-        baselines = chosen_baselines(parse_baselines(config.baseline), engines)
+        baselines = chosen_baselines(parse_baselines(config.baseline), [n for n in names if n not in variants])
     except Exception as exc:
         raise SystemExit(f"capacity: error: {exc}") from None
     targets_config = TargetConfig(
@@ -97,14 +101,26 @@ def make_runs(config: CapacityConfig, model_path: str, raw: Path, terms, second_
     search_args = dict(
         start=config.start_rate, factor=config.factor, maximum=config.max_rate, tolerance=config.tolerance
     )
-    for engine in engines:
+    for name, engine in zip(names, engines):
         extra = vllm_engine_args(targets_config) if engine == "vllm" else ["--dtype", config.dtype]
         if second_clock and apis == ["grpc"]:
             extra += ["--http-port", "0"]  # the second clock reaches our engine through the HTTP front end
+        # A variant's flags come last: where it repeats a flag given above, its value is the one taken.
+        variant = variants.get(name)
+        own = list(variant.args) if variant else []
+        note = f"variant: {variant.describe()}" if variant else ""
         previous = None
         for api in apis:
             previous = YayiTarget(
-                engine, config.model, extra + common, QUEUE, config.sample_period_s, api, shares_with=previous
+                engine,
+                config.model,
+                extra + common + own,
+                QUEUE,
+                config.sample_period_s,
+                api,
+                shares_with=previous,
+                name=name,
+                note=note,
             )
             runs.append(Run(previous, True, sweep.Search(**search_args)))
     for name in baselines:
@@ -113,18 +129,19 @@ def make_runs(config: CapacityConfig, model_path: str, raw: Path, terms, second_
         runs.append(Run(target, not isinstance(target, TransformersServeTarget), sweep.Search(**search_args)))
     bound = queue_wait_bound(config, terms)
     if bound is not None and config.overload > 0:
-        for engine in engines:
+        for name, engine in zip(names, engines):
             extra = vllm_engine_args(targets_config) if engine == "vllm" else ["--dtype", config.dtype]
+            own = list(variants[name].args) if name in variants else []
             target = YayiTarget(
                 engine,
                 config.model,
-                extra + common + ["--max-queue-wait", f"{bound:g}"],
+                extra + common + own + ["--max-queue-wait", f"{bound:g}"],
                 QUEUE,
                 config.sample_period_s,
-                name=engine + BOUND_SUFFIX,
+                name=name + BOUND_SUFFIX,
                 note=f"--max-queue-wait {bound:g}",
             )
-            runs.append(Run(target, True, None, bound_of=engine))
+            runs.append(Run(target, True, None, bound_of=name))
     return runs
 
 

@@ -145,6 +145,8 @@ def capacity_table(runs) -> list[dict]:
             continue
         capacity, spread = capacity_of(run.rows)
         note = run.failed or (run.search.stopped if run.search else "")
+        # What makes a variant's server differ from its engine's ("variant: llama-cpp --threads 1").
+        note = "; ".join(filter(None, [getattr(run.target, "note", ""), note]))
         if not run.ignore_eos:
             note = "; ".join(filter(None, [note, "cannot ignore EOS: answers may end early"]))
         if capacity is None and not note:
@@ -168,27 +170,27 @@ def capacity_table(runs) -> list[dict]:
     return table
 
 
-def ratio_table(capacities: list[dict]) -> list[dict]:
-    """Capacity ours / peer, for each outside server beside each of our rows of its peer engine."""
+def ratio_table(capacities: list[dict], variants=()) -> list[dict]:
+    """Capacity ours / peer: each outside server beside each of our rows of its peer engine, and each
+    variant beside its own engine (the variant's flags then the only difference)."""
     by_label = {row["target"]: row for row in capacities}
+    pairs = [(ours, peer) for peer, engine in BASELINE_PEER.items() for ours in (engine, engine + HTTP_SUFFIX)]
+    pairs += [(variant.label + suffix, variant.engine + suffix) for variant in variants for suffix in ("", HTTP_SUFFIX)]
     rows = []
-    for peer, engine in BASELINE_PEER.items():
-        if peer not in by_label:
+    for ours, peer in pairs:
+        if ours not in by_label or peer not in by_label:
             continue
-        for ours in (engine, engine + HTTP_SUFFIX):
-            if ours not in by_label:
-                continue
-            a, b = by_label[ours]["capacity_rps"], by_label[peer]["capacity_rps"]
-            rows.append(
-                {
-                    "ours": ours,
-                    "peer": peer,
-                    "ours_rps": a,
-                    "peer_rps": b,
-                    "ratio": a / b if a and b else None,
-                    "energy_ratio": _ratio(by_label[ours]["j_per_request"], by_label[peer]["j_per_request"]),
-                }
-            )
+        a, b = by_label[ours]["capacity_rps"], by_label[peer]["capacity_rps"]
+        rows.append(
+            {
+                "ours": ours,
+                "peer": peer,
+                "ours_rps": a,
+                "peer_rps": b,
+                "ratio": a / b if a and b else None,
+                "energy_ratio": _ratio(by_label[ours]["j_per_request"], by_label[peer]["j_per_request"]),
+            }
+        )
     return rows
 
 
@@ -261,7 +263,7 @@ def write(folder, config, terms, built, runs, clock_rows: list[dict]) -> None:
         + ", ".join(f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config))
     )
     capacities = capacity_table(runs)
-    ratios = ratio_table(capacities)
+    ratios = ratio_table(capacities, config.variant)
     folder.text("**Verdict.** " + verdict(capacities, ratios, slo_text))
     folder.table(
         "capacity",

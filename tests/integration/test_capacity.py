@@ -1,5 +1,5 @@
-"""python -m loadtest.capacity end to end on tiny-llama: hf-kv and hf-cb through gRPC, transformers serve as
-the real peer, a short search, the overload steps with and without --max-queue-wait, and the report's files.
+"""python -m loadtest.capacity end to end on tiny-llama: hf-cb and a variant of it (one torch thread, as
+`make tune` defines it) through gRPC, transformers serve as the real peer, a short search, the overload steps with and without --max-queue-wait, and the report's files.
 Figures are checked by their relations, never by value: this machine's speed is not the test's."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import pytest
 
 from loadtest.launch.server_process import ROOT
 
-TARGETS = {"hf-kv", "hf-cb", "transformers-serve-matched"}
+OURS = ("hf-cb", "hf-cb-t1")
+TARGETS = {*OURS, "transformers-serve-matched"}
 TOLERANCE = 1.25  # achieved against sent: completions of a short step bunch up
 
 
@@ -24,7 +25,9 @@ def report(tmp_path_factory):
         "-m",
         "loadtest.capacity",
         "--engines",
-        "hf-kv,hf-cb",
+        "hf-cb-t1,hf-cb",
+        "--variant",
+        "hf-cb-t1=hf-cb --torch-threads 1",
         "--baseline",
         "transformers-serve-matched",
         "--model",
@@ -65,7 +68,7 @@ def test_the_report_has_its_files(report):
         assert (out / plot).stat().st_size > 0
     text = (out / "capacity.md").read_text()
     assert "**Verdict.**" in text and "on this machine" in text
-    assert "[capacity] hf-kv: search round 1 at 2 req/s" in completed.stdout
+    assert "[capacity] hf-cb-t1: search round 1 at 2 req/s" in completed.stdout
 
 
 def test_every_target_was_searched_on_the_same_trace(report):
@@ -82,7 +85,7 @@ def test_every_target_was_searched_on_the_same_trace(report):
             first.setdefault(sample["target"], sample["index"])
     assert set(first) == TARGETS and set(first.values()) == {0}
     assert all(s["index"] in prompts for s in samples)
-    ours = [s for s in samples if s["target"] == "hf-kv" and s["status"] == "ok"]
+    ours = [s for s in samples if s["target"] == "hf-cb-t1" and s["status"] == "ok"]
     assert ours and all(s["tokens"] == 8 for s in ours)  # exact output lengths
 
 
@@ -95,9 +98,20 @@ def test_figures_keep_their_relations(report):
         assert step["goodput_rps"] <= step["achieved_rps"] + 1e-9, step
         assert 0 <= step["good_pct"] <= 100
         assert step["ttft_p50_s"] <= step["ttft_p99_s"] <= step["e2e_p99_s"] + 1e-9
-        if step["target"] in ("hf-kv", "hf-cb"):
+        if step["target"] in OURS:
             assert step["server_ttft_p50_s"] is not None  # our server's own clock, read beside ours
         assert step["errors"] == 0, step
+
+
+def test_the_variant_is_its_engine_with_its_flags_and_is_set_beside_it(report):
+    out, _ = report
+    capacity = {row["target"]: row for row in load(out, "capacity")}
+    assert capacity["hf-cb-t1"]["note"].startswith("variant: hf-cb --torch-threads 1")
+    ratios = {(r["ours"], r["peer"]) for r in load(out, "ratios")} if (out / "ratios.json").exists() else set()
+    both = capacity["hf-cb"]["capacity_rps"] and capacity["hf-cb-t1"]["capacity_rps"]
+    assert (("hf-cb-t1", "hf-cb") in ratios) == bool(both)
+    # Its engine's peer is not its own: no ratio sets the variant beside transformers serve.
+    assert not any(ours == "hf-cb-t1" and peer != "hf-cb" for ours, peer in ratios)
 
 
 def test_capacity_is_a_rate_that_met_the_target_and_invalid_steps_are_excluded(report):
@@ -129,7 +143,7 @@ def test_past_capacity_ours_with_the_bound_refuses_rather_than_fails(report):
         base = row["target"].removesuffix("+wait")
         assert row["offered_rps"] == pytest.approx(2 * capacities[base])
         assert row["errors"] == 0  # refusals, never errors
-        ours = row["target"].removesuffix("+wait") in ("hf-kv", "hf-cb")
+        ours = row["target"].removesuffix("+wait") in OURS
         assert row["health_after"] == ("SERVING" if ours else "HTTP 200"), row
         assert row["goodput_rps"] <= row["offered_rps"] * TOLERANCE
 

@@ -4,6 +4,7 @@ llama-cpp and hf-kv through yayi-serve, measured and reported."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from bench.sizes import build, measure
 pytestmark = [pytest.mark.llama_cpp, pytest.mark.slow]
 
 SHAPE = str(Path(__file__).resolve().parents[1] / "data" / "tiny_size_shape.json")
+TINY = json.loads(Path(SHAPE).read_text())["name"]
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +26,7 @@ def report(tmp_path_factory):
         out = root / "report"
         argv = ["--sizes", SHAPE, "--formats", "Q4_0,bf16", "--engines", "llama-cpp,hf-kv", "--refuse", ""]
         argv += ["--decode-tokens", "12", "--prompt-tokens", "128", "--probe-seconds", "1", "--out", str(out)]
+        argv += ["--peer-sizes", TINY, "--peer-rounds", "2"]
         assert measure.main(argv) == 0
     return out
 
@@ -31,8 +34,12 @@ def report(tmp_path_factory):
 def test_each_format_is_served_and_measured(report):
     with open(report / "sizes.csv") as handle:
         rows = {(r["Format"], r["Engine"]): r for r in csv.DictReader(handle)}
-    assert set(rows) == {("Q4_0", "llama-cpp"), ("bf16", "hf-kv")}
+    assert set(rows) == {("Q4_0", "llama-cpp"), ("Q4_0", "llama-server"), ("bf16", "hf-kv")}
+    peer = rows.pop(("Q4_0", "llama-server"))
+    assert "2 rounds interleaved with ours" in peer["Notes"] and float(peer["Speed (tokens/s)"]) > 0
     for row in rows.values():
+        # every slot's stream cut, and a new request still got its first token
+        assert float(row["after cancel (s)"]) > 0
         assert row["Notes"] == ""
         assert float(row["start-up (s)"]) > 0
         assert float(row["Mem (MB)"]) >= 0.9 * float(row["idle MB"]) > 0

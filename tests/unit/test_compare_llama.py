@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from engines.llama_cpp.gguf import BUILD_FLAGS_FILE
 from loadtest.compare.driver import clock_pairs, http_twins, parse_args, target_config
 from loadtest.compare.report import VERSUS, markdown_report, ratio_rows
 from loadtest.compare.rounds import aggregate_all
@@ -129,6 +130,7 @@ def built(tmp_path, monkeypatch):
     binary = home / "bin" / "llama-server"
     binary.write_text("#!/bin/sh\n")
     binary.chmod(0o755)
+    (home / BUILD_FLAGS_FILE).write_text("-mno-amx-tile\n")
     monkeypatch.setenv("YAYI_LLAMA_CPP_HOME", str(home))
     return binary
 
@@ -146,7 +148,8 @@ def test_llama_server_is_started_as_the_engine_starts_its_child(tmp_path, built)
     # Five slots of the file's 512-token context, three threads, llama-cpp's batch size.
     assert flags["--threads"] == "3" and flags["--parallel"] == "5" and flags["--ctx-size"] == str(5 * 512)
     assert flags["--batch-size"] == "2048" and flags["--alias"] == str(path)
-    assert {"--no-kv-unified", "--no-repack", "--metrics"} <= set(command)
+    # Repacking is left on, as the engine leaves it (llama-server's own default).
+    assert {"--no-kv-unified", "--metrics"} <= set(command) and "--no-repack" not in command
     assert command[-2:] == ["--cache-type-k", "f16"]
     # The row says what runs: the file's own type, and the file, for its roofline.
     assert (target.dtype, target.model_path) == ("Q4_1", str(path))

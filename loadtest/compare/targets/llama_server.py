@@ -48,7 +48,7 @@ def llama_setup(model: str, server_args: tuple[str, ...] | list[str]) -> LlamaSe
         parallel=args.max_concurrency or options.parallel,
         context=options.context,
         batch_size=options.batch_size,
-        repack=bool(options.repack),
+        repack=options.repacks(),
         binary=options.llama_server,
     )
 
