@@ -266,6 +266,6 @@ capacity: model $(if $(filter llama-cpp,$(subst $(comma), ,$(ENGINES))),llama-cp
 # make tune ENGINE=llama-cpp (or hf-cb): which of the engine's settings takes the most requests at the target
 # on this machine, one knob at a time from its defaults (loadtest/capacity/tune.py); reports/tune-<UTC time>/.
 .PHONY: tune
-tune: model $(if $(filter llama-cpp,$(ENGINE)),llama-cpp)
+tune: model $(if $(filter llama-cpp,$(subst $(comma), ,$(ENGINE))),llama-cpp)
 	$(BIN)/python -m loadtest.capacity.tune --engine $(ENGINE) --model $(MODEL) --slo '$(SLO)' \
 	  --workload '$(WORKLOAD)' $(CAPACITY_ARGS)

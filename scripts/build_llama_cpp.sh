@@ -14,11 +14,12 @@ set -euo pipefail
 PIP=${1:?usage: build_llama_cpp.sh PIP [VERSION]}
 VERSION=${2:-0.3.36}
 HOME_DIR=${YAYI_LLAMA_CPP_HOME:-$HOME/.cache/yayi-serve/llama.cpp-$VERSION}
-# The CPU's own instruction set (-march=native) less AMX: on a virtual machine whose CPU lists AMX
-# but whose kernel does not grant its tile state, ggml's AMX kernels (built whenever the compiler
-# sees AMX) die with SIGILL on the first prompt of several tokens once weights are repacked, and
-# without repacking Q4_0 decodes at about half the speed. GCC lets an explicit -mno-* win over
-# -march=native whatever their order. A cache built with other flags is rebuilt.
+# The CPU's own instruction set (-march=native) less AMX: where the compiler sees AMX, ggml takes
+# repacked weights into its AMX buffer, whose kernels for a batch of more than one token died with
+# SIGILL (every thread at one instruction) on the Sapphire Rapids machine this was built on, while
+# without repacking Q4_0 prompts run at about two thirds of the speed (docs/engines.md). GCC lets an
+# explicit -mno-* win over -march=native whatever their order. A cache built with other flags is
+# rebuilt.
 BUILD_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 if [ -x "$HOME_DIR/bin/llama-server" ] && [ -f "$HOME_DIR/src/convert_hf_to_gguf.py" ] \
   && [ "$(cat "$HOME_DIR/BUILD_FLAGS" 2>/dev/null)" = "$BUILD_FLAGS" ]; then

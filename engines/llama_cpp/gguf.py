@@ -24,7 +24,7 @@ from engines.models import SMOLLM2_GGUF, cache_root, file_lock, resolve_model, s
 
 LLAMA_CPP_VERSION = "0.3.36"  # the llama-cpp-python source distribution whose llama.cpp tree is built
 # What scripts/build_llama_cpp.sh writes beside a build made without ggml's AMX kernels; a folder
-# without it was built before, and its repacked weights can die with SIGILL on a CPU that lists AMX.
+# without it was built before, and its repacked weights can die with SIGILL (docs/engines.md).
 BUILD_FLAGS_FILE = "BUILD_FLAGS"
 # dtype -> the converter's --outtype
 OUTTYPES = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}

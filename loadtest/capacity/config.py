@@ -37,7 +37,8 @@ class CapacityConfig:
     apis: str = option("grpc", "front ends each engine is measured through: grpc, http or grpc,http", group=PEERS)
     baseline: str = option(
         "auto",
-        "outside servers: vllm-openai, transformers-serve-matched, transformers-serve-defaults, llama-server "
+        "outside servers: vllm-openai, vllm-openai-matched, transformers-serve-matched, transformers-serve-defaults, "
+        "llama-server, llama-server-defaults "
         "(comma-separated), none, or auto (each peer of a measured engine that is installed)",
         group=PEERS,
     )

@@ -57,7 +57,6 @@ def knobs(engine: str, n: int) -> list[Knob]:
         return [
             Knob("--threads", f"{n} (all cores)", thread_counts(n)),
             Knob("--batch-size", "2048", ("512",)),
-            Knob("--repack", "on", ("false",)),
         ]
     raise SystemExit(
         f"tune: error: no knobs for engine {engine!r}; tune hf-cb or llama-cpp (vllm's thread binding is an "
@@ -74,10 +73,13 @@ def variants(engine: str, n: int) -> list[tuple[str, Knob, str]]:
     return found
 
 
-def capacity_argv(engine: str, tried, rest: list[str], out: Path) -> list[str]:
-    argv = ["--engines", ",".join([engine, *(label for label, _, _ in tried)])]
-    for label, knob, value in tried:
-        argv += ["--variant", f"{label}={engine} {knob.flag} {value}"]
+def capacity_argv(tried: dict[str, list], rest: list[str], out: Path | str) -> list[str]:
+    """The capacity run's command line: each engine (``tried``'s keys) and its variants."""
+    names = [name for engine, found in tried.items() for name in (engine, *(label for label, _, _ in found))]
+    argv = ["--engines", ",".join(names)]
+    for engine, found in tried.items():
+        for label, knob, value in found:
+            argv += ["--variant", f"{label}={engine} {knob.flag} {value}"]
     # Our engine alone, searched: given again after these, the caller's own flags win.
     argv += ["--baseline", "none", "--overload", "0", "--max-queue-wait", "-1", "--second-clock", "false"]
     return argv + rest + ["--out", str(out)]
@@ -118,7 +120,7 @@ def verdict(engine: str, tried, capacities: dict[str, float | None], tolerance: 
     else:
         ratio, label, knob, value = max(better)
         lines.append(f"Better than the default: `{knob.flag} {value}` ({label}), {ratio:.2f}x its capacity.")
-    return lines
+    return lines + [""]
 
 
 def _rps(value: float | None) -> str:
@@ -131,17 +133,20 @@ def main(argv: list[str] | None = None) -> int:
         description="Which of an engine's settings takes the most requests at the target on this machine; "
         "every other flag is the capacity driver's (python -m loadtest.capacity --help).",
     )
-    parser.add_argument("--engine", required=True, help="hf-cb or llama-cpp")
+    parser.add_argument("--engine", required=True, help="hf-cb, llama-cpp, or both comma-separated (one run)")
     args, rest = parser.parse_known_args(argv)
     n = cores()
-    tried = variants(args.engine, n)
+    tried = {engine: variants(engine, n) for engine in args.engine.split(",") if engine}
     out = Path(next((rest[i + 1] for i, a in enumerate(rest[:-1]) if a == "--out"), "") or default_out("tune"))
-    capacity_args = capacity_argv(args.engine, tried, rest, out)
+    capacity_args = capacity_argv(tried, rest, out)
     config = parse_capacity(capacity_args)  # refuses a bad flag before any server starts
     driver.main(capacity_args)
     table = json.loads((out / "capacity.json").read_text())
     capacities = {row["target"]: row["capacity_rps"] for row in table}
-    text = "\n".join(verdict(args.engine, tried, capacities, config.tolerance, n)) + "\n"
+    lines = [
+        line for engine, found in tried.items() for line in verdict(engine, found, capacities, config.tolerance, n)
+    ]
+    text = "\n".join(lines) + "\n"
     (out / "tune.md").write_text(text)
     print(text, flush=True)
     return 0

@@ -86,9 +86,10 @@ class CompareConfig:
     )
     baseline: tuple[str, ...] | str = flag_option(
         "auto",
-        "outside servers loaded too: vllm-openai, transformers-serve-matched, transformers-serve-defaults, "
-        "llama-server (comma-separated), none, or auto: vLLM's own server when vllm is among the engines and "
-        "installed, both transformers serves when hf-cb is, llama-server when llama-cpp is and llama.cpp is built",
+        "outside servers loaded too: vllm-openai, vllm-openai-matched, transformers-serve-matched, "
+        "transformers-serve-defaults, llama-server, llama-server-defaults (comma-separated), none, or auto: both "
+        "vLLM servers when vllm is among the engines and installed, both transformers serves when hf-cb is, both "
+        "llama-servers when llama-cpp is and llama.cpp is built",
         parse=parse_baselines,
     )
     ignore_eos: str = flag_option(

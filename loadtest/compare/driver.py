@@ -72,6 +72,7 @@ START_ESTIMATE_S = {
     "transformers-serve-defaults": 60.0,
     "llama-cpp": 10.0,
     "llama-server": 5.0,
+    "llama-server-defaults": 5.0,
 }
 DEFAULT_START_ESTIMATE_S = 20.0
 STEP_OVERHEAD_S = 8.0

@@ -275,6 +275,11 @@ VERSUS = (
         "llama-server",
         "Our llama-cpp engine against llama.cpp's own llama-server (the same GGUF, threads and slots)",
     ),
+    (
+        "llama-cpp",
+        "llama-server-defaults",
+        "Our llama-cpp engine against llama.cpp's own llama-server on the same GGUF, as its users start it",
+    ),
 )
 
 

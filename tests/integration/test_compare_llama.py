@@ -69,8 +69,10 @@ def test_llama_server_is_loaded_beside_llama_cpp_and_counted_by_its_own_counter(
         ("llama-cpp", 2),
         ("llama-server", 0),
         ("llama-server", 2),
+        ("llama-server-defaults", 0),
+        ("llama-server-defaults", 2),
     ]
-    for engine in ("llama-cpp", "llama-server"):
+    for engine in ("llama-cpp", "llama-server", "llama-server-defaults"):
         row = loaded(data, engine)
         # No request refused or dropped (llama-server closes a streamed connection after its answer).
         assert row["errors"] == 0 and row["requests_ok"] > 0 and row["speed_tokens_per_s"] > 0, row["notes"]
@@ -82,6 +84,10 @@ def test_llama_server_is_loaded_beside_llama_cpp_and_counted_by_its_own_counter(
     flags = started.split()
     assert flags[flags.index("--threads") + 1] == str(os.cpu_count()) and "--metrics" in flags
     assert flags[flags.index("--parallel") + 1] == "16"  # llama-cpp's own slots
+    # As its users start it: the file, an address and its counter, nothing of our engine's settings.
+    started = (out / "raw" / "llama-server-defaults_server.log").read_text().splitlines()[0].split()
+    assert "--model" in started and "--metrics" in started
+    assert not {"--threads", "--parallel", "--ctx-size", "--no-kv-unified", "--batch-size"} & set(started)
 
 
 def test_both_run_the_same_q4_1_file_and_are_held_to_its_bound(report):

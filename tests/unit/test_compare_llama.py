@@ -153,6 +153,10 @@ def test_llama_server_is_started_as_the_engine_starts_its_child(tmp_path, built)
     assert command[-2:] == ["--cache-type-k", "f16"]
     # The row says what runs: the file's own type, and the file, for its roofline.
     assert (target.dtype, target.model_path) == ("Q4_1", str(path))
+    # As its users start it: the same file and llama-server's own settings for everything else.
+    defaults = baseline_target("llama-server-defaults", target_config(config), tmp_path).command()
+    assert defaults[defaults.index("--model") + 1] == str(path) and defaults[-2:] == ["--cache-type-k", "f16"]
+    assert not {"--threads", "--parallel", "--ctx-size", "--batch-size", "--no-kv-unified"} & set(defaults)
     # A flag llama-cpp refuses is the baseline's failure, said in the server's own words.
     config = replace(parse_args([*argv[:4], "--server-args", "--kv-cache-gb 2"]), model_path=str(tmp_path))
     with pytest.raises(RuntimeError, match="--kv-cache-gb is not an option of engine llama-cpp"):
@@ -160,10 +164,10 @@ def test_llama_server_is_started_as_the_engine_starts_its_child(tmp_path, built)
 
 
 def test_llama_server_goes_with_llama_cpp(built):
-    assert chosen_baselines("auto", ["hf-kv", "llama-cpp"]) == ["llama-server"]
+    assert chosen_baselines("auto", ["hf-kv", "llama-cpp"]) == ["llama-server", "llama-server-defaults"]
     assert parse_baselines("llama-server") == ["llama-server"]
     built.unlink()  # not built: auto leaves it out, as it leaves vLLM's server out where vllm is missing
-    assert "llama-server" not in chosen_baselines("auto", ["llama-cpp"])
+    assert chosen_baselines("auto", ["llama-cpp"]) == []
 
 
 def round_row(engine, users, number, seq, speed):

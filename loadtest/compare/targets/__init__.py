@@ -18,7 +18,7 @@ from loadtest.compare.targets.baselines import (
     chosen_baselines,
     parse_baselines,
 )
-from loadtest.compare.targets.llama_server import LlamaServerTarget, LlamaSetup, llama_setup
+from loadtest.compare.targets.llama_server import LlamaServerDefaultsTarget, LlamaServerTarget, LlamaSetup, llama_setup
 from loadtest.compare.targets.ours import HTTP_SUFFIX, MetricsWatch, YayiTarget
 from loadtest.compare.targets.transformers_serve import (
     MEMORY_RESERVE_BYTES,
@@ -43,6 +43,7 @@ __all__ = [
     "MEMORY_RESERVE_BYTES",
     "MEMORY_RESERVE_SHARE",
     "TRANSFORMERS_DEFAULT_MEMORY_SHARE",
+    "LlamaServerDefaultsTarget",
     "LlamaServerTarget",
     "LlamaSetup",
     "MetricsWatch",

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from loadtest.compare.targets.base import OutsideServerTarget, TargetConfig
-from loadtest.compare.targets.llama_server import LlamaServerTarget
+from loadtest.compare.targets.llama_server import LlamaServerDefaultsTarget, LlamaServerTarget
 from loadtest.compare.targets.transformers_serve import TransformersServeDefaultsTarget, TransformersServeTarget
 from loadtest.compare.targets.vllm_openai import VLLMServerMatchedTarget, VLLMServerTarget, max_model_len
 
@@ -17,6 +17,7 @@ BASELINES = (
     "transformers-serve-matched",
     "transformers-serve-defaults",
     "llama-server",
+    "llama-server-defaults",
 )
 # The engine each outside baseline stands beside: it runs under "auto" when that engine does.
 BASELINE_PEER = {
@@ -25,6 +26,7 @@ BASELINE_PEER = {
     "transformers-serve-matched": "hf-cb",
     "transformers-serve-defaults": "hf-cb",
     "llama-server": "llama-cpp",
+    "llama-server-defaults": "llama-cpp",
 }
 # Older names still taken by --baseline.
 BASELINE_ALIASES = {"transformers-serve": "transformers-serve-matched"}
@@ -61,6 +63,7 @@ def chosen_baselines(choice: Sequence[str] | str, engines: Sequence[str]) -> lis
         "vllm-openai-matched": importlib.util.find_spec("vllm") is not None,
         "llama-server": os.access(llama_cpp_home() / "bin" / "llama-server", os.X_OK),
     }
+    installed["llama-server-defaults"] = installed["llama-server"]
     return [name for name in BASELINES if BASELINE_PEER[name] in engines and installed.get(name, True)]
 
 
@@ -81,6 +84,8 @@ def baseline_target(name: str, config: TargetConfig, raw: Path) -> OutsideServer
         )
     if name == "llama-server":
         return LlamaServerTarget(config, log_path)
+    if name == "llama-server-defaults":
+        return LlamaServerDefaultsTarget(config, log_path)
     if name == "transformers-serve-defaults":
         return TransformersServeDefaultsTarget(
             config.model_path,

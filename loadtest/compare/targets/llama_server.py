@@ -122,3 +122,29 @@ class LlamaServerTarget(OutsideServerTarget):
             if not scrape.total(scrape.parse(self.metrics_text()), "llamacpp:requests_processing"):
                 return
             time.sleep(0.1)
+
+
+class LlamaServerDefaultsTarget(LlamaServerTarget):
+    """llama-server as its users start it: the same GGUF, and nothing else of our engine's settings
+    (its own threads, slots, context from the file, unified KV cache and batch), so a lead over it
+    shows what our engine's defaults give on this machine rather than hiding in them."""
+
+    label = "llama-server-defaults"
+    name = "llama.cpp's llama-server, its own defaults"
+
+    def command(self) -> list[str]:
+        from engines.llama_cpp.gguf import llama_server_binary, resolve_gguf
+
+        self.setup = llama_setup(self.model, self.server_args)
+        gguf = resolve_gguf(self.model, self.requested_dtype)
+        self.model_path, self.dtype = str(gguf.path), gguf.weights
+        address = ["--host", "127.0.0.1", "--port", str(self.port), "--metrics"]
+        return [
+            str(llama_server_binary(self.setup.binary)),
+            "--model",
+            self.model_path,
+            "--alias",
+            self.served_name,
+            *address,
+            *self.extra_args,
+        ]
