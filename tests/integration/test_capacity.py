@@ -1,6 +1,7 @@
 """python -m loadtest.capacity end to end on tiny-llama: hf-cb and a variant of it (one torch thread, as
-`make tune` defines it) through gRPC, transformers serve as the real peer, a short search, the overload steps with and without --max-queue-wait, and the report's files.
-Figures are checked by their relations, never by value: this machine's speed is not the test's."""
+`make tune` defines it) through gRPC, transformers serve as the real peer, a short search, the overload steps
+with and without --max-queue-wait, and the report's files.  Figures are checked by their relations, never by
+value: this machine's speed is not the test's."""
 
 from __future__ import annotations
 
