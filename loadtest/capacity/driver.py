@@ -243,6 +243,14 @@ def health(target) -> str:
         return f"no answer ({type(exc).__name__})"
 
 
+def keep_log(run: Run, raw: Path) -> None:
+    """Our server's output under raw/ as ``LABEL_server.log``, beside the peers' (what it ran with: its
+    start-up lines say the engine's settings)."""
+    server = getattr(run.target, "server", None) if isinstance(run.target, YayiTarget) else None
+    if server is not None and server.lines:
+        (raw / f"{run.label}_server.log").write_text("\n".join(server.lines) + "\n")
+
+
 def start(run: Run, timeout: float) -> None:
     try:
         run.target.start(timeout)
@@ -285,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         if clocked:
             clock_rows = second_clock.run(searched, capacities, config, terms, out / "raw", model_path, built)
         for run in searched:
+            keep_log(run, out / "raw")
             run.target.stop()
         for run in bounded:
             if run.bound_of in capacities:
@@ -292,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         driver.overload([run for run in bounded if run.bound_of in capacities], capacities)
     finally:
         for run in runs:
+            keep_log(run, out / "raw")
             run.target.stop()
         driver.samples.close()
         report.write(folder, config, terms, built, runs, clock_rows)

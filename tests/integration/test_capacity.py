@@ -6,6 +6,7 @@ value: this machine's speed is not the test's."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -108,6 +109,10 @@ def test_the_variant_is_its_engine_with_its_flags_and_is_set_beside_it(report):
     out, _ = report
     capacity = {row["target"]: row for row in load(out, "capacity")}
     assert capacity["hf-cb-t1"]["note"].startswith("variant: hf-cb --torch-threads 1")
+    # Its server ran the flag: its start-up line (kept under raw/, as the peers' logs are) says so.
+    assert "1 torch threads" in (out / "raw" / "hf-cb-t1_server.log").read_text()
+    if (os.cpu_count() or 1) > 1:  # and its engine's, at torch's own default, did not
+        assert "1 torch threads" not in (out / "raw" / "hf-cb_server.log").read_text()
     ratios = {(r["ours"], r["peer"]) for r in load(out, "ratios")} if (out / "ratios.json").exists() else set()
     both = capacity["hf-cb"]["capacity_rps"] and capacity["hf-cb-t1"]["capacity_rps"]
     assert (("hf-cb-t1", "hf-cb") in ratios) == bool(both)

@@ -126,33 +126,3 @@ def test_a_dead_loop_fails_its_requests_as_unavailable_and_the_engine_unhealthy(
             loop.run(collect(engine, "hello again", SamplingParams(max_new_tokens=5)), timeout=10)
     finally:
         loop.run(engine.shutdown())
-
-
-def test_torch_threads_sets_the_models_threads_for_the_whole_process():
-    """--torch-threads 1 (a knob `make tune` tries): the manager's and the scorer's forwards take one thread.
-    Started in a process of its own, since the setting is the process's, and this one's tests need all cores."""
-    import subprocess
-    import sys
-
-    from loadtest.launch.server_process import ROOT
-
-    script = """
-import asyncio, logging, torch
-logging.basicConfig(level=logging.INFO)
-from engines import EngineConfig, SamplingParams, create_engine
-from engines.hf_cb.engine import CBOptions
-from tests.helpers.engine_calls import collect
-engine = create_engine("hf-cb", EngineConfig(model="tiny-llama", options=CBOptions(torch_threads=1)))
-async def main():
-    await engine.start()
-    try:
-        outputs = await collect(engine, "Hello", SamplingParams(max_new_tokens=4, ignore_eos=True))
-        print("threads", torch.get_num_threads(), "tokens", sum(len(o.token_ids) for o in outputs))
-    finally:
-        await engine.shutdown()
-asyncio.run(main())
-"""
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "threads 1 tokens 4" in done.stdout
-    assert "1 torch threads" in done.stderr  # the start-up line says what runs
