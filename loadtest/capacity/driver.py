@@ -43,6 +43,7 @@ class Run:
     rows: list[dict] = field(default_factory=list)
     failed: str = ""
     bound_of: str = ""  # for a server with --max-queue-wait: the label of the same engine without it
+    variant: bool = False  # a --variant: searched for its capacity only (no overload step, no second clock)
 
     @property
     def label(self) -> str:
@@ -122,7 +123,7 @@ def make_runs(config: CapacityConfig, model_path: str, raw: Path, terms, second_
                 name=name,
                 note=note,
             )
-            runs.append(Run(previous, True, sweep.Search(**search_args)))
+            runs.append(Run(previous, True, sweep.Search(**search_args), variant=variant is not None))
     for name in baselines:
         target = baseline_target(name, targets_config, raw)
         # transformers serve cannot be told to ignore EOS: its rows say so (report.py).
@@ -130,12 +131,13 @@ def make_runs(config: CapacityConfig, model_path: str, raw: Path, terms, second_
     bound = queue_wait_bound(config, terms)
     if bound is not None and config.overload > 0:
         for name, engine in zip(names, engines):
+            if name in variants:
+                continue
             extra = vllm_engine_args(targets_config) if engine == "vllm" else ["--dtype", config.dtype]
-            own = list(variants[name].args) if name in variants else []
             target = YayiTarget(
                 engine,
                 config.model,
-                extra + common + own + ["--max-queue-wait", f"{bound:g}"],
+                extra + common + ["--max-queue-wait", f"{bound:g}"],
                 QUEUE,
                 config.sample_period_s,
                 name=name + BOUND_SUFFIX,
@@ -289,9 +291,11 @@ def main(argv: list[str] | None = None) -> int:
             start(run, config.start_timeout_s)
         driver.search(searched)
         capacities = {run.label: c for run in searched if (c := report.capacity_of(run.rows)[0]) is not None}
-        driver.overload(searched, capacities)
+        # Past capacity and on the second clock: engines and peers; a variant's question is its capacity.
+        compared = [run for run in searched if not run.variant]
+        driver.overload(compared, capacities)
         if clocked:
-            clock_rows = second_clock.run(searched, capacities, config, terms, out / "raw", model_path, built)
+            clock_rows = second_clock.run(compared, capacities, config, terms, out / "raw", model_path, built)
         for run in searched:
             keep_log(run, out / "raw")
             run.target.stop()
