@@ -43,6 +43,7 @@ PROMPT_TEXT_FILE = Path(__file__).resolve().parents[2] / "loadtest" / "evaluatio
 LOG_PROMPT = "Hey, are you conscious? Can you talk to me?"
 KV_BYTES_LLAMA_CPP = 2  # llama.cpp's f16 cache
 SLOTS = 4  # every row's server takes this many requests at once: the 4-user decode fills them
+CANCEL_TOKENS = 256  # the answers cut by the cancel check: long against a first token, within any context here
 
 
 @dataclass
@@ -129,7 +130,10 @@ def decode_rate(server: ServerProcess, users: int, tokens: int, timeout: float) 
 def cancel_then_serve(server: ServerProcess, streams: int, timeout: float) -> float:
     """``streams`` long answers (every slot) cut after their first token; then the seconds until a new
     request's first token.  A slot still held by a cut stream would make it wait for a whole answer."""
-    calls = [server.stream(LOG_PROMPT, timeout=timeout, max_new_tokens=512, ignore_eos=True) for _ in range(streams)]
+    calls = [
+        server.stream(LOG_PROMPT, timeout=timeout, max_new_tokens=CANCEL_TOKENS, ignore_eos=True)
+        for _ in range(streams)
+    ]
     for call in calls:
         next(call)  # its first token: the slot is taken and generating
     for call in calls:
