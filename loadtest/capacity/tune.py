@@ -82,7 +82,8 @@ def capacity_argv(tried: dict[str, list], rest: list[str], out: Path | str) -> l
             argv += ["--variant", f"{label}={engine} {knob.flag} {value}"]
     # Our engine alone, searched: given again after these, the caller's own flags win.
     argv += ["--baseline", "none", "--overload", "0", "--max-queue-wait", "-1", "--second-clock", "false"]
-    return argv + rest + ["--out", str(out)]
+    # The folder once: the caller's own --out, or the one chosen for them.
+    return argv + rest + ([] if "--out" in rest else ["--out", str(out)])
 
 
 def verdict(engine: str, tried, capacities: dict[str, float | None], tolerance: float, n: int) -> list[str]:
