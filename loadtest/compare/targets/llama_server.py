@@ -72,25 +72,27 @@ class LlamaServerTarget(OutsideServerTarget):
         self.model, self.requested_dtype = config.model, config.dtype
         self.server_args, self.extra_args = list(config.server_args), list(config.llama_server_args)
 
-    def command(self) -> list[str]:
+    def _binary_and_file(self) -> list[str]:
         """Set up at start, not when the run is planned: a bad flag or a missing build is this row's
-        failure, and the GGUF (converted once for a dtype) is made only when it is served."""
+        failure, and the GGUF (converted once for a dtype) is made only when it is served.  The
+        command's head: the binary, the file and the name it is served under."""
         from engines.llama_cpp.gguf import llama_server_binary, resolve_gguf
-        from engines.model_facts import DEFAULT_CONTEXT
-        from loadtest.measure.gguf_file import context_length
 
         self.setup = llama_setup(self.model, self.server_args)
         gguf = resolve_gguf(self.model, self.requested_dtype)
         # What really runs, for the row's dtype and its roofline: "Q4_1", "bfloat16", ...
         self.model_path, self.dtype = str(gguf.path), gguf.weights
-        context = self.setup.context or min(DEFAULT_CONTEXT, context_length(gguf.path) or DEFAULT_CONTEXT)
+        return [str(llama_server_binary(self.setup.binary)), "--model", self.model_path, "--alias", self.served_name]
+
+    def command(self) -> list[str]:
+        from engines.model_facts import DEFAULT_CONTEXT
+        from loadtest.measure.gguf_file import context_length
+
+        head = self._binary_and_file()
+        context = self.setup.context or min(DEFAULT_CONTEXT, context_length(Path(self.model_path)) or DEFAULT_CONTEXT)
         parallel = self.setup.parallel
         return [
-            str(llama_server_binary(self.setup.binary)),
-            "--model",
-            self.model_path,
-            "--alias",
-            self.served_name,
+            *head,
             "--host",
             "127.0.0.1",
             "--port",
@@ -133,18 +135,5 @@ class LlamaServerDefaultsTarget(LlamaServerTarget):
     name = "llama.cpp's llama-server, its own defaults"
 
     def command(self) -> list[str]:
-        from engines.llama_cpp.gguf import llama_server_binary, resolve_gguf
-
-        self.setup = llama_setup(self.model, self.server_args)
-        gguf = resolve_gguf(self.model, self.requested_dtype)
-        self.model_path, self.dtype = str(gguf.path), gguf.weights
         address = ["--host", "127.0.0.1", "--port", str(self.port), "--metrics"]
-        return [
-            str(llama_server_binary(self.setup.binary)),
-            "--model",
-            self.model_path,
-            "--alias",
-            self.served_name,
-            *address,
-            *self.extra_args,
-        ]
+        return [*self._binary_and_file(), *address, *self.extra_args]
